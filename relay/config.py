@@ -1,0 +1,428 @@
+"""Configuration: the main YAML file -> a frozen, validated ``Config``.
+
+Every problem is collected (not just the first) and reported with the file and the dotted key, so that
+``parley-relay check-config`` can list them all. Values may embed ``${ENV_VAR}``; file values are relative
+to the config file, or ``cred:NAME`` for a systemd credential in ``$CREDENTIALS_DIRECTORY``.
+The device registry file is loaded by :mod:`relay.registry`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from relay.errors import ConfigError, ConfigProblem
+
+Platform = Literal["apns", "fcm"]
+Delivery = Literal["alert", "silent"]
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    path: str = "/parley/webhook"
+    max_body_bytes: int = 64 * 1024
+    max_tokens: int = 100
+    dedupe_window: float = 600.0
+    reject_dead_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    path: Path = Path("relay.db")
+    url: str = "redis://127.0.0.1:6379/0"
+    commit_interval: float = 0.0  # extra wait to grow a group commit; 0 = commit as soon as the last one ends
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    concurrency: int = 256
+    batch_size: int = 256
+    max_age: float = 24 * 3600.0
+    unroutable_grace: float = 600.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    send_timeout: float = 15.0
+    config_error_retry: float = 60.0
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    format: Literal["logfmt", "json"] = "logfmt"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Translation policy of one app (SPEC §5); every default is overridable per app."""
+
+    default_title: str = "New message"
+    title_template: str = "{agent}"
+    body_template: str = "{message}"
+    type_policy: Mapping[int, Delivery] = field(default_factory=lambda: {2: "alert", 3: "alert", 5: "silent"})
+    thread_id: str | None = None
+    sound: str = "default"
+    event_ttl: int = 30
+    channel_id: str | None = None
+    event_priority: Literal["normal", "high"] = "normal"
+
+    def delivery_for(self, type_id: int | None) -> Delivery:
+        """Alert or silent push for a message ``typeId``; unknown ids alert."""
+        if type_id is None:
+            return "alert"
+        return self.type_policy.get(type_id, "alert")
+
+
+@dataclass(frozen=True)
+class ApnsApp:
+    name: str
+    topic: str
+    environment: Literal["production", "sandbox"]
+    key_file: Path | None
+    key_id: str | None
+    team_id: str | None
+    cert_file: Path | None
+    endpoint: str | None
+    ca_file: Path | None
+    concurrency: int
+    max_connections: int
+    policy: Policy
+    platform: Literal["apns"] = "apns"
+
+
+@dataclass(frozen=True)
+class FcmApp:
+    name: str
+    service_account_file: Path
+    endpoint: str | None
+    ca_file: Path | None
+    concurrency: int
+    policy: Policy
+    platform: Literal["fcm"] = "fcm"
+
+
+App = ApnsApp | FcmApp
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration; ``source`` is the file it came from."""
+
+    source: Path
+    listen: Listen
+    webhook: WebhookSettings
+    auth: AuthSettings
+    store: StoreSettings
+    registry: Path
+    delivery: DeliverySettings
+    logging: LoggingSettings
+    apps: Mapping[str, App]
+
+
+class _Reader:
+    """Typed access to one YAML mapping that records problems instead of raising at the first one."""
+
+    def __init__(self, data: Any, file: str, prefix: str, problems: list[ConfigProblem]) -> None:
+        self.file, self.prefix, self.problems = file, prefix, problems
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.problem("", f"must be a mapping, not {type(data).__name__}")
+            data = {}
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(ConfigProblem(self.file, self.key(name) if name else self.prefix, message))
+
+    def raw(self, name: str) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, _MISSING)
+        return _expand_env(value, self, name) if value is not _MISSING else _MISSING
+
+    def str(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.raw(name)
+        if value is _MISSING or value is None:
+            if default is _MISSING:
+                self.problem(name, "is required")
+                return ""
+            return default
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            self.problem(name, f"must be a string, not {type(value).__name__}")
+            return default if default is not _MISSING else ""
+        return str(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.str(name, default)
+        if value not in choices and value is not default:
+            self.problem(name, f"must be one of {', '.join(choices)}, not {value!r}")
+            return choices[0]
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0, integer: bool = False) -> Any:
+        value = self.raw(name)
+        if value is _MISSING or value is None:
+            return default
+        if isinstance(value, str):
+            try:
+                value = float(value) if not integer else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+            self.problem(name, f"must be {'an integer' if integer else 'a number'}, not {value!r}")
+            return default
+        if value < minimum:
+            self.problem(name, f"must be at least {minimum}, not {value}")
+            return default
+        return int(value) if integer else float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is _MISSING or value is None:
+            return default
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            self.problem(name, f"must be true or false, not {value!r}")
+            return default
+        return value
+
+    def section(self, name: str) -> _Reader:
+        self.used.add(name)
+        return _Reader(self.data.get(name), self.file, self.key(name), self.problems)
+
+    def finish(self) -> None:
+        for extra in sorted(set(self.data) - self.used):
+            self.problem(str(extra), "unknown key")
+
+
+def _expand_env(value: Any, reader: _Reader, name: str) -> Any:
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        var = match.group(1)
+        if var not in os.environ:
+            reader.problem(name, f"environment variable {var} is not set")
+            return ""
+        return os.environ[var]
+
+    return _ENV_RE.sub(sub, value)
+
+
+def resolve_file(value: str, base: Path) -> Path:
+    """A credential path: ``cred:NAME`` from ``$CREDENTIALS_DIRECTORY``, else relative to ``base``."""
+    if value.startswith("cred:"):
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        name = value[len("cred:") :]
+        return Path(creds or "/run/credentials/parley-relay.service") / name
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _file(reader: _Reader, name: str, base: Path, *, required: bool) -> Path | None:
+    value = reader.str(name, _MISSING if required else None)
+    if not value:
+        return None
+    path = resolve_file(value, base)
+    if not path.is_file():
+        reader.problem(name, f"file not found: {path}")
+    elif not os.access(path, os.R_OK):
+        reader.problem(name, f"file not readable: {path}")
+    return path
+
+
+def _endpoint(reader: _Reader) -> str | None:
+    value = reader.str("endpoint", None)
+    if value is None:
+        return None
+    if not re.match(r"^https?://[^/\s]+$", value.rstrip("/")):
+        reader.problem("endpoint", f"must be a base URL such as https://127.0.0.1:8443, not {value!r}")
+        return None
+    return str(value).rstrip("/")
+
+
+def _policy(reader: _Reader, platform: Platform) -> Policy:
+    base = Policy()
+    types_reader = reader.section("type_policy")
+    type_policy: dict[int, Delivery] = dict(base.type_policy)
+    for key, value in types_reader.data.items():
+        types_reader.used.add(key)
+        try:
+            type_id = int(key)
+        except (TypeError, ValueError):
+            types_reader.problem(str(key), "type ids must be integers")
+            continue
+        if value not in ("alert", "silent"):
+            types_reader.problem(str(key), f"must be alert or silent, not {value!r}")
+            continue
+        type_policy[type_id] = value
+    return Policy(
+        default_title=reader.str("default_title", base.default_title),
+        title_template=reader.str("title_template", base.title_template),
+        body_template=reader.str("body_template", base.body_template),
+        type_policy=type_policy,
+        thread_id=reader.str("thread_id", None) if platform == "apns" else None,
+        sound=reader.str("sound", base.sound) if platform == "apns" else base.sound,
+        event_ttl=reader.number("event_ttl", base.event_ttl, minimum=1, integer=True),
+        channel_id=reader.str("channel_id", None) if platform == "fcm" else None,
+        event_priority=reader.choice("event_priority", ("normal", "high"), "normal") if platform == "fcm" else "normal",
+    )
+
+
+def _app(name: str, reader: _Reader, base: Path) -> App | None:
+    platform = reader.choice("platform", ("apns", "fcm"))
+    concurrency = reader.number("concurrency", 100, minimum=1, integer=True)
+    endpoint = _endpoint(reader)
+    ca_file = _file(reader, "ca_file", base, required=False)
+    policy = _policy(reader, platform)
+    if platform == "apns":
+        topic = reader.str("topic")
+        environment = reader.choice("environment", ("production", "sandbox"), "production")
+        cert_file = _file(reader, "cert_file", base, required=False)
+        key_file = _file(reader, "key_file", base, required=cert_file is None)
+        key_id = reader.str("key_id", None)
+        team_id = reader.str("team_id", None)
+        if key_file is not None and cert_file is not None:
+            reader.problem("cert_file", "give either key_file (token auth) or cert_file, not both")
+        if key_file is not None:
+            for needed, value in (("key_id", key_id), ("team_id", team_id)):
+                if not value:
+                    reader.problem(needed, "is required with key_file")
+        max_connections = reader.number("max_connections", 4, minimum=1, integer=True)
+        reader.finish()
+        return ApnsApp(name, topic, environment, key_file, key_id, team_id, cert_file, endpoint, ca_file,
+                       concurrency, max_connections, policy)
+    service_account = _file(reader, "service_account_file", base, required=True)
+    reader.finish()
+    if service_account is None:
+        return None
+    return FcmApp(name, service_account, endpoint, ca_file, concurrency, policy)
+
+
+def parse_config(data: Any, source: Path) -> Config:
+    """Validate the parsed YAML of ``source``; raises :class:`ConfigError` listing every problem."""
+    problems: list[ConfigProblem] = []
+    file = str(source)
+    base = source.parent
+    root = _Reader(data, file, "", problems)
+
+    listen_r = root.section("listen")
+    listen = Listen(listen_r.str("host", Listen.host), listen_r.number("port", Listen.port, integer=True))
+    listen_r.finish()
+
+    hook_r = root.section("webhook")
+    defaults = WebhookSettings()
+    path = hook_r.str("path", defaults.path)
+    if not str(path).startswith("/"):
+        hook_r.problem("path", "must start with /")
+    webhook = WebhookSettings(
+        path=path,
+        max_body_bytes=hook_r.number("max_body_bytes", defaults.max_body_bytes, minimum=64, integer=True),
+        max_tokens=hook_r.number("max_tokens", defaults.max_tokens, minimum=1, integer=True),
+        dedupe_window=hook_r.number("dedupe_window", defaults.dedupe_window),
+        reject_dead_tokens=hook_r.bool("reject_dead_tokens", defaults.reject_dead_tokens),
+    )
+    hook_r.finish()
+
+    auth_r = root.section("auth")
+    headers_r = auth_r.section("headers")
+    headers = {}
+    for header in headers_r.data:
+        value = headers_r.str(str(header))
+        if not value:
+            headers_r.problem(str(header), "must not be empty")
+        headers[str(header)] = value
+    headers_r.finish()
+    auth_r.finish()
+
+    store_r = root.section("store")
+    backend = store_r.choice("backend", ("sqlite", "redis"), "sqlite")
+    state_dir = Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or base)
+    store_path = Path(store_r.str("path", "relay.db")).expanduser()
+    store = StoreSettings(
+        backend=backend,
+        path=store_path if store_path.is_absolute() else state_dir / store_path,
+        url=store_r.str("url", StoreSettings.url),
+        commit_interval=store_r.number("commit_interval", 0.0),
+    )
+    store_r.finish()
+
+    registry_value = root.str("registry", "devices.yaml")
+    registry = resolve_file(registry_value, base)
+
+    d_r = root.section("delivery")
+    dd = DeliverySettings()
+    delivery = DeliverySettings(
+        concurrency=d_r.number("concurrency", dd.concurrency, minimum=1, integer=True),
+        batch_size=d_r.number("batch_size", dd.batch_size, minimum=1, integer=True),
+        max_age=d_r.number("max_age", dd.max_age, minimum=1),
+        unroutable_grace=d_r.number("unroutable_grace", dd.unroutable_grace),
+        backoff_initial=d_r.number("backoff_initial", dd.backoff_initial, minimum=0.001),
+        backoff_max=d_r.number("backoff_max", dd.backoff_max, minimum=0.001),
+        send_timeout=d_r.number("send_timeout", dd.send_timeout, minimum=0.01),
+        config_error_retry=d_r.number("config_error_retry", dd.config_error_retry, minimum=0.01),
+    )
+    d_r.finish()
+
+    log_r = root.section("logging")
+    logging_settings = LoggingSettings(
+        format=log_r.choice("format", ("logfmt", "json"), "logfmt"),
+        level=log_r.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+    )
+    log_r.finish()
+
+    apps_r = root.section("apps")
+    apps: dict[str, App] = {}
+    for name in apps_r.data:
+        app = _app(str(name), apps_r.section(str(name)), base)
+        if app is not None:
+            apps[str(name)] = app
+    if not apps_r.data:
+        apps_r.problem("", "at least one app is required")
+    root.finish()
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(source, listen, webhook, AuthSettings(headers), store, registry, delivery, logging_settings, apps)
+
+
+def load_yaml(path: Path) -> Any:
+    """Read one YAML file with the C loader when available; errors name the file."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        with path.open("rb") as fh:
+            return yaml.load(fh, Loader=loader)  # noqa: S506 - a safe loader
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(path), "", f"cannot read: {exc.strerror or exc}")]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(str(path), "", f"invalid YAML: {exc}")]) from exc
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate the main configuration file."""
+    source = Path(path).resolve()
+    return parse_config(load_yaml(source), source)

@@ -1,0 +1,328 @@
+"""Delivery stage: claim -> route -> translate -> send -> classify -> record.
+
+The loop has arq's shape, cut small: :meth:`Dispatcher.run` claims due deliveries (at most the oldest open
+one per token, which is what keeps per-device order, also across retries), :meth:`Dispatcher.deliver` runs
+one under the provider's limits, and :meth:`Dispatcher.record` writes the outcome under ``asyncio.shield``
+so that a cancelled task never leaves a send unrecorded. Time is injected (:class:`Clock`) so that tests
+of backoff and expiry run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.config import DeliverySettings
+from relay.errors import InvalidWebhook, StoreError
+from relay.inbound import Event, load_notification
+from relay.observability import Metrics, event, short_token
+from relay.outcome import EndState, Outcome, SendResult
+from relay.providers import Provider
+from relay.registry import Registry, Route
+from relay.store.base import Job, Store
+from relay.translate import translate
+
+LEASE = 300.0
+IDLE_POLL = 1.0
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """Wall-clock time (stored times are absolute so that they survive restarts)."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, never sooner than the provider's ``Retry-After``."""
+
+    initial: float = 1.0
+    maximum: float = 300.0
+    rng: Callable[[float, float], float] = field(default=random.uniform, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError("backoff needs 0 < initial <= maximum")
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempts + 1``."""
+        ceiling = min(self.maximum, self.initial * (2 ** min(attempts, 32)))
+        jittered = self.rng(self.initial / 2, ceiling)
+        return max(jittered, retry_after or 0.0)
+
+
+@dataclass
+class _Breaker:
+    """Per-app circuit: after repeated failures, park that app's deliveries and probe for recovery."""
+
+    failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+    alarm: str | None = None  # set for config errors: the operator must act
+
+    def allows(self, now: float) -> bool:
+        if now < self.open_until:
+            return False
+        if self.open_until and self.probing:
+            return False  # one probe at a time while half-open
+        if self.open_until:
+            self.probing = True
+        return True
+
+
+RETRY_TRIP = 5  # consecutive transient failures that open an app's circuit
+
+
+class Dispatcher:
+    """Moves stored deliveries to the providers until stopped."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        providers: Callable[[], Mapping[str, Provider]],
+        settings: DeliverySettings,
+        metrics: Metrics,
+        clock: Clock | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        self.store, self.registry, self._providers = store, registry, providers
+        self.settings, self.metrics = settings, metrics
+        self.clock = clock or SystemClock()
+        self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._stopping = False
+        self.breakers: dict[str, _Breaker] = {}
+        self.on_alarm: Callable[[str, str | None], Awaitable[None] | None] | None = None
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Something became due (a webhook, a registry change): claim now instead of at the next poll."""
+        self._wake.set()
+
+    @property
+    def alarms(self) -> dict[str, str]:
+        return {app: b.alarm for app, b in self.breakers.items() if b.alarm}
+
+    async def run(self) -> None:
+        """Claim and deliver until :meth:`stop`."""
+        while not self._stopping:
+            free = self._slots._value  # noqa: SLF001 - a peek; claims never exceed the free slots
+            if free == 0:
+                await self._wait(IDLE_POLL)
+                continue
+            self._wake.clear()
+            try:
+                jobs = await self.store.claim(min(free, self.settings.batch_size), self.clock.now(), LEASE)
+            except StoreError as exc:
+                event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
+                await self._wait(1.0)
+                continue
+            for job in jobs:
+                await self._slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._guarded(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if not jobs:
+                await self._wait(await self._idle_wait())
+
+    async def _idle_wait(self) -> float:
+        try:
+            due = await self.store.next_due()
+        except StoreError:
+            return IDLE_POLL
+        if due is None:
+            return IDLE_POLL * 5
+        # A due row may be blocked behind its token's in-flight head: the finish wakes us, not a busy loop.
+        return min(max(due - self.clock.now(), 0.01), IDLE_POLL)
+
+    async def _wait(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def run_until_idle(self, max_rounds: int = 10_000) -> None:
+        """Test helper: deliver everything due now (following the fake clock), then return."""
+        for _ in range(max_rounds):
+            jobs = await self.store.claim(self.settings.batch_size, self.clock.now(), LEASE)
+            if not jobs and not self._tasks:
+                return
+            for job in jobs:
+                await self._slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._guarded(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+
+    async def stop(self, timeout: float) -> None:
+        """Stop claiming; let in-flight sends finish within ``timeout``; the rest stays stored."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+
+    async def _guarded(self, job: Job) -> None:
+        try:
+            await self.deliver(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not kill the loop; the lease brings the job back
+            event(logging.ERROR, "delivery failed unexpectedly", job=job.id, token=short_token(job.token))
+            logging.getLogger(__name__).debug("delivery failure", exc_info=True)
+        finally:
+            self._slots.release()
+            self._wake.set()
+
+    # -- one delivery --------------------------------------------------------------------------------
+
+    async def deliver(self, job: Job) -> None:
+        """Route, translate, send and record one claimed delivery."""
+        now = self.clock.now()
+        try:
+            notification = load_notification(job.data)
+        except (InvalidWebhook, ValueError) as exc:
+            await self.record_end(job, EndState.DEAD_LETTER, f"unreadable stored notification: {exc}", None)
+            return
+        route = self.registry.lookup(job.token)
+        expires_at = job.expires_at
+        if route is not None and isinstance(notification, Event):
+            expires_at = min(expires_at, job.received_at + route.app.policy.event_ttl)
+        if now >= expires_at:
+            await self.record_end(job, EndState.EXPIRED, "expired before it could be sent", route)
+            return
+        if self.registry.is_dead(job.token):
+            await self.record_end(job, EndState.TOKEN_DEAD, "token was reported dead earlier", route)
+            return
+        if route is None:
+            await self._unroutable(job, now)
+            return
+        breaker = self.breakers.setdefault(route.app.name, _Breaker())
+        if not breaker.allows(now):
+            at = max(breaker.open_until, now + 1.0)
+            await self._shielded(self.store.retry(job, at, breaker.alarm and "config_error" or "circuit_open",
+                                                  count_attempt=False))
+            return
+        provider = self._providers().get(route.app.name)
+        if provider is None:
+            await self._shielded(self.store.retry(job, now + self.settings.config_error_retry, "config_error",
+                                                  count_attempt=False))
+            return
+        push = translate(notification, route, job.delivery_id, now, expires_at)
+        self.metrics.inflight.inc()
+        started = time.perf_counter()
+        try:
+            result = await provider.send(push)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.provider_latency.labels(route.app.platform).observe(time.perf_counter() - started)
+        await self._shielded(self.record(job, route, result, expires_at))
+
+    async def _unroutable(self, job: Job, now: float) -> None:
+        deadline = job.received_at + self.settings.unroutable_grace
+        if now >= deadline:
+            await self.record_end(job, EndState.UNROUTABLE, "no registry entry for this token", None)
+        else:
+            # Parked until the grace period ends; a registry reload or a new device wakes it sooner.
+            await self._shielded(self.store.retry(job, deadline, "unroutable", count_attempt=False))
+
+    async def record(self, job: Job, route: Route, result: SendResult, expires_at: float) -> None:
+        """Turn a provider answer into a stored end state or a scheduled retry."""
+        app, platform = route.app.name, route.app.platform
+        self.metrics.sends.labels(platform, app, job.kind, result.outcome.value).inc()
+        breaker = self.breakers.setdefault(app, _Breaker())
+        now = self.clock.now()
+        if result.outcome is Outcome.SENT:
+            await self._close_breaker(app, breaker)
+            self.metrics.delivery_latency.labels(platform).observe(max(0.0, now - job.received_at))
+            await self.record_end(job, EndState.SENT, "", route)
+        elif result.outcome is Outcome.TOKEN_DEAD:
+            await self._close_breaker(app, breaker)
+            if await self.store.mark_dead(job.token, result.reason, now):
+                self.metrics.dead_tokens.labels(platform, app).inc()
+                event(logging.WARNING, "push token is dead", app=app, token=short_token(job.token), reason=result.reason)
+            self.registry.mark_dead(job.token)
+            await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route)
+        elif result.outcome is Outcome.PERMANENT:
+            await self._close_breaker(app, breaker)
+            await self.record_end(job, EndState.DEAD_LETTER, result.reason, route)
+        elif result.outcome is Outcome.CONFIG_ERROR:
+            breaker.probing = False
+            breaker.open_until = now + self.settings.config_error_retry
+            if breaker.alarm != result.reason:
+                breaker.alarm = result.reason
+                self.metrics.alarms.labels(app).set(1)
+                event(logging.ERROR, "app configuration alarm: deliveries kept until it is fixed", app=app,
+                      reason=result.reason)
+                await self._notify_alarm(app, result.reason)
+            await self._retry(job, route, breaker.open_until, result.reason, count=False, expires_at=expires_at)
+        else:
+            breaker.probing = False
+            breaker.failures += 1
+            if breaker.failures >= RETRY_TRIP:
+                breaker.open_until = now + self.policy.delay(breaker.failures - RETRY_TRIP, result.retry_after)
+            at = now + self.policy.delay(job.attempts, result.retry_after)
+            await self._retry(job, route, at, result.reason, count=True, expires_at=expires_at)
+
+    async def _retry(self, job: Job, route: Route, at: float, reason: str, *, count: bool, expires_at: float) -> None:
+        if at >= expires_at:
+            await self.record_end(job, EndState.EXPIRED, f"expired while retrying ({reason})", route)
+            return
+        self.metrics.retries.labels(route.app.platform, route.app.name, reason.split(" ")[0][:40]).inc()
+        await self.store.retry(job, at, reason, count_attempt=count)
+
+    async def _close_breaker(self, app: str, breaker: _Breaker) -> None:
+        breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False
+        if breaker.alarm is not None:
+            breaker.alarm = None
+            self.metrics.alarms.labels(app).set(0)
+            event(logging.INFO, "app configuration alarm cleared", app=app)
+            await self._notify_alarm(app, None)
+            await self.store.wake(None, self.clock.now())
+
+    async def _notify_alarm(self, app: str, reason: str | None) -> None:
+        if self.on_alarm is not None:
+            maybe = self.on_alarm(app, reason)
+            if maybe is not None:
+                await maybe
+
+    def clear_alarms(self) -> None:
+        """After a reload: let every app probe again at once."""
+        for app, breaker in self.breakers.items():
+            if breaker.alarm:
+                self.metrics.alarms.labels(app).set(0)
+            breaker.failures, breaker.open_until, breaker.probing, breaker.alarm = 0, 0.0, False, None
+
+    async def record_end(self, job: Job, end: EndState, reason: str, route: Route | None) -> None:
+        """Store an end state and count it."""
+        platform = route.app.platform if route else "none"
+        app = route.app.name if route else "none"
+        self.metrics.ended.labels(platform, app, job.kind, end.value).inc()
+        await self._shielded(self.store.finish(job, end, reason, self.clock.now()))
+
+    @staticmethod
+    async def _shielded(aw: Awaitable[None]) -> None:
+        await asyncio.shield(aw)

@@ -1,0 +1,101 @@
+"""Metrics (Prometheus) and logs (one event per line, logfmt or JSON) for the whole relay.
+
+All metrics live here, in one :class:`Metrics` object per process (tests make their own registry). Log
+lines carry fields, never message bodies, secrets or whole push tokens (:func:`short_token`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LOGGER_NAME = "parley_relay"
+log = logging.getLogger(LOGGER_NAME)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """Every metric the relay exports (SPEC §8), registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.webhooks = Counter("parley_relay_webhooks", "Webhook requests by result", ["result"], registry=r)
+        self.accepted = Counter("parley_relay_deliveries_accepted", "Deliveries stored (one per token)",
+                                ["kind"], registry=r)
+        self.ended = Counter("parley_relay_deliveries_ended", "Deliveries that reached an end state",
+                             ["platform", "app", "kind", "state"], registry=r)
+        self.sends = Counter("parley_relay_provider_sends", "Provider requests by outcome",
+                             ["platform", "app", "kind", "outcome"], registry=r)
+        self.retries = Counter("parley_relay_retries", "Deliveries scheduled for another attempt",
+                               ["platform", "app", "reason"], registry=r)
+        self.dead_tokens = Counter("parley_relay_dead_tokens", "Push tokens newly marked dead", ["platform", "app"],
+                                   registry=r)
+        self.queue_depth = Gauge("parley_relay_queue_depth", "Deliveries pending or in flight", registry=r)
+        self.inflight = Gauge("parley_relay_sends_in_flight", "Provider requests in flight", registry=r)
+        self.alarms = Gauge("parley_relay_app_alarm", "1 while an app has a configuration alarm", ["app"],
+                            registry=r)
+        self.ack_latency = Histogram("parley_relay_ack_seconds", "Webhook arrival to answer", registry=r,
+                                     buckets=_LATENCY_BUCKETS)
+        self.delivery_latency = Histogram("parley_relay_delivery_seconds", "Webhook arrival to provider accept",
+                                          ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.provider_latency = Histogram("parley_relay_provider_request_seconds", "One provider request",
+                                          ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.store_commits = Gauge("parley_relay_store_commits", "Store transactions committed", registry=r)
+        self.reloads = Counter("parley_relay_reloads", "Configuration reloads by result", ["result"], registry=r)
+
+
+def short_token(token: str) -> str:
+    """A push token safe for logs: ``0801fc…5945``."""
+    return token if len(token) <= 12 else f"{token[:6]}…{token[-4:]}"
+
+
+def _logfmt_value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\\n\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str, timestamps: bool) -> None:
+        super().__init__()
+        self.fmt, self.timestamps = fmt, timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {}
+        if self.timestamps:
+            fields["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        fields["level"] = record.levelname.lower()
+        fields["event"] = record.getMessage()
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, Mapping):
+            fields.update(extra)
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        if self.fmt == "json":
+            return json.dumps(fields, ensure_ascii=False, default=str)
+        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
+
+
+def setup_logging(fmt: str = "logfmt", level: str = "INFO") -> None:
+    """Logs to stderr, one event per line; journald adds its own timestamps (``JOURNAL_STREAM``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(fmt, timestamps="JOURNAL_STREAM" not in os.environ))
+    root = logging.getLogger(LOGGER_NAME)
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def event(level: int, name: str, **fields: Any) -> None:
+    """Log one event with fields (``log`` helper used across the relay)."""
+    log.log(level, name, extra={"fields": fields})

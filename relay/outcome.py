@@ -1,0 +1,45 @@
+"""Outcome types shared by the providers, the dispatcher and the store.
+
+A provider answers every send with a :class:`SendResult`; the dispatcher turns it into a stored end state
+(:class:`EndState`) or a retry. Keeping both as enums (not strings and exceptions) is what lets every path
+be counted and tested as a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How one provider request went (SPEC §6)."""
+
+    SENT = "sent"
+    RETRY = "retry"  # transient: 429, 5xx, timeouts, connection errors
+    TOKEN_DEAD = "token_dead"  # the provider says this device token will never work again
+    CONFIG_ERROR = "config_error"  # our credentials/topic are wrong: keep the push, alarm the operator
+    PERMANENT = "permanent"  # any other refusal: dead-letter with the provider's reason
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A provider's answer to one push, already classified."""
+
+    outcome: Outcome
+    reason: str = ""
+    status: int | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def sent(cls, status: int = 200) -> SendResult:
+        return cls(Outcome.SENT, "", status)
+
+
+class EndState(StrEnum):
+    """Where a delivery ends; every accepted delivery ends in exactly one of these (or is pending)."""
+
+    SENT = "sent"
+    EXPIRED = "expired"
+    TOKEN_DEAD = "token_dead"
+    UNROUTABLE = "unroutable"
+    DEAD_LETTER = "dead_letter"

@@ -1,0 +1,59 @@
+"""Provider stage: send one push to Apple or Google and classify the answer.
+
+Every provider implements :class:`Provider`; nothing above this package sees an ``aioapns`` or
+``firebase_admin`` type. Concurrency limits and timeouts are added by wrapping (:class:`Bounded`), not by a
+base class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from relay.config import ApnsApp, App, FcmApp
+from relay.outcome import Outcome, SendResult
+from relay.translate import Push
+
+
+class Provider(Protocol):
+    """Sends pushes of one app."""
+
+    async def send(self, push: Push) -> SendResult:
+        """Send one push; never raises for provider or network failures (they are classified)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class Bounded:
+    """A provider wrapped with a concurrency limit and a per-send timeout."""
+
+    def __init__(self, inner: Provider, concurrency: int, timeout: float) -> None:
+        self.inner = inner
+        self._slots = asyncio.Semaphore(concurrency)
+        self._timeout = timeout
+
+    async def send(self, push: Push) -> SendResult:
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await self.inner.send(push)
+            except TimeoutError:
+                return SendResult(Outcome.RETRY, f"timeout after {self._timeout:g}s")
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def create_provider(app: App, timeout: float) -> Provider:
+    """The provider for one app, built inside the running loop (aioapns requires it)."""
+    if isinstance(app, ApnsApp):
+        from relay.providers.apns import ApnsProvider
+
+        provider: Provider = ApnsProvider(app)
+    else:
+        assert isinstance(app, FcmApp)  # noqa: S101 - App is a closed union
+        from relay.providers.fcm import FcmProvider
+
+        provider = await FcmProvider.create(app, timeout)
+    return Bounded(provider, app.concurrency, timeout)

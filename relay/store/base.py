@@ -1,0 +1,121 @@
+"""The store protocol and the values that cross it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.outcome import EndState
+from relay.registry import Device
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """One delivery to accept: a notification for one push token."""
+
+    token: str
+    kind: str  # "message" | "event"
+    data: bytes  # canonical JSON of Parley's ``data``
+    dedupe_key: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed delivery. ``delivery_id`` is stable for its whole life (the APNs ``apns-id``)."""
+
+    id: str
+    delivery_id: str
+    token: str
+    kind: str
+    data: bytes
+    received_at: float
+    expires_at: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery that ended dead-lettered (or another end state kept for inspection)."""
+
+    id: str
+    token: str
+    kind: str
+    data: bytes
+    reason: str
+    received_at: float
+    finished_at: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counts of accepted deliveries by state; ``accepted == sum(ended) + pending + inflight``."""
+
+    accepted: int
+    duplicates: int
+    pending: int
+    inflight: int
+    ended: Mapping[EndState, int] = field(default_factory=dict)
+    dead_tokens: int = 0
+    devices: int = 0
+
+    @property
+    def balanced(self) -> bool:
+        """The invariant that proves nothing was lost."""
+        return self.accepted == sum(self.ended.values()) + self.pending + self.inflight
+
+
+class Store(Protocol):
+    """What the server, dispatcher and CLI need from storage; both backends pass one behaviour suite."""
+
+    async def open(self) -> None:
+        """Connect/create, and make deliveries left in flight by a crash claimable again."""
+
+    async def close(self) -> None:
+        """Flush and release resources."""
+
+    async def ping(self) -> None:
+        """Raise :class:`~relay.errors.StoreUnavailable` when the store cannot be used."""
+
+    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
+        """Durably accept ``items`` (True) unless their dedupe key was seen within the window (False)."""
+
+    async def claim(self, limit: int, now: float, lease: float) -> list[Job]:
+        """Atomically take up to ``limit`` due deliveries, at most the oldest open one per token."""
+
+    async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
+        """Record the end state of a claimed delivery."""
+
+    async def retry(self, job: Job, at: float, reason: str, *, count_attempt: bool = True) -> None:
+        """Put a claimed delivery back, due at ``at``."""
+
+    async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
+        """Make waiting deliveries (of ``tokens``, or all) due now, e.g. after a registry change."""
+
+    async def next_due(self) -> float | None:
+        """Earliest due time of any pending delivery, or None when nothing is pending."""
+
+    async def put_device(self, device: Device, now: float) -> None:
+        """Add or replace a run-time device (and clear a dead mark on its token)."""
+
+    async def remove_device(self, token: str) -> bool:
+        """Remove a run-time device; False when there was none."""
+
+    async def list_devices(self) -> list[Device]:
+        """All run-time devices."""
+
+    async def mark_dead(self, token: str, reason: str, now: float) -> bool:
+        """Mark a push token dead; True when it was not dead before."""
+
+    async def dead_tokens(self) -> dict[str, str]:
+        """Dead push tokens and the provider's reason."""
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead-lettered deliveries, oldest first."""
+
+    async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
+        """Queue dead letters again (all when ``ids`` is None); returns how many."""
+
+    async def stats(self) -> Stats:
+        """Counts by state."""
