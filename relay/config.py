@@ -8,6 +8,7 @@ The device registry file is loaded by :mod:`relay.registry`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ _MISSING = object()
 class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
+    idle_timeout: float = 75.0  # seconds a connection may wait for (or dribble) its next request's headers
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,62 @@ class WebhookSettings:
     max_tokens: int = 100
     dedupe_window: float = 600.0
     reject_dead_tokens: bool = False
+    read_timeout: float = 10.0  # seconds to receive a whole body once the headers are in (then 408)
+
+
+SignatureAlgorithm = Literal["hmac-sha256", "rsa-sha256", "rsa-pss-sha256", "ecdsa-sha256", "ed25519"]
+SIGNATURE_ALGORITHMS: tuple[SignatureAlgorithm, ...] = (
+    "hmac-sha256", "rsa-sha256", "rsa-pss-sha256", "ecdsa-sha256", "ed25519")
+
+
+@dataclass(frozen=True)
+class SignatureSettings:
+    """``auth.signature``: a signature header over the raw body (or ``timestamp + "." + body``)."""
+
+    header: str
+    algorithm: SignatureAlgorithm
+    keys: tuple[bytes, ...] = field(repr=False)  # HMAC secrets or PEM public keys; any one may match (rotation)
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""
+    timestamp_header: str | None = None
+    tolerance: float = 300.0
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    """One OAuth client (Parley): only the SHA-256 of its secret is kept."""
+
+    secret_sha256: bytes = field(repr=False)
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    """``auth.oauth``: the relay as Parley's OauthEndpoint (client_credentials, signed expiring tokens)."""
+
+    clients: Mapping[str, OAuthClient]
+    signing_keys: tuple[tuple[str, bytes], ...] = field(repr=False)  # (kid, secret); the first one signs
+    token_ttl: int = 3600
+    issuer: str = "parley-relay"
+    path: str = "/oauth/token"
+    required_scope: str | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """``auth.rate_limit``: failed authentications per client address before answers become 429."""
+
+    max_failures: int = 10  # 0 disables
+    window: float = 60.0
+    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For names the client
 
 
 @dataclass(frozen=True)
 class AuthSettings:
     headers: Mapping[str, str] = field(default_factory=dict)
+    signature: SignatureSettings | None = None
+    oauth: OAuthSettings | None = None
+    rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
 
 
 @dataclass(frozen=True)
@@ -52,6 +105,8 @@ class StoreSettings:
     path: Path = Path("relay.db")
     url: str = "redis://127.0.0.1:6379/0"
     commit_interval: float = 0.0  # extra wait to grow a group commit; 0 = commit as soon as the last one ends
+    claim_idle: float = 60.0  # redis: a dead instance's in-flight deliveries are reclaimed after this many seconds
+    prefix: str = "relay"  # redis: key prefix, so that several relays can share one Redis database
 
 
 @dataclass(frozen=True)
@@ -67,9 +122,32 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``metrics.listen``: a separate listener for ``/metrics`` (and health); None = the webhook listener."""
+
+    listen: Listen | None = None
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     format: Literal["logfmt", "json"] = "logfmt"
     level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One client of the device API: the SHA-256 (hex) of its key and the apps it may register devices for."""
+
+    name: str
+    key_sha256: str
+    apps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The ``/v1/`` device API; without keys every API request is refused."""
+
+    keys: Mapping[str, ApiKey] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,6 +215,9 @@ class Config:
     delivery: DeliverySettings
     logging: LoggingSettings
     apps: Mapping[str, App]
+    api: ApiSettings = field(default_factory=ApiSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    shutdown_timeout: float = 10.0  # on SIGTERM: bound for in-flight requests, then for in-flight sends
 
 
 class _Reader:
@@ -323,6 +404,58 @@ def _app(name: str, reader: _Reader, base: Path) -> App | None:
     return FcmApp(name, service_account, endpoint, ca_file, concurrency, policy)
 
 
+_SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+MIN_API_KEY_CHARS = 16  # a key_file shorter than this is a typo or a placeholder, not a secret
+
+
+def _api(reader: _Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettings:
+    """``api.keys.NAME: {key_sha256: HEX | key_file: PATH, apps: [NAME, ...]}``; keys are kept hashed only."""
+    keys_r = reader.section("keys")
+    keys: dict[str, ApiKey] = {}
+    seen: dict[str, str] = {}
+    for name in keys_r.data:
+        key_r = keys_r.section(str(name))
+        digest = key_r.str("key_sha256", None)
+        key_file = _file(key_r, "key_file", base, required=False)
+        if (digest is None) == (key_file is None):
+            key_r.problem("key_sha256", "give exactly one of key_sha256 (hex SHA-256 of the key) or key_file")
+        elif digest is not None and not _SHA256_HEX_RE.match(digest):
+            key_r.problem("key_sha256", "must be 64 hex characters (e.g. the output of: printf %s KEY | sha256sum)")
+        elif key_file is not None and key_file.is_file() and os.access(key_file, os.R_OK):
+            secret = key_file.read_text(encoding="utf-8", errors="replace").strip()
+            if len(secret) < MIN_API_KEY_CHARS:
+                key_r.problem("key_file", f"the key in {key_file} must have at least {MIN_API_KEY_CHARS} characters")
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+        apps = key_r.raw("apps")
+        if not isinstance(apps, list) or not apps or not all(isinstance(a, str) for a in apps):
+            key_r.problem("apps", "must be a non-empty list of app names")
+            apps = []
+        for app in apps:
+            if app not in app_names:
+                key_r.problem("apps", f"unknown app {app!r} (known: {', '.join(map(str, app_names))})")
+        key_r.finish()
+        if digest and _SHA256_HEX_RE.match(digest):
+            if digest.lower() in seen:
+                key_r.problem("", f"the same key as api.keys.{seen[digest.lower()]}")
+            seen[digest.lower()] = str(name)
+            keys[str(name)] = ApiKey(str(name), digest.lower(), tuple(dict.fromkeys(apps)))
+    keys_r.finish()
+    reader.finish()
+    return ApiSettings(keys)
+
+
+def _metrics(reader: _Reader) -> MetricsSettings:
+    """``metrics: {listen: {host, port}}``; without ``listen`` the webhook listener serves ``/metrics``."""
+    listen = None
+    if reader.data.get("listen") is not None:
+        listen_r = reader.section("listen")
+        listen = Listen(listen_r.str("host", Listen.host), listen_r.number("port", 9464, integer=True))
+        listen_r.finish()
+    reader.used.add("listen")
+    reader.finish()
+    return MetricsSettings(listen)
+
+
 def parse_config(data: Any, source: Path) -> Config:
     """Validate the parsed YAML of ``source``; raises :class:`ConfigError` listing every problem."""
     problems: list[ConfigProblem] = []
@@ -331,7 +464,8 @@ def parse_config(data: Any, source: Path) -> Config:
     root = _Reader(data, file, "", problems)
 
     listen_r = root.section("listen")
-    listen = Listen(listen_r.str("host", Listen.host), listen_r.number("port", Listen.port, integer=True))
+    listen = Listen(listen_r.str("host", Listen.host), listen_r.number("port", Listen.port, integer=True),
+                    listen_r.number("idle_timeout", Listen.idle_timeout, minimum=0.1))
     listen_r.finish()
 
     hook_r = root.section("webhook")
@@ -345,6 +479,7 @@ def parse_config(data: Any, source: Path) -> Config:
         max_tokens=hook_r.number("max_tokens", defaults.max_tokens, minimum=1, integer=True),
         dedupe_window=hook_r.number("dedupe_window", defaults.dedupe_window),
         reject_dead_tokens=hook_r.bool("reject_dead_tokens", defaults.reject_dead_tokens),
+        read_timeout=hook_r.number("read_timeout", defaults.read_timeout, minimum=0.1),
     )
     hook_r.finish()
 
@@ -357,6 +492,9 @@ def parse_config(data: Any, source: Path) -> Config:
             headers_r.problem(str(header), "must not be empty")
         headers[str(header)] = value
     headers_r.finish()
+    from relay.config_auth import parse_auth_layers  # noqa: PLC0415 - it builds on this module's reader
+
+    auth = AuthSettings(headers, *parse_auth_layers(auth_r, base, path))
     auth_r.finish()
 
     store_r = root.section("store")
@@ -368,6 +506,8 @@ def parse_config(data: Any, source: Path) -> Config:
         path=store_path if store_path.is_absolute() else state_dir / store_path,
         url=store_r.str("url", StoreSettings.url),
         commit_interval=store_r.number("commit_interval", 0.0),
+        claim_idle=store_r.number("claim_idle", StoreSettings.claim_idle, minimum=0.1),
+        prefix=store_r.str("prefix", StoreSettings.prefix),
     )
     store_r.finish()
 
@@ -403,11 +543,15 @@ def parse_config(data: Any, source: Path) -> Config:
             apps[str(name)] = app
     if not apps_r.data:
         apps_r.problem("", "at least one app is required")
+    api = _api(root.section("api"), base, apps_r.data)
+    metrics_settings = _metrics(root.section("metrics"))
+    shutdown_timeout = root.number("shutdown_timeout", 10.0, minimum=0.1)
     root.finish()
 
     if problems:
         raise ConfigError(problems)
-    return Config(source, listen, webhook, AuthSettings(headers), store, registry, delivery, logging_settings, apps)
+    return Config(source, listen, webhook, auth, store, registry, delivery, logging_settings, apps,
+                  api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout)
 
 
 def load_yaml(path: Path) -> Any:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from relay.systemd import journald_reads
 
 LOGGER_NAME = "parley_relay"
 log = logging.getLogger(LOGGER_NAME)
@@ -51,6 +52,8 @@ class Metrics:
                                           ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
         self.store_commits = Gauge("parley_relay_store_commits", "Store transactions committed", registry=r)
         self.reloads = Counter("parley_relay_reloads", "Configuration reloads by result", ["result"], registry=r)
+        self.api_requests = Counter("parley_relay_api_requests", "Device API requests by operation and status",
+                                    ["operation", "status"], registry=r)
 
 
 def short_token(token: str) -> str:
@@ -65,10 +68,14 @@ def _logfmt_value(value: Any) -> str:
     return text
 
 
+# sd-daemon(3): a "<N>" line prefix gives journald the syslog priority (journalctl -p works).
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
 class _Formatter(logging.Formatter):
-    def __init__(self, fmt: str, timestamps: bool) -> None:
+    def __init__(self, fmt: str, timestamps: bool, priority_prefix: bool = False) -> None:
         super().__init__()
-        self.fmt, self.timestamps = fmt, timestamps
+        self.fmt, self.timestamps, self.priority_prefix = fmt, timestamps, priority_prefix
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {}
@@ -76,24 +83,42 @@ class _Formatter(logging.Formatter):
             fields["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         fields["level"] = record.levelname.lower()
         fields["event"] = record.getMessage()
+        if record.name != LOGGER_NAME:
+            fields["logger"] = record.name  # a library's record (aiohttp, asyncio), same one-line shape
         extra = getattr(record, "fields", None)
         if isinstance(extra, Mapping):
             fields.update(extra)
         if record.exc_info and record.exc_info[1] is not None:
             fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
         if self.fmt == "json":
-            return json.dumps(fields, ensure_ascii=False, default=str)
-        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
+            line = json.dumps(fields, ensure_ascii=False, default=str)
+        else:
+            line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
+        if self.priority_prefix:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
 
 
 def setup_logging(fmt: str = "logfmt", level: str = "INFO") -> None:
-    """Logs to stderr, one event per line; journald adds its own timestamps (``JOURNAL_STREAM``)."""
+    """Logs to stderr, one event per line.
+
+    When ``$JOURNAL_STREAM`` names our stderr, journald is the reader: it adds its own timestamps, so the
+    lines carry none, and a ``<N>`` prefix gives it each line's priority. Libraries' warnings (aiohttp,
+    asyncio) go through the same formatter, so that a traceback never spreads over several lines.
+    """
+    try:
+        journald = journald_reads(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # stderr replaced by something without a descriptor
+        journald = False
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(fmt, timestamps="JOURNAL_STREAM" not in os.environ))
-    root = logging.getLogger(LOGGER_NAME)
+    handler.setFormatter(_Formatter(fmt, timestamps=not journald, priority_prefix=journald))
+    ours = logging.getLogger(LOGGER_NAME)
+    ours.handlers[:] = [handler]
+    ours.setLevel(level)
+    ours.propagate = False
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    root.setLevel(logging.WARNING)
 
 
 def event(level: int, name: str, **fields: Any) -> None:

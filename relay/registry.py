@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,18 @@ class Registry:
             return None
         app, device_token = found
         return Device(token, app, device_token or token)
+
+    def is_runtime(self, token: str) -> bool:
+        """Whether ``token``'s entry was added at run time (and so can be removed at run time)."""
+        return token in self._overlay
+
+    def entries(self) -> Iterator[Device]:
+        """Every explicit entry, run-time ones in place of the YAML ones they overlay (unordered)."""
+        for token, (app, device_token) in self._overlay.items():
+            yield Device(token, app, device_token or token)
+        for token, (app, device_token) in self._base.devices.items():
+            if token not in self._overlay:
+                yield Device(token, app, device_token or token)
 
     def lookup(self, token: str) -> Route | None:
         """Route for ``token``: explicit entries win over rules; ``None`` when nothing matches."""

@@ -82,6 +82,7 @@ class Relay:
 
 
 RELAY_KEY = web.AppKey("relay", Relay)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 async def _create_providers(apps: Mapping[str, App], timeout: float) -> dict[str, Provider]:
@@ -115,7 +116,7 @@ async def webhook(request: web.Request) -> web.Response:
 
 async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.Response]:
     settings = relay.config.webhook
-    rid = request.get("request_id", "-")
+    rid = request.get(REQUEST_ID_KEY, "-")
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         event(logging.WARNING, "webhook refused", request_id=rid, status=413, reason="body too large")
         return "too_large", _error(413, f"body larger than {settings.max_body_bytes} bytes")
@@ -206,7 +207,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ids, JSON errors for everything, and never a stack trace to the client."""
-    request["request_id"] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request[REQUEST_ID_KEY] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -217,9 +218,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(exc.status, exc.reason)
     except Exception:
         logging.getLogger(__name__).exception("unhandled error")
-        event(logging.ERROR, "unhandled error", request_id=request["request_id"], path=request.path)
+        event(logging.ERROR, "unhandled error", request_id=request[REQUEST_ID_KEY], path=request.path)
         return _error(500, "internal error")
-    response.headers["X-Request-Id"] = request["request_id"]
+    response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
     return response
 
 
@@ -239,12 +240,26 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     app.router.add_post(config.webhook.path, webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if config.metrics.listen is None:  # else only the operator's separate listener serves it (create_ops_app)
+        app.router.add_get("/metrics", metrics)
+    from relay.api import add_api_routes  # noqa: PLC0415 - relay.api imports this module
+
+    add_api_routes(app)  # always: api.keys are read per request, so a reload can enable or rotate them
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_providers_ctx)
     if run_dispatcher:
         app.cleanup_ctx.append(_dispatcher_ctx)
     app.on_startup.append(_mark_started)
+    return app
+
+
+def create_ops_app(relay: Relay) -> web.Application:
+    """``/metrics``, ``/healthz`` and ``/readyz`` for a separate listener; ``relay`` is owned by the main app."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[RELAY_KEY] = relay
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -268,9 +283,6 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         await provider.close()
 
 
-DRAIN_TIMEOUT = 10.0
-
-
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     dispatcher = Dispatcher(relay.store, relay.registry, lambda: relay.providers, relay.config.delivery,
@@ -279,7 +291,7 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.get_running_loop().create_task(dispatcher.run(), name="dispatcher")
     yield
     relay.draining = True
-    await dispatcher.stop(DRAIN_TIMEOUT)
+    await dispatcher.stop(relay.config.shutdown_timeout)
     task.cancel()
     try:
         await task

@@ -1,7 +1,10 @@
-"""Running the relay as a long-lived service: listener, signals, systemd notifications, drain.
+"""Running the relay as a long-lived service: listeners, signals, systemd notifications, drain.
 
-``SIGHUP`` reloads, ``SIGTERM``/``SIGINT`` drain: stop accepting, finish in-flight requests and sends, leave
-the rest stored, exit 0.
+Start: the store is opened and every app's credentials are loaded (``AppRunner.setup``), then the listeners
+come up, then ``READY=1``. ``SIGHUP`` reloads (the old configuration stays on any error). ``SIGTERM`` and
+``SIGINT`` drain: ``STOPPING=1``, stop accepting (under socket activation the kernel queues new connections
+for the next process), finish in-flight requests and then in-flight sends, each within
+``shutdown_timeout``, leave everything else stored, return (exit 0).
 """
 
 from __future__ import annotations
@@ -9,75 +12,183 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from relay.config import Config
+from relay.config import Config, Listen
+from relay.errors import ConfigError, ConfigProblem, StoreError
 from relay.observability import event
 from relay.outcome import EndState
-from relay.server import RELAY_KEY, Relay, create_app
-from relay.systemd import Notifier, inherited_sockets
+from relay.server import RELAY_KEY, Relay, create_app, create_ops_app
+from relay.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
-SHUTDOWN_TIMEOUT = 10.0
+# After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
+# give it this long to arrive (and so count as in flight) before idle connections are closed.
+ACCEPT_GRACE = 0.2
+METRICS_FD_NAME = "metrics"  # FileDescriptorName= of an optional second .socket for /metrics
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``SIGTERM``/``SIGINT`` (or ``stop`` is set)."""
-    notifier = Notifier()
+@dataclass
+class _Listeners:
+    """The runners and sites of the webhook listener and the optional metrics listener."""
+
+    runners: list[web.AppRunner] = field(default_factory=list)
+    sites: list[web.BaseSite] = field(default_factory=list)
+
+    def addresses(self) -> str:
+        found = []
+        for site in self.sites:
+            server = getattr(site, "_server", None)  # aiohttp keeps the asyncio Server private
+            found += [describe(s) for s in (getattr(server, "sockets", None) or [])]
+        return ", ".join(found) or "-"
+
+    async def stop_accepting(self) -> None:
+        for site in self.sites:
+            await site.stop()
+        self.sites.clear()
+
+    async def cleanup(self) -> None:
+        # The ops runner first: the main runner's cleanup closes the store the ops handlers read.
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
+                notifier: Notifier | None = None) -> None:
+    """Serve until ``SIGTERM``/``SIGINT`` (or ``stop`` is set), then drain and return."""
+    notifier = notifier or Notifier()
+    inherited = inherited_sockets()
     app = create_app(config)
     relay = app[RELAY_KEY]
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
-    await runner.setup()
-    sockets = inherited_sockets()
-    sites: list[web.BaseSite] = []
-    if sockets:
-        sites = [web.SockSite(runner, sock) for sock in sockets]
-    else:
-        sites = [web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)]
-    for site in sites:
-        await site.start()
+    listeners = _Listeners()
+    try:
+        await _start(config, app, relay, inherited, listeners)
+    except BaseException as exc:
+        notifier.status(f"failed to start: {exc}")
+        await listeners.cleanup()
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    reload_lock = asyncio.Lock()
+    tasks: set[asyncio.Task[None]] = set()  # the watchdog and status loops, and reloads in progress
 
     async def reload() -> None:
-        notifier.notify("RELOADING=1")
-        await relay.reload()
-        notifier.notify("READY=1")
+        async with reload_lock:  # SIGHUPs in quick succession reload one after the other
+            notifier.reloading()
+            ok = await _reload(relay)
+            summary = await _status(relay)
+            notifier.reloaded(summary if ok else f"reload rejected, previous configuration in force; {summary}")
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_stop(sig: signal.Signals) -> None:
+        if stop.is_set():
+            event(logging.WARNING, "already stopping", signal=sig.name)
+        stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
-    watchdog = loop.create_task(notifier.watchdog_loop(lambda: _status(relay)))
-    addresses = ", ".join(_describe(s) for s in sites)
-    event(logging.INFO, "relay ready", listen=addresses, apps=len(config.apps), devices=len(relay.registry),
-          store=config.store.backend)
-    notifier.notify("READY=1", f"STATUS=listening on {addresses}")
+        loop.add_signal_handler(sig, on_stop, sig)
+    def on_reload() -> None:
+        if stop.is_set():
+            event(logging.WARNING, "reload ignored while stopping")
+        else:
+            spawn(reload())
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    spawn(notifier.watchdog_loop())
+    spawn(notifier.status_loop(lambda: _status(relay)))
+    addresses = listeners.addresses()
+    event(logging.INFO, "relay ready", listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
+          store=config.store.backend, socket_activation=bool(inherited),
+          watchdog=notifier.watchdog_interval() is not None)
+    notifier.ready(f"ready on {addresses}; {await _status(relay)}")
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
-        event(logging.INFO, "relay stopping: draining in-flight requests and sends")
-        notifier.notify("STOPPING=1", "STATUS=draining")
-        relay.draining = True
-        watchdog.cancel()
+        stop.set()  # also when leaving by an exception: late signals are then only logged
+        async with reload_lock:  # a reload in progress finishes first: never half a configuration
+            await _drain(relay, notifier, listeners)
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
-        event(logging.INFO, "relay stopped")
 
 
-def _describe(site: web.BaseSite) -> str:
-    server = getattr(site, "_server", None)
-    sockets: list[socket.socket] = list(getattr(server, "sockets", []) or [])
-    return ",".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in sockets) or site.name
+async def _start(config: Config, app: web.Application, relay: Relay, inherited: list[ListenSocket],
+                 listeners: _Listeners) -> None:
+    """Open the store and load credentials (the app's cleanup contexts), then bring the listeners up."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout, access_log=None)
+    listeners.runners.append(runner)
+    await runner.setup()
+    metrics_socks = [s.sock for s in inherited if s.name == METRICS_FD_NAME]
+    webhook_socks = [s.sock for s in inherited if s.name != METRICS_FD_NAME]
+    if webhook_socks:
+        listeners.sites += [web.SockSite(runner, sock) for sock in webhook_socks]
+    else:
+        listeners.sites.append(web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True))
+    if metrics_socks or config.metrics.listen is not None:
+        ops = web.AppRunner(create_ops_app(relay), handle_signals=False, shutdown_timeout=1.0, access_log=None)
+        listeners.runners.append(ops)
+        await ops.setup()
+        if metrics_socks:
+            listeners.sites += [web.SockSite(ops, sock) for sock in metrics_socks]
+        elif config.metrics.listen is not None:
+            listeners.sites.append(web.TCPSite(ops, config.metrics.listen.host, config.metrics.listen.port,
+                                               reuse_address=True))
+    for site in listeners.sites:
+        try:
+            await site.start()
+        except OSError as exc:
+            key = "metrics.listen" if site.runner is not runner else "listen"
+            where = config.metrics.listen if key == "metrics.listen" else config.listen
+            raise ConfigError([ConfigProblem(str(config.source), key, _bind_error(where, exc))]) from exc
+
+
+def _bind_error(where: Listen | None, exc: OSError) -> str:
+    address = f"{where.host}:{where.port}" if where else "the inherited socket"
+    return f"cannot listen on {address}: {exc.strerror or exc}"
+
+
+async def _reload(relay: Relay) -> bool:
+    """:meth:`Relay.reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
+    try:
+        return await relay.reload()
+    except Exception as exc:  # noqa: BLE001 - the old configuration must stay in force whatever happened
+        relay.metrics.reloads.labels("rejected").inc()
+        event(logging.ERROR, "reload rejected, previous configuration stays in force",
+              error=f"{type(exc).__name__}: {exc}")
+        return False
+
+
+async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> None:
+    timeout = relay.config.shutdown_timeout
+    event(logging.INFO, "relay stopping: draining in-flight requests and sends", timeout=timeout)
+    notifier.stopping(f"draining (up to {timeout:g}s for requests, then {timeout:g}s for sends)")
+    relay.draining = True  # /readyz answers 503 from now on
+    await listeners.stop_accepting()
+    await asyncio.sleep(ACCEPT_GRACE)
+    # In-flight requests, then the dispatcher's in-flight sends (its cleanup context), then providers, store.
+    await listeners.cleanup()
+    event(logging.INFO, "relay stopped")
+    notifier.status("stopped")
 
 
 async def _status(relay: Relay) -> str:
+    """The ``STATUS=`` text: queue depth and counts by end state."""
     try:
         stats = await relay.store.stats()
-    except Exception:  # noqa: BLE001 - a status line must never fail the watchdog
-        return "STATUS=store unavailable"
-    sent = stats.ended.get(EndState.SENT, 0)
-    return f"STATUS=queue {stats.pending + stats.inflight}, sent {sent}, accepted {stats.accepted}"
+    except (StoreError, OSError) as exc:
+        return f"store unavailable: {exc}"
+    ended = ", ".join(f"{end.value} {stats.ended.get(end, 0)}" for end in EndState)
+    alarms = sorted(relay.dispatcher.alarms) if relay.dispatcher is not None else []
+    text = f"queue {stats.pending + stats.inflight} ({stats.inflight} in flight); accepted {stats.accepted}; {ended}"
+    return text + (f"; ALARM: {', '.join(alarms)}" if alarms else "")

@@ -177,6 +177,13 @@ class _RelayProtocol(APNsBaseClientProtocol):
         if future is not None and not future.done():
             future.set_exception(exc)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # aioapns sets exceptions on futures a timeout already cancelled (InvalidStateError): skip those.
+        for stream_id in list(self.request_streams):
+            self._fail(stream_id, ConnectionClosed(str(exc)))
+        self.requests = {nid: f for nid, f in self.requests.items() if not f.done()}
+        super().connection_lost(exc)
+
     def close(self) -> None:
         if self.inactivity_timer:
             self.inactivity_timer.cancel()

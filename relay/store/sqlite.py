@@ -79,6 +79,7 @@ class SqliteStore:
         self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
         self._draining = False
         self._last_prune = 0.0
+        self._opened = False
         self.commits = 0  # for benchmarks: transactions (fsyncs) so far
 
     # -- the committer -------------------------------------------------------------------------
@@ -118,6 +119,8 @@ class SqliteStore:
         return results
 
     async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None and self._opened:
+            raise StoreUnavailable("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append((op, future))
@@ -135,7 +138,7 @@ class SqliteStore:
                 batch, self._queue = self._queue, []
                 try:
                     results = await loop.run_in_executor(self._executor, self._execute, [op for op, _ in batch])
-                except (sqlite3.Error, OSError, StoreError) as exc:
+                except (sqlite3.Error, OSError, StoreError, RuntimeError) as exc:
                     error = exc if isinstance(exc, StoreError) else StoreUnavailable(f"sqlite: {exc}")
                     for _, future in batch:
                         if not future.done():
@@ -159,6 +162,7 @@ class SqliteStore:
             await loop.run_in_executor(self._executor, self._connect)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open SQLite store {self._path}: {exc}") from exc
+        self._opened = True
 
         def recover(conn: sqlite3.Connection) -> int:
             # One process owns an SQLite store: whatever it had in flight when it died is due again.

@@ -288,6 +288,11 @@ class FakeApns:
         with self._lock:
             self._keys[key.key_id] = _Key(key.team_id, public_key)
 
+    def remove_key(self, key_id: str) -> None:
+        """Stop accepting tokens signed with `key_id` (a revoked or rotated-out key)."""
+        with self._lock:
+            self._keys.pop(key_id, None)
+
     def respond(
         self, device_token: str, status: int = 410, reason: str | None = "Unregistered",
         retry_after: int | None = None, times: int | None = None,
