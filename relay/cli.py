@@ -134,15 +134,38 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 print(f"{letter.id}\t{when}\t{short_token(letter.token)}\t{letter.kind}\t{letter.reason}")
             print(f"{len(letters)} dead letter(s)", file=sys.stderr)
             return 0
-        if not args.all and not args.ids:
-            print("give dead-letter IDs or --all", file=sys.stderr)
+        if args.all == bool(args.ids):
+            print("give dead-letter IDs (see: dead-letters list) or --all, not both", file=sys.stderr)
             return 2
-        ids = None if args.all else args.ids
-        count = await store.retry_dead_letters(ids, time.time())
+        if args.all:
+            count = await _retry_all_dead_letters(store)
+        else:
+            try:
+                count = await store.retry_dead_letters(args.ids, time.time())
+            except ValueError:
+                print("dead-letter IDs are the first column of: dead-letters list", file=sys.stderr)
+                return 2
         print(f"queued {count} dead letter(s) again")
         return 0 if count or args.all else 1
 
     return _run(_with_store(config, work))
+
+
+RETRY_BATCH = 500
+
+
+async def _retry_all_dead_letters(store: Store) -> int:
+    """Queue every dead letter again, in batches, with a progress line on stderr after each batch."""
+    total = (await store.stats()).ended.get(EndState.DEAD_LETTER, 0)
+    done, seen = 0, set[str]()
+    while done < total:
+        fresh = [letter.id for letter in await store.dead_letters(RETRY_BATCH) if letter.id not in seen]
+        if not fresh:  # the rest failed again meanwhile (a running relay): they are not retried twice
+            break
+        seen.update(fresh)
+        done += await store.retry_dead_letters(fresh, time.time())
+        print(f"dead-letters retry: {done}/{total} queued again", file=sys.stderr, flush=True)
+    return done
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
@@ -173,6 +196,26 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         return 0 if result.outcome is Outcome.SENT else 1
 
     return _run(_with_store(config, work))
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Print the signature header(s) ``auth.signature`` expects on a body, for testing a setup with curl."""
+    from relay.auth import sign_headers
+
+    config = _load(args.config)
+    if config.auth.signature is None:
+        print(f"{config.source}: auth.signature is not configured", file=sys.stderr)
+        return 1
+    try:
+        body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+        private_key = Path(args.private_key).read_bytes() if args.private_key else None
+        headers = sign_headers(config.auth.signature, body, timestamp=args.timestamp, private_key=private_key)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, value in headers:
+        print(f"{name}: {value}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -219,17 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     letters = with_config(sub.add_parser("dead-letters", help="deliveries refused by a provider"))
     lsub = letters.add_subparsers(dest="action", required=True)
-    lst = lsub.add_parser("list")
-    lst.add_argument("--limit", type=int, default=100)
-    retry = lsub.add_parser("retry", help="queue dead letters again")
-    retry.add_argument("ids", nargs="*")
-    retry.add_argument("--all", action="store_true")
+    lst = lsub.add_parser("list", help="ID, time, token, kind and reason of each dead letter, oldest first")
+    lst.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
+    retry = lsub.add_parser("retry", help="queue dead letters again (exit 1 if none of the IDs was found)")
+    retry.add_argument("ids", nargs="*", help="dead-letter IDs, as printed by: dead-letters list")
+    retry.add_argument("--all", action="store_true", help="every dead letter, with progress on stderr")
     letters.set_defaults(func=cmd_dead_letters)
 
     send = with_config(sub.add_parser("send-test", help="send one alert to a token through the real provider"))
     send.add_argument("--token", required=True)
     send.add_argument("--text", default="Test notification from parley-relay")
     send.set_defaults(func=cmd_send_test)
+
+    sign = with_config(sub.add_parser("sign", help="print the auth.signature header(s) for a request body"))
+    sign.add_argument("--body", default="-", help="file with the exact body bytes (default: standard input)")
+    sign.add_argument("--private-key", help="PEM private key (rsa/ecdsa/ed25519; HMAC uses the configured secret)")
+    sign.add_argument("--timestamp", type=int, help="Unix time for timestamp_header (default: now)")
+    sign.set_defaults(func=cmd_sign)
 
     demo = sub.add_parser("demo", help="run the relay with local fake APNs/FCM and show two notifications")
     demo.add_argument("--port", type=int, default=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +80,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400 would become Infinity, which is not JSON when stored and sent on
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                            object_pairs_hook=_no_duplicates)
 
 
 def decode_json(body: bytes) -> Any:
@@ -235,7 +244,11 @@ def parse_webhook(body: bytes, *, max_tokens: int = 100) -> Webhook:
         raise InvalidWebhook("data is required", field="data")
     kind, notification = parse_notification(doc["data"])
     tokens = _tokens(doc.get("to"), max_tokens)
-    return Webhook(kind, notification, tokens, canonical_data(doc["data"]))
+    try:
+        data = canonical_data(doc["data"])
+    except UnicodeEncodeError as exc:  # a lone surrogate (\ud800 escape without its pair) in any field
+        raise InvalidWebhook("data contains an invalid character (a lone UTF-16 surrogate)", field="data") from exc
+    return Webhook(kind, notification, tokens, data)
 
 
 def load_notification(data: bytes) -> Notification:

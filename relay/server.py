@@ -60,7 +60,7 @@ class Relay:
         self.registry.replace(config.apps, base)
         self.registry.load_overlay(await self.store.list_devices(), (await self.store.dead_tokens()).keys())
         self.config = config
-        self.auth = build_authenticator(config.auth)
+        self.auth = build_authenticator(config.auth, previous=self.auth)  # keeps the failure counts
         for provider in old.values():
             await provider.close()
         if self.dispatcher is not None:
@@ -121,15 +121,22 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
         event(logging.WARNING, "webhook refused", request_id=rid, status=413, reason="body too large")
         return "too_large", _error(413, f"body larger than {settings.max_body_bytes} bytes")
     try:
-        body = await request.read()
+        async with asyncio.timeout(settings.read_timeout):  # a slow sender cannot hold the handler
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         event(logging.WARNING, "webhook refused", request_id=rid, status=413, reason="body too large")
         return "too_large", _error(413, f"body larger than {settings.max_body_bytes} bytes")
+    except TimeoutError:
+        event(logging.WARNING, "webhook refused", request_id=rid, status=408, reason="body not received in time")
+        return "timeout", _error(408, f"body not received within {settings.read_timeout:g} s")
     try:
-        relay.auth.verify(request.headers, body)
+        relay.auth.authenticate(request.headers, body, request.remote)
     except AuthFailed as exc:
-        event(logging.WARNING, "webhook refused", request_id=rid, status=401, reason=exc.reason,
-              peer=request.remote or "-")
+        event(logging.DEBUG if exc.quiet else logging.WARNING, "webhook refused", request_id=rid,
+              status=exc.status, reason=exc.reason, peer=request.remote or "-")
+        if exc.status == 429:
+            return "rate_limited", _error(429, "too many failed authentications, retry later",
+                                          **{"Retry-After": str(int(exc.retry_after or 60))})
         headers = {"WWW-Authenticate": exc.www_authenticate} if exc.www_authenticate else {}
         return "unauthorized", _error(401, "authentication failed", **headers)
     try:
@@ -162,6 +169,23 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
           duplicates=len(items) - fresh, tokens=",".join(short_token(t) for t in hook.tokens[:5]))
     status = "accepted" if fresh else "duplicate"
     return status, web.json_response({"status": status, "accepted": fresh, "duplicates": len(items) - fresh})
+
+
+async def oauth_token(request: web.Request) -> web.Response:
+    """OAuth 2.0 token endpoint for Parley's pushType 5 (SPEC §3, RFC 6749 §4.4)."""
+    relay = request.app[RELAY_KEY]
+    return await relay.auth.token_endpoint(request, read_timeout=relay.config.webhook.read_timeout,
+                                           request_id=request.get(REQUEST_ID_KEY, "-"))
+
+
+def runner_options(config: Config) -> dict[str, float]:
+    """``web.AppRunner`` keyword arguments that stop slow clients from holding connections.
+
+    aiohttp closes a connection whose next request's headers are not complete ``keepalive_timeout`` after
+    the connection opened or the last answer (trickled headers do not extend it); the body has
+    ``webhook.read_timeout`` (408). ``lingering_time`` bounds how long an unread body is drained after that.
+    """
+    return {"keepalive_timeout": config.listen.idle_timeout, "lingering_time": 2.0}
 
 
 def _event_ttl(relay: Relay) -> float:
@@ -238,6 +262,8 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     )
     app[RELAY_KEY] = relay
     app.router.add_post(config.webhook.path, webhook)
+    if config.auth.oauth is not None:  # enabling OAuth or moving its path takes a restart
+        app.router.add_post(config.auth.oauth.path, oauth_token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.listen is None:  # else only the operator's separate listener serves it (create_ops_app)

@@ -22,7 +22,7 @@ from relay.config import Config, Listen
 from relay.errors import ConfigError, ConfigProblem, StoreError
 from relay.observability import event
 from relay.outcome import EndState
-from relay.server import RELAY_KEY, Relay, create_app, create_ops_app
+from relay.server import RELAY_KEY, Handler, Relay, create_app, create_ops_app, runner_options
 from relay.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
 # After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
@@ -31,12 +31,42 @@ ACCEPT_GRACE = 0.2
 METRICS_FD_NAME = "metrics"  # FileDescriptorName= of an optional second .socket for /metrics
 
 
+class _InFlight:
+    """Counts requests whose handler runs, so the drain can wait for them *before* aiohttp closes the
+    connections (once closed, aiohttp drops the rest of a body still arriving)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.count += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when every in-flight request finished within ``timeout``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass
 class _Listeners:
     """The runners and sites of the webhook listener and the optional metrics listener."""
 
     runners: list[web.AppRunner] = field(default_factory=list)
     sites: list[web.BaseSite] = field(default_factory=list)
+    in_flight: _InFlight = field(default_factory=_InFlight)
 
     def addresses(self) -> str:
         found = []
@@ -59,7 +89,16 @@ class _Listeners:
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 notifier: Notifier | None = None) -> None:
     """Serve until ``SIGTERM``/``SIGINT`` (or ``stop`` is set), then drain and return."""
+    owned = notifier is None
     notifier = notifier or Notifier()
+    try:
+        await _serve(config, notifier, ready, stop)
+    finally:
+        if owned:
+            notifier.close()
+
+
+async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None, stop: asyncio.Event | None) -> None:
     inherited = inherited_sockets()
     app = create_app(config)
     relay = app[RELAY_KEY]
@@ -126,7 +165,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
 async def _start(config: Config, app: web.Application, relay: Relay, inherited: list[ListenSocket],
                  listeners: _Listeners) -> None:
     """Open the store and load credentials (the app's cleanup contexts), then bring the listeners up."""
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout, access_log=None)
+    app.middlewares.insert(0, listeners.in_flight.middleware)
+    # The drain waits for in-flight requests itself (up to shutdown_timeout); aiohttp's own wait, after it
+    # has closed the connections, is only a last short bound.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None,
+                           **runner_options(config))  # slow clients cannot hold connections
     listeners.runners.append(runner)
     await runner.setup()
     metrics_socks = [s.sock for s in inherited if s.name == METRICS_FD_NAME]
@@ -176,6 +219,9 @@ async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> Non
     relay.draining = True  # /readyz answers 503 from now on
     await listeners.stop_accepting()
     await asyncio.sleep(ACCEPT_GRACE)
+    if not await listeners.in_flight.wait(timeout):
+        event(logging.WARNING, "requests still in flight after shutdown_timeout, closing them",
+              requests=listeners.in_flight.count)
     # In-flight requests, then the dispatcher's in-flight sends (its cleanup context), then providers, store.
     await listeners.cleanup()
     event(logging.INFO, "relay stopped")

@@ -40,6 +40,13 @@ class Notifier:
         if self._notifier is not None:
             self._notifier.notify("\n".join(lines))
 
+    def close(self) -> None:
+        """Release the notify socket (sdnotify keeps one connected datagram socket)."""
+        sock = getattr(self._notifier, "socket", None)
+        if isinstance(sock, socket.socket):
+            sock.close()
+        self._notifier = None
+
     def ready(self, status: str) -> None:
         """Startup done: store open, credentials loaded, listeners up."""
         self.notify("READY=1", f"STATUS={status}")

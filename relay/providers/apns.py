@@ -15,6 +15,7 @@ aioapns defects worked around here (each covered by a test):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -307,4 +308,12 @@ class ApnsProvider:
         return classify_apns(status, result.description, getattr(result, "retry_after", None))
 
     async def close(self) -> None:
-        self._pool.close()
+        connections = list(self._pool.connections)
+        for connection in connections:
+            if connection.inactivity_timer:
+                connection.inactivity_timer.cancel()
+            if connection.transport is not None:
+                connection.transport.abort()  # shutting down: in-flight sends were given up by the caller
+        while any(c.transport is not None and not c.transport.is_closing() for c in connections):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let connection_lost run before the loop may close

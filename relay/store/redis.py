@@ -1,0 +1,321 @@
+"""Redis store (scale-out): N relay instances share one queue, device overlay and dedupe keys.
+
+The queue is a Redis Stream with one consumer group; every relay process is a consumer. Only each
+push token's oldest open delivery (its *head*) is ever in the stream or in a retry schedule, so no two
+instances can hold two deliveries of one device: per-device order holds across instances without
+partition leases (see :mod:`relay.store._redis_lua` for the keys and the scripts).
+
+A claimed entry stays in this consumer's pending list until a script records its end state or its retry
+(``XACK`` and that record are one atomic step). While a delivery is in flight, a heartbeat renews the
+entry's idle time; an instance that dies stops renewing, and after ``store.claim_idle`` seconds any other
+instance takes the entry over with ``XAUTOCLAIM``. Fencing: finish/retry/heartbeat only act while this
+consumer still holds the entry, so a stalled instance that wakes up late cannot disturb the new owner.
+
+Every redis exception is translated here: unreachable -> :class:`StoreUnavailable`, else :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Redis
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from relay.config import StoreSettings
+from relay.errors import StoreError, StoreUnavailable
+from relay.observability import event
+from relay.outcome import EndState
+from relay.registry import Device
+from relay.store import _redis_lua as lua
+from relay.store.base import DeadLetter, Job, NewDelivery, Stats
+
+KEEP_FINISHED = 3600  # seconds a finished delivery's record stays inspectable (dead letters: until retried)
+SOCKET_TIMEOUT = 5.0  # a webhook waits at most this long for Redis before it is answered 503
+CONNECT_TIMEOUT = 2.0
+MAX_CONNECTIONS = 64
+REAP_AFTER = 3600.0  # a consumer with nothing pending, silent this long, is a dead instance: forget it
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    """The scale-out store; see the module docstring for the model."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self._url = settings.url
+        self._prefix = settings.prefix
+        self._idle = settings.claim_idle
+        # Unique per process: a restarted instance never mistakes a dead one's entries for its own.
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._redis: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._held: dict[str, str] = {}  # seq -> stream entry of the deliveries this instance has in flight
+        self._beat: asyncio.Task[None] | None = None
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}:{name}"
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    @property
+    def _client(self) -> Redis:
+        if self._redis is None:
+            raise StoreUnavailable("redis store is closed")
+        return self._redis
+
+    async def _do(self, call: Any) -> Any:
+        """Await a redis call, translating its exceptions (the store's one boundary)."""
+        try:
+            return await call
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis unreachable: {exc}") from exc
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        """Run a registered script; recreate the consumer group once if Redis lost it."""
+        script = self._scripts[name]
+        try:
+            return await self._do(script(args=[self._prefix, *args], client=self._client))
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, ResponseError) or "NOGROUP" not in str(exc):
+                raise
+        await self._ensure_group()
+        return await self._do(script(args=[self._prefix, *args], client=self._client))
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._do(self._client.xgroup_create(self._key("stream"), lua.GROUP, id="0", mkstream=True))
+        except StoreError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        # One retry on a broken connection (a pooled socket that died with a Redis restart); no retry on
+        # timeouts, whose command may have run. Every script is safe to repeat (dedupe keys, fencing).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+            health_check_interval=30,
+        )
+        self._redis = Redis(connection_pool=pool)
+        self._scripts = {
+            name: self._redis.register_script(getattr(lua, name))
+            for name in ("ENQUEUE", "CLAIM", "FINISH", "RETRY", "WAKE", "RETRY_DEAD", "HEARTBEAT", "RELEASE", "REAP")
+        }
+        try:
+            await self._ensure_group()
+        except StoreError:
+            await self._disconnect()
+            raise
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop(), name="redis-store-heartbeat")
+
+    async def close(self) -> None:
+        if self._redis is None:
+            return
+        if self._beat is not None:
+            self._beat.cancel()
+            await asyncio.gather(self._beat, return_exceptions=True)
+            self._beat = None
+        held, self._held = self._held, {}
+        try:
+            # Whatever the dispatcher abandoned goes back to the stream now, not after claim_idle.
+            await self._script("RELEASE", self.consumer, *_pairs(held))
+        except StoreError as exc:
+            event(logging.WARNING, "redis store: in-flight work left for reclaim", error=str(exc), count=len(held))
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            await client.aclose()
+            await client.connection_pool.disconnect()
+
+    async def ping(self) -> None:
+        await self._do(self._client.ping())
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(self._idle / 3, 0.05)
+        last_reap = 0.0
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.heartbeat()
+                if time.monotonic() - last_reap > max(interval, 60.0):
+                    last_reap = time.monotonic()
+                    await self._script("REAP", self.consumer, int(max(REAP_AFTER, self._idle * 10) * 1000))
+                if failing:
+                    event(logging.INFO, "redis store: heartbeat resumed")
+                failing = False
+            except StoreError as exc:
+                if not failing:
+                    event(logging.WARNING, "redis store: heartbeat failed", error=str(exc))
+                failing = True
+
+    async def heartbeat(self) -> None:
+        """Renew the idle time of this instance's in-flight entries; forget those another instance took."""
+        if not self._held:
+            return
+        held = dict(self._held)
+        lost = await self._script("HEARTBEAT", self.consumer, repr(time.time()), *_pairs(held))
+        for seq in lost:
+            key = _s(seq)
+            if self._held.get(key) == held.get(key):
+                self._held.pop(key, None)
+
+    # -- the queue -------------------------------------------------------------------------------
+
+    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
+        if not items:
+            return []
+        args: list[Any] = [repr(now), repr(float(dedupe_window))]
+        for item in items:
+            args += [item.dedupe_key, item.token, item.kind, item.data, repr(item.expires_at), str(uuid.uuid4())]
+        flags = await self._script("ENQUEUE", *args)
+        return [bool(flag) for flag in flags]
+
+    async def claim(self, limit: int, now: float, lease: float) -> list[Job]:
+        # ``lease`` is SQLite's notion; here a live claim is renewed by the heartbeat and a dead one is
+        # reclaimed after ``claim_idle``, which bounds the delay after a crash instead of the send time.
+        if limit <= 0:
+            return []
+        rows = await self._script("CLAIM", self.consumer, repr(now), limit, int(self._idle * 1000),
+                                  repr(time.time()))
+        jobs = []
+        for seq, entry, delivery_id, token, kind, data, received, expires, attempts in rows:
+            job = Job(_s(seq), _s(delivery_id), _s(token), _s(kind), bytes(data), float(received),
+                      float(expires), int(attempts))
+            self._held[job.id] = _s(entry)
+            jobs.append(job)
+        return sorted(jobs, key=lambda j: int(j.id))
+
+    async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
+        entry = self._held.pop(job.id, None)
+        if entry is None:
+            return  # not (or no longer) ours: another instance reclaimed it, or it was recorded already
+        await self._script("FINISH", self.consumer, job.id, entry, end.value, reason[:500], repr(now), KEEP_FINISHED)
+
+    async def retry(self, job: Job, at: float, reason: str, *, count_attempt: bool = True) -> None:
+        entry = self._held.pop(job.id, None)
+        if entry is None:
+            return
+        await self._script("RETRY", self.consumer, job.id, entry, repr(at), reason[:500], 1 if count_attempt else 0)
+
+    async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
+        if tokens is None:
+            return int(await self._script("WAKE", repr(now), "1"))
+        if not tokens:
+            return 0
+        return int(await self._script("WAKE", repr(now), "0", *tokens))
+
+    async def next_due(self) -> float | None:
+        """Earliest due time of a pending delivery; also when another instance's stalled work is reclaimable."""
+        client = self._client
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.zrange(self._key("pending"), 0, 0, withscores=True)
+            pipe.zrange(self._key("inflight"), 0, len(self._held), withscores=True)
+            pending, inflight = await self._do(pipe.execute())
+        due = [float(score) for _, score in pending]
+        # In-flight entries that are not ours belong to live instances (renewed) or dead ones (reclaimable
+        # after claim_idle): waking then makes a survivor pick up a crashed instance's work promptly.
+        foreign = [float(score) + self._idle for seq, score in inflight if _s(seq) not in self._held]
+        return min(due + foreign[:1]) if due or foreign else None
+
+    # -- devices and dead tokens -----------------------------------------------------------------
+
+    async def put_device(self, device: Device, now: float) -> None:
+        value = json.dumps({"app": device.app, "device_token": device.device_token, "updated_at": now})
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key("devices"), device.token, value)
+            pipe.hdel(self._key("deadtok"), device.token)
+            await self._do(pipe.execute())
+
+    async def remove_device(self, token: str) -> bool:
+        return bool(await self._do(self._client.hdel(self._key("devices"), token)))
+
+    async def list_devices(self) -> list[Device]:
+        rows = await self._do(self._client.hgetall(self._key("devices")))
+        devices = []
+        for token, raw in rows.items():
+            doc = json.loads(raw)
+            devices.append(Device(_s(token), str(doc["app"]), str(doc["device_token"])))
+        return sorted(devices, key=lambda d: d.token)
+
+    async def mark_dead(self, token: str, reason: str, now: float) -> bool:
+        return bool(await self._do(self._client.hsetnx(self._key("deadtok"), token, reason)))
+
+    async def dead_tokens(self) -> dict[str, str]:
+        rows = await self._do(self._client.hgetall(self._key("deadtok")))
+        return {_s(token): _s(reason) for token, reason in rows.items()}
+
+    # -- dead letters and stats --------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        seqs = await self._do(self._client.zrange(self._key("dead"), 0, limit - 1))
+        if not seqs:
+            return []
+        fields = ("token", "kind", "data", "reason", "received_at", "finished_at")
+        async with self._client.pipeline(transaction=False) as pipe:
+            for seq in seqs:
+                pipe.hmget(self._key(f"d:{_s(seq)}"), fields)
+            rows = await self._do(pipe.execute())
+        return [
+            DeadLetter(_s(seq), _s(token), _s(kind), bytes(data or b""), _s(reason or b""), float(received),
+                       float(finished or 0))
+            for seq, (token, kind, data, reason, received, finished) in zip(seqs, rows, strict=True)
+            if token is not None
+        ]
+
+    async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
+        if ids is None:
+            return int(await self._script("RETRY_DEAD", repr(now), "1"))
+        bad = [i for i in ids if not str(i).isdigit()]
+        if bad:
+            raise StoreError(f"not a dead-letter id: {bad[0]!r}")
+        if not ids:
+            return 0
+        return int(await self._script("RETRY_DEAD", repr(now), "0", *ids))
+
+    async def stats(self) -> Stats:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._key("counters"))
+            pipe.zcard(self._key("pending"))
+            pipe.zcard(self._key("inflight"))
+            pipe.hlen(self._key("deadtok"))
+            pipe.hlen(self._key("devices"))
+            raw, pending, inflight, dead, devices = await self._do(pipe.execute())
+        counters = {_s(name): int(value) for name, value in raw.items()}
+        return Stats(
+            accepted=counters.get("accepted", 0),
+            duplicates=counters.get("duplicates", 0),
+            pending=int(pending),
+            inflight=int(inflight),
+            ended={end: counters.get(end.value, 0) for end in EndState},
+            dead_tokens=int(dead),
+            devices=int(devices),
+        )
+
+
+def _pairs(held: dict[str, str]) -> list[str]:
+    return [item for seq, entry in held.items() for item in (seq, entry)]

@@ -1,0 +1,237 @@
+"""Providers: the aioapns and firebase-admin fixes, and the error tables, against the fakes over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from firebase_admin import exceptions, messaging
+
+from relay.config import ApnsApp, FcmApp, load_config
+from relay.outcome import Outcome
+from relay.providers import Bounded, create_provider
+from relay.providers.apns import APNS_REASONS, ApnsProvider, classify_apns
+from relay.providers.fcm import FcmProvider, classify_fcm
+from relay.testing.sandbox import Sandbox
+from relay.translate import ApnsPush, FcmPush
+
+
+def _apps(sandbox: Sandbox, **overrides: object) -> tuple[ApnsApp, FcmApp]:
+    config = load_config(sandbox.write(**overrides))  # type: ignore[arg-type]
+    ios, android = config.apps["ios"], config.apps["android"]
+    assert isinstance(ios, ApnsApp) and isinstance(android, FcmApp)
+    return ios, android
+
+
+def _apns_push(token: str) -> ApnsPush:
+    return ApnsPush("ios", token, str(uuid.uuid4()), "alert", 10, None, None,
+                    {"aps": {"alert": {"title": "t", "body": "b"}}, "parley": "{}"})
+
+
+def _fcm_push(token: str) -> FcmPush:
+    return FcmPush("android", token, str(uuid.uuid4()), "t", "b", None, {"parley": "{}", "message": "b"}, "high",
+                   None, None, None)
+
+
+async def test_apns_3000_error_answers_on_one_connection_all_complete(sandbox: Sandbox) -> None:
+    """aioapns never re-opens the receive window; our protocol does: 3,000 410s on one connection all finish."""
+    ios, _ = _apps(sandbox, apps={"ios": {"max_connections": 1}})
+    provider = ApnsProvider(ios)
+    tokens = [f"{i:064x}" for i in range(3000)]
+    for token in tokens:
+        sandbox.apns.respond(token, status=410, reason="Unregistered")
+    try:
+        async with asyncio.timeout(60):
+            results = await asyncio.gather(*(provider.send(_apns_push(t)) for t in tokens))
+    finally:
+        await provider.close()
+    assert len(results) == 3000
+    assert {(r.outcome, r.reason) for r in results} == {(Outcome.TOKEN_DEAD, "410 Unregistered")}
+    assert {r.reason for r in results} == {"410 Unregistered"}
+    assert sandbox.apns.connections_opened == 1  # one connection carried all ~270 KB of error bodies
+
+
+async def test_apns_one_provider_jwt_is_shared_by_all_connections(sandbox: Sandbox) -> None:
+    """Several HTTP/2 connections of one key present the same JWT (Apple throttles refreshes)."""
+    ios, _ = _apps(sandbox, apps={"ios": {"max_connections": 3}})
+    provider = ApnsProvider(ios)
+    sandbox.apns.set_delay(0.3)  # keep streams busy so that the pool opens more connections
+    try:
+        pushes = [_apns_push(f"{i:064x}") for i in range(3)]
+        # each connection takes up to 1000 streams: saturate the first to force new ones
+        first = await provider._pool.acquire()  # noqa: SLF001 - sizing the pool for the test
+        first.free_channels.bound = 1
+        results = await asyncio.gather(*(provider.send(p) for p in pushes))
+    finally:
+        sandbox.apns.set_delay(0)
+        await provider.close()
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert sandbox.apns.connections_opened >= 2
+    assert len(sandbox.apns.jwts_seen) == 1
+    assert provider.jwt is not None and provider.jwt.minted == 1
+
+
+async def test_apns_retry_after_and_reason_reach_the_classifier(sandbox: Sandbox) -> None:
+    """A 429 with Retry-After is classified retry with the provider's delay (aioapns drops the header)."""
+    ios, _ = _apps(sandbox)
+    provider = ApnsProvider(ios)
+    token = "ef" * 32
+    sandbox.apns.respond(token, status=429, reason="TooManyRequests", retry_after=7)
+    try:
+        result = await provider.send(_apns_push(token))
+    finally:
+        await provider.close()
+    assert (result.outcome, result.status, result.retry_after) == (Outcome.RETRY, 429, 7.0)
+
+
+async def test_apns_hanging_server_is_a_retry_after_the_send_timeout(sandbox: Sandbox) -> None:
+    """aioapns has no timeout; the Bounded wrapper turns a hang into a retry."""
+    ios, _ = _apps(sandbox)
+    provider = Bounded(ApnsProvider(ios), concurrency=10, timeout=0.3)
+    sandbox.apns.hang(True)
+    try:
+        started = time.monotonic()
+        result = await provider.send(_apns_push("aa" * 32))
+        assert time.monotonic() - started < 2
+    finally:
+        sandbox.apns.recover()
+        await provider.close()
+    assert result.outcome is Outcome.RETRY and "timeout" in result.reason
+
+
+async def test_apns_dropped_connection_is_a_retry_and_the_next_send_reconnects(sandbox: Sandbox) -> None:
+    """A connection dropped mid-request is classified retry; the pool reconnects for the next send."""
+    ios, _ = _apps(sandbox)
+    provider = ApnsProvider(ios)
+    sandbox.apns.hang(True)
+    try:
+        pending = asyncio.ensure_future(provider.send(_apns_push("bb" * 32)))
+        await sandbox.apns.wait_for(1)
+        sandbox.apns.drop_connections()
+        result = await asyncio.wait_for(pending, 5)
+        sandbox.apns.recover()
+        again = await provider.send(_apns_push("bb" * 32))
+    finally:
+        sandbox.apns.recover()
+        await provider.close()
+    assert result.outcome is Outcome.RETRY
+    assert again.outcome is Outcome.SENT
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "outcome"),
+    [(200, None, Outcome.SENT)] + [(s, r, o) for (s, r), o in APNS_REASONS.items()] + [
+        (400, "BadCollapseId", Outcome.PERMANENT),
+        (413, "PayloadTooLarge", Outcome.PERMANENT),
+        (403, "SomethingNew", Outcome.CONFIG_ERROR),
+        (502, None, Outcome.RETRY),
+    ],
+)
+def test_apns_error_table_classifies_every_documented_answer(status: int, reason: str | None,
+                                                             outcome: Outcome) -> None:
+    """Apple's documented (status, reason) pairs map to the relay's outcome classes."""
+    assert classify_apns(status, reason).outcome is outcome
+
+
+async def test_fcm_token_refresh_never_blocks_the_event_loop(sandbox: Sandbox) -> None:
+    """The OAuth token endpoint takes 0.8 s; the loop's worst lag while sending stays far below that."""
+    _, android = _apps(sandbox)
+    sandbox.fcm.token_delay = 0.8
+    provider = await FcmProvider.create(android, timeout=10)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - before - 0.01)
+
+    probe_task = asyncio.ensure_future(probe())
+    try:
+        results = await asyncio.gather(*(provider.send(_fcm_push(f"tok-{i}-" + "x" * 40)) for i in range(20)))
+    finally:
+        stop.set()
+        await probe_task
+        sandbox.fcm.token_delay = 0
+        await provider.close()
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert sandbox.fcm.token_requests == 1
+    assert max(lags) < 0.2, f"event loop blocked for {max(lags):.3f}s"
+
+
+async def test_fcm_concurrent_sends_share_one_batch(sandbox: Sandbox) -> None:
+    """Sends issued together go out as one send_each_async batch."""
+    _, android = _apps(sandbox)
+    provider = await FcmProvider.create(android, timeout=10)
+    try:
+        await provider.tokens.ensure()
+        results = await asyncio.gather(*(provider.send(_fcm_push(f"batch-{i}-" + "y" * 40)) for i in range(50)))
+    finally:
+        await provider.close()
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert provider.batches == 1
+    assert len(sandbox.fcm.requests) == 50
+
+
+@pytest.mark.parametrize(
+    ("error_code", "outcome"),
+    [
+        ("UNREGISTERED", Outcome.TOKEN_DEAD),
+        ("SENDER_ID_MISMATCH", Outcome.TOKEN_DEAD),
+        ("INVALID_ARGUMENT", Outcome.TOKEN_DEAD),  # the fake's INVALID_ARGUMENT names message.token
+        ("QUOTA_EXCEEDED", Outcome.RETRY),
+        ("UNAVAILABLE", Outcome.RETRY),
+        ("INTERNAL", Outcome.RETRY),
+        ("THIRD_PARTY_AUTH_ERROR", Outcome.CONFIG_ERROR),
+    ],
+)
+async def test_fcm_error_codes_are_classified_from_real_error_bodies(sandbox: Sandbox, error_code: str,
+                                                                    outcome: Outcome) -> None:
+    """Each FCM error code, as firebase-admin raises it from Google's error body, gets its outcome class."""
+    _, android = _apps(sandbox)
+    provider = await FcmProvider.create(android, timeout=10)
+    token = f"err-{error_code}-" + "z" * 40
+    sandbox.fcm.respond(token, error_code=error_code)
+    try:
+        result = await provider.send(_fcm_push(token))
+    finally:
+        await provider.close()
+    assert result.outcome is outcome
+    assert error_code in result.reason or result.status is not None
+
+
+def test_fcm_invalid_argument_not_about_the_token_is_permanent() -> None:
+    """INVALID_ARGUMENT about something else than the token is a permanent refusal (dead letter)."""
+    exc = exceptions.InvalidArgumentError("Invalid value at 'message.android.ttl'")
+    assert classify_fcm(exc).outcome is Outcome.PERMANENT
+    assert classify_fcm(messaging.UnregisteredError("gone")).outcome is Outcome.TOKEN_DEAD
+    assert classify_fcm(None).outcome is Outcome.SENT
+
+
+async def test_fcm_refused_credentials_are_a_config_error_without_blocking(sandbox: Sandbox) -> None:
+    """A service account the token endpoint refuses is a config error (the push is kept), not a crash."""
+    _, android = _apps(sandbox)
+    sandbox.fcm.unregister_service_account(sandbox.account.client_email)
+    provider = await create_provider(android, timeout=5)
+    try:
+        result = await provider.send(_fcm_push("cfg-" + "w" * 40))
+    finally:
+        await provider.close()
+    assert result.outcome is Outcome.CONFIG_ERROR
+    assert "refused" in result.reason
+
+
+def test_unreadable_apns_key_is_a_config_error_naming_file_and_key(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A key file that is not an EC P-256 key fails at start with the file and the config key named."""
+    bad = sandbox.root / "AuthKey.p8"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    ios, _ = _apps(sandbox)
+    from relay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        ApnsProvider(ios)
+    assert "AuthKey.p8" in str(info.value) and "apps.ios.key_file" in str(info.value)

@@ -1,0 +1,427 @@
+"""The real `parley-relay serve` process under a stand-in for systemd: notify datagrams, watchdog, SIGHUP
+reload, SIGTERM drain, socket-activated restarts under load, metrics and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.cli import main
+from relay.testing.process import NotifySocket, RelayProcess, listening_socket
+from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
+
+HOOK = "/parley/webhook"
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    with NotifySocket() as sock:
+        yield sock
+
+
+@pytest.fixture
+def webhook_socket() -> Iterator[socket.socket]:
+    """The listening socket the harness holds, as systemd holds a .socket unit's."""
+    with listening_socket() as sock:
+        yield sock
+
+
+def _url(sock: socket.socket, path: str = HOOK) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}{path}"
+
+
+def _request(url: str, doc: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = None if doc is None else json.dumps(doc).encode()
+    all_headers = {AUTH_HEADER: AUTH_VALUE, **(headers or {})}
+    request = urllib.request.Request(url, data=data, headers=all_headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local test URLs
+            body = response.read()
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read(), exc.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode()
+
+
+def _start(sandbox: Sandbox, notify: NotifySocket, sock: socket.socket, *, env: dict[str, str] | None = None,
+           name: str = "relay.yaml", **overrides: Any) -> RelayProcess:
+    config = sandbox.write(name, **overrides)
+    start = len(notify.messages)
+    relay = RelayProcess(config, notify=notify, activation=[("webhook", sock)], env=env)
+    try:
+        notify.wait_for("READY=1", timeout=15, start=start)
+    except TimeoutError:
+        relay.__exit__()
+        raise AssertionError(f"relay did not become ready:\n{relay.log()}") from None
+    return relay
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _fcm_ids(sandbox: Sandbox) -> list[int]:
+    """Parley message ids of every push the fake FCM accepted."""
+    ids = []
+    for request in sandbox.fcm.requests:
+        if request.status == 200 and "parley" in request.message.get("data", {}):
+            ids.append(int(json.loads(request.message["data"]["parley"])["object"]["id"]))
+    return ids
+
+
+def _stats(config: Path) -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["stats", "--json", "--config", str(config)])
+    return dict(json.loads(out.getvalue()))
+
+
+# -- start, ready, stop ---------------------------------------------------------------------------
+
+
+def test_ready_comes_once_store_credentials_and_listener_are_up_and_sigterm_sends_stopping(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """READY=1 (with a STATUS= line) is sent by the main pid only when /readyz already answers 200;
+    SIGTERM sends STOPPING=1 and exits 0."""
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        ready = notify.wait_for("READY=1")
+        assert ready.pid == relay.pid  # NotifyAccess=main: the datagram comes from the main process
+        assert _request(_url(webhook_socket, "/readyz"))[0] == 200
+        assert ready.fields["STATUS"].startswith("ready on ") and "queue 0" in ready.fields["STATUS"]
+        assert relay.stop() == 0
+        stopping = notify.wait_for("STOPPING=1")
+        assert stopping.pid == relay.pid and "draining" in stopping.fields["STATUS"]
+        assert notify.messages[-1].fields.get("STATUS") == "stopped"
+
+
+def test_start_failure_reports_status_and_exits_non_zero(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """Unreadable credentials: no READY=1, a STATUS= line and an error naming the key, exit 1 (Restart=on-failure)."""
+    config = sandbox.write()
+    (sandbox.root / "AuthKey.p8").write_text("not a key\n")
+    with RelayProcess(config, notify=notify, activation=[("webhook", webhook_socket)]) as relay:
+        assert relay.wait() == 1
+        assert "apps.ios.key_file" in relay.log()
+    assert not [m for m in notify.messages if "READY=1" in m]
+    assert notify.wait_for("STATUS").fields["STATUS"].startswith("failed to start")
+
+
+_BLOCKING_RELAY = (
+    "import asyncio, signal, sys, time\n"
+    "from relay.config import load_config\n"
+    "from relay.observability import setup_logging\n"
+    "from relay.service import serve\n"
+    "async def main() -> None:\n"
+    "    # test-only: SIGUSR1 blocks the event loop, as a runaway computation or blocking call would\n"
+    "    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, time.sleep, 1.5)\n"
+    "    await serve(load_config(sys.argv[1]))\n"
+    "setup_logging()\n"
+    "asyncio.run(main())\n"
+)
+
+
+def test_watchdog_pings_stop_while_the_event_loop_is_blocked(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """WATCHDOG=1 every WatchdogSec/2 from the loop; a loop blocked for 1.5 s sends none (systemd would restart)."""
+    config = sandbox.write()
+    command = [sys.executable, "-c", _BLOCKING_RELAY, str(config)]
+    with RelayProcess(config, notify=notify, activation=[("webhook", webhook_socket)], command=command,
+                      env={"WATCHDOG_USEC": "200000"}) as relay:
+        notify.wait_for("READY=1", timeout=15)
+        time.sleep(0.5)
+        relay.signal(signal.SIGUSR1)
+        time.sleep(2.2)
+        assert relay.stop() == 0
+    pings = [m.at for m in notify.messages if "WATCHDOG=1" in m and m.pid == relay.pid]
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    assert len(pings) >= 10
+    assert max(gaps) >= 1.3  # no ping while blocked
+    assert sorted(gaps)[-2] < 0.5  # every other gap is about 0.1 s: pings resumed after the block
+
+
+# -- reload ---------------------------------------------------------------------------------------
+
+
+def test_reload_keeps_the_old_config_on_a_bad_file_and_routes_parked_deliveries_on_a_good_one(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """SIGHUP: a bad main file and a bad registry are each rejected with one log line, the relay keeps
+    serving; then a good registry with a new device delivers the notification parked as unroutable."""
+    newcomer = "eJ9x-new-android-device-token:APA91b_added_by_reload"
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        assert _request(_url(webhook_socket), sample("message", to=[newcomer], id=501))[0] == 200
+        time.sleep(0.3)
+        assert 501 not in _fcm_ids(sandbox)  # no registry entry yet: parked for the unroutable grace period
+
+        good = relay.config.read_text()
+        relay.config.write_text(good.replace("delivery:", "delivery:\n  concurency: 5"))  # a typo'd key
+        mark = len(notify.messages)
+        relay.signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1", start=mark)
+        rejected = notify.wait_for("READY=1", start=mark)
+        assert rejected.fields["STATUS"].startswith("reload rejected")
+        relay.config.write_text(good)
+        registry = sandbox.root / "devices.yaml"
+        registry.write_text(yaml.safe_dump({"devices": {newcomer: {"app": "no-such-app"}}}))
+        mark = len(notify.messages)
+        relay.signal(signal.SIGHUP)
+        notify.wait_for("READY=1", start=mark)
+        assert _request(_url(webhook_socket), sample("message", to=[ANDROID_TOKEN], id=502))[0] == 200
+        _wait(lambda: 502 in _fcm_ids(sandbox), what="the old registry to keep routing")
+
+        registry.write_text(yaml.safe_dump({"devices": {**sandbox.devices, newcomer: {"app": "android"}}}))
+        mark = len(notify.messages)
+        relay.signal(signal.SIGHUP)
+        assert not notify.wait_for("READY=1", start=mark).fields["STATUS"].startswith("reload rejected")
+        _wait(lambda: 501 in _fcm_ids(sandbox), timeout=5, what="the parked delivery after the reload")
+        metrics = _request(_url(webhook_socket, "/metrics"))[1]
+        assert 'parley_relay_reloads_total{result="rejected"} 2.0' in metrics
+        assert 'parley_relay_reloads_total{result="ok"} 1.0' in metrics
+        assert relay.stop() == 0
+    lines = [line for line in relay.log().splitlines() if "reload rejected" in line]
+    assert len(lines) == 2, lines
+    assert "delivery.concurency: unknown key" in lines[0]
+    assert "devices.yaml: devices.eJ9x" in lines[1] and "no-such-app" in lines[1]
+
+
+# -- graceful stop --------------------------------------------------------------------------------
+
+
+def _partial_request(sock: socket.socket, doc: Any) -> tuple[socket.socket, bytes]:
+    """Open a connection and send the headers and half the body: a request in flight."""
+    body = json.dumps(doc).encode()
+    head = (f"POST {HOOK} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+            f"{AUTH_HEADER}: {AUTH_VALUE}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    client = socket.create_connection(sock.getsockname(), timeout=10)
+    client.sendall(head + body[: len(body) // 2])
+    return client, body[len(body) // 2 :]
+
+
+def test_sigterm_finishes_in_flight_requests_and_sends_and_exits_0(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """SIGTERM with a half-received request and slow sends in flight: the request is answered 200, the
+    sends finish, exit code 0, and after a restart everything acknowledged has been delivered once."""
+    sandbox.fcm.set_delay(0.8)
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        for i in range(5):
+            assert _request(_url(webhook_socket), sample("message", to=[ANDROID_TOKEN], id=600 + i))[0] == 200
+        _wait(lambda: len(sandbox.fcm.requests) >= 1, what="a send in flight")
+        client, rest = _partial_request(webhook_socket, sample("message", to=[IOS_TOKEN], id=700))
+        time.sleep(0.1)
+        started = time.monotonic()
+        relay.signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        time.sleep(0.3)
+        client.sendall(rest)
+        answer = client.recv(4096).decode()
+        client.close()
+        assert relay.wait() == 0, relay.log()
+        took = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert 600 in _fcm_ids(sandbox)  # the send in flight at SIGTERM finished before the exit
+    assert took < 10
+    sandbox.fcm.recover()
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        _wait(lambda: set(_fcm_ids(sandbox)) >= set(range(600, 605)), what="all FCM deliveries")
+        sandbox.apns.wait_for_requests(1)
+        assert relay.stop() == 0
+    stats = _stats(relay.config)
+    assert stats["balanced"] and stats["ended"]["sent"] == stats["accepted"] == 6
+
+
+def test_sigterm_leaves_sends_stored_when_the_provider_hangs_past_shutdown_timeout(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """A provider that never answers: the drain gives up after shutdown_timeout, exits 0 within the bound,
+    and the deliveries are sent after the restart."""
+    sandbox.apns.hang()
+    relay = _start(sandbox, notify, webhook_socket, shutdown_timeout=0.5)
+    with relay:
+        for i in range(3):
+            assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=800 + i))[0] == 200
+        _wait(lambda: len(sandbox.apns.requests) >= 1, what="a hung send")
+        started = time.monotonic()
+        assert relay.stop() == 0
+        assert time.monotonic() - started < 3  # 0.5 s for requests, 0.5 s for sends, the rest is cleanup
+    assert "still in flight" not in relay.log()
+    sandbox.apns.recover()
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        _wait(lambda: len([r for r in sandbox.apns.requests if r.status == 200]) >= 3, what="the stored deliveries")
+        assert relay.stop() == 0
+    stats = _stats(relay.config)
+    assert stats["balanced"] and stats["ended"]["sent"] == 3
+
+
+# -- socket activation: restart under load ---------------------------------------------------------
+
+LOAD_REQUESTS = 400
+LOAD_WORKERS = 8
+
+
+async def test_socket_activated_restart_under_load_refuses_nothing_and_loses_nothing(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """A restart (SIGTERM, exit, start) on a socket the harness holds, with 8 clients posting all along:
+    zero refused connections, zero failed requests, and every acknowledged notification delivered."""
+    tokens = [f"eJ9x-load-{i}:APA91b_load_test_device" for i in range(LOAD_WORKERS)]
+    sandbox.devices.update({t: {"app": "android"} for t in tokens})
+    sandbox.write()
+    loop = asyncio.get_running_loop()
+    first = await loop.run_in_executor(None, lambda: _start(sandbox, notify, webhook_socket))
+    counts = {"sent": 0, "acknowledged": 0, "refused": 0, "failed": 0}
+    acknowledged: set[int] = set()
+    latencies: list[float] = []
+    url = _url(webhook_socket)
+
+    async def client(worker: int, session: aiohttp.ClientSession) -> None:
+        while counts["sent"] < LOAD_REQUESTS:
+            message_id = 10_000 + counts["sent"]
+            counts["sent"] += 1
+            started = time.monotonic()
+            try:
+                async with session.post(url, json=sample("message", to=[tokens[worker]], id=message_id),
+                                        headers={AUTH_HEADER: AUTH_VALUE}) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientConnectorError as exc:
+                counts["refused" if isinstance(exc.os_error, ConnectionRefusedError) else "failed"] += 1
+                continue
+            except aiohttp.ClientError:
+                counts["failed"] += 1
+                continue
+            latencies.append(time.monotonic() - started)
+            if ok:
+                counts["acknowledged"] += 1
+                acknowledged.add(message_id)
+            else:
+                counts["failed"] += 1
+            await asyncio.sleep(0.005)
+
+    async def restart() -> RelayProcess:
+        while counts["sent"] < LOAD_REQUESTS // 3:
+            await asyncio.sleep(0.01)
+        assert await loop.run_in_executor(None, first.stop) == 0, first.log()
+        return await loop.run_in_executor(None, lambda: _start(sandbox, notify, webhook_socket))
+
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection per request, as Parley's retries
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        results = await asyncio.gather(restart(), *(client(w, session) for w in range(LOAD_WORKERS)))
+    second: RelayProcess = results[0]
+    with first, second:
+        await sandbox.fcm.wait_for(len(acknowledged), timeout=20)
+        deadline = time.monotonic() + 20
+        while not acknowledged <= set(_fcm_ids(sandbox)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        delivered = _fcm_ids(sandbox)
+        assert await loop.run_in_executor(None, second.stop) == 0
+    lost = acknowledged - set(delivered)
+    figures = {**counts, "lost": len(lost), "duplicates": len(delivered) - len(set(delivered)),
+               "max_latency_s": round(max(latencies), 3)}
+    print(f"restart under load: {figures}")
+    (sandbox.root.parent / "restart-figures.json").write_text(json.dumps(figures))
+    assert counts["sent"] >= LOAD_REQUESTS and counts["refused"] == 0 and counts["failed"] == 0, figures
+    assert counts["acknowledged"] == counts["sent"] and not lost, figures
+
+
+# -- metrics, health, logs ------------------------------------------------------------------------
+
+
+def test_metrics_names_and_labels_on_a_separate_listener(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """With metrics.listen, /metrics moves to that port (404 on the webhook port) with every family and
+    label set the dashboard uses; /healthz and /readyz answer on both."""
+    with listening_socket() as probe:
+        port = probe.getsockname()[1]
+    relay = _start(sandbox, notify, webhook_socket, metrics={"listen": {"host": "127.0.0.1", "port": port}})
+    with relay:
+        ops = f"http://127.0.0.1:{port}"
+        assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN]))[0] == 200
+        assert _request(_url(webhook_socket), sample("event", to=[ANDROID_TOKEN]))[0] == 200
+        assert _request(_url(webhook_socket), {"data": 1})[0] == 400
+        assert _request(_url(webhook_socket), sample("message"), headers={AUTH_HEADER: "wrong"})[0] == 401
+        sandbox.apns.wait_for_requests(1)
+        sandbox.fcm.wait_for_requests(1)
+        time.sleep(0.2)
+        assert _request(_url(webhook_socket, "/metrics"))[0] == 404
+        for base in (ops, _url(webhook_socket, "")):
+            assert _request(base + "/healthz")[0] == 200 and _request(base + "/readyz")[0] == 200
+        status, text = _request(ops + "/metrics")
+        assert relay.stop() == 0
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {name: {tuple(sorted(s.labels.items())) for s in f.samples} for name, f in families.items()}
+    assert {("result", "accepted"), } <= {kv for s in labels["parley_relay_webhooks"] for kv in s}
+    results = {dict(s)["result"] for s in labels["parley_relay_webhooks"]}
+    assert {"accepted", "invalid", "unauthorized"} <= results
+    ended = {(d["platform"], d["app"], d["kind"], d["state"]) for d in map(dict, labels["parley_relay_deliveries_ended"])}
+    assert {("apns", "ios", "message", "sent"), ("fcm", "android", "event", "sent")} <= ended
+    sends = {tuple(sorted(dict(s))) for s in labels["parley_relay_provider_sends"]}
+    assert sends == {("app", "kind", "outcome", "platform")}
+    assert families["parley_relay_queue_depth"].type == "gauge"
+    for histogram in ("parley_relay_ack_seconds", "parley_relay_delivery_seconds",
+                      "parley_relay_provider_request_seconds"):
+        assert families[histogram].type == "histogram"
+    assert {dict(s).get("platform") for s in labels["parley_relay_delivery_seconds"]} >= {"apns", "fcm"}
+    for counter in ("parley_relay_retries", "parley_relay_dead_tokens", "parley_relay_deliveries_accepted",
+                    "parley_relay_reloads"):
+        assert families[counter].type == "counter"
+
+
+def test_logs_are_logfmt_with_request_ids_json_on_request_and_journald_friendly(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """logfmt lines with ts= and the caller's X-Request-Id; logging.format json gives one JSON object per
+    line; with JOURNAL_STREAM naming stderr the lines lose ts= and gain a <N> priority prefix."""
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        _request(_url(webhook_socket), {"data": 1}, headers={"X-Request-Id": "req-abc-123"})
+        assert relay.stop() == 0
+    lines = relay.log().splitlines()
+    refused = [line for line in lines if 'event="webhook refused"' in line]
+    assert refused and "request_id=req-abc-123" in refused[0] and "status=400" in refused[0]
+    assert all(line.startswith("ts=") for line in lines), lines
+
+    relay = _start(sandbox, notify, webhook_socket, logging={"format": "json"})
+    with relay:
+        _request(_url(webhook_socket), {"data": 1}, headers={"X-Request-Id": "req-json-1"})
+        assert relay.stop() == 0
+    docs = [json.loads(line) for line in relay.log().splitlines()]
+    assert any(d.get("request_id") == "req-json-1" and d["event"] == "webhook refused" for d in docs)
+    assert all("ts" in d and "level" in d for d in docs)
+
+    config = sandbox.write(logging={"format": "logfmt"})
+    log = sandbox.root / "journal.log"
+    log.touch()
+    st = log.stat()
+    mark = len(notify.messages)
+    with RelayProcess(config, notify=notify, activation=[("webhook", webhook_socket)], log=log,
+                      env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}) as relay:
+        notify.wait_for("READY=1", start=mark, timeout=15)
+        assert relay.stop() == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("<6>level=info ") for line in lines), lines
