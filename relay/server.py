@@ -239,7 +239,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return _error(413, "body too large")
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}  # RFC 9110 §15.5.6: 405 lists methods
+        return _error(exc.status, exc.reason, **allow)
     except Exception:
         logging.getLogger(__name__).exception("unhandled error")
         event(logging.ERROR, "unhandled error", request_id=request[REQUEST_ID_KEY], path=request.path)

@@ -15,7 +15,7 @@ import copy
 import gzip
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -299,13 +299,18 @@ async def test_oversized_bodies_get_413_however_they_are_sent(make_relay: MakeRe
 
 
 @pytest.fixture
-async def slow_relay(sandbox: Sandbox, aiohttp_client: Any) -> tuple[str, int]:
-    """A relay served with the production runner options (idle 0.5 s, body read 0.5 s)."""
+async def slow_relay(sandbox: Sandbox) -> AsyncIterator[tuple[str, int]]:
+    """A relay served as ``serve`` does, with the production runner options (idle 0.5 s, body read 0.5 s)."""
     config = load_config(sandbox.write(listen={"host": "127.0.0.1", "port": 0, "idle_timeout": 0.5},
                                        webhook={"read_timeout": 0.5}))
-    client = await aiohttp_client(create_app(config), server_kwargs=runner_options(config))
-    server: Any = client.server
-    return str(server.host), int(server.port)
+    # A real AppRunner: aiohttp's TestServer drops runner keyword arguments.
+    runner = web.AppRunner(create_app(config), access_log=None, **runner_options(config))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield str(host), int(port)
+    await runner.cleanup()
 
 
 async def test_slow_headers_are_cut_off_after_the_idle_timeout(slow_relay: tuple[str, int]) -> None:

@@ -1,0 +1,132 @@
+"""Configuration: typed loading, every problem named by file and key, and `check-config`'s exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.cli import main
+from relay.config import ApnsApp, FcmApp, load_config
+from relay.errors import ConfigError
+from relay.registry import Registry, load_registry
+from relay.testing.sandbox import Sandbox
+
+
+def test_sandbox_config_loads_into_typed_apps(sandbox: Sandbox) -> None:
+    """A complete config loads into frozen, typed settings with defaults filled in."""
+    config = load_config(sandbox.write())
+    assert isinstance(config.apps["ios"], ApnsApp) and isinstance(config.apps["android"], FcmApp)
+    assert config.webhook.max_body_bytes == 65536 and config.webhook.dedupe_window == 600
+    assert config.apps["ios"].policy.delivery_for(5) == "silent"
+    assert config.apps["ios"].policy.delivery_for(99) == "alert"
+    assert config.registry == sandbox.root / "devices.yaml"
+
+
+def test_every_problem_is_reported_with_file_and_key(sandbox: Sandbox) -> None:
+    """Unknown keys, wrong types, missing required keys and missing files are all listed at once."""
+    path = sandbox.write(
+        webhook={"path": "no-slash", "max_body_bytes": "big", "surprise": 1},
+        apps={"ios": {"topic": None, "key_file": "missing.p8"}, "android": {"platform": "gcm"}},
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    for expected in (
+        "webhook.path: must start with /",
+        "webhook.max_body_bytes: must be an integer",
+        "webhook.surprise: unknown key",
+        "apps.ios.topic: is required",
+        "apps.ios.key_file: file not found",
+        "apps.android.platform: must be one of apns, fcm",
+    ):
+        assert expected in text
+    assert all(p.file == str(path) for p in info.value.problems)
+
+
+def test_env_vars_are_substituted_and_missing_ones_named(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`${VAR}` inside values comes from the environment; an unset variable is an error naming the key."""
+    monkeypatch.setenv("RELAY_TEST_SECRET", "s3cret")
+    config = load_config(sandbox.write(auth={"headers": {"X-Key": "${RELAY_TEST_SECRET}"}}))
+    assert config.auth.headers == {"X-Key": "s3cret"}
+    monkeypatch.delenv("RELAY_TEST_SECRET")
+    with pytest.raises(ConfigError, match=r"auth\.headers\.X-Key: environment variable RELAY_TEST_SECRET is not set"):
+        load_config(sandbox.write(auth={"headers": {"X-Key": "${RELAY_TEST_SECRET}"}}))
+
+
+def test_systemd_credentials_are_read_from_credentials_directory(sandbox: Sandbox, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cred:NAME` resolves in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "apns.p8").write_text((sandbox.root / "AuthKey.p8").read_text())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    config = load_config(sandbox.write(apps={"ios": {"key_file": "cred:apns.p8"}}))
+    app = config.apps["ios"]
+    assert isinstance(app, ApnsApp) and app.key_file == creds / "apns.p8"
+
+
+def test_registry_device_naming_unknown_app_is_an_error(sandbox: Sandbox) -> None:
+    """A device that names an app the config does not define fails with the registry file and key."""
+    config = load_config(sandbox.write(devices={"tok1": {"app": "nope"}}))
+    with pytest.raises(ConfigError, match=r"devices\.yaml: devices\.tok1\.app: unknown app 'nope'"):
+        load_registry(config.registry, config.apps)
+
+
+def test_registry_device_token_defaults_to_the_key_and_rules_apply_in_order(sandbox: Sandbox) -> None:
+    """device_token defaults to the Parley token; routing rules route tokens without an entry."""
+    config = load_config(sandbox.write(
+        devices={"a" * 64: {"app": "ios"}, "tok2": {"app": "ios", "device_token": "b" * 64}},
+        routing=[{"match": "apns-hex", "app": "ios"}, {"match": "any", "app": "android"}],
+    ))
+    registry = Registry(config.apps, load_registry(config.registry, config.apps))
+    assert registry.lookup("a" * 64).device_token == "a" * 64  # type: ignore[union-attr]
+    assert registry.lookup("tok2").device_token == "b" * 64  # type: ignore[union-attr]
+    assert registry.lookup("c" * 64).app.name == "ios"  # type: ignore[union-attr]
+    assert registry.lookup("fcm:token").app.name == "android"  # type: ignore[union-attr]
+
+
+def test_check_config_accepts_a_good_config(sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """`parley-relay check-config` loads credentials like serve does and exits 0."""
+    assert main(["check-config", "--config", str(sandbox.write())]) == 0
+    assert "ok (2 apps, 2 devices" in capsys.readouterr().out
+
+
+def test_check_config_rejects_a_broken_config_naming_file_and_key(sandbox: Sandbox,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A broken config exits non-zero and prints each problem with its file and key."""
+    path = sandbox.write(apps={"android": {"service_account_file": "nowhere.json"}})
+    assert main(["check-config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {path}: apps.android.service_account_file: file not found" in err
+
+
+def test_check_config_rejects_an_unusable_key(sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """A key file that exists but is not a key is caught by check-config, naming file and key."""
+    (sandbox.root / "AuthKey.p8").write_text("garbage")
+    assert main(["check-config", "--config", str(sandbox.write())]) == 1
+    err = capsys.readouterr().err
+    assert "AuthKey.p8" in err and "apps.ios.key_file" in err
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A YAML syntax error is reported with the file name."""
+    path = tmp_path / "relay.yaml"
+    path.write_text("apps: [unclosed\n")
+    assert main(["check-config", "--config", str(path)]) == 1
+    assert f"{path}: invalid YAML" in capsys.readouterr().err
+
+
+def test_example_configs_document_every_key(sandbox: Sandbox) -> None:
+    """config/relay.example.yaml parses with the same loader (credentials replaced by the sandbox's)."""
+    example = yaml.safe_load((Path(__file__).parent.parent / "config" / "relay.example.yaml").read_text())
+    example["auth"]["headers"] = {"X-Parley-Relay-Key": "x"}
+    example["apps"]["ios-prod"].update(key_file=str(sandbox.root / "AuthKey.p8"))
+    example["apps"]["android"].update(service_account_file=str(sandbox.root / "firebase.json"))
+    (sandbox.root / "example.yaml").write_text(yaml.safe_dump(example))
+    (sandbox.root / "devices.yaml").write_text("devices: {}\n")
+    config = load_config(sandbox.root / "example.yaml")
+    assert set(config.apps) == {"ios-prod", "android"}
+    devices = yaml.safe_load((Path(__file__).parent.parent / "config" / "devices.example.yaml").read_text())
+    assert set(devices) == {"devices", "routing"}
