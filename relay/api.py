@@ -33,9 +33,10 @@ from relay.server import RELAY_KEY, Relay
 PREFIX = "/v1"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-MAX_TOKEN_CHARS = 4096
-# Parley push tokens travel in a URL path segment: URL-safe characters only (FCM and APNs tokens fit).
-PARLEY_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.+=~-]{1,4096}$")
+# Parley push tokens travel in the URL (path, cursor): URL-safe characters only (FCM and APNs tokens fit), and
+# short enough that even percent-encoded they stay under aiohttp's 8190-byte request line.
+MAX_TOKEN_CHARS = 2048
+PARLEY_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.+=~-]{1,2048}$")
 # FCM registration tokens: no published grammar; observed ones are ~150-180 characters of this alphabet.
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.-]{32,4096}$")
 _BODY_FIELDS = frozenset({"app", "device_token"})
@@ -250,8 +251,8 @@ async def list_devices(request: web.Request, relay: Relay, key: ApiKey) -> web.R
     query = request.query
     limit = _limit(query.get("limit"))
     cursor = query.get("cursor", "")
-    if len(cursor) > MAX_TOKEN_CHARS:
-        raise ApiRefused(400, f"must be at most {MAX_TOKEN_CHARS} characters (a token of the last page)", "cursor")
+    if "cursor" in query and not PARLEY_TOKEN_RE.match(cursor):
+        raise ApiRefused(400, "must be the next_cursor of the previous page (a push token)", "cursor")
     apps = {_allowed_app(relay, key, query["app"]).name} if "app" in query else set(key.apps)
     page = heapq.nsmallest(
         limit + 1,

@@ -79,6 +79,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "ended": {end.value: stats.ended.get(end, 0) for end in EndState},
             "dead_tokens": stats.dead_tokens,
             "runtime_devices": stats.devices,
+            "redelivered_after_crash": stats.redelivered,
             "balanced": stats.balanced,
         }
         if args.json:

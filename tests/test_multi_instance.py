@@ -68,29 +68,34 @@ async def test_three_instances_lose_nothing_when_one_is_killed(box: Sandbox) -> 
     victim = fleet.relays[0]
     killed_at: list[float] = []
     held_at_kill: list[int] = []
+    taken_over: list[float] = []
+
+    async def watch_takeover() -> None:
+        while _pending_of(REDIS_URL, prefix, victim.consumer_prefix):
+            await asyncio.sleep(0.05)
+        taken_over.append(time.monotonic() - killed_at[0])
 
     def on_ack(acked: int) -> None:
         if acked == 150 and not killed_at:
             fleet.kill(0)
             killed_at.append(time.monotonic())
             held_at_kill.append(_pending_of(REDIS_URL, prefix, victim.consumer_prefix))
+            watchers.append(asyncio.get_running_loop().create_task(watch_takeover()))
+
+    watchers: list[asyncio.Task[None]] = []
 
     try:
         live = lambda: [r.url for r in fleet.relays if r.process.returncode is None]  # noqa: E731
         load = await send_load(live, sorted(box.devices), 15, on_ack=on_ack)
         figures = await wait_delivered(load, box, timeout=CLAIM_IDLE + 15)
-        deadline = killed_at[0] + CLAIM_IDLE + 3.0  # idle time, plus a dispatcher poll and a send
-        while _pending_of(REDIS_URL, prefix, victim.consumer_prefix) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        taken_over_after = time.monotonic() - killed_at[0]
-        orphaned = _pending_of(REDIS_URL, prefix, victim.consumer_prefix)
-        print(f"\nmulti-instance: {figures}; victim held {held_at_kill[0]} in flight at the kill, taken over "
-              f"within {taken_over_after:.1f}s; answers {dict(load.statuses)}")
+        await asyncio.wait_for(watchers[0], timeout=CLAIM_IDLE + 5)
+        print(f"\nmulti-instance: {figures}; victim held {held_at_kill[0]} in flight at the kill, all taken over "
+              f"after {taken_over[0]:.1f}s (claim_idle {CLAIM_IDLE}s); answers {dict(load.statuses)}")
         assert figures.accepted == 32 * 15
         assert figures.lost == 0, figures
         assert figures.out_of_order == 0, figures
         assert held_at_kill[0] > 0, "the victim held no work when it was killed: the test proved nothing"
-        assert orphaned == 0 and taken_over_after < CLAIM_IDLE + 3.0
+        assert taken_over[0] < CLAIM_IDLE + 1.5  # the idle time, plus one dispatcher poll and a send
         assert fleet.alive(1) and fleet.alive(2)
     finally:
         codes = fleet.stop()
@@ -104,20 +109,18 @@ async def test_redis_restart_answers_503_then_resumes_without_losing_anything(bo
     is down (Parley retries), deliveries pause and resume, and no acknowledged notification is lost."""
     server = RedisServer(tmp_path / "redis").start()
     fleet = await Fleet(box, server.url, "relay", claim_idle=CLAIM_IDLE).start(2)
-    restarted: list[float] = []
+
+    acked = [0]
 
     async def outage() -> None:
-        while len(load_acked) < 120:
+        while acked[0] < 120:
             await asyncio.sleep(0.01)
         server.kill()
         await asyncio.sleep(1.5)
         server.start()
-        restarted.append(time.monotonic())
 
-    load_acked: set[tuple[str, int]] = set()
-
-    def on_ack(acked: int) -> None:
-        load_acked.add(("n", acked))
+    def on_ack(count: int) -> None:
+        acked[0] = count
 
     try:
         outage_task = asyncio.get_running_loop().create_task(outage())

@@ -113,7 +113,11 @@ def test_every_operation_conforms_to_the_openapi_document(case: Any, live_relay:
     """Generated requests (valid and invalid, with and without the key) get no 5xx and documented answers."""
     operation = f"{case.method} {case.path}"
     live_relay.calls[operation] = live_relay.calls.get(operation, 0) + 1
-    case.call_and_validate(base_url=live_relay.url, headers={"Authorization": f"Bearer {API_KEY}"})
+    # A schema-valid PUT can still be refused with 400: whether a device token fits depends on the platform of
+    # the app it names (APNs: 64 hex characters), which JSON Schema cannot tie to app names from the config.
+    excluded = [schemathesis.checks.positive_data_acceptance] if case.method == "PUT" else []
+    case.call_and_validate(base_url=live_relay.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                           excluded_checks=excluded)
 
 
 def test_served_document_is_the_one_in_the_repository(live_relay: LiveRelay) -> None:

@@ -59,6 +59,7 @@ class Stats:
     ended: Mapping[EndState, int] = field(default_factory=dict)
     dead_tokens: int = 0
     devices: int = 0
+    redelivered: int = 0  # in flight when a process died, so possibly sent twice (at-least-once)
 
     @property
     def balanced(self) -> bool:

@@ -166,9 +166,11 @@ class SqliteStore:
 
         def recover(conn: sqlite3.Connection) -> int:
             # One process owns an SQLite store: whatever it had in flight when it died is due again.
-            return conn.execute(
+            count = conn.execute(
                 "UPDATE deliveries SET state = 'pending', lease_until = NULL WHERE state = 'inflight'"
             ).rowcount
+            _bump(conn, "redelivered", count)
+            return count
 
         await self._run(recover)
 
@@ -370,6 +372,7 @@ class SqliteStore:
                 ended={end: counters.get(end.value, 0) for end in EndState},
                 dead_tokens=dead,
                 devices=devices,
+                redelivered=counters.get("redelivered", 0),
             )
 
         return await self._run(op)
