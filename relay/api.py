@@ -40,6 +40,7 @@ PARLEY_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.+=~-]{1,2048}$")
 # FCM registration tokens: no published grammar; observed ones are ~150-180 characters of this alphabet.
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.-]{32,4096}$")
 _BODY_FIELDS = frozenset({"app", "device_token"})
+_LIST_PARAMETERS = frozenset({"app", "cursor", "limit"})
 
 
 class ApiRefused(RelayError):
@@ -249,6 +250,9 @@ def _limit(value: str | None) -> int:
 async def list_devices(request: web.Request, relay: Relay, key: ApiKey) -> web.Response:
     """YAML and run-time devices of this key's apps (or of ``app``), sorted by token, ``limit`` per page."""
     query = request.query
+    unknown = sorted(set(query) - _LIST_PARAMETERS)
+    if unknown:
+        raise ApiRefused(400, "unknown query parameter (allowed: app, cursor, limit)", unknown[0][:100])
     limit = _limit(query.get("limit"))
     cursor = query.get("cursor", "")
     if "cursor" in query and not PARLEY_TOKEN_RE.match(cursor):

@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"main config file (default {DEFAULT_CONFIG})")
         return p
 
+    def leaf_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        # Also after the action (`devices list --config X`); SUPPRESS keeps the group's value when absent.
+        p.add_argument("--config", "-c", default=argparse.SUPPRESS, help="main config file")
+        return p
+
     with_config(sub.add_parser("serve", help="run the relay")).set_defaults(func=cmd_serve)
     with_config(sub.add_parser("check-config", help="validate config, registry and credentials")).set_defaults(
         func=cmd_check_config)
@@ -252,20 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = with_config(sub.add_parser("devices", help="run-time devices (overlay the YAML registry)"))
     dsub = devices.add_subparsers(dest="action", required=True)
-    dsub.add_parser("list", help="all devices, YAML and run-time")
-    add = dsub.add_parser("add", help="add or replace a run-time device")
+    leaf_config(dsub.add_parser("list", help="all devices, YAML and run-time"))
+    add = leaf_config(dsub.add_parser("add", help="add or replace a run-time device"))
     add.add_argument("token", help="the Parley push token")
     add.add_argument("--app", required=True)
     add.add_argument("--device-token", help="provider token, when it differs from the Parley token")
-    remove = dsub.add_parser("remove", help="remove a run-time device")
+    remove = leaf_config(dsub.add_parser("remove", help="remove a run-time device (exit 1 if there was none)"))
     remove.add_argument("token")
     devices.set_defaults(func=cmd_devices)
 
     letters = with_config(sub.add_parser("dead-letters", help="deliveries refused by a provider"))
     lsub = letters.add_subparsers(dest="action", required=True)
-    lst = lsub.add_parser("list", help="ID, time, token, kind and reason of each dead letter, oldest first")
+    lst = leaf_config(lsub.add_parser("list", help="ID, time, token, kind and reason of each dead letter, oldest first"))
     lst.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
-    retry = lsub.add_parser("retry", help="queue dead letters again (exit 1 if none of the IDs was found)")
+    retry = leaf_config(lsub.add_parser("retry", help="queue dead letters again (exit 1 if none of the IDs was found)"))
     retry.add_argument("ids", nargs="*", help="dead-letter IDs, as printed by: dead-letters list")
     retry.add_argument("--all", action="store_true", help="every dead letter, with progress on stderr")
     letters.set_defaults(func=cmd_dead_letters)

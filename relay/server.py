@@ -42,27 +42,28 @@ class Relay:
     dispatcher: Dispatcher | None = None
     started: bool = False
     draining: bool = False
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def reload(self) -> bool:
         """Re-read the config and registry; on any error the old ones stay in force."""
         try:
             config = load_config(self.config.source)
             base = load_registry(config.registry, config.apps)
-            changed = {name: app for name, app in config.apps.items() if self.config.apps.get(name) != app}
-            fresh = await _create_providers(changed, config.delivery.send_timeout)
+            # Every app gets a fresh provider: a rotated key file keeps its path but not its contents.
+            fresh = await _create_providers(config.apps, config.delivery.send_timeout)
         except (ConfigError, OSError) as exc:
             self.metrics.reloads.labels("rejected").inc()
             event(logging.ERROR, "reload rejected, previous configuration stays in force", error=str(exc))
             return False
-        old = {name: p for name, p in self.providers.items() if name in changed or name not in config.apps}
-        self.providers = {name: p for name, p in self.providers.items() if name in config.apps and name not in changed}
-        self.providers.update(fresh)
+        old, self.providers = self.providers, fresh
         self.registry.replace(config.apps, base)
         self.registry.load_overlay(await self.store.list_devices(), (await self.store.dead_tokens()).keys())
         self.config = config
         self.auth = build_authenticator(config.auth, previous=self.auth)  # keeps the failure counts
-        for provider in old.values():
-            await provider.close()
+        for provider in old.values():  # in-flight sends finish on the old credentials, then it closes
+            task = asyncio.get_running_loop().create_task(provider.retire())
+            self.retiring.add(task)
+            task.add_done_callback(self.retiring.discard)
         if self.dispatcher is not None:
             self.dispatcher.clear_alarms()
             await self.store.wake(None, self.clock.now())
@@ -306,6 +307,8 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     relay.providers = await _create_providers(relay.config.apps, relay.config.delivery.send_timeout)
     yield
+    if relay.retiring:
+        await asyncio.wait(set(relay.retiring))
     for provider in relay.providers.values():
         await provider.close()
 

@@ -276,7 +276,7 @@ async def test_malformed_put_gets_400_naming_the_field(api: Callable[[str | None
 
 
 @pytest.mark.parametrize(("params", "field"), [({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
-                                               ({"limit": "ten"}, "limit"), ({"cursor": "c" * 2049}, "cursor"), ({"cursor": "a b"}, "cursor")])
+                                               ({"limit": "ten"}, "limit"), ({"cursor": "c" * 2049}, "cursor"), ({"cursor": "a b"}, "cursor"), ({"page": "2"}, "page")])
 async def test_malformed_list_query_gets_400_naming_the_parameter(api: Callable[[str | None], Api],
                                                                   params: dict[str, str], field: str) -> None:
     """Listing refuses a limit outside 1..1000 and a cursor that is no token with 400 naming the parameter."""

@@ -53,6 +53,9 @@ class Scripted:
     async def close(self) -> None:
         return None
 
+    async def retire(self) -> None:
+        return None
+
 
 @dataclass
 class Harness:

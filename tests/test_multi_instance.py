@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +36,12 @@ def _redis_reason() -> str | None:
 
 
 @pytest.fixture
-def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
+def box(tmp_path: Path) -> Iterator[Sandbox]:
     """The fakes, with 16 iOS and 16 Android devices in the registry."""
     sandbox = Sandbox.start(tmp_path / "sandbox")
     sandbox.devices = device_tokens(16, 16)
     try:
-        yield sandbox  # type: ignore[misc]
+        yield sandbox
     finally:
         sandbox.stop()
 

@@ -7,12 +7,15 @@ flushed before each test) and are skipped, with the reason, only when no Redis a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
 import subprocess
 import sys
+import shutil
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,11 +23,11 @@ import pytest
 import redis
 
 from relay.config import StoreSettings
-from relay.errors import StoreUnavailable
+from relay.errors import StoreError, StoreUnavailable
 from relay.outcome import EndState
 from relay.registry import Device
 from relay.store import NewDelivery, Store, create_store
-from relay.store.redis import RedisStore
+from relay.testing.fleet import RedisServer
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 NOW = 1_000_000.0
@@ -57,7 +60,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     client.close()
-    return StoreSettings(backend="redis", url=REDIS_URL, claim_idle=IDLE)
+    # Its own prefix too, so that a concurrent run's leftovers can never meet this test's keys.
+    return StoreSettings(backend="redis", url=REDIS_URL, claim_idle=IDLE, prefix=f"test-store-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
@@ -66,7 +70,7 @@ async def make_store(settings: StoreSettings) -> AsyncIterator[MakeStore]:
     opened: list[Store] = []
 
     async def make(**changes: object) -> Store:
-        store = create_store(StoreSettings(**{**settings.__dict__, **changes}))  # type: ignore[arg-type]
+        store = create_store(dataclasses.replace(settings, **changes))  # type: ignore[arg-type]
         await store.open()
         opened.append(store)
         return store
@@ -263,6 +267,8 @@ async def test_dead_letters_are_listed_and_retried_by_id(store: Store) -> None:
     assert (letter.id, letter.token, letter.data, letter.reason) == (a.id, "a", a.data, "400 BadTopic")
     assert (letter.received_at, letter.finished_at) == (NOW, NOW + 1)
     assert await store.retry_dead_letters(["999999"], NOW + 2) == 0
+    with pytest.raises(StoreError):
+        await store.retry_dead_letters(["not-an-id"], NOW + 2)
     assert await store.retry_dead_letters([letter.id], NOW + 2) == 1
     assert await store.dead_letters() == []
     stats = await store.stats()
@@ -431,3 +437,37 @@ async def test_a_stalled_instance_cannot_record_work_another_took_over(make_stor
     stats = await taker.stats()
     assert (stats.ended[EndState.SENT], stats.ended[EndState.DEAD_LETTER], stats.pending) == (1, 0, 1)
     assert stats.balanced
+
+
+@redis_only
+async def test_a_claim_past_its_lease_is_no_longer_renewed(store: Store, make_store: MakeStore) -> None:
+    """A delivery its claimer never records (a bug) is renewed only for the lease, then another instance takes it."""
+    await enqueue(store, "a")
+    (job,) = await store.claim(10, NOW, lease=0.1)
+    other = await make_store()
+    await asyncio.sleep(0.1 + IDLE * 1.5)
+    (taken,) = await other.claim(10, NOW, LEASE)
+    assert taken.id == job.id
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+async def test_redis_outage_raises_store_unavailable_and_recovers_with_the_data(tmp_path: Path) -> None:
+    """Redis killed: every call raises StoreUnavailable (no hang, no other error); restarted with AOF
+    ``always``: the same store object works again and nothing it acknowledged is gone."""
+    server = RedisServer(tmp_path / "redis").start()
+    store = create_store(StoreSettings(backend="redis", url=server.url, claim_idle=IDLE))
+    await store.open()
+    try:
+        await enqueue(store, "a", "b")
+        server.kill()
+        for call in (store.ping(), store.enqueue([item("c")], NOW, 600), store.claim(10, NOW, LEASE),
+                     store.next_due(), store.stats()):
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(call, 10)
+        server.start()
+        await store.ping()
+        assert [j.token for j in await store.claim(10, NOW, LEASE)] == ["a", "b"]
+        assert (await store.stats()).accepted == 2
+    finally:
+        await store.close()
+        server.kill()

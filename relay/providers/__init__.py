@@ -24,6 +24,9 @@ class Provider(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
+    async def retire(self) -> None:
+        """Close after the sends in flight have finished."""
+
 
 class Bounded:
     """A provider wrapped with a concurrency limit and a per-send timeout."""
@@ -32,16 +35,33 @@ class Bounded:
         self.inner = inner
         self._slots = asyncio.Semaphore(concurrency)
         self._timeout = timeout
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def send(self, push: Push) -> SendResult:
         async with self._slots:
+            self._in_flight += 1
+            self._idle.clear()
             try:
                 async with asyncio.timeout(self._timeout):
                     return await self.inner.send(push)
             except TimeoutError:
                 return SendResult(Outcome.RETRY, f"timeout after {self._timeout:g}s")
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
 
     async def close(self) -> None:
+        await self.inner.close()
+
+    async def retire(self) -> None:
+        """Close once the sends in flight have finished (bounded by the send timeout): used on reload."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), self._timeout)
+        except TimeoutError:
+            pass
         await self.inner.close()
 
 

@@ -66,6 +66,7 @@ class RedisStore:
         self._redis: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._held: dict[str, str] = {}  # seq -> stream entry of the deliveries this instance has in flight
+        self._lease_ends: dict[str, float] = {}  # seq -> monotonic time after which its claim is not renewed
         self._beat: asyncio.Task[None] | None = None
 
     def _key(self, name: str) -> str:
@@ -136,6 +137,7 @@ class RedisStore:
             await asyncio.gather(self._beat, return_exceptions=True)
             self._beat = None
         held, self._held = self._held, {}
+        self._lease_ends.clear()
         try:
             # Whatever the dispatcher abandoned goes back to the stream now, not after claim_idle.
             await self._script("RELEASE", self.consumer, *_pairs(held))
@@ -172,15 +174,21 @@ class RedisStore:
                 failing = True
 
     async def heartbeat(self) -> None:
-        """Renew the idle time of this instance's in-flight entries; forget those another instance took."""
-        if not self._held:
+        """Renew the idle time of this instance's in-flight entries; forget those another instance took.
+
+        A claim older than the dispatcher's ``lease`` is no longer renewed: a delivery that a bug left
+        unrecorded becomes reclaimable instead of staying in flight for the life of the process.
+        """
+        now = time.monotonic()
+        held = {seq: entry for seq, entry in self._held.items() if self._lease_ends.get(seq, now) >= now}
+        if not held:
             return
-        held = dict(self._held)
         lost = await self._script("HEARTBEAT", self.consumer, repr(time.time()), *_pairs(held))
         for seq in lost:
             key = _s(seq)
             if self._held.get(key) == held.get(key):
                 self._held.pop(key, None)
+                self._lease_ends.pop(key, None)
 
     # -- the queue -------------------------------------------------------------------------------
 
@@ -194,31 +202,37 @@ class RedisStore:
         return [bool(flag) for flag in flags]
 
     async def claim(self, limit: int, now: float, lease: float) -> list[Job]:
-        # ``lease`` is SQLite's notion; here a live claim is renewed by the heartbeat and a dead one is
-        # reclaimed after ``claim_idle``, which bounds the delay after a crash instead of the send time.
+        # A live claim is renewed by the heartbeat (for at most ``lease`` seconds) and a dead one is
+        # reclaimed after ``claim_idle``: the delay after a crash is bounded by that, not by the lease.
         if limit <= 0:
             return []
         rows = await self._script("CLAIM", self.consumer, repr(now), limit, int(self._idle * 1000),
                                   repr(time.time()))
         jobs = []
+        lease_end = time.monotonic() + lease
         for seq, entry, delivery_id, token, kind, data, received, expires, attempts in rows:
             job = Job(_s(seq), _s(delivery_id), _s(token), _s(kind), bytes(data), float(received),
                       float(expires), int(attempts))
             self._held[job.id] = _s(entry)
+            self._lease_ends[job.id] = lease_end
             jobs.append(job)
         return sorted(jobs, key=lambda j: int(j.id))
 
     async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
-        entry = self._held.pop(job.id, None)
+        entry = self._forget(job.id)
         if entry is None:
             return  # not (or no longer) ours: another instance reclaimed it, or it was recorded already
         await self._script("FINISH", self.consumer, job.id, entry, end.value, reason[:500], repr(now), KEEP_FINISHED)
 
     async def retry(self, job: Job, at: float, reason: str, *, count_attempt: bool = True) -> None:
-        entry = self._held.pop(job.id, None)
+        entry = self._forget(job.id)
         if entry is None:
             return
         await self._script("RETRY", self.consumer, job.id, entry, repr(at), reason[:500], 1 if count_attempt else 0)
+
+    def _forget(self, seq: str) -> str | None:
+        self._lease_ends.pop(seq, None)
+        return self._held.pop(seq, None)
 
     async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
         if tokens is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -102,11 +103,14 @@ class RelayProcess:
 
 
 class Fleet:
-    """``n`` relay processes sharing one Redis store (one key prefix), all routed to the sandbox's fakes."""
+    """``n`` relay processes sharing one Redis store (one key prefix), all routed to the sandbox's fakes.
+
+    ``store`` replaces the store section (e.g. a single SQLite instance as a baseline)."""
 
     def __init__(self, box: Sandbox, redis_url: str, prefix: str, *, claim_idle: float = 2.0,
-                 delivery: dict[str, Any] | None = None) -> None:
+                 delivery: dict[str, Any] | None = None, store: dict[str, Any] | None = None) -> None:
         self.box, self.redis_url, self.prefix, self.claim_idle = box, redis_url, prefix, claim_idle
+        self.store = store or {"backend": "redis", "url": redis_url, "prefix": prefix, "claim_idle": claim_idle}
         self.delivery = {"backoff_initial": 0.05, "backoff_max": 0.5, **(delivery or {})}
         self.relays: list[RelayProcess] = []
 
@@ -116,8 +120,7 @@ class Fleet:
             config = self.box.write(
                 name=f"relay-{index}.yaml",
                 listen={"host": "127.0.0.1", "port": port},
-                store={"backend": "redis", "url": self.redis_url, "prefix": self.prefix,
-                       "claim_idle": self.claim_idle},
+                store=self.store,
                 delivery=self.delivery,
                 logging={"level": "WARNING"},
             )
@@ -265,7 +268,7 @@ def tally(load: Load, box: Sandbox) -> Figures:
     seen = received(box)
     delivered = {(token, oid) for token, ids in seen.items() for oid in ids}
     total = sum(len(ids) for ids in seen.values())
-    out_of_order = sum(1 for ids in seen.values() if any(b < a for a, b in zip(ids, ids[1:], strict=False)))
+    out_of_order = sum(1 for ids in seen.values() if any(b < a for a, b in itertools.pairwise(ids)))
     return Figures(len(load.acked), len(load.acked & delivered), total - len(delivered),
                    len(load.acked - delivered), out_of_order)
 

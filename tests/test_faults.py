@@ -1,0 +1,200 @@
+"""Fault tests with the real clients against the fakes: outages, dropped connections, hangs, crashes.
+
+Each test ends by checking the books: accepted == sum of end states + pending, and every acknowledged
+notification was delivered (none lost; duplicates possible after a crash, and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import aiohttp
+
+from relay.outcome import EndState
+from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
+from tests.conftest import MakeRelay
+from tests.test_durability import free_port, start_relay, wait_ready
+
+IOS = [f"{i:064x}" for i in range(1, 6)]
+ANDROID = [f"android-token-{i}-" + "q" * 40 for i in range(1, 6)]
+
+
+def _devices() -> dict[str, dict[str, str]]:
+    return {**{t: {"app": "ios"} for t in IOS}, **{t: {"app": "android"} for t in ANDROID}}
+
+
+def _body(text: str) -> int:
+    return int(text.split("#")[1])
+
+
+async def test_five_second_outage_of_both_providers_then_everything_arrives_in_order(make_relay: MakeRelay,
+                                                                                     sandbox: Sandbox) -> None:
+    """APNs 503 and FCM UNAVAILABLE for 5 s: all acknowledged meanwhile arrive after, exactly once, in order."""
+    r = await make_relay(devices=_devices())
+    sandbox.apns.fail_all(503, "ServiceUnavailable", seconds=5)
+    sandbox.fcm.fail_all(error_code="UNAVAILABLE", seconds=5)
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < 4:
+        for token in IOS + ANDROID:
+            status, _ = await r.post(sample("message", to=[token], id=n, message=f"#{n}"))
+            assert status == 200
+            n += 1
+        await asyncio.sleep(0.2)
+    await r.settle(timeout=30)
+    apns_ok = [q for q in sandbox.apns.requests if q.status == 200]
+    fcm_ok = [q for q in sandbox.fcm.requests if q.status == 200]
+    assert len(apns_ok) + len(fcm_ok) == n  # exactly the right number of pushes
+    assert any(q.status == 503 for q in sandbox.apns.requests)  # the outage really refused sends
+    per_device: dict[str, list[int]] = defaultdict(list)
+    for q in apns_ok:
+        per_device[q.device_token].append(_body(q.payload["aps"]["alert"]["body"]))
+    for f in fcm_ok:
+        per_device[f.message["token"]].append(_body(f.message["data"]["message"]))
+    assert all(order == sorted(order) for order in per_device.values())
+    stats = await r.relay.store.stats()
+    assert stats.accepted == n and stats.ended[EndState.SENT] == n and stats.balanced
+    print(f"outage: accepted={n} delivered={len(apns_ok) + len(fcm_ok)} duplicated=0 lost=0")
+
+
+async def test_connection_dropped_mid_stream_is_retried_and_delivered(make_relay: MakeRelay,
+                                                                      sandbox: Sandbox) -> None:
+    """The fake APNs drops the TCP connection with requests in flight; those sends are retried and arrive."""
+    r = await make_relay(devices=_devices())
+    sandbox.apns.hang(True)
+    for i, token in enumerate(IOS):
+        await r.post(sample("message", to=[token], id=i, message=f"#{i}"))
+    await sandbox.apns.wait_for(len(IOS))
+    sandbox.apns.drop_connections()
+    sandbox.apns.recover()
+    await r.settle(timeout=20)
+    delivered = {q.device_token for q in sandbox.apns.requests if q.status == 200}
+    assert delivered == set(IOS)
+    stats = await r.relay.store.stats()
+    assert stats.ended[EndState.SENT] == len(IOS) and stats.balanced
+
+
+async def test_hanging_provider_never_slows_the_acknowledgements(make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """While APNs accepts but never answers, webhooks are still acknowledged fast (p99 printed)."""
+    r = await make_relay(devices=_devices(), delivery={"send_timeout": 2})
+    sandbox.apns.hang(True)
+    times: list[float] = []
+    for i in range(300):
+        started = time.perf_counter()
+        status, _ = await r.post(sample("message", to=[IOS[i % len(IOS)]], id=i, message=f"#{i}"))
+        times.append(time.perf_counter() - started)
+        assert status == 200
+    p99 = statistics.quantiles(times, n=100)[98]
+    print(f"ack during provider hang: p50={statistics.median(times) * 1000:.1f} ms p99={p99 * 1000:.1f} ms")
+    assert p99 < 1.0  # a waiting answer would take the provider's 2 s timeout or forever
+    sandbox.apns.recover()
+    await r.settle(timeout=30)
+    assert (await r.relay.store.stats()).ended[EndState.SENT] == 300
+
+
+async def test_dead_token_is_not_sent_again_and_later_webhooks_get_410(make_relay: MakeRelay,
+                                                                       sandbox: Sandbox) -> None:
+    """410 Unregistered marks the token dead; with reject_dead_tokens Parley is answered 410 afterwards."""
+    r = await make_relay(webhook={"reject_dead_tokens": True})
+    sandbox.apns.respond(IOS_TOKEN, status=410, reason="Unregistered")
+    await r.post(sample("message"))
+    await r.settle()
+    status, answer = await r.post(sample("message", id=2))
+    assert status == 410 and "dead" in answer["error"]
+    assert len(sandbox.apns.requests) == 1
+    stats = await r.relay.store.stats()
+    assert stats.ended[EndState.TOKEN_DEAD] == 1 and stats.dead_tokens == 1
+    text = await (await r.client.get("/metrics")).text()
+    assert 'parley_relay_dead_tokens_total{app="ios",platform="apns"} 1.0' in text
+
+
+async def test_bad_credentials_alarm_readyz_and_resume_after_fix_and_reload(make_relay: MakeRelay,
+                                                                             sandbox: Sandbox) -> None:
+    """An APNs key the server refuses: readyz 503 + alarm metric, deliveries kept; reload with a good key sends them."""
+    from relay.testing.keys import make_apns_key
+
+    good = sandbox.apns_key
+    rogue = make_apns_key(key_id=good.key_id, team_id=good.team_id)  # same ids, key Apple doesn't know
+    rogue.write_p8(sandbox.root / "AuthKey.p8")
+    r = await make_relay(delivery={"config_error_retry": 0.3, "backoff_initial": 0.05, "backoff_max": 0.2})
+    await r.post(sample("message"))
+    for _ in range(100):
+        if r.relay.dispatcher and r.relay.dispatcher.alarms:
+            break
+        await asyncio.sleep(0.05)
+    ready = await r.client.get("/readyz")
+    assert ready.status == 503 and "InvalidProviderToken" in (await ready.text())
+    assert 'parley_relay_app_alarm{app="ios"} 1.0' in await (await r.client.get("/metrics")).text()
+    assert (await r.relay.store.stats()).pending == 1  # kept, not dropped
+    good.write_p8(sandbox.root / "AuthKey.p8")  # the operator fixes the key ...
+    assert await r.relay.reload()  # ... and reloads
+    await r.settle(timeout=10)
+    assert (await r.client.get("/readyz")).status == 200
+    assert [q.status for q in sandbox.apns.requests][-1] == 200
+
+
+async def test_sigkill_with_inflight_and_pending_retries_loses_nothing(sandbox: Sandbox, tmp_path: Path) -> None:
+    """kill -9 while sends hang and retries are scheduled: after restart all arrive, retries reuse the apns-id."""
+    port = free_port()
+    config = sandbox.write(listen={"host": "127.0.0.1", "port": port}, devices=_devices(),
+                           delivery={"backoff_initial": 0.2, "backoff_max": 0.5, "send_timeout": 30})
+    for token in IOS[:2]:
+        sandbox.apns.respond(token, status=503, reason="ServiceUnavailable", times=1)
+    sandbox.fcm.hang(True)
+    log = tmp_path / "relay.log"
+    relay = start_relay(config, log)
+    acked = 0
+    try:
+        await wait_ready(port)
+        async with aiohttp.ClientSession(headers={AUTH_HEADER: AUTH_VALUE}) as session:
+            for i, token in enumerate(IOS + ANDROID):
+                doc = sample("message", to=[token], id=100 + i, message=f"#{i}")
+                async with session.post(f"http://127.0.0.1:{port}/parley/webhook", json=doc) as response:
+                    acked += response.status == 200
+        await sandbox.fcm.wait_for(len(ANDROID))  # FCM sends are in flight (hung)
+        await sandbox.apns.wait_for(len(IOS))
+        relay.send_signal(signal.SIGKILL)
+        relay.wait(10)
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+    sandbox.fcm.recover()
+    relay = start_relay(config, log)
+    try:
+        await wait_ready(port)
+        await sandbox.fcm.wait_for(2 * len(ANDROID), timeout=20)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len({q.device_token for q in sandbox.apns.requests
+                                                   if q.status == 200}) < len(IOS):
+            await asyncio.sleep(0.05)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(15) == 0
+    apns_ok = {q.device_token for q in sandbox.apns.requests if q.status == 200}
+    fcm_ok = {f.message["token"] for f in sandbox.fcm.requests if f.status == 200}
+    assert acked == len(IOS) + len(ANDROID)
+    assert apns_ok == set(IOS) and fcm_ok == set(ANDROID)  # none lost
+    for token in IOS[:2]:  # the 503 and its retry carry one apns-id
+        ids = {q.headers["apns-id"] for q in sandbox.apns.requests if q.device_token == token}
+        assert len(ids) == 1
+    from relay.cli import main
+
+    assert await asyncio.to_thread(main, ["stats", "--config", str(config)]) == 0  # the books balance
+    duplicates = len(sandbox.fcm.requests) - len(ANDROID)
+    print(f"crash: accepted={acked} delivered={len(apns_ok) + len(fcm_ok)} duplicated={duplicates} lost=0")
+
+
+async def test_expired_event_is_never_sent_after_an_outage(make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """A typing event whose provider is down longer than its TTL ends expired, not delivered late."""
+    r = await make_relay(apps={"android": {"event_ttl": 1}})
+    sandbox.fcm.fail_all(error_code="UNAVAILABLE", seconds=1.5)
+    await r.post(sample("event", to=[ANDROID_TOKEN]))
+    await r.settle(timeout=10)
+    assert all(q.status != 200 for q in sandbox.fcm.requests)
+    stats = await r.relay.store.stats()
+    assert stats.ended[EndState.EXPIRED] == 1 and stats.balanced
