@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Config, load_config
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, RelayError, StoreError
 from relay.observability import setup_logging, short_token
 from relay.outcome import EndState, Outcome
 from relay.registry import Device, Registry, load_registry
@@ -143,9 +143,9 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         else:
             try:
                 count = await store.retry_dead_letters(args.ids, time.time())
-            except ValueError:
-                print("dead-letter IDs are the first column of: dead-letters list", file=sys.stderr)
-                return 2
+            except StoreError as exc:  # e.g. an ID of the wrong form for this store
+                print(f"error: {exc} (dead-letter IDs are the first column of: dead-letters list)", file=sys.stderr)
+                return 1
         print(f"queued {count} dead letter(s) again")
         return 0 if count or args.all else 1
 

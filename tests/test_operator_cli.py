@@ -51,7 +51,6 @@ def test_usage_errors_exit_2(sandbox: Sandbox, capsys: pytest.CaptureFixture[str
     assert exit_info.value.code == 2
     assert main(["dead-letters", "retry", "--config", config]) == 2
     assert main(["dead-letters", "retry", "--all", "7", "--config", config]) == 2
-    assert main(["dead-letters", "retry", "not-an-id", "--config", config]) == 2
     assert "dead-letters list" in capsys.readouterr().err
 
 
@@ -121,6 +120,8 @@ def test_dead_letters_list_retry_and_retry_all_with_progress(
     assert len(out.out.splitlines()) == 10 and "BadRequest" in out.out and "10 dead letter(s)" in out.err
     assert main(["dead-letters", "retry", ids[0], "--config", str(config)]) == 0
     assert main(["dead-letters", "retry", "999999", "--config", str(config)]) == 1
+    assert main(["dead-letters", "retry", "not-an-id", "--config", str(config)]) == 1
+    assert "first column of: dead-letters list" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["dead-letters", "retry", "--all", "--config", str(config)]) == 0
     out = capsys.readouterr()

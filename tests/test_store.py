@@ -299,7 +299,7 @@ from relay.store import create_store
 
 async def main() -> None:
     store = create_store(StoreSettings(backend=sys.argv[1], path=Path(sys.argv[2]), url=sys.argv[3],
-                                       claim_idle=float(sys.argv[4])))
+                                       claim_idle=float(sys.argv[4]), prefix=sys.argv[6]))
     await store.open()
     jobs = await store.claim(10, float(sys.argv[5]), 300)
     print(",".join(job.id for job in jobs), flush=True)
@@ -316,7 +316,7 @@ async def test_work_in_flight_at_a_crash_is_claimable_again(
     await enqueue(store, "a", "a", "b")
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(_CRASHER), settings.backend, str(settings.path), settings.url,
-         str(IDLE), str(NOW)],
+         str(IDLE), str(NOW), settings.prefix],
         stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
