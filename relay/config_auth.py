@@ -72,7 +72,7 @@ def _signature_key(reader: _Reader, base: Path, algorithm: str) -> bytes | None:
 
 
 def _header_name(reader: _Reader, name: str, required: bool) -> str | None:
-    value = reader.str(name, _MISSING if required else None)
+    value: str | None = reader.str(name, _MISSING if required else None)
     if value is not None and not _TOKEN_CHARS_RE.match(value):
         reader.problem(name, f"is not a valid HTTP header name: {value!r}")
     return value

@@ -96,7 +96,8 @@ class TokenAuthority:
             raise InvalidToken("token is not a JWT") from None
         if header.get("alg") != ALGORITHM:  # refuses alg "none" and any algorithm confusion up front
             raise InvalidToken("token algorithm not accepted")
-        key = self._keys.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
+        kid = header.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise InvalidToken("token signed with an unknown key id")
         try:

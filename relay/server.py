@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -179,7 +180,7 @@ async def oauth_token(request: web.Request) -> web.Response:
                                            request_id=request.get(REQUEST_ID_KEY, "-"))
 
 
-def runner_options(config: Config) -> dict[str, float]:
+def runner_options(config: Config) -> dict[str, Any]:
     """``web.AppRunner`` keyword arguments that stop slow clients from holding connections.
 
     aiohttp closes a connection whose next request's headers are not complete ``keepalive_timeout`` after

@@ -16,7 +16,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -48,7 +51,7 @@ def load_public_key(pem: bytes, algorithm: str) -> PublicKey:
         raise ValueError("not a PEM public key or certificate") from exc
     expected = _KEY_TYPES[algorithm]
     if not isinstance(key, expected):
-        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot verify {algorithm}")
+        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot verify {algorithm}")  # noqa: TRY004 - a bad file, not a bad call
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
         raise ValueError(f"RSA key of {key.key_size} bits is too weak (2048 at least)")
     return key  # type: ignore[return-value]  # narrowed by the isinstance check against _KEY_TYPES
@@ -61,7 +64,7 @@ def load_private_key(pem: bytes, algorithm: str) -> PrivateKey:
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValueError("not an unencrypted PEM private key") from exc
     if not isinstance(key, _PRIVATE_TYPES[algorithm]):
-        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot sign {algorithm}")
+        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot sign {algorithm}")  # noqa: TRY004 - a bad file, not a bad call
     return key  # type: ignore[return-value]  # narrowed by the isinstance check against _PRIVATE_TYPES
 
 

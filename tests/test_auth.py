@@ -17,7 +17,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from relay.auth import AuthFailed, Authenticator, Signature, StaticHeaders, build_authenticator, sign_headers
+from relay.auth import (
+    Authenticator,
+    AuthFailed,
+    Signature,
+    StaticHeaders,
+    build_authenticator,
+    sign_headers,
+)
 from relay.cli import main as cli_main
 from relay.config import AuthSettings, RateLimitSettings, SignatureSettings, load_config
 from relay.errors import ConfigError
@@ -416,7 +423,7 @@ def test_limiter_memory_is_bounded() -> None:
     limiter = FailureLimiter(2, 60.0, clock=Clock(0.0), max_addresses=100)
     for i in range(1000):
         limiter.failed(f"10.0.{i // 256}.{i % 256}")
-    assert len(limiter._entries) == 100  # noqa: SLF001 - the bound is the behaviour under test
+    assert len(limiter._entries) == 100
 
 
 def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None:
@@ -452,7 +459,7 @@ async def test_http_429_after_failures_while_parley_still_gets_200(make_relay: M
     assert (await response.json())["status"] == "error"
     assert (await r.post(sample("message")))[0] == 200  # authenticated Parley traffic is never limited
     await sandbox.apns.wait_for(1)
-    assert r.relay.metrics.webhooks.labels("rate_limited")._value.get() == 3  # noqa: SLF001
+    assert r.relay.metrics.webhooks.labels("rate_limited")._value.get() == 3
 
 
 async def test_failure_counts_survive_a_reload(make_relay: MakeRelay) -> None:

@@ -24,7 +24,14 @@ import pytest
 from relay.config import OAuthSettings
 from relay.oauth import TokenAuthority
 from relay.observability import LOGGER_NAME, setup_logging, short_token
-from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
+from relay.testing.sandbox import (
+    ANDROID_TOKEN,
+    AUTH_HEADER,
+    AUTH_VALUE,
+    IOS_TOKEN,
+    Sandbox,
+    sample,
+)
 from tests.conftest import MakeRelay, RelayUnderTest
 
 HMAC_SECRET = "privacy-hmac-secret-5b0e7f"
@@ -41,7 +48,7 @@ class Logs:
     json: io.StringIO = field(default_factory=io.StringIO)
 
     def text(self, caplog: pytest.LogCaptureFixture) -> str:
-        return "\n".join([self.logfmt.getvalue(), self.json.getvalue(), caplog.text])
+        return f"{self.logfmt.getvalue()}\n{self.json.getvalue()}\n{caplog.text}"
 
 
 @pytest.fixture
@@ -89,12 +96,12 @@ def _signed(body: bytes, secrets: Secrets, ts: int | None = None) -> dict[str, s
 
 
 async def _post(r: RelayUnderTest, doc: Any, secrets: Secrets, *, token: str | None, raw: bytes | None = None,
-                **overrides: str) -> int:
+                overrides: dict[str, str] | None = None) -> int:
     body = raw if raw is not None else json.dumps(doc, ensure_ascii=False).encode()
     headers = {AUTH_HEADER: AUTH_VALUE, **_signed(body, secrets)}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    headers.update(overrides)
+    headers.update(overrides or {})
     response = await r.client.post("/parley/webhook", data=body, headers=headers)
     return response.status
 
@@ -163,11 +170,11 @@ async def test_no_secret_token_signature_or_message_text_in_debug_logs(
 
     # Refused: wrong static header, wrong signature, replayed, expired and forged tokens, then rate limited.
     doc = sample("message", to=[IOS_TOKEN], id=9, message=texts[0])
-    assert await _post(r, doc, secrets, token=token, **{AUTH_HEADER: AUTH_VALUE + "x"}) == 401
+    assert await _post(r, doc, secrets, token=token, overrides={AUTH_HEADER: AUTH_VALUE + "x"}) == 401
     secrets.add(AUTH_VALUE + "x")
-    assert await _post(r, doc, secrets, token=token, **{"X-Signature": "sha256=" + "ab" * 32}) == 401
+    assert await _post(r, doc, secrets, token=token, overrides={"X-Signature": "sha256=" + "ab" * 32}) == 401
     body = json.dumps(doc).encode()
-    assert await _post(r, doc, secrets, token=token, raw=body, **_signed(body, secrets, ts=1_600_000_000)) == 429
+    assert await _post(r, doc, secrets, token=token, raw=body, overrides=_signed(body, secrets, ts=1_600_000_000)) == 429
     expired = TokenAuthority(_oauth_settings(r), clock=lambda: time.time() - 7200).mint("parley", ()).access_token
     secrets.add(expired)
     assert await _post(r, doc, secrets, token=expired) == 429

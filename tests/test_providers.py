@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from firebase_admin import exceptions, messaging
 
-from relay.config import ApnsApp, FcmApp, load_config
+from relay.config import ApnsApp, FcmApp, Policy, load_config
 from relay.outcome import Outcome
 from relay.providers import Bounded, create_provider
 from relay.providers.apns import APNS_REASONS, ApnsProvider, classify_apns
@@ -235,3 +235,42 @@ def test_unreadable_apns_key_is_a_config_error_naming_file_and_key(sandbox: Sand
     with pytest.raises(ConfigError) as info:
         ApnsProvider(ios)
     assert "AuthKey.p8" in str(info.value) and "apps.ios.key_file" in str(info.value)
+
+
+async def test_refused_connections_are_retries_for_both_providers(sandbox: Sandbox) -> None:
+    """A provider host that refuses TCP connections is a transient failure (retry), not an error."""
+    from tests.test_durability import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    ios, android = _apps(sandbox, apps={"ios": {"endpoint": closed.replace("http", "https")},
+                                        "android": {"endpoint": closed}})
+    apns = ApnsProvider(ios)
+    fcm = await FcmProvider.create(android, timeout=5)
+    try:
+        apns_result = await apns.send(_apns_push("cc" * 32))
+        fcm_result = await fcm.send(_fcm_push("refused-" + "r" * 40))
+    finally:
+        await apns.close()
+        await fcm.close()
+    assert apns_result.outcome is Outcome.RETRY and "connect" in apns_result.reason
+    assert fcm_result.outcome is Outcome.RETRY
+
+
+async def test_apns_certificate_auth_sends_without_a_jwt(tmp_path: Path) -> None:
+    """An app configured with cert_file authenticates by TLS client certificate (no provider token)."""
+    from relay.testing.fake_apns import FakeApns
+    from relay.testing.keys import make_ca
+
+    client_ca = make_ca()
+    with FakeApns(client_ca=client_ca) as fake:
+        cert = client_ca.write_client_cert(tmp_path / "apns-cert.pem")
+        app = ApnsApp("ios", "com.example.parleyapp", "production", None, None, None, cert, fake.url,
+                      Path(fake.ca_file), 10, 1, Policy())
+        provider = ApnsProvider(app)
+        try:
+            result = await provider.send(_apns_push("dd" * 32))
+        finally:
+            await provider.close()
+        (request,) = fake.requests
+    assert result.outcome is Outcome.SENT
+    assert "authorization" not in request.headers

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import signal
 import socket
 import sys
@@ -425,3 +426,33 @@ def test_logs_are_logfmt_with_request_ids_json_on_request_and_journald_friendly(
         assert relay.stop() == 0
     lines = log.read_text().splitlines()
     assert lines and all(line.startswith("<6>level=info ") for line in lines), lines
+
+
+def test_grafana_dashboard_queries_only_exported_metrics_and_labels() -> None:
+    """contrib/grafana-dashboard.json is valid JSON whose queries name existing metrics and their labels."""
+    from relay.observability import Metrics
+
+    exported: dict[str, set[str]] = {}
+    for family in Metrics().registry.collect():
+        names = {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum",
+                 f"{family.name}_count"}
+        labels = {"instance", "le"} | set(getattr(family, "_labelnames", ()))
+        for sample_name in names:
+            exported[sample_name] = labels
+    metrics = Metrics()
+    for family in metrics.registry.collect():  # label names as declared on each collector
+        for collector in vars(metrics).values():
+            if getattr(collector, "_name", None) == family.name:
+                for sample_name in [n for n in exported if n.startswith(family.name)]:
+                    exported[sample_name] |= set(collector._labelnames)
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    for expr in exprs:
+        names = re.findall(r"parley_relay_[a-z_]+", expr)
+        assert names, expr
+        for name in names:
+            assert name in exported, f"{name} is not exported ({expr})"
+            for group in re.findall(r"by \(([^)]*)\)", expr):
+                used = {label.strip() for label in group.split(",") if label.strip()}
+                assert used <= exported[name], f"{expr}: {used - exported[name]}"
