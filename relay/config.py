@@ -148,6 +148,7 @@ class ApiSettings:
     """The ``/v1/`` device API; without keys every API request is refused."""
 
     keys: Mapping[str, ApiKey] = field(default_factory=dict)
+    listener: Literal["webhook", "metrics"] = "webhook"  # metrics: only on the metrics.listen listener (restart)
 
 
 @dataclass(frozen=True)
@@ -440,8 +441,9 @@ def _api(reader: _Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettin
             seen[digest.lower()] = str(name)
             keys[str(name)] = ApiKey(str(name), digest.lower(), tuple(dict.fromkeys(apps)))
     keys_r.finish()
+    listener = reader.choice("listener", ("webhook", "metrics"), "webhook")
     reader.finish()
-    return ApiSettings(keys)
+    return ApiSettings(keys, listener)
 
 
 def _metrics(reader: _Reader) -> MetricsSettings:

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from relay.config import DeliverySettings
 from relay.errors import InvalidWebhook, StoreError
@@ -26,6 +26,8 @@ from relay.providers import Provider
 from relay.registry import Registry, Route
 from relay.store.base import Job, Store
 from relay.translate import translate
+
+T = TypeVar("T")
 
 LEASE = 300.0
 IDLE_POLL = 1.0
@@ -151,8 +153,9 @@ class Dispatcher:
             return IDLE_POLL
         if due is None:
             return IDLE_POLL * 5
-        # A due row may be blocked behind its token's in-flight head: the finish wakes us, not a busy loop.
-        return min(max(due - self.clock.now(), 0.01), IDLE_POLL)
+        wait = due - self.clock.now()
+        # Due but not claimed means blocked behind its token's in-flight head: that finish wakes us.
+        return IDLE_POLL if wait <= 0 else min(wait, IDLE_POLL)
 
     async def _wait(self, seconds: float) -> None:
         try:
@@ -223,13 +226,13 @@ class Dispatcher:
         breaker = self.breakers.setdefault(route.app.name, _Breaker())
         if not breaker.allows(now):
             at = max(breaker.open_until, now + 1.0)
-            await self._shielded(self.store.retry(job, at, breaker.alarm and "config_error" or "circuit_open",
-                                                  count_attempt=False))
+            reason = "config_error" if breaker.alarm else "circuit_open"
+            await self._persist(lambda: self.store.retry(job, at, reason, count_attempt=False))
             return
         provider = self._providers().get(route.app.name)
         if provider is None:
-            await self._shielded(self.store.retry(job, now + self.settings.config_error_retry, "config_error",
-                                                  count_attempt=False))
+            at = now + self.settings.config_error_retry
+            await self._persist(lambda: self.store.retry(job, at, "config_error", count_attempt=False))
             return
         push = translate(notification, route, job.delivery_id, now, expires_at)
         self.metrics.inflight.inc()
@@ -239,7 +242,7 @@ class Dispatcher:
         finally:
             self.metrics.inflight.dec()
             self.metrics.provider_latency.labels(route.app.platform).observe(time.perf_counter() - started)
-        await self._shielded(self.record(job, route, result, expires_at))
+        await asyncio.shield(self.record(job, route, result, expires_at))
 
     async def _unroutable(self, job: Job, now: float) -> None:
         deadline = job.received_at + self.settings.unroutable_grace
@@ -247,7 +250,7 @@ class Dispatcher:
             await self.record_end(job, EndState.UNROUTABLE, "no registry entry for this token", None)
         else:
             # Parked until the grace period ends; a registry reload or a new device wakes it sooner.
-            await self._shielded(self.store.retry(job, deadline, "unroutable", count_attempt=False))
+            await self._persist(lambda: self.store.retry(job, deadline, "unroutable", count_attempt=False))
 
     async def record(self, job: Job, route: Route, result: SendResult, expires_at: float) -> None:
         """Turn a provider answer into a stored end state or a scheduled retry."""
@@ -261,7 +264,7 @@ class Dispatcher:
             await self.record_end(job, EndState.SENT, "", route)
         elif result.outcome is Outcome.TOKEN_DEAD:
             await self._close_breaker(app, breaker)
-            if await self.store.mark_dead(job.token, result.reason, now):
+            if await self._persist(lambda: self.store.mark_dead(job.token, result.reason, now)):
                 self.metrics.dead_tokens.labels(platform, app).inc()
                 event(logging.WARNING, "push token is dead", app=app, token=short_token(job.token), reason=result.reason)
             self.registry.mark_dead(job.token)
@@ -292,7 +295,7 @@ class Dispatcher:
             await self.record_end(job, EndState.EXPIRED, f"expired while retrying ({reason})", route)
             return
         self.metrics.retries.labels(route.app.platform, route.app.name, reason.split(" ")[0][:40]).inc()
-        await self.store.retry(job, at, reason, count_attempt=count)
+        await self._persist(lambda: self.store.retry(job, at, reason, count_attempt=count))
 
     async def _close_breaker(self, app: str, breaker: _Breaker) -> None:
         breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False
@@ -301,7 +304,7 @@ class Dispatcher:
             self.metrics.alarms.labels(app).set(0)
             event(logging.INFO, "app configuration alarm cleared", app=app)
             await self._notify_alarm(app, None)
-            await self.store.wake(None, self.clock.now())
+            await self._persist(lambda: self.store.wake(None, self.clock.now()))
 
     async def _notify_alarm(self, app: str, reason: str | None) -> None:
         if self.on_alarm is not None:
@@ -321,8 +324,24 @@ class Dispatcher:
         platform = route.app.platform if route else "none"
         app = route.app.name if route else "none"
         self.metrics.ended.labels(platform, app, job.kind, end.value).inc()
-        await self._shielded(self.store.finish(job, end, reason, self.clock.now()))
+        now = self.clock.now()
+        await self._persist(lambda: self.store.finish(job, end, reason, now))
 
-    @staticmethod
-    async def _shielded(aw: Awaitable[None]) -> None:
-        await asyncio.shield(aw)
+    async def _persist(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a store write to completion: shielded from cancellation, retried while the store is down.
+
+        Giving up would leave the job claimed until its lease ends and then send it again; waiting for
+        the store costs nothing, since nothing else can progress without it either.
+        """
+        delay, warned = 0.2, False
+        while True:
+            try:
+                return await asyncio.shield(op())
+            except StoreError as exc:
+                if self._stopping:
+                    raise
+                if not warned:
+                    event(logging.WARNING, "store unavailable while recording an outcome, retrying", error=str(exc))
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -117,8 +117,8 @@ def setup_logging(fmt: str = "logfmt", level: str = "INFO") -> None:
     ours.setLevel(level)
     ours.propagate = False
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    if not root.handlers:  # as logging.basicConfig: a host's (or pytest's) handlers are left alone
+        root.addHandler(handler)
 
 
 def event(level: int, name: str, **fields: Any) -> None:

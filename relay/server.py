@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.auth import AuthFailed, Authenticator, build_authenticator
-from relay.config import App, Config, load_config
+from relay.config import App, Config, OAuthSettings, load_config
 from relay.dispatch import Clock, Dispatcher, SystemClock
 from relay.errors import ConfigError, InvalidWebhook, StoreError
 from relay.inbound import dedupe_key, parse_webhook
@@ -265,15 +265,16 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     )
     app[RELAY_KEY] = relay
     app.router.add_post(config.webhook.path, webhook)
-    if config.auth.oauth is not None:  # enabling OAuth or moving its path takes a restart
-        app.router.add_post(config.auth.oauth.path, oauth_token)
+    # Always routed (404 JSON while OAuth is off), so a reload can enable OAuth; moving its path takes a restart.
+    app.router.add_post(config.auth.oauth.path if config.auth.oauth else OAuthSettings.path, oauth_token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.listen is None:  # else only the operator's separate listener serves it (create_ops_app)
         app.router.add_get("/metrics", metrics)
-    from relay.api import add_api_routes  # noqa: PLC0415 - relay.api imports this module
+    if config.api.listener == "webhook":
+        from relay.api import add_api_routes  # noqa: PLC0415 - relay.api imports this module
 
-    add_api_routes(app)  # always: api.keys are read per request, so a reload can enable or rotate them
+        add_api_routes(app)  # even without keys: they are read per request, so a reload can enable or rotate them
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_providers_ctx)
     if run_dispatcher:
@@ -289,6 +290,10 @@ def create_ops_app(relay: Relay) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if relay.config.api.listener == "metrics":
+        from relay.api import add_api_routes  # noqa: PLC0415 - relay.api imports this module
+
+        add_api_routes(app)
     return app
 
 

@@ -22,7 +22,14 @@ from relay.config import Config, Listen
 from relay.errors import ConfigError, ConfigProblem, StoreError
 from relay.observability import event
 from relay.outcome import EndState
-from relay.server import RELAY_KEY, Handler, Relay, create_app, create_ops_app, runner_options
+from relay.server import (
+    RELAY_KEY,
+    Handler,
+    Relay,
+    create_app,
+    create_ops_app,
+    runner_options,
+)
 from relay.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
 # After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
@@ -51,10 +58,10 @@ class _InFlight:
             if self.count == 0:
                 self._idle.set()
 
-    async def wait(self, timeout: float) -> bool:
-        """True when every in-flight request finished within ``timeout``."""
+    async def wait(self, seconds: float) -> bool:
+        """True when every in-flight request finished within ``seconds``."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), seconds)
         except TimeoutError:
             return False
         return True
@@ -109,39 +116,8 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
         notifier.status(f"failed to start: {exc}")
         await listeners.cleanup()
         raise
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    reload_lock = asyncio.Lock()
-    tasks: set[asyncio.Task[None]] = set()  # the watchdog and status loops, and reloads in progress
-
-    async def reload() -> None:
-        async with reload_lock:  # SIGHUPs in quick succession reload one after the other
-            notifier.reloading()
-            ok = await _reload(relay)
-            summary = await _status(relay)
-            notifier.reloaded(summary if ok else f"reload rejected, previous configuration in force; {summary}")
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = loop.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    def on_stop(sig: signal.Signals) -> None:
-        if stop.is_set():
-            event(logging.WARNING, "already stopping", signal=sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig)
-    def on_reload() -> None:
-        if stop.is_set():
-            event(logging.WARNING, "reload ignored while stopping")
-        else:
-            spawn(reload())
-
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-    spawn(notifier.watchdog_loop())
-    spawn(notifier.status_loop(lambda: _status(relay)))
+    supervisor = _Supervisor(relay, notifier, stop or asyncio.Event())
+    supervisor.install()
     addresses = listeners.addresses()
     event(logging.INFO, "relay ready", listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
           store=config.store.backend, socket_activation=bool(inherited),
@@ -150,16 +126,60 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
     if ready is not None:
         ready.set()
     try:
-        await stop.wait()
+        await supervisor.stop.wait()
     finally:
-        stop.set()  # also when leaving by an exception: late signals are then only logged
-        async with reload_lock:  # a reload in progress finishes first: never half a configuration
-            await _drain(relay, notifier, listeners)
-        for task in list(tasks):
+        await supervisor.shutdown(listeners)
+
+
+class _Supervisor:
+    """Signals, reloads and the notify loops of one running relay."""
+
+    def __init__(self, relay: Relay, notifier: Notifier, stop: asyncio.Event) -> None:
+        self.relay, self.notifier, self.stop = relay, notifier, stop
+        self._loop = asyncio.get_running_loop()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()  # the watchdog and status loops, and reloads in progress
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._on_stop, sig)
+        self._loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        self._spawn(self.notifier.watchdog_loop())
+        self._spawn(self.notifier.status_loop(lambda: _status(self.relay)))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            event(logging.WARNING, "already stopping", signal=sig.name)
+        self.stop.set()
+
+    def _on_reload(self) -> None:
+        if self.stop.is_set():
+            event(logging.WARNING, "reload ignored while stopping")
+        else:
+            self._spawn(self._reload())
+
+    async def _reload(self) -> None:
+        async with self._reload_lock:  # SIGHUPs in quick succession reload one after the other
+            self.notifier.reloading()
+            ok = await _reload(self.relay)
+            summary = await _status(self.relay)
+            self.notifier.reloaded(summary if ok else f"reload rejected, previous configuration in force; {summary}")
+
+    async def shutdown(self, listeners: _Listeners) -> None:
+        """Drain; signal handlers stay until the end, so a second SIGTERM is logged instead of killing us."""
+        self.stop.set()  # also when leaving by an exception: late signals are then only logged
+        async with self._reload_lock:  # a reload in progress finishes first: never half a configuration
+            await _drain(self.relay, self.notifier, listeners)
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+            self._loop.remove_signal_handler(sig)
 
 
 async def _start(config: Config, app: web.Application, relay: Relay, inherited: list[ListenSocket],
@@ -174,26 +194,27 @@ async def _start(config: Config, app: web.Application, relay: Relay, inherited: 
     await runner.setup()
     metrics_socks = [s.sock for s in inherited if s.name == METRICS_FD_NAME]
     webhook_socks = [s.sock for s in inherited if s.name != METRICS_FD_NAME]
+    planned: list[tuple[web.BaseSite, str, Listen | None]] = []  # site, config key, address (errors name them)
     if webhook_socks:
-        listeners.sites += [web.SockSite(runner, sock) for sock in webhook_socks]
+        planned += [(web.SockSite(runner, sock), "listen", None) for sock in webhook_socks]
     else:
-        listeners.sites.append(web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True))
+        planned.append((web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True), "listen",
+                        config.listen))
     if metrics_socks or config.metrics.listen is not None:
         ops = web.AppRunner(create_ops_app(relay), handle_signals=False, shutdown_timeout=1.0, access_log=None)
         listeners.runners.append(ops)
         await ops.setup()
         if metrics_socks:
-            listeners.sites += [web.SockSite(ops, sock) for sock in metrics_socks]
+            planned += [(web.SockSite(ops, sock), "metrics.listen", None) for sock in metrics_socks]
         elif config.metrics.listen is not None:
-            listeners.sites.append(web.TCPSite(ops, config.metrics.listen.host, config.metrics.listen.port,
-                                               reuse_address=True))
-    for site in listeners.sites:
+            ops_at = config.metrics.listen
+            planned.append((web.TCPSite(ops, ops_at.host, ops_at.port, reuse_address=True), "metrics.listen", ops_at))
+    for site, key, address in planned:
+        listeners.sites.append(site)
         try:
             await site.start()
         except OSError as exc:
-            key = "metrics.listen" if site.runner is not runner else "listen"
-            where = config.metrics.listen if key == "metrics.listen" else config.listen
-            raise ConfigError([ConfigProblem(str(config.source), key, _bind_error(where, exc))]) from exc
+            raise ConfigError([ConfigProblem(str(config.source), key, _bind_error(address, exc))]) from exc
 
 
 def _bind_error(where: Listen | None, exc: OSError) -> str:
@@ -205,7 +226,7 @@ async def _reload(relay: Relay) -> bool:
     """:meth:`Relay.reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
     try:
         return await relay.reload()
-    except Exception as exc:  # noqa: BLE001 - the old configuration must stay in force whatever happened
+    except Exception as exc:  # the old configuration must stay in force, whatever happened
         relay.metrics.reloads.labels("rejected").inc()
         event(logging.ERROR, "reload rejected, previous configuration stays in force",
               error=f"{type(exc).__name__}: {exc}")

@@ -208,16 +208,19 @@ ENDPOINTS = [("PUT", "/v1/devices/{t}", {"app": "ios"}), ("GET", "/v1/devices/{t
              ("DELETE", "/v1/devices/{t}", None), ("GET", "/v1/devices", None)]
 
 
-@pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS)
-@pytest.mark.parametrize("authorization", [None, "Bearer not-a-key-of-this-relay", f"Basic {IOS_KEY}", "Bearer "])
-async def test_missing_or_wrong_key_gets_401(relay: RelayUnderTest, method: str, path: str, body: Any,
-                                             authorization: str | None) -> None:
+AUTHORIZATIONS = [None, "Bearer not-a-key-of-this-relay", f"Basic {IOS_KEY}", "Bearer "]
+
+
+async def test_missing_or_wrong_key_gets_401(relay: RelayUnderTest) -> None:
     """Every device endpoint needs a configured key as a Bearer token: 401 with a challenge otherwise."""
-    headers = {"Authorization": authorization} if authorization else {}
-    response = await relay.client.request(method, path.format(t=_apns_hex()), json=body, headers=headers)
-    answer = await response.json()
-    assert response.status == 401 and answer["field"] == "Authorization"
-    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    for method, path, body in ENDPOINTS:
+        for authorization in AUTHORIZATIONS:
+            headers = {"Authorization": authorization} if authorization else {}
+            response = await relay.client.request(method, path.format(t=_apns_hex()), json=body, headers=headers)
+            answer = await response.json()
+            case = (method, path, authorization)
+            assert (response.status, answer["field"]) == (401, "Authorization"), case
+            assert response.headers["WWW-Authenticate"].startswith("Bearer"), case
 
 
 async def test_a_key_cannot_touch_another_apps_devices(api: Callable[[str | None], Api]) -> None:
@@ -250,7 +253,7 @@ async def test_unknown_app_gets_404_listing_the_apps_of_the_key(api: Callable[[s
 HEX63 = "a" * 63
 
 
-@pytest.mark.parametrize(("token", "body", "field"), [
+MALFORMED_PUTS = [
     (_apns_hex(), {"app": "ios", "device_token": HEX63}, "device_token"),
     (_apns_hex(), {"app": "ios", "device_token": "g" * 64}, "device_token"),
     (_apns_hex(), {"app": "ios", "device_token": 12345}, "device_token"),
@@ -266,22 +269,24 @@ HEX63 = "a" * 63
     (_apns_hex(), [{"app": "ios"}], "body"),
     ("bad%20token", {"app": "ios"}, "parley_token"),
     ("b" * 2049, {"app": "ios"}, "parley_token"),
-])
-async def test_malformed_put_gets_400_naming_the_field(api: Callable[[str | None], Api], relay: RelayUnderTest,
-                                                       token: str, body: Any, field: str) -> None:
+]
+MALFORMED_QUERIES = [({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({"limit": "ten"}, "limit"),
+                     ({"cursor": "c" * 2049}, "cursor"), ({"cursor": "a b"}, "cursor"), ({"page": "2"}, "page")]
+
+
+async def test_malformed_put_gets_400_naming_the_field(api: Callable[[str | None], Api], relay: RelayUnderTest) -> None:
     """Bad tokens (APNs: 64 hex; FCM: 32-4096 of [A-Za-z0-9_:.-]) and bad bodies: 400 naming the field, nothing stored."""
-    status, answer = await api(BOTH_KEY).put(token, body)
-    assert (status, answer["status"], answer["field"]) == (400, "error", field)
+    for token, body, field in MALFORMED_PUTS:
+        status, answer = await api(BOTH_KEY).put(token, body)
+        assert (status, answer["status"], answer["field"]) == (400, "error", field), (token[:20], body)
     assert await relay.relay.store.list_devices() == []
 
 
-@pytest.mark.parametrize(("params", "field"), [({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
-                                               ({"limit": "ten"}, "limit"), ({"cursor": "c" * 2049}, "cursor"), ({"cursor": "a b"}, "cursor"), ({"page": "2"}, "page")])
-async def test_malformed_list_query_gets_400_naming_the_parameter(api: Callable[[str | None], Api],
-                                                                  params: dict[str, str], field: str) -> None:
-    """Listing refuses a limit outside 1..1000 and a cursor that is no token with 400 naming the parameter."""
-    status, answer = await api(IOS_KEY).list(**params)
-    assert (status, answer["field"]) == (400, field)
+async def test_malformed_list_query_gets_400_naming_the_parameter(api: Callable[[str | None], Api]) -> None:
+    """Listing refuses a limit outside 1..1000, a cursor that is no token and unknown parameters, naming them."""
+    for params, field in MALFORMED_QUERIES:
+        status, answer = await api(IOS_KEY).list(**params)
+        assert (status, answer["field"]) == (400, field), params
 
 
 @pytest.mark.parametrize(("keys", "key", "message"), [
@@ -442,3 +447,17 @@ def test_api_keys_use_paths_relative_to_the_config(sandbox: Sandbox, tmp_path: P
     (other / "k").write_text(IOS_KEY)
     path = sandbox.write(api={"keys": {"x": {"key_file": str(other / "k"), "apps": ["ios"]}}})
     assert load_config(path).api.keys["x"].key_sha256 == _sha(IOS_KEY)
+
+
+async def test_api_can_live_on_the_metrics_listener_only(sandbox: Sandbox, aiohttp_client: Any) -> None:
+    """With api.listener: metrics the webhook listener has no /v1/ routes and the separate listener serves them."""
+    from relay.server import create_ops_app
+
+    api = {**api_section(sandbox), "listener": "metrics"}
+    app = create_app(load_config(sandbox.write(api=api, metrics={"listen": {"host": "127.0.0.1", "port": 0}})))
+    main = await aiohttp_client(app)
+    ops = await aiohttp_client(create_ops_app(app[RELAY_KEY]))
+    headers = {"Authorization": f"Bearer {IOS_KEY}"}
+    assert (await main.put(f"/v1/devices/{_apns_hex()}", json={"app": "ios"}, headers=headers)).status == 404
+    assert (await ops.put(f"/v1/devices/{_apns_hex()}", json={"app": "ios"}, headers=headers)).status == 201
+    assert (await ops.get("/v1/openapi.json")).status == 200

@@ -246,6 +246,14 @@ def _attack(r: RelayUnderTest, loop: asyncio.AbstractEventLoop, name: str, heade
     return statuses
 
 
+# Hypothesis draws in a worker thread while the relay's dispatcher, on the loop thread, draws backoff jitter
+# from the global ``random``; hypothesis notices the global state moving during a draw and warns. That is
+# the relay's activity, not the strategy's, so that one warning is ignored in the live-endpoint tests.
+LIVE_RANDOM = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies:hypothesis.errors.HypothesisDeprecationWarning")
+
+
+@LIVE_RANDOM
 async def test_authenticated_attack_never_gets_500_and_stored_notifications_survive(
         make_relay: MakeRelay, sandbox: Sandbox) -> None:
     """With the right key, hostile bodies get 200/400/413 JSON answers; what was stored is still delivered."""
@@ -260,6 +268,7 @@ async def test_authenticated_attack_never_gets_500_and_stored_notifications_surv
     await _delivered_after_recovery(r, sandbox, ids)
 
 
+@LIVE_RANDOM
 async def test_unauthenticated_attack_is_refused_before_parsing(make_relay: MakeRelay, sandbox: Sandbox) -> None:
     """Without credentials every hostile body gets 401 (or 429 once limited), nothing is stored."""
     r = await make_relay()
@@ -292,7 +301,7 @@ async def test_oversized_bodies_get_413_however_they_are_sent(make_relay: MakeRe
     bomb = gzip.compress(b" " * 50_000_000)  # 50 MB of spaces in ~50 KB
     response = await r.client.post("/parley/webhook", data=bomb, headers={
         AUTH_HEADER: AUTH_VALUE, "Content-Encoding": "gzip", "Content-Type": "application/json"})
-    assert response.status in (400, 413) and (await response.json())["status"] == "error"
+    assert response.status == 413 and (await response.json())["status"] == "error"  # counted decompressed
     assert (await r.post(sample("message")))[0] == 200  # and the relay carries on
 
 

@@ -76,7 +76,8 @@ async def test_three_instances_lose_nothing_when_one_is_killed(box: Sandbox) -> 
         taken_over.append(time.monotonic() - killed_at[0])
 
     def on_ack(acked: int) -> None:
-        if acked == 150 and not killed_at:
+        # Mid-run, at a moment when the victim holds deliveries in flight.
+        if acked >= 150 and not killed_at and _pending_of(REDIS_URL, prefix, victim.consumer_prefix):
             fleet.kill(0)
             killed_at.append(time.monotonic())
             held_at_kill.append(_pending_of(REDIS_URL, prefix, victim.consumer_prefix))
@@ -88,6 +89,7 @@ async def test_three_instances_lose_nothing_when_one_is_killed(box: Sandbox) -> 
         live = lambda: [r.url for r in fleet.relays if r.process.returncode is None]  # noqa: E731
         load = await send_load(live, sorted(box.devices), 15, on_ack=on_ack)
         figures = await wait_delivered(load, box, timeout=CLAIM_IDLE + 15)
+        assert killed_at, "the victim never held work mid-run, so it was not killed"
         await asyncio.wait_for(watchers[0], timeout=CLAIM_IDLE + 5)
         print(f"\nmulti-instance: {figures}; victim held {held_at_kill[0]} in flight at the kill, all taken over "
               f"after {taken_over[0]:.1f}s (claim_idle {CLAIM_IDLE}s); answers {dict(load.statuses)}")
@@ -95,7 +97,7 @@ async def test_three_instances_lose_nothing_when_one_is_killed(box: Sandbox) -> 
         assert figures.lost == 0, figures
         assert figures.out_of_order == 0, figures
         assert held_at_kill[0] > 0, "the victim held no work when it was killed: the test proved nothing"
-        assert taken_over[0] < CLAIM_IDLE + 1.5  # the idle time, plus one dispatcher poll and a send
+        assert taken_over[0] < CLAIM_IDLE + 2.0  # the idle time, plus a dispatcher poll and a send
         assert fleet.alive(1) and fleet.alive(2)
     finally:
         codes = fleet.stop()

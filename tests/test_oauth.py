@@ -336,3 +336,17 @@ def test_oauth_config_problems_name_file_and_key(sandbox: Sandbox, oauth: dict[s
         load_config(path)
     assert any(p.file == str(path) and p.key == key and message in p.message for p in info.value.problems), \
         info.value.problems
+
+
+async def test_reload_can_enable_oauth_without_a_restart(make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """Before: /oauth/token is a JSON 404. After a reload that adds auth.oauth: tokens, and bearer required."""
+    from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE
+
+    r = await make_relay()
+    status, body, _ = await token_request(r)
+    assert (status, body["error"]) == (404, "invalid_request")
+    sandbox.write(auth={"headers": {AUTH_HEADER: AUTH_VALUE}, "oauth": oauth_config()})
+    assert await r.relay.reload()
+    assert (await r.post(sample("message")))[0] == 401  # the header alone no longer suffices
+    token = (await token_request(r))[1]["access_token"]
+    assert (await r.post(sample("message"), headers={"Authorization": f"Bearer {token}"}))[0] == 200

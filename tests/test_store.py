@@ -1,7 +1,9 @@
 """The Store protocol's behaviour: one suite, run against SQLite (in tmp_path) and Redis (at REDIS_URL).
 
-Redis tests use ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``, a dedicated database index that is
-flushed before each test) and are skipped, with the reason, only when no Redis answers there.
+Redis tests use ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``, a dedicated database index) and are
+skipped, with the reason, only when no Redis answers there. Each test starts on an empty keyspace of its own
+(a fresh key prefix, deleted afterwards) rather than a FLUSHDB: flushing the shared test database wiped the
+keys of other test runs in progress (the multi-instance test, ``test_api``) and made them fail.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import asyncio
 import dataclasses
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,18 +52,21 @@ def _redis_answers() -> str | None:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def settings(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSettings]:
     """Settings of a fresh, empty store of each backend."""
     if request.param == "sqlite":
-        return StoreSettings(backend="sqlite", path=tmp_path / "relay.db")
+        yield StoreSettings(backend="sqlite", path=tmp_path / "relay.db")
+        return
     reason = _redis_answers()
     if reason:
         pytest.skip(reason)
+    prefix = f"test-store-{uuid.uuid4().hex[:12]}"
+    yield StoreSettings(backend="redis", url=REDIS_URL, claim_idle=IDLE, prefix=prefix)
     client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
     client.close()
-    # Its own prefix too, so that a concurrent run's leftovers can never meet this test's keys.
-    return StoreSettings(backend="redis", url=REDIS_URL, claim_idle=IDLE, prefix=f"test-store-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture

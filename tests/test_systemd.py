@@ -14,14 +14,27 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relay.errors import ConfigError
 from relay.systemd import Notifier, inherited_sockets, journald_reads
-from relay.testing.process import NotifySocket, RelayProcess, listening_socket, relay_command
-from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
+from relay.testing.process import (
+    NotifySocket,
+    RelayProcess,
+    listening_socket,
+    relay_command,
+)
+from relay.testing.sandbox import (
+    ANDROID_TOKEN,
+    AUTH_HEADER,
+    AUTH_VALUE,
+    IOS_TOKEN,
+    Sandbox,
+    sample,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "parley-relay.service"
@@ -30,11 +43,10 @@ MAX_EXPOSURE = 2.0
 
 
 @pytest.fixture
-def notify(monkeypatch: pytest.MonkeyPatch) -> NotifySocket:
-    sock = NotifySocket()
-    monkeypatch.setenv("NOTIFY_SOCKET", sock.address)
-    yield sock  # type: ignore[misc]
-    sock.close()
+def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
+    with NotifySocket() as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", sock.address)
+        yield sock
 
 
 # -- the notify protocol ------------------------------------------------------------------------

@@ -340,15 +340,19 @@ class SqliteStore:
 
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            # A retried dead letter is a fresh delivery: new lifetime, same apns-id for tracing.
-            sql = (
-                "UPDATE deliveries SET state = 'pending', next_at = :now, finished_at = NULL, reason = 'retried', "
-                "expires_at = MAX(expires_at, :now + (expires_at - received_at)) WHERE state = 'dead_letter'"
-            )
-            if ids is None:
-                count = conn.execute(sql, {"now": now}).rowcount
-            else:
-                count = sum(conn.execute(sql + " AND id = :id", {"now": now, "id": int(i)}).rowcount for i in ids)
+            # A retried dead letter queues behind its token's newer deliveries (a new row id keeps arrival
+            # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) for tracing.
+            where = "state = 'dead_letter'" + ("" if ids is None else " AND id = :id")
+            params = [{"now": now}] if ids is None else [{"now": now, "id": int(i)} for i in ids]
+            count = 0
+            for p in params:
+                count += conn.execute(
+                    "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, reason) "
+                    "SELECT delivery_id, token, kind, data, :now, :now + (expires_at - received_at), :now, 'retried' "
+                    f"FROM deliveries WHERE {where} ORDER BY id",
+                    p,
+                ).rowcount
+                conn.execute(f"DELETE FROM deliveries WHERE {where}", p)
             _bump(conn, EndState.DEAD_LETTER.value, -count)
             return count
 

@@ -54,7 +54,12 @@ async def run_demo(port: int = 0, keep_running: bool = False) -> int:
             for fcm_request in fcm:
                 print(f"  POST /v1/projects/{fcm_request.project}/messages:send -> {fcm_request.status}")
                 print("  message: " + pretty(fcm_request.message).replace("\n", "\n  "))
-            stats = await app[RELAY_KEY].store.stats()
+            store = app[RELAY_KEY].store
+            for _ in range(200):  # the providers answered; wait for the outcomes to be recorded
+                stats = await store.stats()
+                if stats.pending == stats.inflight == 0:
+                    break
+                await asyncio.sleep(0.02)
             print(f"\nstore: accepted={stats.accepted} sent={stats.ended.get('sent', 0)} pending={stats.pending}")
             if keep_running:
                 print(f"\nserving on {url} with header {AUTH_HEADER}: {AUTH_VALUE} (Ctrl-C to stop)")

@@ -1,0 +1,70 @@
+"""The benchmark's fake APNs and FCM, in their own process, driven over stdin/stdout (one JSON line each way).
+
+    python bench/fakes.py ROOT
+
+It starts :class:`relay.testing.sandbox.Sandbox` (both fakes, each on its own thread, credentials under
+ROOT), prints ``{"ready": true, ...}`` and then answers commands:
+
+* ``{"cmd": "config"}`` -> the relay config dict for these fakes (the harness writes it to disk);
+* ``{"cmd": "mark"}`` -> the number of requests each fake has recorded so far (a position to count from);
+* ``{"cmd": "since", "apns": N, "fcm": M, "ids": bool}`` -> per platform, the successful requests after
+  that position: count, first/last arrival time, and with ``ids`` every ``[object id, arrival time]``;
+* ``{"cmd": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from relay.testing.sandbox import Sandbox
+
+
+def _object_id(parley: str | None) -> int:
+    try:
+        return int(json.loads(parley or "{}")["object"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+def _since(box: Sandbox, apns_from: int, fcm_from: int, ids: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    apns = [r for r in box.apns.requests[apns_from:] if r.status == 200]
+    fcm = [r for r in box.fcm.requests[fcm_from:] if r.status == 200]
+    for name, rows in (("apns", apns), ("fcm", fcm)):
+        times = [r.received_at for r in rows]
+        out[name] = {"count": len(rows), "first": min(times, default=0.0), "last": max(times, default=0.0)}
+    if ids:
+        out["apns"]["ids"] = [[_object_id(r.payload.get("parley")), r.received_at] for r in apns]
+        out["fcm"]["ids"] = [[_object_id((r.message.get("data") or {}).get("parley")), r.received_at] for r in fcm]
+    return out
+
+
+def main() -> None:
+    box = Sandbox.start(Path(sys.argv[1]))
+    print(json.dumps({"ready": True, "apns": box.apns.url, "fcm": box.fcm.url, "ca_file": box.apns.ca_file,
+                      "key_id": box.apns_key.key_id, "team_id": box.apns_key.team_id}), flush=True)
+    try:
+        for line in sys.stdin:
+            command = json.loads(line)
+            name = command.get("cmd")
+            if name == "config":
+                answer: Any = box.config_dict()
+            elif name == "mark":
+                answer = {"apns": len(box.apns.requests), "fcm": len(box.fcm.requests)}
+            elif name == "since":
+                answer = _since(box, int(command.get("apns", 0)), int(command.get("fcm", 0)),
+                                bool(command.get("ids")))
+            elif name == "quit":
+                break
+            else:
+                answer = {"error": f"unknown command {name!r}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        box.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Process plumbing for ``bench/run.py``: the fakes process, relay processes, the load generator, store prefill.
+
+Every measured component is its own OS process: the fakes (``bench/fakes.py``), the server under test
+(``parley-relay serve`` or ``bench/bare_server.py``), the load (``bench/loadgen.py``) and the bare provider
+clients (``bench/ceilings.py``). This module only starts them, waits for them and reads their answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ios_tokens(n: int, salt: str = "") -> list[str]:
+    """``n`` APNs-shaped (64 hex) push tokens."""
+    return [hashlib.sha256(f"ios-{salt}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def android_tokens(n: int, salt: str = "") -> list[str]:
+    """``n`` FCM-registration-token-shaped push tokens."""
+    return [f"fcm-{salt}{i}:APA91bH_bench_android_device_{i:07d}" for i in range(n)]
+
+
+class Fakes:
+    """``bench/fakes.py`` as a child process; one JSON line per command."""
+
+    def __init__(self, root: Path) -> None:
+        self.proc = subprocess.Popen([PYTHON, str(BENCH / "fakes.py"), str(root)], stdin=subprocess.PIPE,  # noqa: S603
+                                     stdout=subprocess.PIPE, text=True)
+        self.info: dict[str, Any] = self._read()
+
+    def _read(self) -> Any:
+        assert self.proc.stdout is not None  # noqa: S101 - opened with PIPE
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the fakes process died")
+        return json.loads(line)
+
+    def ask(self, cmd: str, **fields: Any) -> Any:
+        assert self.proc.stdin is not None  # noqa: S101 - opened with PIPE
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def mark(self) -> dict[str, int]:
+        return dict(self.ask("mark"))
+
+    def since(self, mark: Mapping[str, int], ids: bool = False) -> dict[str, Any]:
+        return dict(self.ask("since", apns=mark["apns"], fcm=mark["fcm"], ids=ids))
+
+    def wait_count(self, mark: Mapping[str, int], platform: str, n: int, timeout: float) -> dict[str, Any]:
+        """Poll until ``n`` successful pushes to ``platform`` arrived after ``mark`` (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.since(mark)[platform]
+            if got["count"] >= n or time.monotonic() > deadline:
+                return dict(got)
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        try:
+            self.ask("quit")
+        except (OSError, RuntimeError, ValueError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None) -> None:
+    """Poll ``url`` (``/readyz``) every 5 ms until 200; the child dying or ``timeout`` is an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback http
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready within {timeout}s")
+        time.sleep(0.005)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM (the relay drains) and wait; kill after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Relay:
+    """One ``parley-relay serve`` child on a free loopback port, its log in ``root``."""
+
+    def __init__(self, root: Path, base: Mapping[str, Any], name: str, devices: Mapping[str, Mapping[str, str]] | None,
+                 registry: Path | None = None, **overrides: Any) -> None:
+        self.port = free_port()
+        config = {**base, **overrides, "listen": {"host": "127.0.0.1", "port": self.port},
+                  "logging": {"level": "WARNING"}}
+        if registry is None:
+            registry = root / f"{name}-devices.yaml"
+            registry.write_text(yaml.safe_dump({"devices": dict(devices or {})}))
+        config["registry"] = str(registry)
+        self.config = root / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.log = root / f"{name}.log"
+        command = [str(Path(PYTHON).with_name("parley-relay")), "serve", "--config", str(self.config)]
+        with self.log.open("wb") as out:
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())  # noqa: S603
+        self.ready_after = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/parley/webhook"
+
+    def wait_ready(self, timeout: float = 120.0) -> Relay:
+        wait_ready(f"http://127.0.0.1:{self.port}/readyz", self.proc, timeout, self.log)
+        self.ready_after = time.monotonic() - self.started
+        return self
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.proc.pid)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+
+
+@contextmanager
+def bare_server() -> Iterator[str]:
+    """``bench/bare_server.py`` on a free port; yields its webhook URL."""
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, str(BENCH / "bare_server.py"), str(port)])  # noqa: S603
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", proc, 30)
+        yield f"http://127.0.0.1:{port}/parley/webhook"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_json(script: str, spec: Mapping[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    """Run ``bench/<script>`` with one JSON argument; its last stdout line is the JSON result."""
+    done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,  # noqa: S603
+                          timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def load(url: str, tokens: Sequence[str], **spec: Any) -> dict[str, Any]:
+    """One load-generator run against ``url`` with the sandbox's auth header."""
+    from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE
+
+    return run_json("loadgen.py", {"url": url, "tokens": list(tokens), "headers": {AUTH_HEADER: AUTH_VALUE},
+                                   **spec})
+
+
+def prefill(path: Path, tokens: Sequence[str], count: int) -> None:
+    """Store ``count`` accepted deliveries (round-robin over ``tokens``) through the relay's own store code."""
+    from relay.config import StoreSettings
+    from relay.inbound import dedupe_key, parse_webhook
+    from relay.store.base import NewDelivery
+    from relay.store.sqlite import SqliteStore
+    from relay.testing.sandbox import sample
+
+    async def fill() -> None:
+        store = SqliteStore(StoreSettings(backend="sqlite", path=path))
+        await store.open()
+        now = time.time()
+        items = []
+        for n in range(count):
+            token = tokens[n % len(tokens)]
+            hook = parse_webhook(json.dumps(sample("message", to=[token], id=n + 1)).encode())
+            items.append(NewDelivery(token, hook.type, hook.data, dedupe_key(hook, token), now + 86400))
+        for start in range(0, count, 2000):
+            await store.enqueue(items[start:start + 2000], now, 600.0)
+        await store.close()
+
+    asyncio.run(fill())
+
+
+def write_registry(path: Path, ios: Sequence[str], android: Sequence[str]) -> None:
+    """A registry YAML in the documented one-line-per-device shape (written directly: fast for 1M)."""
+    with path.open("w") as fh:
+        fh.write("devices:\n")
+        fh.writelines(f"  {token}: {{app: ios}}\n" for token in ios)
+        fh.writelines(f"  '{token}': {{app: android}}\n" for token in android)
+
+
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="parley-bench-")

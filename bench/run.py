@@ -1,0 +1,340 @@
+"""The benchmark suite: every figure of issue 7 in one run, as ratios against ceilings measured in that run.
+
+    python bench/run.py                # the whole suite, about 2-3 minutes on 2 cores
+    python bench/run.py --million      # also the 1M-device registry row (adds about a minute)
+    python bench/run.py --only ingest,drain_apns --seconds 3
+
+See bench/README.md for what each row measures and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402 - the path line above makes bench/ importable when run as a script
+from harness import Fakes, Relay, android_tokens, ios_tokens  # noqa: E402
+
+DEVICES = 1000  # per platform in the throughput and latency rows
+DRAIN = 20_000
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    figure: str
+    value: str
+    ceiling: str = ""
+    ratio: str = ""
+    target: str = ""
+    ok: bool | None = None
+
+
+class Suite:
+    """Runs the rows; each one starts and stops what it needs."""
+
+    def __init__(self, root: Path, seconds: float) -> None:
+        self.root, self.seconds = root, seconds
+        self.fakes = Fakes(root)
+        self.base: dict[str, Any] = self.fakes.ask("config")
+        self.ios, self.android = ios_tokens(DEVICES), android_tokens(DEVICES)
+        self.devices = {t: {"app": "ios"} for t in self.ios} | {t: {"app": "android"} for t in self.android}
+        self.rows: list[Row] = []
+        self.figures: dict[str, float] = {}
+        self.next_id = 1
+
+    def relay(self, name: str, **overrides: Any) -> Relay:
+        store = overrides.pop("store", {"backend": "sqlite", "path": str(self.root / f"{name}.db")})
+        return Relay(self.root, self.base, name, overrides.pop("devices", self.devices), store=store,
+                     **overrides).wait_ready()
+
+    def load(self, url: str, tokens: list[str], **spec: Any) -> dict[str, Any]:
+        spec.setdefault("duration", self.seconds)
+        result = harness.load(url, tokens, first_id=self.next_id, **spec)
+        self.next_id = int(result["last_id"]) + 1
+        return result
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def ceiling_http(self) -> None:
+        with harness.bare_server() as url:
+            result = self.load(url, self.ios + self.android, mode="closed", connections=64)
+        self.figures["ceiling_http"] = result["rps"]
+        self.rows.append(Row("ceiling_http (bare aiohttp, 64 clients)", f"{result['rps']:,.0f} req/s"))
+
+    def ingest(self) -> None:
+        relay = self.relay("ingest")
+        try:
+            result = self.load(relay.url, self.ios + self.android, mode="closed", connections=64)
+        finally:
+            relay.stop()
+        self._bad_answers("ingest", result)
+        rps = self.figures["ingest"] = result["rps"]
+        self._ratio("ingest, SQLite (durable, dispatcher on)", f"{rps:,.0f} webhooks/s", "ceiling_http", rps,
+                    ">= 0.5")
+
+    def ack_latency(self) -> None:
+        rate = max(50.0, self.figures.get("ingest", 1000.0) / 2)
+        relay = self.relay("ack")
+        try:
+            result = self.load(relay.url, self.ios + self.android, mode="open", rate=rate, connections=64)
+        finally:
+            relay.stop()
+        self._bad_answers("ack latency", result)
+        p99 = result["p99"] * 1000
+        self.rows.append(Row(f"ack latency @ {rate:,.0f}/s open loop (p50 / p99 / max)",
+                             f"{result['p50'] * 1000:.1f} / {p99:.1f} / {result['max'] * 1000:.1f} ms",
+                             target="p99 <= 10 ms", ok=p99 <= 10))
+
+    def ingest_redis(self) -> None:
+        if not _redis_available():
+            self.rows.append(Row("ingest, Redis store", "n/a (redis backend not available)"))
+            return
+        prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        relay = self.relay("ingest-redis", store={"backend": "redis", "url": REDIS_URL, "prefix": prefix})
+        try:
+            result = self.load(relay.url, self.ios + self.android, mode="closed", connections=64)
+        finally:
+            relay.stop()
+            _redis_delete(prefix)
+        self._bad_answers("ingest redis", result)
+        self._ratio("ingest, Redis store (dispatcher on)", f"{result['rps']:,.0f} webhooks/s", "ceiling_http",
+                    result["rps"], "")
+
+    def ceiling_apns(self) -> None:
+        info = self.fakes.info
+        host, port = info["apns"].removeprefix("https://").rsplit(":", 1)
+        spec = {"platform": "apns", "count": DRAIN, "tokens": self.ios, "host": host, "port": int(port),
+                "ca_file": info["ca_file"], "key_file": str(self.root / "AuthKey.p8"), "key_id": info["key_id"],
+                "team_id": info["team_id"], "topic": self.base["apps"]["ios"]["topic"], "concurrency": 100}
+        self._ceiling("apns", spec, "ceiling_apns (bare aioapns, 100 in flight)")
+
+    def ceiling_fcm(self) -> None:
+        spec = {"platform": "fcm", "count": DRAIN, "tokens": self.android, "url": self.fakes.info["fcm"],
+                "service_account_file": str(self.root / "firebase.json"), "batch": 500, "parallel": 1}
+        self._ceiling("fcm", spec, "ceiling_fcm (bare firebase-admin, send_each_async x500)")
+
+    def _ceiling(self, platform_: str, spec: dict[str, Any], label: str) -> None:
+        mark = self.fakes.mark()
+        result = harness.run_json("ceilings.py", spec)
+        got = self.fakes.since(mark)[platform_]
+        rate = _rate(got)
+        self.figures[f"ceiling_{platform_}"] = rate
+        failed = f" ({result['failed']} failed)" if result["failed"] else ""
+        self.rows.append(Row(label, f"{rate:,.0f} pushes/s{failed}"))
+
+    def drain(self, platform_: str) -> None:
+        tokens = self.ios if platform_ == "apns" else self.android
+        db = self.root / f"drain-{platform_}.db"
+        harness.prefill(db, tokens, DRAIN)
+        mark = self.fakes.mark()
+        relay = self.relay(f"drain-{platform_}", store={"backend": "sqlite", "path": str(db)})
+        try:
+            got = self.fakes.wait_count(mark, platform_, DRAIN, timeout=60)
+        finally:
+            relay.stop()
+        rate = self.figures[f"drain_{platform_}"] = _rate(got)
+        lost = f" ({DRAIN - got['count']} missing)" if got["count"] < DRAIN else ""
+        self._ratio(f"drain_{platform_} (20,000 stored deliveries)", f"{rate:,.0f} pushes/s{lost}",
+                    f"ceiling_{platform_}", rate, ">= 0.7")
+
+    def end_to_end(self) -> None:
+        relay = self.relay("e2e")
+        mark = self.fakes.mark()
+        try:
+            result = self.load(relay.url, self.ios + self.android, mode="open", rate=200, connections=16,
+                               record_sends=True, duration=max(5.0, self.seconds))
+            sent = {int(i): t for i, t in result["sends"]}
+            deadline = time.monotonic() + 30
+            while True:
+                got = self.fakes.since(mark, ids=True)
+                arrived = {int(i): t for p in ("apns", "fcm") for i, t in got[p]["ids"]}
+                if all(i in arrived for i in sent) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        finally:
+            relay.stop()
+        latencies = sorted(arrived[i] - t for i, t in sent.items() if i in arrived)
+        p50, p99 = _pct(latencies, 50) * 1000, _pct(latencies, 99) * 1000
+        missing = len(sent) - len(latencies)
+        self.rows.append(Row("end-to-end @ 200/s: webhook -> fake provider (p50 / p99)",
+                             f"{p50:.1f} / {p99:.1f} ms" + (f" ({missing} missing)" if missing else ""),
+                             target="p50 <= 5, p99 <= 25 ms", ok=p50 <= 5 and p99 <= 25 and not missing))
+
+    def registry(self, sizes: list[int]) -> None:
+        rss: dict[int, float] = {}
+        for size in sizes:
+            ios = ios_tokens(size // 2, salt="r")
+            android = android_tokens(size - size // 2, salt="r")
+            path = self.root / f"devices-{size}.yaml"
+            harness.write_registry(path, ios, android)
+            relay = Relay(self.root, self.base, f"registry-{size}", None, registry=path,
+                          store={"backend": "sqlite", "path": str(self.root / f"registry-{size}.db")})
+            try:
+                relay.wait_ready(timeout=300)
+                rss[size] = relay.rss_mb()
+                serves = self._serves(relay, ios[-1], android[-1])
+            finally:
+                relay.stop()
+            path.unlink()
+            label = f"registry {_count(size)} devices: time to ready, RSS"
+            value = f"{relay.ready_after:.2f} s, {rss[size]:.0f} MB" + ("" if serves else " (did NOT serve)")
+            if size == 100_000:
+                ok = relay.ready_after <= 2 and rss[size] <= 150 and serves
+                self.rows.append(Row(label, value, target="<= 2 s, <= 150 MB", ok=ok))
+            else:
+                self.rows.append(Row(label, value, target="loads and serves" if size >= 1_000_000 else "",
+                                     ok=serves if size >= 1_000_000 else None))
+        small, large = min(rss), max(rss)
+        if large > small:
+            growth = (rss[large] - rss[small]) * 1024 * 1024 / (large - small)
+            self.rows.append(Row(f"registry growth per device ({_count(small)} -> {_count(large)})",
+                                 f"{growth:,.0f} bytes"))
+
+    def _serves(self, relay: Relay, ios: str, android: str) -> bool:
+        mark = self.fakes.mark()
+        result = self.load(relay.url, [ios, android], mode="open", rate=20, duration=0.1, warmup=0,
+                           connections=2)
+        if result["ok"] < 2:
+            return False
+        got = self.fakes.wait_count(mark, "apns", 1, 10)
+        return got["count"] >= 1 and self.fakes.wait_count(mark, "fcm", 1, 10)["count"] >= 1
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _ratio(self, label: str, value: str, ceiling: str, rate: float, target: str) -> None:
+        base = self.figures.get(ceiling)
+        if not base:
+            self.rows.append(Row(label, value, target=target))
+            return
+        ratio = rate / base
+        ok = ratio >= float(target.split()[-1]) if target else None
+        self.rows.append(Row(label, value, ceiling, f"{ratio:.2f}", target, ok))
+
+    def _bad_answers(self, what: str, result: dict[str, Any]) -> None:
+        bad = {k: v for k, v in result["statuses"].items() if k != "200"}
+        if bad:
+            print(f"  note: {what}: answers other than 200: {bad}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.fakes.close()
+
+
+def _rate(got: dict[str, Any]) -> float:
+    span = got["last"] - got["first"]
+    return (got["count"] - 1) / span if got["count"] > 1 and span > 0 else 0.0
+
+
+def _pct(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))] if ordered else float("nan")
+
+
+def _count(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"
+
+
+def _redis_available() -> bool:
+    try:
+        import redis
+
+        import relay.store.redis  # noqa: F401 - the backend must exist and import
+    except ImportError:
+        return False
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+        client.ping()
+        client.close()
+    except redis.RedisError:
+        return False
+    return True
+
+
+def _redis_delete(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
+    client.close()
+
+
+def render(rows: list[Row], elapsed: float) -> str:
+    """The table, as Markdown (it reads fine in a terminal too)."""
+    header = ("figure", "value", "vs", "ratio", "target", "")
+    lines = [header] + [(r.figure, r.value, r.ceiling, r.ratio, r.target,
+                         "" if r.ok is None else ("ok" if r.ok else "MISSED")) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    note = (f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}; "
+            f"suite ran {elapsed:.0f} s")
+    return "\n".join(out) + "\n" + note
+
+
+ROWS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
+    "ceiling_http": lambda s, a: s.ceiling_http(),
+    "ingest": lambda s, a: s.ingest(),
+    "ack": lambda s, a: s.ack_latency(),
+    "ingest_redis": lambda s, a: s.ingest_redis(),
+    "ceiling_apns": lambda s, a: s.ceiling_apns(),
+    "drain_apns": lambda s, a: s.drain("apns"),
+    "ceiling_fcm": lambda s, a: s.ceiling_fcm(),
+    "drain_fcm": lambda s, a: s.drain("fcm"),
+    "e2e": lambda s, a: s.end_to_end(),
+    "registry": lambda s, a: s.registry([10_000, 100_000] + ([1_000_000] if a.million else [])),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="parley-relay benchmark suite (issue 7)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load row (after 1 s warm-up)")
+    parser.add_argument("--million", action="store_true", help="also load a 1M-device registry")
+    parser.add_argument("--only", default="", help=f"comma-separated rows: {','.join(ROWS)}")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    if shutil.which("parley-relay", path=str(Path(sys.executable).parent)) is None:
+        print("parley-relay is not installed next to this python (pip install -e .)", file=sys.stderr)
+        return 2
+    chosen = [name for name in ROWS if not args.only or name in args.only.split(",")]
+    started = time.monotonic()
+    with harness.scratch() as tmp:
+        suite = Suite(Path(tmp), args.seconds)
+        shown = 0
+        try:
+            for name in chosen:
+                print(f"- {name} ...", file=sys.stderr, flush=True)
+                try:
+                    ROWS[name](suite, args)
+                    for row in suite.rows[shown:]:
+                        print(f"  {row.figure}: {row.value}" + (f" (ratio {row.ratio})" if row.ratio else ""),
+                              file=sys.stderr, flush=True)
+                    shown = len(suite.rows)
+                except (RuntimeError, TimeoutError, OSError, ValueError, KeyError) as exc:
+                    print(f"  {name} failed: {exc}", file=sys.stderr)
+                    suite.rows.append(Row(name, f"error: {str(exc).splitlines()[0][:80]}", ok=False))
+        finally:
+            suite.close()
+    table = render(suite.rows, time.monotonic() - started)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"figures": suite.figures, "table": table}, indent=2))
+    return 0 if all(r.ok is not False for r in suite.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
