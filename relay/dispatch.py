@@ -211,6 +211,12 @@ class Dispatcher:
             await self.record_end(job, EndState.DEAD_LETTER, f"unreadable stored notification: {exc}", None)
             return
         route = self.registry.lookup(job.token)
+        if route is None and not self.registry.is_dead(job.token):
+            # Another instance (or the CLI) may have registered it since our overlay was loaded.
+            device = await self._persist(lambda: self.store.get_device(job.token))
+            if device is not None:
+                self.registry.put(device)
+                route = self.registry.lookup(job.token)
         expires_at = job.expires_at
         if route is not None and isinstance(notification, Event):
             expires_at = min(expires_at, job.received_at + route.app.policy.event_ttl)

@@ -173,13 +173,14 @@ class Registry:
         """Whether ``token``'s entry was added at run time (and so can be removed at run time)."""
         return token in self._overlay
 
-    def entries(self) -> Iterator[Device]:
-        """Every explicit entry, run-time ones in place of the YAML ones they overlay (unordered)."""
-        for token, (app, device_token) in self._overlay.items():
-            yield Device(token, app, device_token or token)
-        for token, (app, device_token) in self._base.devices.items():
-            if token not in self._overlay:
-                yield Device(token, app, device_token or token)
+    def tokens(self) -> Iterator[tuple[str, str]]:
+        """(token, app) of every explicit entry, run-time ones in place of the YAML ones they overlay (unordered)."""
+        overlay = self._overlay
+        for token, (app, _device_token) in overlay.items():
+            yield token, app
+        for token, (app, _device_token) in self._base.devices.items():
+            if token not in overlay:
+                yield token, app
 
     def lookup(self, token: str) -> Route | None:
         """Route for ``token``: explicit entries win over rules; ``None`` when nothing matches."""

@@ -282,3 +282,12 @@ def test_retry_policy_is_full_jitter_within_bounds() -> None:
     assert policy.delay(0, retry_after=120) == 120
     with pytest.raises(ValueError):
         RetryPolicy(0, 10)
+
+
+async def test_device_registered_by_another_instance_is_found_in_the_store(harness: Harness) -> None:
+    """A token unknown to this instance's overlay but added to the shared store (CLI, another relay) is sent."""
+    token = "7" * 64
+    await harness.store.put_device(Device(token, "ios", token), harness.clock.now())  # not in our registry
+    await harness.accept(msg(1, to=token))
+    await harness.run()
+    assert harness.bodies() == ["m1"]

@@ -244,6 +244,8 @@ async def test_devices_are_put_replaced_listed_and_removed(store: Store) -> None
     await store.put_device(Device("t1", "ios", "dev1"), NOW)
     await store.put_device(Device("t1", "ios", "dev1-new"), NOW)
     assert await store.list_devices() == [Device("t1", "ios", "dev1-new"), Device("t2", "android", "t2")]
+    assert await store.get_device("t1") == Device("t1", "ios", "dev1-new")
+    assert await store.get_device("nope") is None
     assert await store.remove_device("t2") is True
     assert await store.remove_device("t2") is False
     assert (await store.stats()).devices == 1

@@ -103,6 +103,9 @@ class Store(Protocol):
     async def remove_device(self, token: str) -> bool:
         """Remove a run-time device; False when there was none."""
 
+    async def get_device(self, token: str) -> Device | None:
+        """One run-time device (another instance may have added it since this one loaded its overlay)."""
+
     async def list_devices(self) -> list[Device]:
         """All run-time devices."""
 

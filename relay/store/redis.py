@@ -266,6 +266,13 @@ class RedisStore:
     async def remove_device(self, token: str) -> bool:
         return bool(await self._do(self._client.hdel(self._key("devices"), token)))
 
+    async def get_device(self, token: str) -> Device | None:
+        raw = await self._do(self._client.hget(self._key("devices"), token))
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        return Device(token, str(doc["app"]), str(doc["device_token"]))
+
     async def list_devices(self) -> list[Device]:
         rows = await self._do(self._client.hgetall(self._key("devices")))
         devices = []

@@ -307,6 +307,12 @@ class SqliteStore:
     async def remove_device(self, token: str) -> bool:
         return bool(await self._run(lambda c: c.execute("DELETE FROM devices WHERE token = ?", (token,)).rowcount))
 
+    async def get_device(self, token: str) -> Device | None:
+        row = await self._run(
+            lambda c: c.execute("SELECT token, app, device_token FROM devices WHERE token = ?", (token,)).fetchone()
+        )
+        return None if row is None else Device(*row)
+
     async def list_devices(self) -> list[Device]:
         rows = await self._run(lambda c: c.execute("SELECT token, app, device_token FROM devices ORDER BY token").fetchall())
         return [Device(t, a, d) for t, a, d in rows]
