@@ -4,6 +4,8 @@ aioapns defects worked around here (each covered by a test):
 
 * it never re-opens the HTTP/2 receive window, so after ~64 KiB of error bodies on one connection every
   later response stalls: :class:`_RelayProtocol` acknowledges every DATA frame;
+* it writes request bodies without waiting for the server's window and raises FlowControlError once
+  thousands of requests are in flight: :meth:`_RelayProtocol.send_notification` waits for WINDOW_UPDATE;
 * it resolves a non-200 answer only when a body with a ``reason`` arrives, and drops ``retry-after``:
   the protocol resolves on END_STREAM with status, reason and ``retry-after``;
 * it mints a provider JWT per connection (Apple allows one refresh per 20 min): one :class:`SharedJwt` per key;
@@ -16,6 +18,7 @@ aioapns defects worked around here (each covered by a test):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -40,6 +43,7 @@ from h2.events import (
     ResponseReceived,
     StreamEnded,
     StreamReset,
+    WindowUpdated,
 )
 from h2.exceptions import FlowControlError, H2Error, NoAvailableStreamIDError
 import jwt
@@ -119,11 +123,68 @@ class _Result(NotificationResult):
 
 
 class _RelayProtocol(APNsBaseClientProtocol):
-    """aioapns' protocol with stream-level response handling and flow-control acknowledgement."""
+    """aioapns' protocol with stream-level response handling and flow control in both directions."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._responses: dict[int, dict[str, Any]] = {}
+        self._window_waiters: list[asyncio.Future[None]] = []
+
+    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        """aioapns' request, but waiting for the server's flow-control window instead of raising.
+
+        aioapns writes the body at once and raises FlowControlError when thousands of requests in flight
+        exceed the window the server granted, leaving the stream half-open.
+        """
+        stream_id = await self.free_channels.acquire()
+        headers = [
+            (":method", "POST"), (":scheme", "https"), (":path", f"/3/device/{request.device_token}"),
+            ("host", self.APNS_SERVER), ("apns-id", request.notification_id),
+            ("apns-topic", request.apns_topic or self.apns_topic),
+        ]
+        if request.time_to_live is not None:
+            headers.append(("apns-expiration", str(int(time.time()) + request.time_to_live)))
+        if request.priority is not None:
+            headers.append(("apns-priority", str(request.priority)))
+        if request.collapse_key is not None:
+            headers.append(("apns-collapse-id", request.collapse_key))
+        if request.push_type is not None:
+            headers.append(("apns-push-type", request.push_type.value))
+        if self.auth_provider is not None:
+            headers.append(("authorization", self.auth_provider.get_header()))
+        body = json.dumps(request.message, ensure_ascii=False).encode()
+        future: asyncio.Future[NotificationResult] = self.loop.create_future()
+        self.requests[request.notification_id] = future
+        self.request_streams[stream_id] = request.notification_id
+        self.conn.send_headers(stream_id=stream_id, headers=headers)
+        try:
+            while self.conn.local_flow_control_window(stream_id) < len(body):
+                self.flush()
+                waiter: asyncio.Future[None] = self.loop.create_future()
+                self._window_waiters.append(waiter)
+                await waiter
+        except asyncio.CancelledError:
+            # Given up (send timeout) before the body left: close the half-open stream on both sides.
+            self.requests.pop(request.notification_id, None)
+            if self.request_streams.pop(stream_id, None) is not None:
+                self.free_channels.release()
+                with contextlib.suppress(H2Error):
+                    self.conn.reset_stream(stream_id)
+                    self.flush()
+            raise
+        self.conn.send_data(stream_id=stream_id, data=body, end_stream=True)
+        self.flush()
+        return await future
+
+    def _window_changed(self, exc: Exception | None = None) -> None:
+        waiters, self._window_waiters = self._window_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -145,8 +206,11 @@ class _RelayProtocol(APNsBaseClientProtocol):
                 self._complete(event.stream_id)
             elif isinstance(event, StreamReset):
                 self._fail(event.stream_id, ConnectionClosed(f"stream reset: {event.error_code}"))
+            elif isinstance(event, WindowUpdated):
+                self._window_changed()
             elif isinstance(event, RemoteSettingsChanged):
                 self.on_remote_settings_changed(event.changed_settings)
+                self._window_changed()
             elif isinstance(event, ConnectionTerminated):
                 self.on_connection_terminated(event)
         if self.transport is not None and not self.transport.is_closing():
@@ -182,6 +246,7 @@ class _RelayProtocol(APNsBaseClientProtocol):
         # aioapns sets exceptions on futures a timeout already cancelled (InvalidStateError): skip those.
         for stream_id in list(self.request_streams):
             self._fail(stream_id, ConnectionClosed(str(exc)))
+        self._window_changed(ConnectionClosed(str(exc)))
         self.requests = {nid: f for nid, f in self.requests.items() if not f.done()}
         super().connection_lost(exc)
 
