@@ -77,8 +77,8 @@ async def fcm(spec: dict[str, Any]) -> dict[str, Any]:
     with open(spec["service_account_file"]) as fh:
         info = json.load(fh)
     app = firebase_admin.initialize_app(credentials.Certificate(info), name=f"bench-{uuid.uuid4().hex[:6]}")
-    service = messaging._get_messaging_service(app)  # noqa: SLF001 - FCM's URL has no public override
-    service._fcm_url = f"{spec['url']}/v1/projects/{info['project_id']}/messages:send"  # noqa: SLF001
+    service = messaging._get_messaging_service(app)
+    service._fcm_url = f"{spec['url']}/v1/projects/{info['project_id']}/messages:send"
     # The first OAuth token, off the loop (firebase-admin would otherwise fetch it blocking, mid-batch).
     await asyncio.to_thread(app.credential.get_credential().refresh, google.auth.transport.requests.Request())
     tokens: list[str] = spec["tokens"]
@@ -104,7 +104,7 @@ async def fcm(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     await asyncio.gather(*(batch(start) for start in range(0, count, size)))
     elapsed = time.perf_counter() - started
-    await service._async_client.aclose()  # noqa: SLF001
+    await service._async_client.aclose()
     return {"sent": sent, "failed": failed, "elapsed": elapsed}
 
 

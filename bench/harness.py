@@ -51,19 +51,19 @@ class Fakes:
     """``bench/fakes.py`` as a child process; one JSON line per command."""
 
     def __init__(self, root: Path) -> None:
-        self.proc = subprocess.Popen([PYTHON, str(BENCH / "fakes.py"), str(root)], stdin=subprocess.PIPE,  # noqa: S603
+        self.proc = subprocess.Popen([PYTHON, str(BENCH / "fakes.py"), str(root)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.info: dict[str, Any] = self._read()
 
     def _read(self) -> Any:
-        assert self.proc.stdout is not None  # noqa: S101 - opened with PIPE
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("the fakes process died")
         return json.loads(line)
 
     def ask(self, cmd: str, **fields: Any) -> Any:
-        assert self.proc.stdin is not None  # noqa: S101 - opened with PIPE
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
         self.proc.stdin.flush()
         return self._read()
@@ -111,7 +111,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Pat
             tail = log.read_text(errors="replace")[-3000:] if log else ""
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready\n{tail}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback http
+            with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -150,7 +150,7 @@ class Relay:
         command = [str(Path(PYTHON).with_name("parley-relay")), "serve", "--config", str(self.config)]
         with self.log.open("wb") as out:
             self.started = time.monotonic()
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())  # noqa: S603
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
         self.ready_after = 0.0
 
     @property
@@ -177,7 +177,7 @@ def _env() -> dict[str, str]:
 def bare_server() -> Iterator[str]:
     """``bench/bare_server.py`` on a free port; yields its webhook URL."""
     port = free_port()
-    proc = subprocess.Popen([PYTHON, str(BENCH / "bare_server.py"), str(port)])  # noqa: S603
+    proc = subprocess.Popen([PYTHON, str(BENCH / "bare_server.py"), str(port)])
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", proc, 30)
         yield f"http://127.0.0.1:{port}/parley/webhook"
@@ -188,7 +188,7 @@ def bare_server() -> Iterator[str]:
 
 def run_json(script: str, spec: Mapping[str, Any], timeout: float = 300.0) -> dict[str, Any]:
     """Run ``bench/<script>`` with one JSON argument; its last stdout line is the JSON result."""
-    done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,  # noqa: S603
+    done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,
                           timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -83,7 +83,7 @@ class _Conn(asyncio.Protocol):
         self._on_lost(self)
 
     async def request(self, data: bytes) -> int:
-        assert self.transport is not None  # noqa: S101 - callers only use live connections
+        assert self.transport is not None
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return await self.waiter

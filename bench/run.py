@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402 - the path line above makes bench/ importable when run as a script
-from harness import Fakes, Relay, android_tokens, ios_tokens  # noqa: E402
+import harness
+from harness import Fakes, Relay, android_tokens, ios_tokens
 
 DEVICES = 1000  # per platform in the throughput and latency rows
 DRAIN = 20_000

@@ -93,7 +93,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                     print(f"{key:<24} {value}")
         return 0 if stats.balanced else 1
 
-    return _run(_with_store(config, work))
+    return int(_run(_with_store(config, work)))
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -104,7 +104,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
             base = load_registry(config.registry, config.apps)
             overlay = {d.token: d for d in await store.list_devices()}
             dead = await store.dead_tokens()
-            for token, (app, device_token) in sorted(base.devices.items()):
+            for token, (app, _device_token) in sorted(base.devices.items()):
                 if token not in overlay:
                     print("\t".join([token, app, "yaml"] + (["dead"] if token in dead else [])))
             for token, device in sorted(overlay.items()):
@@ -121,7 +121,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"removed {short_token(args.token)}" if removed else f"no run-time device {short_token(args.token)}")
         return 0 if removed else 1
 
-    return _run(_with_store(config, work))
+    return int(_run(_with_store(config, work)))
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -149,7 +149,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         print(f"queued {count} dead letter(s) again")
         return 0 if count or args.all else 1
 
-    return _run(_with_store(config, work))
+    return int(_run(_with_store(config, work)))
 
 
 RETRY_BATCH = 500
@@ -196,7 +196,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
               f"status={result.status} reason={result.reason or '-'}")
         return 0 if result.outcome is Outcome.SENT else 1
 
-    return _run(_with_store(config, work))
+    return int(_run(_with_store(config, work)))
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -222,7 +222,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.testing.demo import run_demo
 
-    return _run(run_demo(port=args.port, keep_running=args.keep_running))
+    return int(_run(run_demo(port=args.port, keep_running=args.keep_running)))
 
 
 def _run(coro: Awaitable[Any]) -> Any:
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     letters = with_config(sub.add_parser("dead-letters", help="deliveries refused by a provider"))
     lsub = letters.add_subparsers(dest="action", required=True)
-    lst = leaf_config(lsub.add_parser("list", help="ID, time, token, kind and reason of each dead letter, oldest first"))
+    lst = leaf_config(lsub.add_parser(
+        "list", help="ID, time, token, kind and reason of each dead letter, oldest first"))
     lst.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
     retry = leaf_config(lsub.add_parser("retry", help="queue dead letters again (exit 1 if none of the IDs was found)"))
     retry.add_argument("ids", nargs="*", help="dead-letter IDs, as printed by: dead-letters list")

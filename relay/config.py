@@ -245,7 +245,7 @@ class _Reader:
         value = self.data.get(name, _MISSING)
         return _expand_env(value, self, name) if value is not _MISSING else _MISSING
 
-    def str(self, name: str, default: Any = _MISSING) -> Any:
+    def text(self, name: str, default: Any = _MISSING) -> Any:
         value = self.raw(name)
         if value is _MISSING or value is None:
             if default is _MISSING:
@@ -258,7 +258,7 @@ class _Reader:
         return str(value)
 
     def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if value not in choices and value is not default:
             self.problem(name, f"must be one of {', '.join(choices)}, not {value!r}")
             return choices[0]
@@ -273,7 +273,8 @@ class _Reader:
                 value = float(value) if not integer else int(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float))
+        if wrong_kind or (integer and not float(value).is_integer()):
             self.problem(name, f"must be {'an integer' if integer else 'a number'}, not {value!r}")
             return default
         if value < minimum:
@@ -326,7 +327,7 @@ def resolve_file(value: str, base: Path) -> Path:
 
 
 def _file(reader: _Reader, name: str, base: Path, *, required: bool) -> Path | None:
-    value = reader.str(name, _MISSING if required else None)
+    value = reader.text(name, _MISSING if required else None)
     if not value:
         return None
     path = resolve_file(value, base)
@@ -338,7 +339,7 @@ def _file(reader: _Reader, name: str, base: Path, *, required: bool) -> Path | N
 
 
 def _endpoint(reader: _Reader) -> str | None:
-    value = reader.str("endpoint", None)
+    value = reader.text("endpoint", None)
     if value is None:
         return None
     if not re.match(r"^https?://[^/\s]+$", value.rstrip("/")):
@@ -363,14 +364,14 @@ def _policy(reader: _Reader, platform: Platform) -> Policy:
             continue
         type_policy[type_id] = value
     return Policy(
-        default_title=reader.str("default_title", base.default_title),
-        title_template=reader.str("title_template", base.title_template),
-        body_template=reader.str("body_template", base.body_template),
+        default_title=reader.text("default_title", base.default_title),
+        title_template=reader.text("title_template", base.title_template),
+        body_template=reader.text("body_template", base.body_template),
         type_policy=type_policy,
-        thread_id=reader.str("thread_id", None) if platform == "apns" else None,
-        sound=reader.str("sound", base.sound) if platform == "apns" else base.sound,
+        thread_id=reader.text("thread_id", None) if platform == "apns" else None,
+        sound=reader.text("sound", base.sound) if platform == "apns" else base.sound,
         event_ttl=reader.number("event_ttl", base.event_ttl, minimum=1, integer=True),
-        channel_id=reader.str("channel_id", None) if platform == "fcm" else None,
+        channel_id=reader.text("channel_id", None) if platform == "fcm" else None,
         event_priority=reader.choice("event_priority", ("normal", "high"), "normal") if platform == "fcm" else "normal",
     )
 
@@ -382,12 +383,12 @@ def _app(name: str, reader: _Reader, base: Path) -> App | None:
     ca_file = _file(reader, "ca_file", base, required=False)
     policy = _policy(reader, platform)
     if platform == "apns":
-        topic = reader.str("topic")
+        topic = reader.text("topic")
         environment = reader.choice("environment", ("production", "sandbox"), "production")
         cert_file = _file(reader, "cert_file", base, required=False)
         key_file = _file(reader, "key_file", base, required=cert_file is None)
-        key_id = reader.str("key_id", None)
-        team_id = reader.str("team_id", None)
+        key_id = reader.text("key_id", None)
+        team_id = reader.text("team_id", None)
         if key_file is not None and cert_file is not None:
             reader.problem("cert_file", "give either key_file (token auth) or cert_file, not both")
         if key_file is not None:
@@ -416,7 +417,7 @@ def _api(reader: _Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettin
     seen: dict[str, str] = {}
     for name in keys_r.data:
         key_r = keys_r.section(str(name))
-        digest = key_r.str("key_sha256", None)
+        digest = key_r.text("key_sha256", None)
         key_file = _file(key_r, "key_file", base, required=False)
         if (digest is None) == (key_file is None):
             key_r.problem("key_sha256", "give exactly one of key_sha256 (hex SHA-256 of the key) or key_file")
@@ -451,7 +452,7 @@ def _metrics(reader: _Reader) -> MetricsSettings:
     listen = None
     if reader.data.get("listen") is not None:
         listen_r = reader.section("listen")
-        listen = Listen(listen_r.str("host", Listen.host), listen_r.number("port", 9464, integer=True))
+        listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", 9464, integer=True))
         listen_r.finish()
     reader.used.add("listen")
     reader.finish()
@@ -466,13 +467,13 @@ def parse_config(data: Any, source: Path) -> Config:
     root = _Reader(data, file, "", problems)
 
     listen_r = root.section("listen")
-    listen = Listen(listen_r.str("host", Listen.host), listen_r.number("port", Listen.port, integer=True),
+    listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", Listen.port, integer=True),
                     listen_r.number("idle_timeout", Listen.idle_timeout, minimum=0.1))
     listen_r.finish()
 
     hook_r = root.section("webhook")
     defaults = WebhookSettings()
-    path = hook_r.str("path", defaults.path)
+    path = hook_r.text("path", defaults.path)
     if not str(path).startswith("/"):
         hook_r.problem("path", "must start with /")
     webhook = WebhookSettings(
@@ -489,12 +490,12 @@ def parse_config(data: Any, source: Path) -> Config:
     headers_r = auth_r.section("headers")
     headers = {}
     for header in headers_r.data:
-        value = headers_r.str(str(header))
+        value = headers_r.text(str(header))
         if not value:
             headers_r.problem(str(header), "must not be empty")
         headers[str(header)] = value
     headers_r.finish()
-    from relay.config_auth import parse_auth_layers  # noqa: PLC0415 - it builds on this module's reader
+    from relay.config_auth import parse_auth_layers
 
     auth = AuthSettings(headers, *parse_auth_layers(auth_r, base, path))
     auth_r.finish()
@@ -502,18 +503,18 @@ def parse_config(data: Any, source: Path) -> Config:
     store_r = root.section("store")
     backend = store_r.choice("backend", ("sqlite", "redis"), "sqlite")
     state_dir = Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or base)
-    store_path = Path(store_r.str("path", "relay.db")).expanduser()
+    store_path = Path(store_r.text("path", "relay.db")).expanduser()
     store = StoreSettings(
         backend=backend,
         path=store_path if store_path.is_absolute() else state_dir / store_path,
-        url=store_r.str("url", StoreSettings.url),
+        url=store_r.text("url", StoreSettings.url),
         commit_interval=store_r.number("commit_interval", 0.0),
         claim_idle=store_r.number("claim_idle", StoreSettings.claim_idle, minimum=0.1),
-        prefix=store_r.str("prefix", StoreSettings.prefix),
+        prefix=store_r.text("prefix", StoreSettings.prefix),
     )
     store_r.finish()
 
-    registry_value = root.str("registry", "devices.yaml")
+    registry_value = root.text("registry", "devices.yaml")
     registry = resolve_file(registry_value, base)
 
     d_r = root.section("delivery")

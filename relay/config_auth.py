@@ -32,7 +32,7 @@ _CLIENT_ID_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # printable ASCII withou
 
 def _secret_bytes(reader: _Reader, base: Path, value_key: str | None, file_key: str) -> bytes | None:
     """A secret given inline (``value_key``) or in a file (``file_key``, trailing newline stripped)."""
-    value = reader.str(value_key, None) if value_key else None
+    value = reader.text(value_key, None) if value_key else None
     path = _file(reader, file_key, base, required=False)
     if value is not None and path is not None:
         reader.problem(file_key, f"give either {value_key} or {file_key}, not both")
@@ -53,11 +53,11 @@ def _secret_bytes(reader: _Reader, base: Path, value_key: str | None, file_key: 
 def _signature_key(reader: _Reader, base: Path, algorithm: str) -> bytes | None:
     """One verification key: ``secret``/``secret_file`` for HMAC, ``public_key_file`` (PEM) otherwise."""
     if algorithm == "hmac-sha256":
-        if reader.str("public_key_file", None) is not None:
+        if reader.text("public_key_file", None) is not None:
             reader.problem("public_key_file", "hmac-sha256 takes secret or secret_file")
         return _secret_bytes(reader, base, "secret", "secret_file")
     for name in ("secret", "secret_file"):
-        if reader.str(name, None) is not None:
+        if reader.text(name, None) is not None:
             reader.problem(name, f"{algorithm} takes public_key_file (PEM), not a secret")
     path = _file(reader, "public_key_file", base, required=False)
     if path is None or not path.is_file():
@@ -72,7 +72,7 @@ def _signature_key(reader: _Reader, base: Path, algorithm: str) -> bytes | None:
 
 
 def _header_name(reader: _Reader, name: str, required: bool) -> str | None:
-    value: str | None = reader.str(name, _MISSING if required else None)
+    value: str | None = reader.text(name, _MISSING if required else None)
     if value is not None and not _TOKEN_CHARS_RE.match(value):
         reader.problem(name, f"is not a valid HTTP header name: {value!r}")
     return value
@@ -102,7 +102,7 @@ def _signature(parent: _Reader, base: Path) -> SignatureSettings | None:
     settings = SignatureSettings(
         header=header, algorithm=algorithm, keys=tuple(keys),
         encoding=reader.choice("encoding", ("hex", "base64"), "hex"),
-        prefix=reader.str("prefix", ""),
+        prefix=reader.text("prefix", ""),
         timestamp_header=timestamp_header,
         tolerance=reader.number("tolerance", 300.0, minimum=1),
     )
@@ -124,7 +124,7 @@ def _signing_keys(reader: _Reader, base: Path) -> list[tuple[str, bytes]]:
     for i, item in enumerate(listed if isinstance(listed, list) else []):
         item_r = _Reader(item, reader.file, f"{reader.key('signing_keys')}[{i}]", reader.problems)
         secret = _secret_bytes(item_r, base, "secret", "secret_file")
-        kid = item_r.str("id", None)
+        kid = item_r.text("id", None)
         if secret is not None:
             found.append((kid, secret, item_r, "secret"))
         item_r.finish()
@@ -153,7 +153,7 @@ def _oauth(parent: _Reader, base: Path, webhook_path: str) -> OAuthSettings | No
         c_r = clients_r.section(str(client_id))
         if not _CLIENT_ID_RE.match(str(client_id)):
             c_r.problem("", "a client id is printable ASCII without spaces or ':'")
-        digest_hex = c_r.str("secret_sha256", None)
+        digest_hex = c_r.text("secret_sha256", None)
         secret = _secret_bytes(c_r, base, None, "secret_file")
         digest: bytes | None = None
         if (digest_hex is None) == (secret is None) and not any(p.key.startswith(c_r.prefix) for p in c_r.problems):
@@ -178,16 +178,16 @@ def _oauth(parent: _Reader, base: Path, webhook_path: str) -> OAuthSettings | No
         clients_r.problem("", "at least one client is required")
     clients_r.finish()
     signing_keys = _signing_keys(reader, base)
-    path = reader.str("path", OAuthSettings.path)
+    path = reader.text("path", OAuthSettings.path)
     if not str(path).startswith("/") or path == webhook_path:
         reader.problem("path", "must start with / and differ from webhook.path")
-    required_scope = reader.str("required_scope", None)
+    required_scope = reader.text("required_scope", None)
     if required_scope is not None and clients and not any(required_scope in c.scopes for c in clients.values()):
         reader.problem("required_scope", f"no client has the scope {required_scope!r}, so no token would pass")
     settings = OAuthSettings(
         clients=clients, signing_keys=tuple(signing_keys),
         token_ttl=reader.number("token_ttl", OAuthSettings.token_ttl, minimum=1, integer=True),
-        issuer=reader.str("issuer", OAuthSettings.issuer), path=path, required_scope=required_scope,
+        issuer=reader.text("issuer", OAuthSettings.issuer), path=path, required_scope=required_scope,
     )
     reader.finish()
     return settings

@@ -127,7 +127,7 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim and deliver until :meth:`stop`."""
         while not self._stopping:
-            free = self._slots._value  # noqa: SLF001 - a peek; claims never exceed the free slots
+            free = self._slots._value
             if free == 0:
                 await self._wait(IDLE_POLL)
                 continue
@@ -193,7 +193,7 @@ class Dispatcher:
             await self.deliver(job)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a bug must not kill the loop; the lease brings the job back
+        except Exception:
             event(logging.ERROR, "delivery failed unexpectedly", job=job.id, token=short_token(job.token))
             logging.getLogger(__name__).debug("delivery failure", exc_info=True)
         finally:
@@ -272,7 +272,8 @@ class Dispatcher:
             await self._close_breaker(app, breaker)
             if await self._persist(lambda: self.store.mark_dead(job.token, result.reason, now)):
                 self.metrics.dead_tokens.labels(platform, app).inc()
-                event(logging.WARNING, "push token is dead", app=app, token=short_token(job.token), reason=result.reason)
+                event(logging.WARNING, "push token is dead", app=app, token=short_token(job.token),
+                      reason=result.reason)
             self.registry.mark_dead(job.token)
             await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route)
         elif result.outcome is Outcome.PERMANENT:

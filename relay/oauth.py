@@ -149,7 +149,8 @@ async def token_endpoint(request: web.Request, authority: TokenAuthority | None,
             raise _OAuthError(400, "invalid_scope", "a requested scope is not granted to this client")
         grant = authority.mint(client_id, requested or client.scopes)
     except _OAuthError as exc:
-        event(logging.DEBUG if exc.quiet else logging.WARNING, "oauth token refused", request_id=request_id, status=exc.status, error=exc.error,
+        level = logging.DEBUG if exc.quiet else logging.WARNING
+        event(level, "oauth token refused", request_id=request_id, status=exc.status, error=exc.error,
               reason=exc.description, peer=address)
         return _answer(exc.status, {"error": exc.error, "error_description": exc.description}, exc.headers)
     event(logging.INFO, "oauth token issued", request_id=request_id, client=client_id,

@@ -80,7 +80,8 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {}
         if self.timestamps:
-            fields["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            fields["ts"] = f"{stamp}.{int(record.msecs):03d}Z"
         fields["level"] = record.levelname.lower()
         fields["event"] = record.getMessage()
         if record.name != LOGGER_NAME:

@@ -16,7 +16,7 @@ class Outcome(StrEnum):
 
     SENT = "sent"
     RETRY = "retry"  # transient: 429, 5xx, timeouts, connection errors
-    TOKEN_DEAD = "token_dead"  # the provider says this device token will never work again
+    TOKEN_DEAD = "token_dead"  # noqa: S105 - the provider says this device token will never work again
     CONFIG_ERROR = "config_error"  # our credentials/topic are wrong: keep the push, alarm the operator
     PERMANENT = "permanent"  # any other refusal: dead-letter with the provider's reason
 
@@ -40,6 +40,6 @@ class EndState(StrEnum):
 
     SENT = "sent"
     EXPIRED = "expired"
-    TOKEN_DEAD = "token_dead"
+    TOKEN_DEAD = "token_dead"  # noqa: S105 - a state name, not a secret
     UNROUTABLE = "unroutable"
     DEAD_LETTER = "dead_letter"

@@ -59,24 +59,14 @@ class RegistryFile:
     rules: tuple[Rule, ...]
 
 
-def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> RegistryFile:
-    """Validate the registry YAML; every problem names the file and the key."""
-    file = str(source)
-    problems: list[ConfigProblem] = []
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem(file, "", "must be a mapping with a devices: key")])
-    for key in data:
-        if key not in ("devices", "routing"):
-            problems.append(ConfigProblem(file, str(key), "unknown key"))
+def _parse_devices(raw: Any, file: str, apps: Mapping[str, App],
+                   problems: list[ConfigProblem]) -> dict[str, tuple[str, str | None]]:
     devices: dict[str, tuple[str, str | None]] = {}
-    raw_devices = data.get("devices") or {}
-    if not isinstance(raw_devices, dict):
+    if not isinstance(raw, dict):
         problems.append(ConfigProblem(file, "devices", "must be a mapping of push token -> {app, device_token}"))
-        raw_devices = {}
-    intern = sys.intern
-    for token, entry in raw_devices.items():
+        return devices
+    intern = sys.intern  # one string per app name, shared by every device (memory at 1M devices)
+    for token, entry in raw.items():
         key = f"devices.{token}"
         if not isinstance(entry, dict):
             problems.append(ConfigProblem(file, key, "must be a mapping with app and optional device_token"))
@@ -93,13 +83,16 @@ def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> Registry
             problems.append(ConfigProblem(file, f"{key}.device_token", "must be a string"))
             continue
         token = str(token)
-        devices[token] = (intern(app), None if device_token in (None, token) else device_token)
+        devices[token] = (intern(str(app)), None if device_token in (None, token) else str(device_token))
+    return devices
+
+
+def _parse_rules(raw: Any, file: str, apps: Mapping[str, App], problems: list[ConfigProblem]) -> tuple[Rule, ...]:
     rules: list[Rule] = []
-    raw_rules = data.get("routing") or []
-    if not isinstance(raw_rules, list):
+    if not isinstance(raw, list):
         problems.append(ConfigProblem(file, "routing", "must be a list of {match, app}"))
-        raw_rules = []
-    for i, rule in enumerate(raw_rules):
+        return ()
+    for i, rule in enumerate(raw):
         key = f"routing[{i}]"
         if not isinstance(rule, dict) or set(rule) != {"match", "app"}:
             problems.append(ConfigProblem(file, key, "must be {match: REGEX|apns-hex|any, app: NAME}"))
@@ -113,9 +106,23 @@ def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> Registry
             problems.append(ConfigProblem(file, f"{key}.match", f"invalid regular expression: {exc}"))
             continue
         rules.append(Rule(pattern, rule["app"]))
+    return tuple(rules)
+
+
+def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> RegistryFile:
+    """Validate the registry YAML; every problem names the file and the key."""
+    file = str(source)
+    problems: list[ConfigProblem] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(file, "", "must be a mapping with a devices: key")])
+    problems.extend(ConfigProblem(file, str(key), "unknown key") for key in data if key not in ("devices", "routing"))
+    devices = _parse_devices(data.get("devices") or {}, file, apps, problems)
+    rules = _parse_rules(data.get("routing") or [], file, apps, problems)
     if problems:
         raise ConfigError(problems)
-    return RegistryFile(devices, tuple(rules))
+    return RegistryFile(devices, rules)
 
 
 def load_registry(path: Path, apps: Mapping[str, App]) -> RegistryFile:

@@ -17,13 +17,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay.auth import AuthFailed, Authenticator, build_authenticator
+from relay.auth import Authenticator, AuthFailed, build_authenticator
 from relay.config import App, Config, OAuthSettings, load_config
 from relay.dispatch import Clock, Dispatcher, SystemClock
 from relay.errors import ConfigError, InvalidWebhook, StoreError
 from relay.inbound import dedupe_key, parse_webhook
 from relay.observability import Metrics, event, short_token
-from relay.providers import Provider, create_provider
+from relay.providers import Bounded, create_provider
 from relay.registry import Registry, load_registry
 from relay.store import Store, create_store
 from relay.store.base import NewDelivery
@@ -39,7 +39,7 @@ class Relay:
     metrics: Metrics
     clock: Clock
     auth: Authenticator
-    providers: dict[str, Provider] = field(default_factory=dict)
+    providers: dict[str, Bounded] = field(default_factory=dict)
     dispatcher: Dispatcher | None = None
     started: bool = False
     draining: bool = False
@@ -87,8 +87,8 @@ RELAY_KEY = web.AppKey("relay", Relay)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
-async def _create_providers(apps: Mapping[str, App], timeout: float) -> dict[str, Provider]:
-    created: dict[str, Provider] = {}
+async def _create_providers(apps: Mapping[str, App], timeout: float) -> dict[str, Bounded]:
+    created: dict[str, Bounded] = {}
     try:
         for name, app in apps.items():
             created[name] = await create_provider(app, timeout)
@@ -272,7 +272,7 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     if config.metrics.listen is None:  # else only the operator's separate listener serves it (create_ops_app)
         app.router.add_get("/metrics", metrics)
     if config.api.listener == "webhook":
-        from relay.api import add_api_routes  # noqa: PLC0415 - relay.api imports this module
+        from relay.api import add_api_routes
 
         add_api_routes(app)  # even without keys: they are read per request, so a reload can enable or rotate them
     app.cleanup_ctx.append(_store_ctx)
@@ -291,7 +291,7 @@ def create_ops_app(relay: Relay) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     if relay.config.api.listener == "metrics":
-        from relay.api import add_api_routes  # noqa: PLC0415 - relay.api imports this module
+        from relay.api import add_api_routes
 
         add_api_routes(app)
     return app

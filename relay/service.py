@@ -226,7 +226,7 @@ async def _reload(relay: Relay) -> bool:
     """:meth:`Relay.reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
     try:
         return await relay.reload()
-    except Exception as exc:  # the old configuration must stay in force, whatever happened
+    except Exception as exc:  # noqa: BLE001 - the old configuration must stay in force, whatever happened
         relay.metrics.reloads.labels("rejected").inc()
         event(logging.ERROR, "reload rejected, previous configuration stays in force",
               error=f"{type(exc).__name__}: {exc}")

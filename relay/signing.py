@@ -51,7 +51,7 @@ def load_public_key(pem: bytes, algorithm: str) -> PublicKey:
         raise ValueError("not a PEM public key or certificate") from exc
     expected = _KEY_TYPES[algorithm]
     if not isinstance(key, expected):
-        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot verify {algorithm}")  # noqa: TRY004 - a bad file, not a bad call
+        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot verify {algorithm}")
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
         raise ValueError(f"RSA key of {key.key_size} bits is too weak (2048 at least)")
     return key  # type: ignore[return-value]  # narrowed by the isinstance check against _KEY_TYPES
@@ -64,7 +64,7 @@ def load_private_key(pem: bytes, algorithm: str) -> PrivateKey:
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValueError("not an unencrypted PEM private key") from exc
     if not isinstance(key, _PRIVATE_TYPES[algorithm]):
-        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot sign {algorithm}")  # noqa: TRY004 - a bad file, not a bad call
+        raise ValueError(f"a {type(key).__name__.lstrip('_')} cannot sign {algorithm}")
     return key  # type: ignore[return-value]  # narrowed by the isinstance check against _PRIVATE_TYPES
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 
-import sdnotify  # type: ignore[import-untyped]
+import sdnotify
 
 from relay.errors import ConfigError, ConfigProblem
 

@@ -139,14 +139,18 @@ def _collapse(agent_id: int | None) -> str:
     return f"parley-typing-{agent_id if agent_id is not None else 0}"
 
 
-def to_apns(notification: Notification, app: ApnsApp, device_token: str, delivery_id: str, expires_at: float) -> ApnsPush:
+def to_apns(
+    notification: Notification, app: ApnsApp, device_token: str, delivery_id: str, expires_at: float
+) -> ApnsPush:
     """Build the APNs request for one delivery (SPEC §5 table)."""
     policy = app.policy
     if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
         def build(text: str) -> tuple[ApnsPush, int]:
-            aps: dict[str, Any] = {"alert": {"title": title, "body": text}, "sound": policy.sound, "content-available": 1}
+            aps: dict[str, Any] = {
+                "alert": {"title": title, "body": text}, "sound": policy.sound, "content-available": 1,
+            }
             if notification.image:
                 aps["mutable-content"] = 1
             if policy.thread_id:
@@ -167,7 +171,8 @@ def to_apns(notification: Notification, app: ApnsApp, device_token: str, deliver
 
     def build_silent(text: str) -> tuple[ApnsPush, int]:
         payload = {"aps": {"content-available": 1}, "parley": _parley_string(notification, text, None)}
-        return ApnsPush(app.name, device_token, delivery_id, "background", 5, expiration, collapse, payload), _apns_size(payload)
+        push = ApnsPush(app.name, device_token, delivery_id, "background", 5, expiration, collapse, payload)
+        return push, _apns_size(payload)
 
     return _fit(build_silent, text, APNS_MAX_PAYLOAD)  # type: ignore[no-any-return]
 

@@ -275,7 +275,7 @@ MALFORMED_QUERIES = [({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"), ({
 
 
 async def test_malformed_put_gets_400_naming_the_field(api: Callable[[str | None], Api], relay: RelayUnderTest) -> None:
-    """Bad tokens (APNs: 64 hex; FCM: 32-4096 of [A-Za-z0-9_:.-]) and bad bodies: 400 naming the field, nothing stored."""
+    """Bad tokens (APNs: 64 hex; FCM: 32-4096 of [A-Za-z0-9_:.-]) and bad bodies: 400 naming the field."""
     for token, body, field in MALFORMED_PUTS:
         status, answer = await api(BOTH_KEY).put(token, body)
         assert (status, answer["status"], answer["field"]) == (400, "error", field), (token[:20], body)

@@ -277,7 +277,7 @@ class RawH2Client:
         while True:
             try:
                 data = await asyncio.wait_for(self.reader.read(65536), quiet)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             if not data:
                 return

@@ -68,7 +68,7 @@ class LiveRelay:
                 self._loop.run_until_complete(task)
             except asyncio.CancelledError:
                 pass
-            except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            except BaseException as exc:
                 errors.append(exc)
                 ready.set()
             finally:

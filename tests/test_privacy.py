@@ -176,7 +176,8 @@ async def test_no_secret_token_signature_or_message_text_in_debug_logs(
     secrets.add(AUTH_VALUE + "x")
     assert await _post(r, doc, secrets, token=token, overrides={"X-Signature": "sha256=" + "ab" * 32}) == 401
     body = json.dumps(doc).encode()
-    assert await _post(r, doc, secrets, token=token, raw=body, overrides=_signed(body, secrets, ts=1_600_000_000)) == 429
+    replayed = _signed(body, secrets, ts=1_600_000_000)
+    assert await _post(r, doc, secrets, token=token, raw=body, overrides=replayed) == 429
     expired = TokenAuthority(_oauth_settings(r), clock=lambda: time.time() - 7200).mint("parley", ()).access_token
     secrets.add(expired)
     assert await _post(r, doc, secrets, token=expired) == 429

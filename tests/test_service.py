@@ -60,7 +60,7 @@ def _request(url: str, doc: Any = None, headers: dict[str, str] | None = None) -
     all_headers = {AUTH_HEADER: AUTH_VALUE, **(headers or {})}
     request = urllib.request.Request(url, data=data, headers=all_headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local test URLs
+        with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
             status = int(response.status)
     except urllib.error.HTTPError as exc:
@@ -393,7 +393,8 @@ def test_metrics_names_and_labels_on_a_separate_listener(
     labels = {name: {tuple(sorted(s.labels.items())) for s in f.samples} for name, f in families.items()}
     results = {dict(s)["result"] for s in labels["parley_relay_webhooks"]}
     assert {"accepted", "invalid", "unauthorized"} <= results
-    ended = {(d["platform"], d["app"], d["kind"], d["state"]) for d in map(dict, labels["parley_relay_deliveries_ended"])}
+    ended = {(d["platform"], d["app"], d["kind"], d["state"])
+             for d in map(dict, labels["parley_relay_deliveries_ended"])}
     assert {("apns", "ios", "message", "sent"), ("fcm", "android", "event", "sent")} <= ended
     sends = {tuple(sorted(dict(s))) for s in labels["parley_relay_provider_sends"]}
     assert sends == {("app", "kind", "outcome", "platform")}

@@ -24,9 +24,6 @@ class Provider(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
-    async def retire(self) -> None:
-        """Close after the sends in flight have finished."""
-
 
 class Bounded:
     """A provider wrapped with a concurrency limit and a per-send timeout."""
@@ -65,14 +62,14 @@ class Bounded:
         await self.inner.close()
 
 
-async def create_provider(app: App, timeout: float) -> Provider:
+async def create_provider(app: App, timeout: float) -> Bounded:
     """The provider for one app, built inside the running loop (aioapns requires it)."""
     if isinstance(app, ApnsApp):
         from relay.providers.apns import ApnsProvider
 
         provider: Provider = ApnsProvider(app)
     else:
-        assert isinstance(app, FcmApp)  # noqa: S101 - App is a closed union
+        assert isinstance(app, FcmApp)
         from relay.providers.fcm import FcmProvider
 
         provider = await FcmProvider.create(app, timeout)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 from aioapns.common import NotificationRequest, NotificationResult, PushType
 from aioapns.connection import (
     APNsBaseClientProtocol,
@@ -35,7 +36,8 @@ from aioapns.connection import (
     APNsProductionClientProtocol,
     AuthorizationHeaderProvider,
 )
-from aioapns.exceptions import ConnectionClosed, ConnectionError as ApnsConnectionError
+from aioapns.exceptions import ConnectionClosed
+from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -46,7 +48,6 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import FlowControlError, H2Error, NoAvailableStreamIDError
-import jwt
 
 from relay.config import ApnsApp
 from relay.errors import ConfigError, ConfigProblem
@@ -209,7 +210,7 @@ class _RelayProtocol(APNsBaseClientProtocol):
             elif isinstance(event, WindowUpdated):
                 self._window_changed()
             elif isinstance(event, RemoteSettingsChanged):
-                self.on_remote_settings_changed(event.changed_settings)
+                self.on_remote_settings_changed(event.changed_settings)  # type: ignore[arg-type]
                 self._window_changed()
             elif isinstance(event, ConnectionTerminated):
                 self.on_connection_terminated(event)
@@ -308,7 +309,7 @@ class _CertPool(APNsCertConnectionPool):
 
 def read_key(app: ApnsApp) -> str:
     """The ``.p8`` key text; errors name the file and the key."""
-    assert app.key_file is not None  # noqa: S101 - checked by the config
+    assert app.key_file is not None
     try:
         text = app.key_file.read_text()
         jwt.encode({"iss": "check"}, text, algorithm="ES256")
@@ -348,7 +349,7 @@ class ApnsProvider:
         return len(self._pool.connections)
 
     async def send(self, push: Push) -> SendResult:
-        assert isinstance(push, ApnsPush)  # noqa: S101 - the dispatcher routes by platform
+        assert isinstance(push, ApnsPush)
         ttl = None if push.expiration is None else max(0, int(push.expiration - time.time()))
         request = NotificationRequest(
             device_token=push.device_token,
@@ -379,6 +380,6 @@ class ApnsProvider:
                 connection.inactivity_timer.cancel()
             if connection.transport is not None:
                 connection.transport.abort()  # shutting down: in-flight sends were given up by the caller
-        while any(c.transport is not None and not c.transport.is_closing() for c in connections):
+        while any(c.transport is not None and not c.transport.is_closing() for c in connections):  # noqa: ASYNC110
             await asyncio.sleep(0)
         await asyncio.sleep(0)  # let connection_lost run before the loop may close

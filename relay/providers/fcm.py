@@ -115,9 +115,9 @@ def _point_messaging_at(service: Any, fcm_url: str, credential: Any, verify: ssl
     Replaces the client to (a) trust ``ca_file``, (b) drop firebase-admin's built-in retries (the
     dispatcher owns retries and must see every 5xx), keeping its Google auth flow and headers.
     """
-    old = service._async_client._async_client  # noqa: SLF001
-    service._fcm_url = fcm_url  # noqa: SLF001
-    service._async_client._async_client = httpx.AsyncClient(  # noqa: SLF001
+    old = service._async_client._async_client
+    service._fcm_url = fcm_url
+    service._async_client._async_client = httpx.AsyncClient(
         http2=True,
         timeout=timeout,
         headers=old.headers,
@@ -140,7 +140,7 @@ class _TokenKeeper:
         expiry = self._credential.expiry  # naive UTC datetime, per google-auth
         if not self._credential.token or expiry is None:
             return 0.0
-        return (expiry - datetime.datetime.now(datetime.UTC).replace(tzinfo=None)).total_seconds()
+        return float((expiry - datetime.datetime.now(datetime.UTC).replace(tzinfo=None)).total_seconds())
 
     async def ensure(self) -> SendResult | None:
         """Refresh when the token is missing or near expiry; returns the failure, if any."""
@@ -215,7 +215,7 @@ class FcmProvider:
         info, certificate = _load_service_account(app)
         name = f"parley-relay:{app.name}:{uuid.uuid4().hex[:8]}"
         firebase_app = firebase_admin.initialize_app(certificate, name=name)
-        service = messaging._get_messaging_service(firebase_app)  # noqa: SLF001
+        service = messaging._get_messaging_service(firebase_app)
         credential = firebase_app.credential.get_credential()
         base = app.endpoint or "https://fcm.googleapis.com"
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(app.ca_file)) if app.ca_file else True
@@ -224,7 +224,7 @@ class FcmProvider:
         return cls(app, firebase_app, credential)
 
     async def send(self, push: Push) -> SendResult:
-        assert isinstance(push, FcmPush)  # noqa: S101 - the dispatcher routes by platform
+        assert isinstance(push, FcmPush)
         failure = await self.tokens.ensure()
         if failure is not None:
             return failure
@@ -264,8 +264,8 @@ class FcmProvider:
         self._keeper.cancel()
         for task in list(self._tasks):
             await asyncio.wait([task], timeout=5)
-        service = messaging._get_messaging_service(self._firebase_app)  # noqa: SLF001
-        await service._async_client.aclose()  # noqa: SLF001
+        service = messaging._get_messaging_service(self._firebase_app)
+        await service._async_client.aclose()
         # delete_app() calls asyncio.run() to close its client: it must not run on this loop's thread.
         await asyncio.to_thread(firebase_admin.delete_app, self._firebase_app)
 

@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NUL
 CREATE TABLE IF NOT EXISTS devices (
     token TEXT PRIMARY KEY, app TEXT NOT NULL, device_token TEXT NOT NULL, updated_at REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_tokens (token TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_tokens (
+    token TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL
+) WITHOUT ROWID;
 -- Totals survive the pruning of old finished rows, so the stats invariant holds forever.
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -78,6 +80,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
         self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self._opened = False
         self.commits = 0  # for benchmarks: transactions (fsyncs) so far
@@ -126,7 +129,7 @@ class SqliteStore:
         self._queue.append((op, future))
         if not self._draining:
             self._draining = True
-            loop.create_task(self._drain())
+            self._drain_task = loop.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
@@ -177,7 +180,7 @@ class SqliteStore:
     async def close(self) -> None:
         if self._conn is None:
             return
-        while self._queue or self._draining:
+        while self._queue or self._draining:  # noqa: ASYNC110 - a few loop turns at close, not a poll
             await asyncio.sleep(0.005)
         conn, self._conn = self._conn, None
         await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
@@ -314,7 +317,9 @@ class SqliteStore:
         return None if row is None else Device(*row)
 
     async def list_devices(self) -> list[Device]:
-        rows = await self._run(lambda c: c.execute("SELECT token, app, device_token FROM devices ORDER BY token").fetchall())
+        rows = await self._run(
+            lambda c: c.execute("SELECT token, app, device_token FROM devices ORDER BY token").fetchall()
+        )
         return [Device(t, a, d) for t, a, d in rows]
 
     async def mark_dead(self, token: str, reason: str, now: float) -> bool:

@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.config import load_config
+from relay.outcome import EndState
 from relay.server import RELAY_KEY, create_app
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, SAMPLE_EVENT, SAMPLE_MESSAGE, Sandbox, pretty
 
@@ -60,7 +61,8 @@ async def run_demo(port: int = 0, keep_running: bool = False) -> int:
                 if stats.pending == stats.inflight == 0:
                     break
                 await asyncio.sleep(0.02)
-            print(f"\nstore: accepted={stats.accepted} sent={stats.ended.get('sent', 0)} pending={stats.pending}")
+            sent = stats.ended.get(EndState.SENT, 0)
+            print(f"\nstore: accepted={stats.accepted} sent={sent} pending={stats.pending}")
             if keep_running:
                 print(f"\nserving on {url} with header {AUTH_HEADER}: {AUTH_VALUE} (Ctrl-C to stop)")
                 await asyncio.Event().wait()

@@ -267,7 +267,7 @@ class FakeFcm:
         form = await request.post()
         grant_type, assertion = form.get("grant_type"), form.get("assertion")
         if grant_type != JWT_BEARER_GRANT:
-            return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {grant_type}")
+            return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {grant_type!s}")
         if not isinstance(assertion, str) or not assertion:
             return _oauth_error("invalid_request", "Missing required parameter: assertion")
         problem = self._check_assertion(assertion)

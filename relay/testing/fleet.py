@@ -125,7 +125,7 @@ class Fleet:
                 logging={"level": "WARNING"},
             )
             log = (self.box.root / f"relay-{index}.log").open("wb")
-            process = subprocess.Popen([*_relay_command(), "serve", "--config", str(config)],
+            process = subprocess.Popen([*_relay_command(), "serve", "--config", str(config)],  # noqa: ASYNC220
                                        stdout=log, stderr=subprocess.STDOUT)
             self.relays.append(RelayProcess(index, port, process, log))
         await asyncio.gather(*(self._ready(r, timeout) for r in self.relays))

@@ -146,7 +146,7 @@ class RelayProcess:
             names = ":".join(name for name, _ in activation)
             args = [sys.executable, "-m", "relay.testing.process", names, *map(str, fds), "--", *args]
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, env=environ, stdin=subprocess.DEVNULL, stdout=self._log,  # noqa: S603
+        self.proc = subprocess.Popen(args, env=environ, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, pass_fds=fds)
 
     @property
@@ -202,7 +202,7 @@ def _activate(argv: Sequence[str]) -> None:
         os.dup2(fd, 3 + i, inheritable=True)
         os.close(fd)
     os.environ.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=names)
-    os.execvp(command[0], command)  # noqa: S606
+    os.execvp(command[0], command)
 
 
 if __name__ == "__main__":
