@@ -16,15 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from relay.config_reader import Reader, load_yaml, read_file, resolve_file
 from relay.errors import ConfigError, ConfigProblem
 
 Platform = Literal["apns", "fcm"]
 Delivery = Literal["alert", "silent"]
 
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -221,124 +218,7 @@ class Config:
     shutdown_timeout: float = 10.0  # on SIGTERM: bound for in-flight requests, then for in-flight sends
 
 
-class _Reader:
-    """Typed access to one YAML mapping that records problems instead of raising at the first one."""
-
-    def __init__(self, data: Any, file: str, prefix: str, problems: list[ConfigProblem]) -> None:
-        self.file, self.prefix, self.problems = file, prefix, problems
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            self.problem("", f"must be a mapping, not {type(data).__name__}")
-            data = {}
-        self.data: dict[str, Any] = data
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def problem(self, name: str, message: str) -> None:
-        self.problems.append(ConfigProblem(self.file, self.key(name) if name else self.prefix, message))
-
-    def raw(self, name: str) -> Any:
-        self.used.add(name)
-        value = self.data.get(name, _MISSING)
-        return _expand_env(value, self, name) if value is not _MISSING else _MISSING
-
-    def text(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.raw(name)
-        if value is _MISSING or value is None:
-            if default is _MISSING:
-                self.problem(name, "is required")
-                return ""
-            return default
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            self.problem(name, f"must be a string, not {type(value).__name__}")
-            return default if default is not _MISSING else ""
-        return str(value)
-
-    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
-        value = self.text(name, default)
-        if value not in choices and value is not default:
-            self.problem(name, f"must be one of {', '.join(choices)}, not {value!r}")
-            return choices[0]
-        return value
-
-    def number(self, name: str, default: float, *, minimum: float = 0, integer: bool = False) -> Any:
-        value = self.raw(name)
-        if value is _MISSING or value is None:
-            return default
-        if isinstance(value, str):
-            try:
-                value = float(value) if not integer else int(value)
-            except ValueError:
-                pass
-        wrong_kind = isinstance(value, bool) or not isinstance(value, (int, float))
-        if wrong_kind or (integer and not float(value).is_integer()):
-            self.problem(name, f"must be {'an integer' if integer else 'a number'}, not {value!r}")
-            return default
-        if value < minimum:
-            self.problem(name, f"must be at least {minimum}, not {value}")
-            return default
-        return int(value) if integer else float(value)
-
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is _MISSING or value is None:
-            return default
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if not isinstance(value, bool):
-            self.problem(name, f"must be true or false, not {value!r}")
-            return default
-        return value
-
-    def section(self, name: str) -> _Reader:
-        self.used.add(name)
-        return _Reader(self.data.get(name), self.file, self.key(name), self.problems)
-
-    def finish(self) -> None:
-        for extra in sorted(set(self.data) - self.used):
-            self.problem(str(extra), "unknown key")
-
-
-def _expand_env(value: Any, reader: _Reader, name: str) -> Any:
-    if not isinstance(value, str) or "${" not in value:
-        return value
-
-    def sub(match: re.Match[str]) -> str:
-        var = match.group(1)
-        if var not in os.environ:
-            reader.problem(name, f"environment variable {var} is not set")
-            return ""
-        return os.environ[var]
-
-    return _ENV_RE.sub(sub, value)
-
-
-def resolve_file(value: str, base: Path) -> Path:
-    """A credential path: ``cred:NAME`` from ``$CREDENTIALS_DIRECTORY``, else relative to ``base``."""
-    if value.startswith("cred:"):
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        name = value[len("cred:") :]
-        return Path(creds or "/run/credentials/parley-relay.service") / name
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def _file(reader: _Reader, name: str, base: Path, *, required: bool) -> Path | None:
-    value = reader.text(name, _MISSING if required else None)
-    if not value:
-        return None
-    path = resolve_file(value, base)
-    if not path.is_file():
-        reader.problem(name, f"file not found: {path}")
-    elif not os.access(path, os.R_OK):
-        reader.problem(name, f"file not readable: {path}")
-    return path
-
-
-def _endpoint(reader: _Reader) -> str | None:
+def _endpoint(reader: Reader) -> str | None:
     value = reader.text("endpoint", None)
     if value is None:
         return None
@@ -348,7 +228,7 @@ def _endpoint(reader: _Reader) -> str | None:
     return str(value).rstrip("/")
 
 
-def _policy(reader: _Reader, platform: Platform) -> Policy:
+def _policy(reader: Reader, platform: Platform) -> Policy:
     base = Policy()
     types_reader = reader.section("type_policy")
     type_policy: dict[int, Delivery] = dict(base.type_policy)
@@ -376,17 +256,17 @@ def _policy(reader: _Reader, platform: Platform) -> Policy:
     )
 
 
-def _app(name: str, reader: _Reader, base: Path) -> App | None:
+def _app(name: str, reader: Reader, base: Path) -> App | None:
     platform = reader.choice("platform", ("apns", "fcm"))
     concurrency = reader.number("concurrency", 100, minimum=1, integer=True)
     endpoint = _endpoint(reader)
-    ca_file = _file(reader, "ca_file", base, required=False)
+    ca_file = read_file(reader, "ca_file", base, required=False)
     policy = _policy(reader, platform)
     if platform == "apns":
         topic = reader.text("topic")
         environment = reader.choice("environment", ("production", "sandbox"), "production")
-        cert_file = _file(reader, "cert_file", base, required=False)
-        key_file = _file(reader, "key_file", base, required=cert_file is None)
+        cert_file = read_file(reader, "cert_file", base, required=False)
+        key_file = read_file(reader, "key_file", base, required=cert_file is None)
         key_id = reader.text("key_id", None)
         team_id = reader.text("team_id", None)
         if key_file is not None and cert_file is not None:
@@ -399,7 +279,7 @@ def _app(name: str, reader: _Reader, base: Path) -> App | None:
         reader.finish()
         return ApnsApp(name, topic, environment, key_file, key_id, team_id, cert_file, endpoint, ca_file,
                        concurrency, max_connections, policy)
-    service_account = _file(reader, "service_account_file", base, required=True)
+    service_account = read_file(reader, "service_account_file", base, required=True)
     reader.finish()
     if service_account is None:
         return None
@@ -410,7 +290,7 @@ _SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 MIN_API_KEY_CHARS = 16  # a key_file shorter than this is a typo or a placeholder, not a secret
 
 
-def _api(reader: _Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettings:
+def _api(reader: Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettings:
     """``api.keys.NAME: {key_sha256: HEX | key_file: PATH, apps: [NAME, ...]}``; keys are kept hashed only."""
     keys_r = reader.section("keys")
     keys: dict[str, ApiKey] = {}
@@ -418,7 +298,7 @@ def _api(reader: _Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettin
     for name in keys_r.data:
         key_r = keys_r.section(str(name))
         digest = key_r.text("key_sha256", None)
-        key_file = _file(key_r, "key_file", base, required=False)
+        key_file = read_file(key_r, "key_file", base, required=False)
         if (digest is None) == (key_file is None):
             key_r.problem("key_sha256", "give exactly one of key_sha256 (hex SHA-256 of the key) or key_file")
         elif digest is not None and not _SHA256_HEX_RE.match(digest):
@@ -447,7 +327,7 @@ def _api(reader: _Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettin
     return ApiSettings(keys, listener)
 
 
-def _metrics(reader: _Reader) -> MetricsSettings:
+def _metrics(reader: Reader) -> MetricsSettings:
     """``metrics: {listen: {host, port}}``; without ``listen`` the webhook listener serves ``/metrics``."""
     listen = None
     if reader.data.get("listen") is not None:
@@ -464,7 +344,7 @@ def parse_config(data: Any, source: Path) -> Config:
     problems: list[ConfigProblem] = []
     file = str(source)
     base = source.parent
-    root = _Reader(data, file, "", problems)
+    root = Reader(data, file, "", problems)
 
     listen_r = root.section("listen")
     listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", Listen.port, integer=True),
@@ -555,18 +435,6 @@ def parse_config(data: Any, source: Path) -> Config:
         raise ConfigError(problems)
     return Config(source, listen, webhook, auth, store, registry, delivery, logging_settings, apps,
                   api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout)
-
-
-def load_yaml(path: Path) -> Any:
-    """Read one YAML file with the C loader when available; errors name the file."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        with path.open("rb") as fh:
-            return yaml.load(fh, Loader=loader)  # noqa: S506 - a safe loader
-    except OSError as exc:
-        raise ConfigError([ConfigProblem(str(path), "", f"cannot read: {exc.strerror or exc}")]) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(str(path), "", f"invalid YAML: {exc}")]) from exc
 
 
 def load_config(path: str | Path) -> Config:

@@ -13,15 +13,13 @@ import re
 from pathlib import Path
 
 from relay.config import (
-    _MISSING,
     SIGNATURE_ALGORITHMS,
     OAuthClient,
     OAuthSettings,
     RateLimitSettings,
     SignatureSettings,
-    _file,
-    _Reader,
 )
+from relay.config_reader import MISSING, Reader, read_file
 from relay.signing import load_public_key
 
 MIN_SIGNING_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
@@ -30,10 +28,10 @@ _SCOPE_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-t
 _CLIENT_ID_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # printable ASCII without ':' (HTTP Basic)
 
 
-def _secret_bytes(reader: _Reader, base: Path, value_key: str | None, file_key: str) -> bytes | None:
+def _secret_bytes(reader: Reader, base: Path, value_key: str | None, file_key: str) -> bytes | None:
     """A secret given inline (``value_key``) or in a file (``file_key``, trailing newline stripped)."""
     value = reader.text(value_key, None) if value_key else None
-    path = _file(reader, file_key, base, required=False)
+    path = read_file(reader, file_key, base, required=False)
     if value is not None and path is not None:
         reader.problem(file_key, f"give either {value_key} or {file_key}, not both")
         return None
@@ -50,7 +48,7 @@ def _secret_bytes(reader: _Reader, base: Path, value_key: str | None, file_key: 
     return value.encode() if value else None
 
 
-def _signature_key(reader: _Reader, base: Path, algorithm: str) -> bytes | None:
+def _signature_key(reader: Reader, base: Path, algorithm: str) -> bytes | None:
     """One verification key: ``secret``/``secret_file`` for HMAC, ``public_key_file`` (PEM) otherwise."""
     if algorithm == "hmac-sha256":
         if reader.text("public_key_file", None) is not None:
@@ -59,7 +57,7 @@ def _signature_key(reader: _Reader, base: Path, algorithm: str) -> bytes | None:
     for name in ("secret", "secret_file"):
         if reader.text(name, None) is not None:
             reader.problem(name, f"{algorithm} takes public_key_file (PEM), not a secret")
-    path = _file(reader, "public_key_file", base, required=False)
+    path = read_file(reader, "public_key_file", base, required=False)
     if path is None or not path.is_file():
         return None
     pem = path.read_bytes()
@@ -71,14 +69,14 @@ def _signature_key(reader: _Reader, base: Path, algorithm: str) -> bytes | None:
     return pem
 
 
-def _header_name(reader: _Reader, name: str, required: bool) -> str | None:
-    value: str | None = reader.text(name, _MISSING if required else None)
+def _header_name(reader: Reader, name: str, required: bool) -> str | None:
+    value: str | None = reader.text(name, MISSING if required else None)
     if value is not None and not _TOKEN_CHARS_RE.match(value):
         reader.problem(name, f"is not a valid HTTP header name: {value!r}")
     return value
 
 
-def _signature(parent: _Reader, base: Path) -> SignatureSettings | None:
+def _signature(parent: Reader, base: Path) -> SignatureSettings | None:
     """``auth.signature``; ``keys:`` lists several secrets/public keys at once (rotation)."""
     if parent.data.get("signature") is None:
         parent.used.add("signature")
@@ -88,10 +86,10 @@ def _signature(parent: _Reader, base: Path) -> SignatureSettings | None:
     algorithm = reader.choice("algorithm", SIGNATURE_ALGORITHMS, "hmac-sha256")
     keys = [key] if (key := _signature_key(reader, base, algorithm)) is not None else []
     listed = reader.raw("keys")
-    if listed is not _MISSING and listed is not None and not isinstance(listed, list):
+    if listed is not MISSING and listed is not None and not isinstance(listed, list):
         reader.problem("keys", "must be a list of {secret | secret_file | public_key_file}")
     for i, item in enumerate(listed if isinstance(listed, list) else []):
-        item_r = _Reader(item, reader.file, f"{reader.key('keys')}[{i}]", reader.problems)
+        item_r = Reader(item, reader.file, f"{reader.key('keys')}[{i}]", reader.problems)
         if (key := _signature_key(item_r, base, algorithm)) is not None:
             keys.append(key)
         item_r.finish()
@@ -112,17 +110,17 @@ def _signature(parent: _Reader, base: Path) -> SignatureSettings | None:
     return settings
 
 
-def _signing_keys(reader: _Reader, base: Path) -> list[tuple[str, bytes]]:
+def _signing_keys(reader: Reader, base: Path) -> list[tuple[str, bytes]]:
     """``signing_secret``/``signing_secret_file`` (signs) then ``signing_keys: [{id?, secret|secret_file}]``."""
-    found: list[tuple[str | None, bytes, _Reader, str]] = []
+    found: list[tuple[str | None, bytes, Reader, str]] = []
     first = _secret_bytes(reader, base, "signing_secret", "signing_secret_file")
     if first is not None:
         found.append((None, first, reader, "signing_secret"))
     listed = reader.raw("signing_keys")
-    if listed is not _MISSING and listed is not None and not isinstance(listed, list):
+    if listed is not MISSING and listed is not None and not isinstance(listed, list):
         reader.problem("signing_keys", "must be a list of {id, secret | secret_file}")
     for i, item in enumerate(listed if isinstance(listed, list) else []):
-        item_r = _Reader(item, reader.file, f"{reader.key('signing_keys')}[{i}]", reader.problems)
+        item_r = Reader(item, reader.file, f"{reader.key('signing_keys')}[{i}]", reader.problems)
         secret = _secret_bytes(item_r, base, "secret", "secret_file")
         kid = item_r.text("id", None)
         if secret is not None:
@@ -141,7 +139,7 @@ def _signing_keys(reader: _Reader, base: Path) -> list[tuple[str, bytes]]:
     return keys
 
 
-def _oauth(parent: _Reader, base: Path, webhook_path: str) -> OAuthSettings | None:
+def _oauth(parent: Reader, base: Path, webhook_path: str) -> OAuthSettings | None:
     """``auth.oauth``: clients (secrets kept hashed), token signing keys, lifetime, issuer, path."""
     if parent.data.get("oauth") is None:
         parent.used.add("oauth")
@@ -166,7 +164,7 @@ def _oauth(parent: _Reader, base: Path, webhook_path: str) -> OAuthSettings | No
         elif secret is not None:
             digest = hashlib.sha256(secret).digest()
         scopes = c_r.raw("scopes")
-        if scopes is _MISSING or scopes is None:
+        if scopes is MISSING or scopes is None:
             scopes = []
         if not isinstance(scopes, list) or not all(isinstance(s, str) and _SCOPE_RE.match(s) for s in scopes):
             c_r.problem("scopes", "must be a list of scope names (no spaces or quotes)")
@@ -193,7 +191,7 @@ def _oauth(parent: _Reader, base: Path, webhook_path: str) -> OAuthSettings | No
     return settings
 
 
-def _rate_limit(reader: _Reader) -> RateLimitSettings:
+def _rate_limit(reader: Reader) -> RateLimitSettings:
     """``auth.rate_limit``: failed authentications per client address per window; proxies to look behind."""
 
     proxies = reader.raw("trusted_proxies")
@@ -203,7 +201,7 @@ def _rate_limit(reader: _Reader) -> RateLimitSettings:
             networks.append(str(ipaddress.ip_network(str(proxy), strict=False)))
         except ValueError:
             reader.problem("trusted_proxies", f"not an IP address or network: {proxy!r}")
-    if proxies is not _MISSING and proxies is not None and not isinstance(proxies, list):
+    if proxies is not MISSING and proxies is not None and not isinstance(proxies, list):
         reader.problem("trusted_proxies", "must be a list of IP addresses or networks")
     settings = RateLimitSettings(
         max_failures=reader.number("max_failures", RateLimitSettings.max_failures, integer=True),
@@ -215,7 +213,7 @@ def _rate_limit(reader: _Reader) -> RateLimitSettings:
 
 
 def parse_auth_layers(
-    auth: _Reader, base: Path, webhook_path: str,
+    auth: Reader, base: Path, webhook_path: str,
 ) -> tuple[SignatureSettings | None, OAuthSettings | None, RateLimitSettings]:
     """The signature, OAuth and rate-limit parts of the ``auth`` section (``headers`` stays in config)."""
     return _signature(auth, base), _oauth(auth, base, webhook_path), _rate_limit(auth.section("rate_limit"))

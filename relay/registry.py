@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.config import App, load_yaml
+from relay.config import App
+from relay.config_reader import load_yaml
 from relay.errors import ConfigError, ConfigProblem
 
 APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64}$")

@@ -28,7 +28,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from relay.testing.fake_apns import RequestLog, ServerThread
+from relay.testing._server import RequestLog, ServerThread
 from relay.testing.keys import ServiceAccount, make_service_account
 
 __all__ = ["FCM_ERRORS", "FakeFcm", "FcmRequest"]
