@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -10,12 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relay.config import load_config
 from relay.server import RELAY_KEY, Relay, create_app
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@functools.cache
+def redis_unavailable() -> str | None:
+    """Why the Redis at ``REDIS_URL`` cannot be used (a skip reason), or None when it answers."""
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
+        client.ping()
+        client.close()
+    except redis.RedisError as exc:
+        return f"no Redis answers at REDIS_URL={REDIS_URL}: {exc}"
+    return None
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,12 +19,11 @@ from relay.config import load_config
 from relay.errors import ConfigError
 from relay.server import RELAY_KEY, create_app
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
-from tests.conftest import MakeRelay, RelayUnderTest
+from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
 
 IOS_KEY = "ios-backend-key-5b1e0c7d9a2f4e61"
 ANDROID_KEY = "android-backend-key-77c3a9e0d1b2f4"
 BOTH_KEY = "ops-key-both-apps-0a9b8c7d6e5f4a3b"
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 def _sha(key: str) -> str:
@@ -316,18 +314,9 @@ def test_bad_api_keys_config_names_file_and_key(sandbox: Sandbox, keys: dict[str
 
 def _backends() -> list[Any]:
     return ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(
-        not _redis_store_available(), reason="relay.store.redis or a Redis server at REDIS_URL is unavailable"))]
+        redis_unavailable() is not None, reason=redis_unavailable() or ""))]
 
 
-def _redis_store_available() -> bool:
-    try:
-        import relay.store.redis  # noqa: F401 - the backend may not exist yet on this branch
-    except ImportError:
-        return False
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ private ``redis-server`` (AOF ``appendfsync always``) in ``tmp_path``, never tou
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 import uuid
@@ -20,19 +19,11 @@ import redis
 
 from relay.testing.fleet import Fleet, RedisServer, device_tokens, send_load, wait_delivered
 from relay.testing.sandbox import Sandbox
+from tests.conftest import REDIS_URL, redis_unavailable
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 CLAIM_IDLE = 2.0
 
 
-def _redis_reason() -> str | None:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        return f"no Redis answers at REDIS_URL={REDIS_URL}: {exc}"
-    return None
 
 
 @pytest.fixture
@@ -59,7 +50,7 @@ def _pending_of(url: str, prefix: str, consumer_prefix: str) -> int:
 async def test_three_instances_lose_nothing_when_one_is_killed(box: Sandbox) -> None:
     """Webhooks spread over 3 processes, one SIGKILLed mid-run: every acknowledged notification is delivered
     (duplicates counted), per-device order holds, and the survivors take over its work within claim_idle."""
-    if reason := _redis_reason():
+    if reason := redis_unavailable():
         pytest.skip(reason)
     prefix = f"test-fleet-{uuid.uuid4().hex[:8]}"
     box.apns.set_delay(0.03)  # sends take a moment, so the victim dies with work in flight

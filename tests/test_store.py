@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import os
 import shutil
 import signal
 import subprocess
@@ -30,8 +29,8 @@ from relay.outcome import EndState
 from relay.registry import Device
 from relay.store import NewDelivery, Store, create_store
 from relay.testing.fleet import RedisServer
+from tests.conftest import REDIS_URL, redis_unavailable
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 NOW = 1_000_000.0
 IDLE = 0.5  # claim_idle for these tests: a dead consumer's work is reclaimed after half a second
 LEASE = 300.0
@@ -41,14 +40,6 @@ _KEYS = itertools.count()
 MakeStore = Callable[..., Awaitable[Store]]
 
 
-def _redis_answers() -> str | None:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        return f"no Redis answers at REDIS_URL={REDIS_URL}: {exc}"
-    return None
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -57,7 +48,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSe
     if request.param == "sqlite":
         yield StoreSettings(backend="sqlite", path=tmp_path / "relay.db")
         return
-    reason = _redis_answers()
+    reason = redis_unavailable()
     if reason:
         pytest.skip(reason)
     prefix = f"test-store-{uuid.uuid4().hex[:12]}"
