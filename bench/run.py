@@ -279,7 +279,7 @@ def render(rows: list[Row], elapsed: float) -> str:
     lines = [header] + [(r.figure, r.value, r.ceiling, r.ratio, r.target,
                          "" if r.ok is None else ("ok" if r.ok else "MISSED")) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     note = (f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}; "
             f"suite ran {elapsed:.0f} s")

@@ -30,6 +30,7 @@ from relay.translate import translate
 T = TypeVar("T")
 
 LEASE = 300.0
+START_SLICE = 16  # claimed jobs started per event-loop turn
 IDLE_POLL = 1.0
 
 
@@ -110,6 +111,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._claim_min = max(1, min(settings.batch_size, settings.concurrency) // 8)
         self._stopping = False
         self.breakers: dict[str, _Breaker] = {}
         self.on_alarm: Callable[[str, str | None], Awaitable[None] | None] | None = None
@@ -128,7 +130,10 @@ class Dispatcher:
         """Claim and deliver until :meth:`stop`."""
         while not self._stopping:
             free = self._slots._value
-            if free == 0:
+            if free == 0 or (free < self._claim_min and free < self.settings.concurrency):
+                # Busy: claim in batches, not one job per finished send (each claim scans the token heads,
+                # inside the store's group commit that webhooks wait on). A finished send wakes us.
+                self._wake.clear()
                 await self._wait(IDLE_POLL)
                 continue
             self._wake.clear()
@@ -138,11 +143,13 @@ class Dispatcher:
                 event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
                 await self._wait(1.0)
                 continue
-            for job in jobs:
+            for n, job in enumerate(jobs, 1):
                 await self._slots.acquire()
                 task = asyncio.get_running_loop().create_task(self._guarded(job))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if n % START_SLICE == 0:
+                    await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
             if not jobs:
                 await self._wait(await self._idle_wait())
 

@@ -7,6 +7,8 @@ the dispatcher, started in a ``cleanup_ctx``, delivers from the store afterwards
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import time
 import uuid
@@ -22,7 +24,7 @@ from relay.config import App, Config, OAuthSettings, load_config
 from relay.dispatch import Clock, Dispatcher, SystemClock
 from relay.errors import ConfigError, InvalidWebhook, StoreError
 from relay.inbound import dedupe_key, parse_webhook
-from relay.observability import Metrics, event, short_token
+from relay.observability import Metrics, event, log, short_token
 from relay.providers import Bounded, create_provider
 from relay.registry import Registry, load_registry
 from relay.store import Store, create_store
@@ -167,10 +169,21 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
             relay.metrics.accepted.labels(item.kind).inc()
     if relay.dispatcher is not None and fresh:
         relay.dispatcher.wake()
-    event(logging.DEBUG, "webhook accepted", request_id=rid, type=hook.type, accepted=fresh,
-          duplicates=len(items) - fresh, tokens=",".join(short_token(t) for t in hook.tokens[:5]))
+    if log.isEnabledFor(logging.DEBUG):  # the hot path: build the fields only when they are written
+        event(logging.DEBUG, "webhook accepted", request_id=rid, type=hook.type, accepted=fresh,
+              duplicates=len(items) - fresh, tokens=",".join(short_token(t) for t in hook.tokens[:5]))
     status = "accepted" if fresh else "duplicate"
-    return status, web.json_response({"status": status, "accepted": fresh, "duplicates": len(items) - fresh})
+    return status, _accepted_answer(status, fresh, len(items) - fresh)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted_body(status: str, accepted: int, duplicates: int) -> bytes:
+    return json.dumps({"status": status, "accepted": accepted, "duplicates": duplicates}).encode()
+
+
+def _accepted_answer(status: str, accepted: int, duplicates: int) -> web.Response:
+    # Answers repeat (almost always one token): encode each shape once, not per request.
+    return web.Response(body=_accepted_body(status, accepted, duplicates), content_type="application/json")
 
 
 async def oauth_token(request: web.Request) -> web.Response:

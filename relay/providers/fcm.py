@@ -31,6 +31,10 @@ from relay.outcome import Outcome, SendResult
 from relay.translate import FcmPush, Push
 
 BATCH_LIMIT = 500  # send_each_async's own limit
+# httpcore matches every queued request against every pooled connection (and polls each socket) on each
+# request, so per-push CPU grows with the pool: 100 HTTP/1.1 connections halved throughput against 8
+# (bench/README.md). Google's endpoint speaks HTTP/2, where one connection multiplexes the whole batch.
+POOL_CONNECTIONS = 8
 REFRESH_AHEAD = 300.0  # seconds before expiry; google-auth itself would refresh (blocking) at 225 s
 
 # firebase-admin exception types -> what the relay does (FCM HTTP v1 "ErrorCode" reference:
@@ -123,7 +127,8 @@ def _point_messaging_at(service: Any, fcm_url: str, credential: Any, verify: ssl
         headers=old.headers,
         auth=GoogleAuthCredentialFlow(credential),
         transport=httpx.AsyncHTTPTransport(http2=True, verify=verify, retries=0,
-                                           limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)),
+                                           limits=httpx.Limits(max_connections=POOL_CONNECTIONS,
+                                                               max_keepalive_connections=POOL_CONNECTIONS)),
     )
 
 

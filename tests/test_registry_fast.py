@@ -1,0 +1,70 @@
+"""The flat-registry fast path reads exactly what the YAML loader reads, and steps aside for anything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.config_reader import load_yaml
+from relay.registry_fast import read_flat_devices
+
+APPS = {"ios": object(), "android": object()}
+
+FLAT = """devices:
+  0801fc577294c34e0b28ad2839435945: {app: ios}
+  'eJ9x:APA91bH_x': {app: android}
+  "quoted-token": {app: android, device_token: other-device}
+  same-device: {app: ios, device_token: same-device}
+  fcm-1:APA91bH_plain_colon: {app: android}
+
+  # a comment line
+  0801fc577294c34e0b28ad2839435945: {app: android}
+"""
+
+
+def _yaml_devices(path: Path) -> dict[str, tuple[str, str | None]]:
+    raw = load_yaml(path)["devices"]
+    return {str(t): (e["app"], None if e.get("device_token") in (None, str(t)) else e["device_token"])
+            for t, e in raw.items()}
+
+
+def test_flat_file_reads_the_same_as_yaml(tmp_path: Path) -> None:
+    """Quoted and plain tokens, device_token overrides, comments, blank lines and a repeated key (last wins)."""
+    path = tmp_path / "devices.yaml"
+    path.write_text(FLAT)
+    assert read_flat_devices(path, APPS) == _yaml_devices(path)
+
+
+@pytest.mark.parametrize("line", [
+    "  123: {app: ios}",  # YAML reads an int: the full parser decides what that means
+    "  yes: {app: ios}",  # a YAML 1.1 bool
+    "  2001-12-14: {app: ios}",  # a timestamp
+    "  token: {app: unknown-app}",  # an error the full parser names
+    "  token: {app: ios}  # trailing comment",
+    "  'it''s': {app: ios}",  # an escaped quote
+    '  "tab\\t": {app: ios}',  # an escape sequence
+    "    token: {app: ios}",  # other indentation
+    "  token: {device_token: x, app: ios}",  # other key order
+])
+def test_anything_else_falls_back_to_the_yaml_loader(tmp_path: Path, line: str) -> None:
+    """One line outside the flat form makes the fast path return None (the caller then parses YAML)."""
+    path = tmp_path / "devices.yaml"
+    path.write_text(f"devices:\n  plain-token: {{app: ios}}\n{line}\n")
+    assert read_flat_devices(path, APPS) is None
+
+
+def test_routing_rules_fall_back_to_the_yaml_loader(tmp_path: Path) -> None:
+    """A file with a routing: section is left to the full parser."""
+    path = tmp_path / "devices.yaml"
+    path.write_text("devices:\n  t: {app: ios}\nrouting:\n  - {match: any, app: ios}\n")
+    assert read_flat_devices(path, APPS) is None
+
+
+def test_devices_without_their_own_token_share_one_tuple(tmp_path: Path) -> None:
+    """Memory: every device of an app without a device_token points at one shared (app, None) value."""
+    path = tmp_path / "devices.yaml"
+    path.write_text("devices:\n" + "".join(f"  token-{n}: {{app: ios}}\n" for n in range(100)))
+    devices = read_flat_devices(path, APPS)
+    assert devices is not None
+    assert len({id(value) for value in devices.values()}) == 1
