@@ -144,14 +144,17 @@ class Dispatcher:
                 await self._wait(1.0)
                 continue
             for n, job in enumerate(jobs, 1):
-                await self._slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._guarded(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                await self._start(job)
                 if n % START_SLICE == 0:
                     await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
             if not jobs:
                 await self._wait(await self._idle_wait())
+
+    async def _start(self, job: Job) -> None:
+        await self._slots.acquire()  # released by _guarded when the delivery is recorded
+        task = asyncio.get_running_loop().create_task(self._guarded(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _idle_wait(self) -> float:
         try:
@@ -177,10 +180,7 @@ class Dispatcher:
             if not jobs and not self._tasks:
                 return
             for job in jobs:
-                await self._slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._guarded(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                await self._start(job)
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
 
