@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -63,11 +64,7 @@ def _job(row: Sequence[Any]) -> Job:
     return Job(str(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7])
 
 
-def _bump(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
-    conn.execute(
-        "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
-        (name, by, by),
-    )
+_BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?"
 
 
 class SqliteStore:
@@ -78,7 +75,8 @@ class SqliteStore:
         self._commit_interval = settings.commit_interval
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._conn: sqlite3.Connection | None = None
-        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Op, bool, asyncio.Future[Any]]] = []
+        self._op_counts: Counter[str] = Counter()  # counter changes of the op running on the store thread
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
@@ -97,22 +95,37 @@ class SqliteStore:
         conn.executescript(SCHEMA)
         self._conn = conn
 
-    def _execute(self, batch: list[Op]) -> list[tuple[bool, Any]]:
+    def _count(self, name: str, by: int = 1) -> None:
+        """Change an end-state counter; applied once per transaction, only if the op succeeds."""
+        self._op_counts[name] += by
+
+    def _execute(self, batch: list[tuple[Op, bool]]) -> list[tuple[bool, Any]]:
         conn = self._conn
         if conn is None:
             raise StoreUnavailable("store is closed")
         results: list[tuple[bool, Any]] = []
+        counts: Counter[str] = Counter()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in batch:
+            for op, isolated in batch:
+                self._op_counts = Counter()
+                if not isolated:
+                    # One statement (or statements that cannot fail alone): SQLite undoes a failed statement
+                    # itself, and any other failure aborts the whole transaction below.
+                    results.append((True, op(conn)))
+                    counts.update(self._op_counts)
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append((True, op(conn)))
                     conn.execute("RELEASE op")
+                    counts.update(self._op_counts)
                 except Exception as exc:  # noqa: BLE001 - one op's failure is reported to its caller only
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((False, exc))
+            if counts:
+                conn.executemany(_BUMP, [(name, by, by) for name, by in counts.items() if by])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -121,12 +134,13 @@ class SqliteStore:
         self.commits += 1
         return results
 
-    async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> T:
+        """Queue ``op`` for the next transaction; ``isolated`` ops run in a savepoint of their own."""
         if self._conn is None and self._opened:
             raise StoreUnavailable("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((op, future))
+        self._queue.append((op, isolated, future))
         if not self._draining:
             self._draining = True
             self._drain_task = loop.create_task(self._drain())
@@ -140,14 +154,16 @@ class SqliteStore:
                     await asyncio.sleep(self._commit_interval)
                 batch, self._queue = self._queue, []
                 try:
-                    results = await loop.run_in_executor(self._executor, self._execute, [op for op, _ in batch])
+                    results = await loop.run_in_executor(
+                        self._executor, self._execute, [(op, isolated) for op, isolated, _ in batch]
+                    )
                 except (sqlite3.Error, OSError, StoreError, RuntimeError) as exc:
                     error = exc if isinstance(exc, StoreError) else StoreUnavailable(f"sqlite: {exc}")
-                    for _, future in batch:
+                    for _, _, future in batch:
                         if not future.done():
                             future.set_exception(error)
                     continue
-                for (_, future), (ok, value) in zip(batch, results, strict=True):
+                for (_, _, future), (ok, value) in zip(batch, results, strict=True):
                     if future.done():
                         continue
                     if ok:
@@ -172,7 +188,7 @@ class SqliteStore:
             count = conn.execute(
                 "UPDATE deliveries SET state = 'pending', lease_until = NULL WHERE state = 'inflight'"
             ).rowcount
-            _bump(conn, "redelivered", count)
+            self._count("redelivered", count)
             return count
 
         await self._run(recover)
@@ -211,8 +227,8 @@ class SqliteStore:
                     (str(uuid.uuid4()), item.token, item.kind, item.data, now, item.expires_at, now),
                 )
                 accepted.append(True)
-            _bump(conn, "accepted", sum(accepted))
-            _bump(conn, "duplicates", len(accepted) - sum(accepted))
+            self._count("accepted", sum(accepted))
+            self._count("duplicates", len(accepted) - sum(accepted))
             return accepted
 
         return await self._run(op)
@@ -236,7 +252,7 @@ class SqliteStore:
             ).fetchall()
             return sorted((_job(r) for r in rows), key=lambda j: int(j.id))
 
-        return await self._run(op)
+        return await self._run(op, isolated=False)
 
     async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -247,10 +263,10 @@ class SqliteStore:
                 (end.value, reason[:500], now, int(job.id)),
             ).rowcount
             if changed:
-                _bump(conn, end.value)
+                self._count(end.value)
             self._prune(conn, now)
 
-        await self._run(op)
+        await self._run(op, isolated=False)
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> None:
         if now - self._last_prune < 60:
@@ -270,7 +286,7 @@ class SqliteStore:
                 (at, reason[:500], 1 if count_attempt else 0, int(job.id)),
             )
 
-        await self._run(op)
+        await self._run(op, isolated=False)
 
     async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -364,7 +380,7 @@ class SqliteStore:
                     p,
                 ).rowcount
                 conn.execute(f"DELETE FROM deliveries WHERE {where}", p)
-            _bump(conn, EndState.DEAD_LETTER.value, -count)
+            self._count(EndState.DEAD_LETTER.value, -count)
             return count
 
         return await self._run(op)
