@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from relay.config import DeliverySettings
-from relay.errors import InvalidWebhook, StoreError
+from relay.errors import InvalidWebhook, StoreError, StoreUnavailable
 from relay.inbound import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult
@@ -351,7 +351,7 @@ class Dispatcher:
         while True:
             try:
                 return await asyncio.shield(op())
-            except StoreError as exc:
+            except StoreUnavailable as exc:  # a logic error (other StoreError) is not retried
                 if self._stopping:
                     raise
                 if not warned:

@@ -162,6 +162,7 @@ async def test_fcm_token_refresh_never_blocks_the_event_loop(sandbox: Sandbox) -
         await provider.close()
     assert {r.outcome for r in results} == {Outcome.SENT}
     assert sandbox.fcm.token_requests == 1
+    print(f"token endpoint 0.8 s; worst event-loop lag {max(lags) * 1000:.1f} ms over {len(lags)} probes")
     assert max(lags) < 0.2, f"event loop blocked for {max(lags):.3f}s"
 
 
