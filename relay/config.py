@@ -39,6 +39,8 @@ class WebhookSettings:
     dedupe_window: float = 600.0
     reject_dead_tokens: bool = False
     read_timeout: float = 10.0  # seconds to receive a whole body once the headers are in (then 408)
+    # Event names Parley may add later: a silent push like typing events (SPEC §5), or 200 "ignored" (§2).
+    unknown_events: Literal["silent", "ignore"] = "silent"
 
 
 SignatureAlgorithm = Literal["hmac-sha256", "rsa-sha256", "rsa-pss-sha256", "ecdsa-sha256", "ed25519"]
@@ -363,6 +365,7 @@ def parse_config(data: Any, source: Path) -> Config:
         dedupe_window=hook_r.number("dedupe_window", defaults.dedupe_window),
         reject_dead_tokens=hook_r.bool("reject_dead_tokens", defaults.reject_dead_tokens),
         read_timeout=hook_r.number("read_timeout", defaults.read_timeout, minimum=0.1),
+        unknown_events=hook_r.choice("unknown_events", ("silent", "ignore"), defaults.unknown_events),
     )
     hook_r.finish()
 

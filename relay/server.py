@@ -23,7 +23,7 @@ from relay.auth import Authenticator, AuthFailed, build_authenticator
 from relay.config import App, Config, OAuthSettings, load_config
 from relay.dispatch import Clock, Dispatcher, SystemClock
 from relay.errors import ConfigError, InvalidWebhook, StoreError
-from relay.inbound import dedupe_key, parse_webhook
+from relay.inbound import KNOWN_EVENTS, Event, dedupe_key, parse_webhook
 from relay.observability import Metrics, event, log, short_token
 from relay.providers import Bounded, create_provider
 from relay.registry import Registry, load_registry
@@ -152,6 +152,10 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
     if hook.ignored:
         event(logging.INFO, "webhook ignored", request_id=rid, type=hook.type[:40])
         return "ignored", web.json_response({"status": "ignored", "type": hook.type})
+    if (settings.unknown_events == "ignore" and isinstance(hook.notification, Event)
+            and hook.notification.name not in KNOWN_EVENTS):
+        event(logging.INFO, "webhook ignored", request_id=rid, type="event", event=hook.notification.name[:40])
+        return "ignored", web.json_response({"status": "ignored", "type": "event", "event": hook.notification.name})
     if settings.reject_dead_tokens and all(relay.registry.is_dead(t) for t in hook.tokens):
         event(logging.INFO, "webhook for dead token refused", request_id=rid, tokens=len(hook.tokens))
         return "dead_token", _error(410, "push token is dead (reported by the push provider)")

@@ -121,6 +121,19 @@ async def test_unknown_event_name_is_delivered_as_silent_push(make_relay: MakeRe
     assert apns.headers["apns-push-type"] == "background"
 
 
+async def test_unknown_event_names_can_be_ignored_instead(make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """With webhook.unknown_events: ignore, a future event name is answered 200 `ignored` and not sent."""
+    r = await make_relay(webhook={"unknown_events": "ignore"})
+    doc = sample("event", to=[IOS_TOKEN])
+    doc["data"]["object"]["name"] = "agentJoined"
+    status, answer = await r.post(doc)
+    assert (status, answer["status"], answer["event"]) == (200, "ignored", "agentJoined")
+    assert (await r.relay.store.stats()).accepted == 0
+    status, answer = await r.post(sample("event", to=[IOS_TOKEN]))  # startTyping is still delivered
+    assert (status, answer["status"]) == (200, "accepted")
+    assert r.relay.metrics.webhooks.labels("ignored")._value.get() == 1
+
+
 @pytest.mark.parametrize(
     ("raw", "status", "field", "words"),
     [
