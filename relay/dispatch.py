@@ -254,8 +254,10 @@ class Dispatcher:
             result = await provider.send(push)
         finally:
             self.metrics.inflight.dec()
-            self.metrics.provider_latency.labels(route.app.platform).observe(time.perf_counter() - started)
-        await asyncio.shield(self.record(job, route, result, expires_at))
+            self.metrics.child(self.metrics.provider_latency, route.app.platform).observe(time.perf_counter() - started)
+        # Each store write in record() is shielded on its own; a cancellation (stop() past its timeout) between
+        # two of them leaves the job claimed, to be delivered again after the restart: at least once.
+        await self.record(job, route, result, expires_at)
 
     async def _unroutable(self, job: Job, now: float) -> None:
         deadline = job.received_at + self.settings.unroutable_grace
@@ -268,12 +270,12 @@ class Dispatcher:
     async def record(self, job: Job, route: Route, result: SendResult, expires_at: float) -> None:
         """Turn a provider answer into a stored end state or a scheduled retry."""
         app, platform = route.app.name, route.app.platform
-        self.metrics.sends.labels(platform, app, job.kind, result.outcome.value).inc()
+        self.metrics.child(self.metrics.sends, platform, app, job.kind, result.outcome.value).inc()
         breaker = self.breakers.setdefault(app, _Breaker())
         now = self.clock.now()
         if result.outcome is Outcome.SENT:
             await self._close_breaker(app, breaker)
-            self.metrics.delivery_latency.labels(platform).observe(max(0.0, now - job.received_at))
+            self.metrics.child(self.metrics.delivery_latency, platform).observe(max(0.0, now - job.received_at))
             await self.record_end(job, EndState.SENT, "", route)
         elif result.outcome is Outcome.TOKEN_DEAD:
             await self._close_breaker(app, breaker)
@@ -337,7 +339,7 @@ class Dispatcher:
         """Store an end state and count it."""
         platform = route.app.platform if route else "none"
         app = route.app.name if route else "none"
-        self.metrics.ended.labels(platform, app, job.kind, end.value).inc()
+        self.metrics.child(self.metrics.ended, platform, app, job.kind, end.value).inc()
         now = self.clock.now()
         await self._persist(lambda: self.store.finish(job, end, reason, now))
 

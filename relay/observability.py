@@ -54,6 +54,15 @@ class Metrics:
         self.reloads = Counter("parley_relay_reloads", "Configuration reloads by result", ["result"], registry=r)
         self.api_requests = Counter("parley_relay_api_requests", "Device API requests by operation and status",
                                     ["operation", "status"], registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the delivery path asks for the same few children per push."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 def short_token(token: str) -> str:

@@ -34,6 +34,7 @@ class ApnsPush:
     expiration: int | None  # absolute UNIX time; None = Apple's default storage
     collapse_id: str | None
     payload: Mapping[str, Any]
+    body: bytes = b""  # ``payload`` encoded, when the builder already did (it measures the size)
 
     @property
     def silent(self) -> bool:
@@ -156,8 +157,9 @@ def to_apns(
             if policy.thread_id:
                 aps["thread-id"] = policy.thread_id
             payload = {"aps": aps, "parley": _parley_string(notification, text, title)}
-            push = ApnsPush(app.name, device_token, delivery_id, "alert", 10, None, None, payload)
-            return push, _apns_size(payload)
+            encoded = _apns_body(payload)
+            push = ApnsPush(app.name, device_token, delivery_id, "alert", 10, None, None, payload, encoded)
+            return push, len(encoded)
 
         return _fit(build, body, APNS_MAX_PAYLOAD)  # type: ignore[no-any-return]
 
@@ -171,8 +173,9 @@ def to_apns(
 
     def build_silent(text: str) -> tuple[ApnsPush, int]:
         payload = {"aps": {"content-available": 1}, "parley": _parley_string(notification, text, None)}
-        push = ApnsPush(app.name, device_token, delivery_id, "background", 5, expiration, collapse, payload)
-        return push, _apns_size(payload)
+        encoded = _apns_body(payload)
+        push = ApnsPush(app.name, device_token, delivery_id, "background", 5, expiration, collapse, payload, encoded)
+        return push, len(encoded)
 
     return _fit(build_silent, text, APNS_MAX_PAYLOAD)  # type: ignore[no-any-return]
 
@@ -219,6 +222,6 @@ def _size(payload: Any) -> int:
     return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-def _apns_size(payload: Any) -> int:
-    # aioapns serialises with json.dumps(ensure_ascii=False) and default separators: measure the same bytes.
-    return len(json.dumps(payload, ensure_ascii=False).encode())
+def _apns_body(payload: Any) -> bytes:
+    """The request body exactly as sent: measured here against the limit, then written as is."""
+    return json.dumps(payload, ensure_ascii=False).encode()
