@@ -118,6 +118,11 @@ class Dispatcher:
 
     # -- the loop ----------------------------------------------------------------------------------
 
+    def configure(self, settings: DeliverySettings) -> None:
+        """Take reloaded delivery settings (backoff, ages, timeouts); ``concurrency`` applies after a restart."""
+        self.settings = settings
+        self.policy = RetryPolicy(settings.backoff_initial, settings.backoff_max, rng=self.policy.rng)
+
     def wake(self) -> None:
         """Something became due (a webhook, a registry change): claim now instead of at the next poll."""
         self._wake.set()

@@ -68,6 +68,7 @@ class Relay:
             self.retiring.add(task)
             task.add_done_callback(self.retiring.discard)
         if self.dispatcher is not None:
+            self.dispatcher.configure(config.delivery)
             self.dispatcher.clear_alarms()
             await self.store.wake(None, self.clock.now())
             self.dispatcher.wake()

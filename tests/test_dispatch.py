@@ -291,3 +291,15 @@ async def test_device_registered_by_another_instance_is_found_in_the_store(harne
     await harness.accept(msg(1, to=token))
     await harness.run()
     assert harness.bodies() == ["m1"]
+
+
+async def test_reloaded_delivery_settings_apply_to_waiting_deliveries(harness: Harness) -> None:
+    """configure() (what a reload calls) takes new delivery settings: here a shorter unroutable grace period."""
+    import dataclasses
+
+    harness.dispatcher.configure(dataclasses.replace(harness.config.delivery, unroutable_grace=5))
+    await harness.accept(msg(1, to="unknown-token-2"))
+    await harness.run()
+    harness.clock.t += 6
+    await harness.run()
+    assert (await harness.store.stats()).ended[EndState.UNROUTABLE] == 1
