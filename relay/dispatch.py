@@ -111,6 +111,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._concurrency = settings.concurrency
+        self._running = 0  # deliveries started and not yet recorded
         self._claim_min = max(1, min(settings.batch_size, settings.concurrency) // 8)
         self._stopping = False
         self.breakers: dict[str, _Breaker] = {}
@@ -134,8 +136,8 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim and deliver until :meth:`stop`."""
         while not self._stopping:
-            free = self._slots._value
-            if free == 0 or (free < self._claim_min and free < self.settings.concurrency):
+            free = self._concurrency - self._running
+            if free == 0 or (free < self._claim_min and free < self._concurrency):
                 # Busy: claim in batches, not one job per finished send (each claim scans the token heads,
                 # inside the store's group commit that webhooks wait on). A finished send wakes us.
                 self._wake.clear()
@@ -157,6 +159,7 @@ class Dispatcher:
 
     async def _start(self, job: Job) -> None:
         await self._slots.acquire()  # released by _guarded when the delivery is recorded
+        self._running += 1
         task = asyncio.get_running_loop().create_task(self._guarded(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -209,6 +212,7 @@ class Dispatcher:
             event(logging.ERROR, "delivery failed unexpectedly", job=job.id, token=short_token(job.token))
             logging.getLogger(__name__).debug("delivery failure", exc_info=True)
         finally:
+            self._running -= 1
             self._slots.release()
             self._wake.set()
 
