@@ -206,7 +206,7 @@ def load(url: str, tokens: Sequence[str], **spec: Any) -> dict[str, Any]:
 def prefill(path: Path, tokens: Sequence[str], count: int) -> None:
     """Store ``count`` accepted deliveries (round-robin over ``tokens``) through the relay's own store code."""
     from relay.config import StoreSettings
-    from relay.inbound import dedupe_key, parse_webhook
+    from relay.inbound.parse import dedupe_key, parse_webhook
     from relay.store.base import NewDelivery
     from relay.store.sqlite import SqliteStore
     from relay.testing.sandbox import sample

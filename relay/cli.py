@@ -19,7 +19,9 @@ from relay.config import Config, load_config
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.observability import setup_logging, short_token
 from relay.outcome import EndState, Outcome
-from relay.registry import Device, Registry, load_registry
+from relay.registry.device import Device
+from relay.registry.file import load_registry
+from relay.registry.routing import Registry
 from relay.store import Store, create_store
 
 DEFAULT_CONFIG = "/etc/parley-relay/relay.yaml"
@@ -39,7 +41,7 @@ async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.service import serve
+    from relay.runtime.service import serve
 
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
@@ -170,9 +172,9 @@ async def _retry_all_dead_letters(store: Store) -> int:
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
-    from relay.inbound import Agent, Message
+    from relay.delivery.translate import translate
+    from relay.inbound.parse import Agent, Message
     from relay.providers import create_provider
-    from relay.translate import translate
 
     config = _load(args.config)
     registry = Registry(config.apps, load_registry(config.registry, config.apps))
@@ -201,7 +203,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     """Print the signature header(s) ``auth.signature`` expects on a body, for testing a setup with curl."""
-    from relay.auth import sign_headers
+    from relay.inbound.auth import sign_headers
 
     config = _load(args.config)
     if config.auth.signature is None:

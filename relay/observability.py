@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from relay.systemd import journald_reads
 
 LOGGER_NAME = "parley_relay"
 log = logging.getLogger(LOGGER_NAME)
@@ -79,6 +78,23 @@ def _logfmt_value(value: Any) -> str:
 
 # sd-daemon(3): a "<N>" line prefix gives journald the syslog priority (journalctl -p works).
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def journald_reads(fd: int = 2, environ: MutableMapping[str, str] | None = None) -> bool:
+    """True when ``fd`` is the journald stream systemd connected (``$JOURNAL_STREAM`` = ``DEV:INODE``).
+
+    Comparing device and inode (systemd.exec(5)) keeps timestamps when the variable was merely inherited
+    by a process whose stderr goes somewhere else.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
 class _Formatter(logging.Formatter):

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relay.config import load_config
-from relay.server import RELAY_KEY, Relay, create_app
+from relay.running import RELAY_KEY, Relay
+from relay.runtime.relay import create_app
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestClient
 
 from relay.config import load_config
 from relay.errors import ConfigError
-from relay.server import RELAY_KEY, create_app
+from relay.running import RELAY_KEY
+from relay.runtime.relay import create_app, reload
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
 from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
 
@@ -356,7 +357,7 @@ async def test_registered_devices_survive_a_restart_and_a_reload(restartable: Ca
     assert second.app is not first.app
     status, body = await Api(second, IOS_KEY).get(token)
     assert (status, body["device_token"], body["source"]) == (200, device_token, "runtime")
-    assert await second.relay.reload()
+    assert await reload(second.relay)
     assert (await Api(second, IOS_KEY).get(token))[0] == 200
     await second.post(sample("message", to=[token]))
     (push,) = await sandbox.apns.wait_for(1)
@@ -440,7 +441,7 @@ def test_api_keys_use_paths_relative_to_the_config(sandbox: Sandbox, tmp_path: P
 
 async def test_api_can_live_on_the_metrics_listener_only(sandbox: Sandbox, aiohttp_client: Any) -> None:
     """With api.listener: metrics the webhook listener has no /v1/ routes and the separate listener serves them."""
-    from relay.server import create_ops_app
+    from relay.http.app import create_ops_app
 
     api = {**api_section(sandbox), "listener": "metrics"}
     app = create_app(load_config(sandbox.write(api=api, metrics={"listen": {"host": "127.0.0.1", "port": 0}})))

@@ -17,7 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from relay.auth import (
+from relay.cli import main as cli_main
+from relay.config import AuthSettings, RateLimitSettings, SignatureSettings, load_config
+from relay.errors import ConfigError
+from relay.inbound.auth import (
     Authenticator,
     AuthFailed,
     Signature,
@@ -25,11 +28,9 @@ from relay.auth import (
     build_authenticator,
     sign_headers,
 )
-from relay.cli import main as cli_main
-from relay.config import AuthSettings, RateLimitSettings, SignatureSettings, load_config
-from relay.errors import ConfigError
-from relay.ratelimit import FailureLimiter, client_address
-from relay.signing import raw_ecdsa
+from relay.inbound.ratelimit import FailureLimiter, client_address
+from relay.inbound.signing import raw_ecdsa
+from relay.runtime.relay import reload
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
 
@@ -467,7 +468,7 @@ async def test_failure_counts_survive_a_reload(make_relay: MakeRelay) -> None:
     r = await make_relay(auth={"headers": {AUTH_HEADER: AUTH_VALUE}, "rate_limit": {"max_failures": 2}})
     for _ in range(2):
         await r.post(sample("message"), headers={AUTH_HEADER: "guess"}, auth=False)
-    assert await r.relay.reload()
+    assert await reload(r.relay)
     assert (await r.post(sample("message"), headers={AUTH_HEADER: "guess"}, auth=False))[0] == 429
 
 

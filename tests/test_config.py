@@ -10,7 +10,8 @@ import yaml
 from relay.cli import main
 from relay.config import ApnsApp, FcmApp, load_config
 from relay.errors import ConfigError
-from relay.registry import Registry, load_registry
+from relay.registry.file import load_registry
+from relay.registry.routing import Registry
 from relay.testing.sandbox import Sandbox
 
 

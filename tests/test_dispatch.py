@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 
 from relay.config import Config, load_config
-from relay.dispatch import Dispatcher, RetryPolicy
-from relay.inbound import dedupe_key, parse_webhook
+from relay.delivery.dispatcher import Dispatcher, RetryPolicy
+from relay.inbound.parse import dedupe_key, parse_webhook
 from relay.observability import Metrics
 from relay.outcome import EndState, Outcome, SendResult
 from relay.providers import Provider
-from relay.registry import Device, Registry, load_registry
+from relay.push import ApnsPush, Push
+from relay.registry.device import Device
+from relay.registry.file import load_registry
+from relay.registry.routing import Registry
 from relay.store.base import NewDelivery
 from relay.store.sqlite import SqliteStore
 from relay.testing.sandbox import IOS_TOKEN, Sandbox, sample
-from relay.translate import ApnsPush, Push
 
 
 class FakeClock:

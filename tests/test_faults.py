@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from relay.outcome import EndState
+from relay.runtime.relay import reload
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
 from tests.test_durability import free_port, start_relay, wait_ready
@@ -132,7 +133,7 @@ async def test_bad_credentials_alarm_readyz_and_resume_after_fix_and_reload(make
     assert 'parley_relay_app_alarm{app="ios"} 1.0' in await (await r.client.get("/metrics")).text()
     assert (await r.relay.store.stats()).pending == 1  # kept, not dropped
     good.write_p8(sandbox.root / "AuthKey.p8")  # the operator fixes the key ...
-    assert await r.relay.reload()  # ... and reloads
+    assert await reload(r.relay)  # ... and reloads
     await r.settle(timeout=10)
     assert (await r.client.get("/readyz")).status == 200
     assert [q.status for q in sandbox.apns.requests][-1] == 200

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 from relay.config import load_config
 from relay.errors import InvalidWebhook
-from relay.inbound import MAX_DEPTH, MAX_STRING, Webhook, parse_webhook
-from relay.server import create_app, runner_options
+from relay.http.app import runner_options
+from relay.inbound.parse import MAX_DEPTH, MAX_STRING, Webhook, parse_webhook
+from relay.runtime.relay import create_app
 from relay.testing.sandbox import (
     ANDROID_TOKEN,
     AUTH_HEADER,

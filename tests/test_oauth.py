@@ -15,7 +15,8 @@ import pytest
 
 from relay.config import OAuthSettings, load_config
 from relay.errors import ConfigError
-from relay.oauth import AUDIENCE, InvalidToken, TokenAuthority
+from relay.inbound.oauth import AUDIENCE, InvalidToken, TokenAuthority
+from relay.runtime.relay import reload
 from relay.testing.sandbox import IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay, RelayUnderTest
 
@@ -346,7 +347,7 @@ async def test_reload_can_enable_oauth_without_a_restart(make_relay: MakeRelay, 
     status, body, _ = await token_request(r)
     assert (status, body["error"]) == (404, "invalid_request")
     sandbox.write(auth={"headers": {AUTH_HEADER: AUTH_VALUE}, "oauth": oauth_config()})
-    assert await r.relay.reload()
+    assert await reload(r.relay)
     assert (await r.post(sample("message")))[0] == 401  # the header alone no longer suffices
     token = (await token_request(r))[1]["access_token"]
     assert (await r.post(sample("message"), headers={"Authorization": f"Bearer {token}"}))[0] == 200

@@ -22,8 +22,9 @@ import aiohttp
 import pytest
 
 from relay.config import OAuthSettings
-from relay.oauth import TokenAuthority
+from relay.inbound.oauth import TokenAuthority
 from relay.observability import LOGGER_NAME, setup_logging, short_token
+from relay.runtime.relay import reload
 from relay.testing.sandbox import (
     ANDROID_TOKEN,
     AUTH_HEADER,
@@ -187,7 +188,7 @@ async def test_no_secret_token_signature_or_message_text_in_debug_logs(
                 and len([q for q in sandbox.fcm.requests if q.status == 200]) >= 2
                 and r.relay.registry.is_dead(DEAD_TOKEN))
     await r.settle()
-    assert await r.relay.reload()
+    assert await reload(r.relay)
     secrets.add(*sandbox.apns.jwts_seen)  # the relay's own provider credentials are secrets too
 
     text = logs.text(caplog)

@@ -15,8 +15,8 @@ from relay.outcome import Outcome
 from relay.providers import Bounded, create_provider
 from relay.providers.apns import APNS_REASONS, ApnsProvider, classify_apns
 from relay.providers.fcm import FcmProvider, classify_fcm
+from relay.push import ApnsPush, FcmPush
 from relay.testing.sandbox import Sandbox
-from relay.translate import ApnsPush, FcmPush
 
 
 def _apps(sandbox: Sandbox, **overrides: object) -> tuple[ApnsApp, FcmApp]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config_reader import load_yaml
-from relay.registry_fast import read_flat_devices
+from relay.config.reader import load_yaml
+from relay.registry.fast import read_flat_devices
 
 APPS = {"ios": object(), "android": object()}
 

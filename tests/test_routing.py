@@ -14,7 +14,9 @@ import yaml
 
 from relay.config import load_config
 from relay.errors import ConfigError
-from relay.registry import Registry, load_registry, parse_registry
+from relay.registry.file import load_registry, parse_registry
+from relay.registry.routing import Registry
+from relay.runtime.relay import reload
 from relay.testing.sandbox import IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay, RelayUnderTest
 
@@ -101,7 +103,7 @@ async def test_a_token_no_rule_matches_waits_and_a_reload_with_a_rule_sends_it(m
         await asyncio.sleep(0.02)
     assert sandbox.fcm.requests == []
     sandbox.write(devices={}, routing=SMALL_DEPLOYMENT)
-    assert await r.relay.reload()
+    assert await reload(r.relay)
     assert await _sent(r, sandbox, 0, 1) == ([], [token])
 
 
@@ -125,7 +127,7 @@ async def test_a_bad_rule_on_reload_keeps_the_old_rules(make_relay: MakeRelay, s
     """A reload whose registry has an invalid rule is rejected; the rules in force keep routing."""
     r = await make_relay(devices={}, routing=SMALL_DEPLOYMENT)
     (sandbox.root / "devices.yaml").write_text(yaml.safe_dump({"routing": [{"match": "(", "app": "ios"}]}))
-    assert not await r.relay.reload()
+    assert not await reload(r.relay)
     token = _apns_hex()
     await r.post(sample("message", to=[token]))
     assert await _sent(r, sandbox, 1, 0) == ([token], [])

@@ -143,7 +143,7 @@ _BLOCKING_RELAY = (
     "import asyncio, signal, sys, time\n"
     "from relay.config import load_config\n"
     "from relay.observability import setup_logging\n"
-    "from relay.service import serve\n"
+    "from relay.runtime.service import serve\n"
     "async def main() -> None:\n"
     "    # test-only: SIGUSR1 blocks the event loop, as a runaway computation or blocking call would\n"
     "    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, time.sleep, 1.5)\n"

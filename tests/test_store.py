@@ -26,7 +26,7 @@ import redis
 from relay.config import StoreSettings
 from relay.errors import StoreError, StoreUnavailable
 from relay.outcome import EndState
-from relay.registry import Device
+from relay.registry.device import Device
 from relay.store import NewDelivery, Store, create_store
 from relay.testing.fleet import RedisServer
 from tests.conftest import REDIS_URL, redis_unavailable

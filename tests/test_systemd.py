@@ -1,4 +1,4 @@
-"""relay.systemd and the shipped units: the notify protocol, watchdog, socket activation, journald detection,
+"""relay.runtime.systemd and the shipped units: the notify protocol, watchdog, socket activation, journald detection,
 and the hardened unit's exposure score."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from relay.errors import ConfigError
-from relay.systemd import Notifier, inherited_sockets, journald_reads
+from relay.observability import journald_reads
+from relay.runtime.systemd import Notifier, inherited_sockets
 from relay.testing.process import (
     NotifySocket,
     RelayProcess,
@@ -114,7 +115,7 @@ async def test_watchdog_and_status_loops_ping_on_schedule(notify: NotifySocket) 
 
 _SHOW_INHERITED = (
     "import os, json\n"
-    "from relay.systemd import inherited_sockets\n"
+    "from relay.runtime.systemd import inherited_sockets\n"
     "try:\n"
     "    found = inherited_sockets()\n"
     "    print(json.dumps({'sockets': [[s.name, s.sock.fileno(), s.sock.getsockname()[1]] for s in found],\n"

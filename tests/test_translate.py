@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from relay.config import ApnsApp, FcmApp, Policy
-from relay.inbound import Agent, Event, Message, parse_webhook
-from relay.registry import Route
-from relay.translate import APNS_MAX_PAYLOAD, ELLIPSIS, ApnsPush, FcmPush, translate
+from relay.delivery.translate import APNS_MAX_PAYLOAD, ELLIPSIS, translate
+from relay.inbound.parse import Agent, Event, Message, parse_webhook
+from relay.push import ApnsPush, FcmPush
+from relay.registry.device import Route
 
 APNS = ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1, Policy())
 FCM = FcmApp("android", Path("sa.json"), None, None, 10, Policy())

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from relay.config import ApnsApp, App, FcmApp
 from relay.outcome import Outcome, SendResult
-from relay.translate import Push
+from relay.push import Push
 
 
 class Provider(Protocol):

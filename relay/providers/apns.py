@@ -53,7 +53,7 @@ from hpack import Encoder, NeverIndexedHeaderTuple
 from relay.config import ApnsApp
 from relay.errors import ConfigError, ConfigProblem
 from relay.outcome import Outcome, SendResult
-from relay.translate import ApnsPush, Push
+from relay.push import ApnsPush, Push
 
 # Apple, "Handling notification responses from APNs" (developer.apple.com/documentation/usernotifications/
 # handling-notification-responses-from-apns): status and reason -> what the relay does.

@@ -28,7 +28,7 @@ from firebase_admin._http_client import GoogleAuthCredentialFlow
 from relay.config import FcmApp
 from relay.errors import ConfigError, ConfigProblem
 from relay.outcome import Outcome, SendResult
-from relay.translate import FcmPush, Push
+from relay.push import FcmPush, Push
 
 # send_each_async starts every request of a batch in the same event-loop turn (about 0.3 ms of CPU each in
 # httpx before the first await): batches go out in slices, one per loop turn, so that webhooks waiting to be

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.outcome import EndState
-from relay.registry import Device
+from relay.registry.device import Device
 
 
 @dataclass(frozen=True, slots=True)

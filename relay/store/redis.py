@@ -39,7 +39,7 @@ from relay.config import StoreSettings
 from relay.errors import StoreError, StoreUnavailable
 from relay.observability import event
 from relay.outcome import EndState
-from relay.registry import Device
+from relay.registry.device import Device
 from relay.store import _redis_lua as lua
 from relay.store.base import DeadLetter, Job, NewDelivery, Stats
 

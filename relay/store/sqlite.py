@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from relay.config import StoreSettings
 from relay.errors import StoreError, StoreUnavailable
 from relay.outcome import EndState
-from relay.registry import Device
+from relay.registry.device import Device
 from relay.store.base import DeadLetter, Job, NewDelivery, Stats
 
 T = TypeVar("T")

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from relay.config import load_config
 from relay.outcome import EndState
-from relay.server import RELAY_KEY, create_app
+from relay.running import RELAY_KEY
+from relay.runtime.relay import create_app
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, SAMPLE_EVENT, SAMPLE_MESSAGE, Sandbox, pretty
 
 

@@ -143,23 +143,6 @@ def _activation_error(message: str) -> ConfigError:
     return ConfigError([ConfigProblem("socket activation", "LISTEN_FDS", message)])
 
 
-def journald_reads(fd: int = 2, environ: MutableMapping[str, str] | None = None) -> bool:
-    """True when ``fd`` is the journald stream systemd connected (``$JOURNAL_STREAM`` = ``DEV:INODE``).
-
-    Comparing device and inode (systemd.exec(5)) keeps timestamps when the variable was merely inherited
-    by a process whose stderr goes somewhere else.
-    """
-    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
-    dev, _, ino = value.partition(":")
-    if not (dev.isdigit() and ino.isdigit()):
-        return False
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return st.st_dev == int(dev) and st.st_ino == int(ino)
-
-
 def describe(sock: socket.socket) -> str:
     """``host:port`` (or the unix path) a listening socket is bound to, for logs and ``STATUS=``."""
     address = sock.getsockname()

@@ -12,15 +12,15 @@ import ipaddress
 import re
 from pathlib import Path
 
-from relay.config import (
+from relay.config.model import (
     SIGNATURE_ALGORITHMS,
     OAuthClient,
     OAuthSettings,
     RateLimitSettings,
     SignatureSettings,
 )
-from relay.config_reader import MISSING, Reader, read_file
-from relay.signing import load_public_key
+from relay.config.reader import MISSING, Reader, read_file
+from relay.inbound.signing import load_public_key
 
 MIN_SIGNING_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 _TOKEN_CHARS_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)

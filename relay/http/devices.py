@@ -27,8 +27,8 @@ from aiohttp import web
 from relay.config import ApiKey, App
 from relay.errors import RelayError, StoreError
 from relay.observability import event, short_token
-from relay.registry import APNS_TOKEN_RE, Device
-from relay.server import RELAY_KEY, Relay
+from relay.registry.device import APNS_TOKEN_RE, Device
+from relay.running import RELAY_KEY, Relay
 
 PREFIX = "/v1"
 DEFAULT_LIMIT = 100
@@ -270,8 +270,8 @@ async def list_devices(request: web.Request, relay: Relay, key: ApiKey) -> web.R
 
 @cache
 def openapi_document() -> bytes:
-    """The OpenAPI 3.1 document shipped in the package (``relay/openapi.json``)."""
-    return resources.files("relay").joinpath("openapi.json").read_bytes()
+    """The OpenAPI 3.1 document shipped in the package (``relay/http/openapi.json``)."""
+    return resources.files("relay.http").joinpath("openapi.json").read_bytes()
 
 
 async def openapi(request: web.Request) -> web.Response:

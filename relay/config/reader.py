@@ -1,6 +1,6 @@
 """Reading YAML configuration: typed access that collects problems (file + key) instead of stopping at one.
 
-Used by :mod:`relay.config` and :mod:`relay.config_auth`; ``${ENV_VAR}`` expansion and credential paths
+Used by :mod:`relay.config` and :mod:`relay.config.auth`; ``${ENV_VAR}`` expansion and credential paths
 (``cred:NAME`` from ``$CREDENTIALS_DIRECTORY``) live here too.
 """
 

@@ -1,42 +1,18 @@
-"""Registry stage: which app (and so platform and credentials) a Parley push token belongs to.
-
-The YAML file (``devices:`` plus optional ``routing:`` rules) is the base; devices added or removed at run
-time live in the store and overlay it. Lookups never touch the disk: the registry is an in-memory snapshot
-that :meth:`Registry.replace` swaps whole on reload, so a bad new file leaves the old one in force.
-"""
+"""The registry YAML file: ``devices:`` entries and ``routing:`` rules, validated with every problem named."""
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from relay.config import App
-from relay.config_reader import load_yaml
+from relay.config.reader import load_yaml
 from relay.errors import ConfigError, ConfigProblem
-from relay.registry_fast import read_flat_devices
-
-APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    """One registry entry: the Parley push token, its app, and the provider's device token."""
-
-    token: str
-    app: str
-    device_token: str
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where one delivery goes: the app (with credentials and policy) and the provider token."""
-
-    app: App
-    device_token: str
+from relay.registry.fast import read_flat_devices
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,77 +114,3 @@ def load_registry(path: Path, apps: Mapping[str, App]) -> RegistryFile:
     if flat is not None:
         return RegistryFile(flat, ())
     return parse_registry(load_yaml(path), path, apps)
-
-
-class Registry:
-    """Token -> route lookups over the YAML snapshot, the run-time overlay, and routing rules."""
-
-    def __init__(self, apps: Mapping[str, App], base: RegistryFile) -> None:
-        self._apps = dict(apps)
-        self._base = base
-        self._overlay: dict[str, tuple[str, str | None]] = {}
-        self._dead: set[str] = set()
-
-    @property
-    def apps(self) -> Mapping[str, App]:
-        return self._apps
-
-    def replace(self, apps: Mapping[str, App], base: RegistryFile) -> None:
-        """Swap in a reloaded configuration (already validated)."""
-        self._apps, self._base = dict(apps), base
-
-    def load_overlay(self, devices: Iterable[Device], dead: Iterable[str]) -> None:
-        """Install the store's run-time devices and dead tokens (at start and after reloads)."""
-        self._overlay = {d.token: (d.app, None if d.device_token == d.token else d.device_token) for d in devices}
-        self._dead = set(dead)
-
-    def put(self, device: Device) -> None:
-        """Add or replace a run-time device (already persisted by the caller); revives a dead token."""
-        self._overlay[device.token] = (device.app, None if device.device_token == device.token else device.device_token)
-        self._dead.discard(device.token)
-
-    def remove(self, token: str) -> None:
-        self._overlay.pop(token, None)
-
-    def mark_dead(self, token: str) -> None:
-        self._dead.add(token)
-
-    def is_dead(self, token: str) -> bool:
-        return token in self._dead
-
-    def entry(self, token: str) -> Device | None:
-        """The explicit entry for ``token`` (overlay first), without routing rules."""
-        found = self._overlay.get(token) or self._base.devices.get(token)
-        if found is None:
-            return None
-        app, device_token = found
-        return Device(token, app, device_token or token)
-
-    def is_runtime(self, token: str) -> bool:
-        """Whether ``token``'s entry was added at run time (and so can be removed at run time)."""
-        return token in self._overlay
-
-    def tokens(self) -> Iterator[tuple[str, str]]:
-        """(token, app) of every explicit entry, run-time ones in place of the YAML ones they overlay (unordered)."""
-        overlay = self._overlay
-        for token, (app, _device_token) in overlay.items():
-            yield token, app
-        for token, (app, _device_token) in self._base.devices.items():
-            if token not in overlay:
-                yield token, app
-
-    def lookup(self, token: str) -> Route | None:
-        """Route for ``token``: explicit entries win over rules; ``None`` when nothing matches."""
-        entry = self.entry(token)
-        if entry is not None:
-            app = self._apps.get(entry.app)
-            return Route(app, entry.device_token) if app is not None else None
-        for rule in self._base.rules:
-            if rule.matches(token):
-                app = self._apps.get(rule.app)
-                if app is not None:
-                    return Route(app, token)
-        return None
-
-    def __len__(self) -> int:
-        return len(self._base.devices) + sum(1 for t in self._overlay if t not in self._base.devices)

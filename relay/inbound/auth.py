@@ -3,8 +3,8 @@
 A layer is a :class:`Verifier`: it sees the request headers and the raw body and raises
 :class:`AuthFailed` with a reason that is safe to log (never the secret or the presented value).
 Layers: :class:`StaticHeaders` (``auth.headers``), :class:`Signature` (``auth.signature``) and
-:class:`BearerToken` (``auth.oauth``, tokens from :mod:`relay.oauth`). :class:`Authenticator` checks them
-all and counts failures per client address (:mod:`relay.ratelimit`): past the limit a failure is a 429.
+:class:`BearerToken` (``auth.oauth``, tokens from :mod:`relay.inbound.oauth`). :class:`Authenticator` checks them
+all and counts failures per client address (:mod:`relay.inbound.ratelimit`): past the limit a failure is a 429.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Protocol
 
 from aiohttp import web
 
-from relay import signing
 from relay.config import AuthSettings, SignatureSettings
-from relay.oauth import REALM, InvalidToken, TokenAuthority, token_endpoint
+from relay.inbound import signing
+from relay.inbound.oauth import REALM, InvalidToken, TokenAuthority, token_endpoint
+from relay.inbound.ratelimit import FailureLimiter, client_address
 from relay.observability import event
-from relay.ratelimit import FailureLimiter, client_address
 
 _TIMESTAMP_RE = re.compile(r"^[0-9]{1,16}$")
 _MILLISECONDS = 10**11  # a timestamp past this (year 5138 in seconds) is in milliseconds

@@ -11,81 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from relay.config import DeliverySettings
+from relay.delivery.policy import Breaker, Clock, RetryPolicy, SystemClock
+from relay.delivery.translate import translate
 from relay.errors import InvalidWebhook, StoreError, StoreUnavailable
-from relay.inbound import Event, load_notification
+from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult
 from relay.providers import Provider
-from relay.registry import Registry, Route
+from relay.registry.device import Route
+from relay.registry.routing import Registry
 from relay.store.base import Job, Store
-from relay.translate import translate
 
 T = TypeVar("T")
 
 LEASE = 300.0
 START_SLICE = 16  # claimed jobs started per event-loop turn
 IDLE_POLL = 1.0
-
-
-class Clock(Protocol):
-    def now(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """Wall-clock time (stored times are absolute so that they survive restarts)."""
-
-    def now(self) -> float:
-        return time.time()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter, never sooner than the provider's ``Retry-After``."""
-
-    initial: float = 1.0
-    maximum: float = 300.0
-    rng: Callable[[float, float], float] = field(default=random.uniform, repr=False)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum:
-            raise ValueError("backoff needs 0 < initial <= maximum")
-
-    def delay(self, attempts: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before attempt ``attempts + 1``."""
-        ceiling = min(self.maximum, self.initial * (2 ** min(attempts, 32)))
-        jittered = self.rng(self.initial / 2, ceiling)
-        return max(jittered, retry_after or 0.0)
-
-
-@dataclass
-class _Breaker:
-    """Per-app circuit: after repeated failures, park that app's deliveries and probe for recovery."""
-
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-    alarm: str | None = None  # set for config errors: the operator must act
-
-    def allows(self, now: float) -> bool:
-        if now < self.open_until:
-            return False
-        if self.open_until and self.probing:
-            return False  # one probe at a time while half-open
-        if self.open_until:
-            self.probing = True
-        return True
 
 
 RETRY_TRIP = 5  # consecutive transient failures that open an app's circuit
@@ -115,7 +61,7 @@ class Dispatcher:
         self._running = 0  # deliveries started and not yet recorded
         self._claim_min = max(1, min(settings.batch_size, settings.concurrency) // 8)
         self._stopping = False
-        self.breakers: dict[str, _Breaker] = {}
+        self.breakers: dict[str, Breaker] = {}
         self.on_alarm: Callable[[str, str | None], Awaitable[None] | None] | None = None
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -245,7 +191,7 @@ class Dispatcher:
         if route is None:
             await self._unroutable(job, now)
             return
-        breaker = self.breakers.setdefault(route.app.name, _Breaker())
+        breaker = self.breakers.setdefault(route.app.name, Breaker())
         if not breaker.allows(now):
             at = max(breaker.open_until, now + 1.0)
             reason = "config_error" if breaker.alarm else "circuit_open"
@@ -280,7 +226,7 @@ class Dispatcher:
         """Turn a provider answer into a stored end state or a scheduled retry."""
         app, platform = route.app.name, route.app.platform
         self.metrics.child(self.metrics.sends, platform, app, job.kind, result.outcome.value).inc()
-        breaker = self.breakers.setdefault(app, _Breaker())
+        breaker = self.breakers.setdefault(app, Breaker())
         now = self.clock.now()
         if result.outcome is Outcome.SENT:
             await self._close_breaker(app, breaker)
@@ -322,7 +268,7 @@ class Dispatcher:
         self.metrics.retries.labels(route.app.platform, route.app.name, reason.split(" ")[0][:40]).inc()
         await self._persist(lambda: self.store.retry(job, at, reason, count_attempt=count))
 
-    async def _close_breaker(self, app: str, breaker: _Breaker) -> None:
+    async def _close_breaker(self, app: str, breaker: Breaker) -> None:
         breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False
         if breaker.alarm is not None:
             breaker.alarm = None

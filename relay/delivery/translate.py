@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from relay.config import ApnsApp, FcmApp, Policy
-from relay.inbound import Event, Message, Notification
-from relay.registry import Route
+from relay.inbound.parse import Event, Message, Notification
+from relay.push import ApnsPush, FcmPush, Push
+from relay.registry.device import Route
 
 APNS_MAX_PAYLOAD = 4096
 FCM_MAX_PAYLOAD = 4096
@@ -22,47 +22,6 @@ MAX_TITLE = 256
 ELLIPSIS = "…"
 
 
-@dataclass(frozen=True, slots=True)
-class ApnsPush:
-    """One APNs request: headers as fields, ``payload`` the JSON body."""
-
-    app: str
-    device_token: str
-    apns_id: str
-    push_type: Literal["alert", "background"]
-    priority: int
-    expiration: int | None  # absolute UNIX time; None = Apple's default storage
-    collapse_id: str | None
-    payload: Mapping[str, Any]
-    body: bytes = b""  # ``payload`` encoded, when the builder already did (it measures the size)
-
-    @property
-    def silent(self) -> bool:
-        return self.push_type == "background"
-
-
-@dataclass(frozen=True, slots=True)
-class FcmPush:
-    """One FCM HTTP v1 message; ``title``/``body`` are None for a data-only (silent) message."""
-
-    app: str
-    token: str
-    message_id: str
-    title: str | None
-    body: str | None
-    image: str | None
-    data: Mapping[str, str]
-    priority: Literal["normal", "high"]
-    ttl: int | None
-    collapse_key: str | None
-    channel_id: str | None
-
-    @property
-    def silent(self) -> bool:
-        return self.title is None
-
-
-Push = ApnsPush | FcmPush
 
 
 class _Blank(dict[str, str]):

@@ -20,17 +20,13 @@ from aiohttp import web
 
 from relay.config import Config, Listen
 from relay.errors import ConfigError, ConfigProblem, StoreError
+from relay.http.app import create_ops_app, runner_options
+from relay.http.errors import Handler
 from relay.observability import event
 from relay.outcome import EndState
-from relay.server import (
-    RELAY_KEY,
-    Handler,
-    Relay,
-    create_app,
-    create_ops_app,
-    runner_options,
-)
-from relay.systemd import ListenSocket, Notifier, describe, inherited_sockets
+from relay.running import RELAY_KEY, Relay
+from relay.runtime.relay import create_app, reload
+from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
 # After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
 # give it this long to arrive (and so count as in flight) before idle connections are closed.
@@ -223,9 +219,9 @@ def _bind_error(where: Listen | None, exc: OSError) -> str:
 
 
 async def _reload(relay: Relay) -> bool:
-    """:meth:`Relay.reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
+    """:func:`reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
     try:
-        return await relay.reload()
+        return await reload(relay)
     except Exception as exc:  # noqa: BLE001 - the old configuration must stay in force, whatever happened
         relay.metrics.reloads.labels("rejected").inc()
         event(logging.ERROR, "reload rejected, previous configuration stays in force",

@@ -28,8 +28,8 @@ import jwt
 from aiohttp import web
 
 from relay.config import OAuthClient, OAuthSettings
+from relay.inbound.ratelimit import FailureLimiter
 from relay.observability import event
-from relay.ratelimit import FailureLimiter
 
 ALGORITHM = "HS256"
 AUDIENCE = "parley-relay:webhook"

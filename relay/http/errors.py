@@ -1,0 +1,44 @@
+"""JSON errors for every answer, and request ids: the middleware every listener shares."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from relay.observability import event
+
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str, field_name: str | None = None, **extra: str) -> web.Response:
+    """``{"status": "error", "error": ..., "field": ...}`` with ``extra`` as headers."""
+    body: dict[str, object] = {"status": "error", "error": message}
+    if field_name:
+        body["field"] = field_name
+    return web.json_response(body, status=status, headers=extra or None)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request ids, JSON errors for everything, and never a stack trace to the client."""
+    request[REQUEST_ID_KEY] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return error_response(413, "body too large")
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}  # RFC 9110 §15.5.6: 405 lists methods
+        return error_response(exc.status, exc.reason, **allow)
+    except Exception:
+        logging.getLogger(__name__).exception("unhandled error")
+        event(logging.ERROR, "unhandled error", request_id=request[REQUEST_ID_KEY], path=request.path)
+        return error_response(500, "internal error")
+    response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+    return response

@@ -1,0 +1,52 @@
+"""The parts one running relay holds, and the app key through which HTTP handlers reach them.
+
+Both sides import this small module: :mod:`relay.runtime` builds and swaps the parts, :mod:`relay.http`
+reads them per request. Keeping the holder here (and not beside the builder) is what keeps ``http`` from
+importing ``runtime``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.policy import Clock
+from relay.inbound.auth import Authenticator
+from relay.observability import Metrics
+from relay.providers import Bounded
+from relay.registry.routing import Registry
+from relay.store import Store
+
+
+@dataclass
+class Relay:
+    """Everything one running relay holds; reachable from handlers through ``RELAY_KEY``."""
+
+    config: Config
+    store: Store
+    registry: Registry
+    metrics: Metrics
+    clock: Clock
+    auth: Authenticator
+    providers: dict[str, Bounded] = field(default_factory=dict)
+    dispatcher: Dispatcher | None = None
+    started: bool = False
+    draining: bool = False
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def ready_problems(self) -> list[str]:
+        """Why ``/readyz`` answers 503 (empty when ready), store reachability aside."""
+        problems = [] if self.started else ["starting"]
+        if self.draining:
+            problems.append("draining")
+        if self.dispatcher is not None:
+            problems += [f"app {app}: {reason}" for app, reason in sorted(self.dispatcher.alarms.items())]
+        return problems
+
+
+RELAY_KEY = web.AppKey("relay", Relay)

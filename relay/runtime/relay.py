@@ -1,0 +1,144 @@
+"""Building the running parts of a relay, and swapping them on reload.
+
+:func:`create_app` assembles store, registry, providers, authenticator and dispatcher behind one aiohttp
+application whose ``cleanup_ctx`` opens and closes them; :func:`reload` re-reads the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from aiohttp import web
+
+from relay.config import App, Config, load_config
+from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.policy import Clock, SystemClock
+from relay.errors import ConfigError, StoreError
+from relay.http.app import add_routes
+from relay.http.errors import errors_middleware
+from relay.inbound.auth import build_authenticator
+from relay.observability import Metrics, event
+from relay.providers import Bounded, create_provider
+from relay.registry.file import load_registry
+from relay.registry.routing import Registry
+from relay.running import RELAY_KEY, Relay
+from relay.store import Store, create_store
+
+
+async def reload(relay: Relay) -> bool:
+    """Re-read the config, registry and credentials; swap them in only once every part is built.
+
+    Build first (config, registry file, providers, the store's overlay), swap in one step, then retire the
+    old parts: any failure while building leaves the running relay exactly as it was.
+    """
+    fresh: dict[str, Bounded] = {}
+    try:
+        config = load_config(relay.config.source)
+        base = load_registry(config.registry, config.apps)
+        # Every app gets a fresh provider: a rotated key file keeps its path but not its contents.
+        fresh = await create_providers(config.apps, config.delivery.send_timeout)
+        devices = await relay.store.list_devices()
+        dead = (await relay.store.dead_tokens()).keys()
+        auth = build_authenticator(config.auth, previous=relay.auth)  # keeps the failure counts
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the running configuration stays in force
+        for provider in fresh.values():
+            await provider.close()
+        relay.metrics.reloads.labels("rejected").inc()
+        event(logging.ERROR, "reload rejected, previous configuration stays in force",
+              error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ConfigError, OSError)) else str(exc))
+        return False
+    old, relay.providers = relay.providers, fresh
+    relay.registry.replace(config.apps, base)
+    relay.registry.load_overlay(devices, dead)
+    relay.config = config
+    relay.auth = auth
+    for provider in old.values():  # in-flight sends finish on the old credentials, then it closes
+        task = asyncio.get_running_loop().create_task(provider.retire())
+        relay.retiring.add(task)
+        task.add_done_callback(relay.retiring.discard)
+    if relay.dispatcher is not None:
+        relay.dispatcher.configure(config.delivery)
+        relay.dispatcher.clear_alarms()
+        relay.dispatcher.wake()
+        try:  # releases what waited on the old configuration; the dispatcher's own wake covers a failure here
+            await relay.store.wake(None, relay.clock.now())
+        except StoreError as exc:
+            event(logging.WARNING, "reload applied; waking parked deliveries failed", error=str(exc))
+    relay.metrics.reloads.labels("ok").inc()
+    event(logging.INFO, "configuration reloaded", apps=len(config.apps), devices=len(relay.registry))
+    return True
+
+
+async def create_providers(apps: Mapping[str, App], timeout: float) -> dict[str, Bounded]:
+    """One provider per app; if any fails to build, those already built are closed."""
+    created: dict[str, Bounded] = {}
+    try:
+        for name, app in apps.items():
+            created[name] = await create_provider(app, timeout)
+    except BaseException:
+        for provider in created.values():
+            await provider.close()
+        raise
+    return created
+
+
+def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock: Clock | None = None,
+               store: Store | None = None, run_dispatcher: bool = True) -> web.Application:
+    """The relay's aiohttp application; resources open and close with it."""
+    app = web.Application(client_max_size=config.webhook.max_body_bytes, middlewares=[errors_middleware])
+    relay = Relay(
+        config=config,
+        store=store or create_store(config.store),
+        registry=Registry(config.apps, load_registry(config.registry, config.apps)),
+        metrics=metrics_registry or Metrics(),
+        clock=clock or SystemClock(),
+        auth=build_authenticator(config.auth),
+    )
+    app[RELAY_KEY] = relay
+    add_routes(app, config)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_providers_ctx)
+    if run_dispatcher:
+        app.cleanup_ctx.append(_dispatcher_ctx)
+    app.on_startup.append(_mark_started)
+    return app
+
+
+async def _mark_started(app: web.Application) -> None:
+    app[RELAY_KEY].started = True
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    relay = app[RELAY_KEY]
+    await relay.store.open()
+    relay.registry.load_overlay(await relay.store.list_devices(), (await relay.store.dead_tokens()).keys())
+    yield
+    await relay.store.close()
+
+
+async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    relay = app[RELAY_KEY]
+    relay.providers = await create_providers(relay.config.apps, relay.config.delivery.send_timeout)
+    yield
+    if relay.retiring:
+        await asyncio.wait(set(relay.retiring))
+    for provider in relay.providers.values():
+        await provider.close()
+
+
+async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    relay = app[RELAY_KEY]
+    dispatcher = Dispatcher(relay.store, relay.registry, lambda: relay.providers, relay.config.delivery,
+                            relay.metrics, relay.clock)
+    relay.dispatcher = dispatcher
+    task = asyncio.get_running_loop().create_task(dispatcher.run(), name="dispatcher")
+    yield
+    relay.draining = True
+    await dispatcher.stop(relay.config.shutdown_timeout)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
