@@ -1,6 +1,8 @@
 """``parley-relay``: the command line for operators (serve, check, inspect, repair).
 
-Exit codes: 0 success, 1 the command ran and found a problem (bad config, failed send), 2 usage errors.
+Exit codes: 0 success, 1 the command ran and found a problem (bad config, failed send), 2 usage errors,
+141 the reader of the output went away (``stats | head``), as for a tool killed by SIGPIPE.
+Commands that only read or change the store load the config without credentials (:func:`_load_for_store`).
 """
 
 from __future__ import annotations
