@@ -33,7 +33,7 @@ class RelayRegistry(CollectorRegistry):
 
     def collect(self) -> Iterable[Metric]:
         for metric in super().collect():
-            if metric.type in ("counter", "histogram", "summary", "gaugehistogram"):
+            if metric.type in ("counter", "histogram", "summary"):
                 created = metric.name + "_created"
                 metric.samples = [sample for sample in metric.samples if sample.name != created]
             yield metric

@@ -63,7 +63,7 @@ class Reader:
         before = len(self.problems)
         value = self.text(name, default)
         if len(self.problems) > before:  # missing or not a string: named once already
-            return choices[0]
+            return choices[0] if default is MISSING else default
         if value not in choices and value is not default:
             self.problem(name, f"must be one of {', '.join(choices)}, not {value!r}")
             return choices[0]
