@@ -1,6 +1,8 @@
 """``parley-relay``: the command line for operators (serve, check, inspect, repair).
 
-Exit codes: 0 success, 1 the command ran and found a problem (bad config, failed send), 2 usage errors.
+Exit codes: 0 success, 1 the command ran and found a problem (bad config, failed send), 2 usage errors,
+141 the reader of the output went away (``stats | head``), as for a tool killed by SIGPIPE.
+Commands that only read or change the store load the config without credentials (:func:`_load_for_store`).
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 import uuid
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Config, load_config
-from relay.errors import ConfigError, RelayError, StoreError
+from relay.errors import ConfigError, ConfigProblem, RelayError, StoreError
 from relay.observability import setup_logging, short_token
 from relay.outcome import EndState, Outcome
 from relay.registry.device import Device
@@ -28,7 +32,14 @@ DEFAULT_CONFIG = "/etc/parley-relay/relay.yaml"
 
 
 def _load(path: str) -> Config:
+    """The whole configuration, credentials read and checked: for commands that talk to APNs/FCM or Parley."""
     return load_config(path)
+
+
+def _load_for_store(path: str) -> Config:
+    """Store and registry settings without the credentials: what commands that only read or change the
+    store need, so that they work where systemd hands the credentials to the running service alone."""
+    return load_config(path, credentials=False)
 
 
 async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -> int:
@@ -55,21 +66,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from relay.providers import create_provider
 
     config = _load(args.config)
-    registry = load_registry(config.registry, config.apps)
+    problems: list[ConfigProblem] = []
+    try:
+        registry = load_registry(config.registry, config.apps)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
 
     async def check_credentials() -> None:
         for app in config.apps.values():  # the same loading serve does: keys parsed, files read
-            provider = await create_provider(app, config.delivery.send_timeout)
+            try:
+                provider = await create_provider(app, config.delivery.send_timeout)
+            except ConfigError as exc:  # every app's credentials are checked, not only up to the first bad one
+                problems.extend(exc.problems)
+                continue
             await provider.close()
 
     _asyncio.run(check_credentials())
+    if problems:
+        raise ConfigError(problems)
     print(f"{config.source}: ok ({len(config.apps)} apps, {len(registry.devices)} devices, "
           f"{len(registry.rules)} routing rules)")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_for_store(args.config)
 
     async def work(store: Store) -> int:
         stats = await store.stats()
@@ -99,7 +120,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_for_store(args.config)
 
     async def work(store: Store) -> int:
         if args.action == "list":
@@ -127,16 +148,17 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_for_store(args.config)
 
     async def work(store: Store) -> int:
         if args.action == "list":
             letters = await store.dead_letters(args.limit)
             for letter in letters:
-                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.finished_at))
-                print(f"{letter.id}\t{when}\t{short_token(letter.token)}\t{letter.kind}\t{letter.reason}")
+                print(f"{letter.id}\t{_utc(letter.finished_at)}\t{short_token(letter.token)}\t{letter.kind}\t{letter.reason}")
             print(f"{len(letters)} dead letter(s)", file=sys.stderr)
             return 0
+        if args.action == "show":
+            return await _show_dead_letter(store, args.id)
         if args.all == bool(args.ids):
             print("give dead-letter IDs (see: dead-letters list) or --all, not both", file=sys.stderr)
             return 2
@@ -152,6 +174,32 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         return 0 if count or args.all else 1
 
     return int(_run(_with_store(config, work)))
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+async def _show_dead_letter(store: Store, letter_id: str) -> int:
+    """Everything kept about one dead letter: full token, provider reason, times and the stored payload."""
+    # The store lists dead letters oldest first and has no lookup by ID; they are few (a provider's
+    # permanent refusals), so reading them all for an operator's one question is cheap enough.
+    total = (await store.stats()).ended.get(EndState.DEAD_LETTER, 0)
+    found = next((letter for letter in await store.dead_letters(max(total, 1)) if letter.id == letter_id), None)
+    if found is None:
+        print(f"no dead letter {letter_id!r} (IDs are the first column of: dead-letters list)", file=sys.stderr)
+        return 1
+    try:
+        payload = json.dumps(json.loads(found.data), indent=2, ensure_ascii=False)
+    except ValueError:  # kept as received; show it even if it is not JSON
+        payload = found.data.decode("utf-8", errors="replace")
+    for label, value in (("id", found.id), ("token", found.token), ("kind", found.kind),
+                         ("reason", found.reason or "-"), ("received", _utc(found.received_at)),
+                         ("dead-lettered", _utc(found.finished_at))):
+        print(f"{label + ':':<15} {value}")
+    print("payload:")
+    print(payload)
+    return 0
 
 
 RETRY_BATCH = 500
@@ -273,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst = leaf_config(lsub.add_parser(
         "list", help="ID, time, token, kind and reason of each dead letter, oldest first"))
     lst.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
+    show = leaf_config(lsub.add_parser(
+        "show", help="one dead letter in full: token, provider reason, times, payload (exit 1 if not found)"))
+    show.add_argument("id", help="a dead-letter ID, as printed by: dead-letters list")
     retry = leaf_config(lsub.add_parser("retry", help="queue dead letters again (exit 1 if none of the IDs was found)"))
     retry.add_argument("ids", nargs="*", help="dead-letter IDs, as printed by: dead-letters list")
     retry.add_argument("--all", action="store_true", help="every dead letter, with progress on stderr")
@@ -300,7 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``parley-relay`` command."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
+        return code
+    except BrokenPipeError:
+        # `parley-relay stats | head`: the reader has all it wanted. Point stdout at /dev/null so that the
+        # interpreter's final flush does not fail again, and exit like a tool killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)

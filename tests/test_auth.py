@@ -475,7 +475,8 @@ async def test_failure_counts_survive_a_reload(make_relay: MakeRelay) -> None:
 def test_rate_limit_config_problems(sandbox: Sandbox) -> None:
     """Bad trusted proxies and negative limits name their key; defaults are 10 failures a minute."""
     assert load_config(sandbox.write()).auth.rate_limit == RateLimitSettings(10, 60.0, ())
-    path = sandbox.write(auth={"rate_limit": {"max_failures": -1, "trusted_proxies": ["10.0.0.0/8", "proxy"]}})
+    path = sandbox.write(auth={"headers": {AUTH_HEADER: AUTH_VALUE},
+                               "rate_limit": {"max_failures": -1, "trusted_proxies": ["10.0.0.0/8", "proxy"]}})
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert {p.key for p in info.value.problems} == {"auth.rate_limit.max_failures", "auth.rate_limit.trusted_proxies"}

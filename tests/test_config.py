@@ -40,10 +40,90 @@ def test_every_problem_is_reported_with_file_and_key(sandbox: Sandbox) -> None:
         "webhook.surprise: unknown key",
         "apps.ios.topic: is required",
         "apps.ios.key_file: file not found",
-        "apps.android.platform: must be one of apns, fcm",
+        "apps.android.platform: 'gcm' is not a platform",
     ):
         assert expected in text
     assert all(p.file == str(path) for p in info.value.problems)
+
+
+@pytest.mark.parametrize(("platform", "expected"), [
+    ("gcm", "apps.android.platform: 'gcm' is not a platform (GCM, FCM's former name): use apns"),
+    (None, "apps.android.platform: is required: use apns"),
+])
+def test_a_wrong_platform_is_one_line_naming_the_valid_values(
+        sandbox: Sandbox, capsys: pytest.CaptureFixture[str], platform: str | None, expected: str) -> None:
+    """`platform: gcm` (or none) is answered with ONE line naming apns and fcm, not a cascade of the keys
+    that depend on the platform."""
+    path = sandbox.write(apps={"android": {"platform": platform}})
+    assert main(["check-config", "--config", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"error: {path}: {expected} (iOS, Apple Push Notification service) or fcm "
+                     "(Android, Firebase Cloud Messaging)"]
+
+
+def test_check_config_names_each_problem_once(sandbox: Sandbox, capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every missing credential file (apps, signature, OAuth, API keys; `cred:` names included) is one
+    line, naming its key; no line repeats and no key gets a second, consequential line."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "empty"))
+    path = sandbox.write(
+        apps={"ios": {"key_file": "cred:apns.p8"}, "android": {"service_account_file": "cred:firebase.json"}},
+        auth={"headers": {"X-Key": "secret-value"},
+              "signature": {"header": "X-Sig", "secret_file": "cred:sig.key"},
+              "oauth": {"clients": {"parley": {"secret_file": "cred:client.secret"}},
+                        "signing_secret_file": "cred:oauth.key"}},
+        api={"keys": {"backend": {"key_file": "cred:api.key", "apps": ["ios"]}}},
+    )
+    assert main(["check-config", "--config", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    keys = [line.split(": ")[2] for line in lines]
+    assert sorted(keys) == sorted([
+        "apps.ios.key_file", "apps.android.service_account_file", "auth.signature.secret_file",
+        "auth.oauth.clients.parley.secret_file", "auth.oauth.signing_secret_file", "api.keys.backend.key_file"])
+    assert all("file not found" in line for line in lines)
+
+
+def test_check_config_reports_every_unusable_credential_file(sandbox: Sandbox,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Two apps with unusable credentials (a .p8 that is no key, a service account that is no JSON) are
+    both reported, not only the first one."""
+    (sandbox.root / "AuthKey.p8").write_text("garbage")
+    (sandbox.root / "firebase.json").write_text("not json")
+    assert main(["check-config", "--config", str(sandbox.write())]) == 1
+    err = capsys.readouterr().err
+    assert "apps.ios.key_file: not a usable APNs .p8" in err
+    assert "apps.android.service_account_file: not a usable service account JSON" in err
+
+
+def test_a_device_without_app_is_named_as_such(sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """A registry entry without `app:` says the app is required and lists the apps, not "unknown app None"."""
+    path = sandbox.write(devices={"tok1": {"device_token": "b" * 64}})
+    assert main(["check-config", "--config", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {sandbox.root / 'devices.yaml'}: devices.tok1.app: is required: the app this device belongs to "
+        "(one of: ios, android)"]
+
+
+def test_no_inbound_authentication_is_an_error_unless_allowed(sandbox: Sandbox,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A config without any auth layer fails check-config and serve (nothing starts) naming `auth`;
+    `auth.allow_unauthenticated: true` makes it a deliberate choice that loads. A configured but broken
+    layer is reported as itself, not also as "no authentication"."""
+    path = sandbox.write(auth={"rate_limit": {"max_failures": 5}})
+    assert main(["check-config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {path}: auth: no inbound authentication" in err and "allow_unauthenticated: true" in err
+    assert main(["serve", "--config", str(path)]) == 1
+    assert "auth: no inbound authentication" in capsys.readouterr().err
+    allowed = sandbox.write(auth={"allow_unauthenticated": True})
+    assert main(["check-config", "--config", str(allowed)]) == 0
+    config = load_config(allowed)
+    assert config.auth.allow_unauthenticated and not config.auth.headers
+    # A layer that is configured but broken gets its own line only, not the no-auth line as well.
+    broken = sandbox.write(auth={"signature": {"header": "X-Sig", "secret_file": "missing.key"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(broken)
+    assert [p.key for p in info.value.problems] == ["auth.signature.secret_file"]
 
 
 def test_env_vars_are_substituted_and_missing_ones_named(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,10 +17,12 @@ from relay.store import create_store
 from relay.store.base import NewDelivery
 from relay.testing.process import relay_command
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox
+from tests.conftest import MakeRelay
 
 COMMANDS = [
     [], ["serve"], ["check-config"], ["stats"], ["devices"], ["devices", "list"], ["devices", "add"],
-    ["devices", "remove"], ["send-test"], ["dead-letters"], ["dead-letters", "list"], ["dead-letters", "retry"],
+    ["devices", "remove"], ["send-test"], ["dead-letters"], ["dead-letters", "list"], ["dead-letters", "show"],
+    ["dead-letters", "retry"],
 ]
 
 
@@ -130,3 +132,81 @@ def test_dead_letters_list_retry_and_retry_all_with_progress(
     assert main(["stats", "--json", "--config", str(config)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["ended"]["dead_letter"] == 0 and stats["pending"] == 10 and stats["balanced"]
+
+
+def test_store_commands_work_without_the_credential_files(
+        sandbox: Sandbox, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the documented systemd setup (`cred:` names, credentials handed to the running service only,
+    the webhook secret in the service's environment), stats, devices and dead-letters work from a shell
+    that has none of them; check-config and send-test still insist on every credential."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "not-here"))
+    monkeypatch.delenv("PARLEY_RELAY_KEY", raising=False)
+    config = str(sandbox.write(
+        apps={"ios": {"key_file": "cred:apns.p8"}, "android": {"service_account_file": "cred:firebase.json"}},
+        auth={"headers": {"X-Parley-Relay-Key": "${PARLEY_RELAY_KEY}"},
+              "oauth": {"clients": {"parley": {"secret_file": "cred:client.secret"}},
+                        "signing_secret_file": "cred:oauth.key"}},
+        api={"keys": {"backend": {"key_file": "cred:api.key", "apps": ["ios"]}}},
+    ))
+    token = "eJ9x-added-without-credentials:APA91b"
+    assert main(["stats", "--config", config]) == 0
+    assert main(["devices", "add", token, "--app", "android", "--config", config]) == 0
+    assert main(["devices", "list", "--config", config]) == 0
+    assert main(["devices", "remove", token, "--config", config]) == 0
+    assert main(["dead-letters", "list", "--config", config]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert main(["check-config", "--config", config]) == 1
+    assert "apps.ios.key_file: file not found" in capsys.readouterr().err
+    assert main(["send-test", "--token", IOS_TOKEN, "--config", config]) == 1
+    assert "auth.headers.X-Parley-Relay-Key: environment variable PARLEY_RELAY_KEY is not set" in (
+        capsys.readouterr().err)
+
+
+def test_a_config_loaded_without_credentials_says_so(sandbox: Sandbox) -> None:
+    """`load_config(path, credentials=False)` keeps store, registry and apps, leaves the secrets out and
+    marks the result, so that it cannot pass for a config fit to serve."""
+    path = sandbox.write(apps={"ios": {"key_file": "cred:absent.p8"}})
+    config = load_config(path, credentials=False)
+    assert not config.credentials and not config.auth.headers and config.store.path == sandbox.root / "relay.db"
+    assert set(config.apps) == {"ios", "android"} and config.apps["ios"].platform == "apns"
+    assert load_config(sandbox.write()).credentials
+
+
+def test_output_into_a_closed_pipe_exits_quietly(sandbox: Sandbox) -> None:
+    """`parley-relay stats | head` and the like: when the reader has gone, the command exits like a tool
+    killed by SIGPIPE (141) without a traceback."""
+    config = str(sandbox.write())
+    for command in (["stats"], ["devices", "list"]):
+        with subprocess.Popen([*relay_command(), *command, "--config", config], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as child:
+            assert child.stdout is not None and child.stderr is not None
+            child.stdout.close()  # the reader is gone before the command writes anything
+            err = child.stderr.read().decode()
+            assert child.wait(timeout=60) == 141, err
+        assert err == ""
+
+
+def test_dead_letters_show_prints_one_in_full(sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dead-letters show ID` prints the whole token, the provider's reason, both times and the payload;
+    an unknown ID exits 1."""
+    config = sandbox.write()
+    ids = _dead_letters(config, 3)
+    assert main(["dead-letters", "show", ids[1], "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"id:             {ids[1]}" in out and "token:          tok-1\n" in out
+    assert "reason:         BadRequest" in out and "received:       1970-01-01T00:00:01Z" in out
+    assert "dead-lettered:  1970-01-01T00:00:03Z" in out
+    assert out.endswith('payload:\n{\n  "type": "message"\n}\n')
+    assert main(["dead-letters", "show", "999999", "--config", str(config)]) == 1
+    assert "no dead letter '999999'" in capsys.readouterr().err
+
+
+async def test_metrics_scrape_has_no_created_series(make_relay: MakeRelay) -> None:
+    """/metrics leaves out the `*_created` series (a timestamp per labelled child that nobody graphs),
+    for counters and histograms alike, while their samples stay."""
+    r = await make_relay()
+    r.relay.metrics.webhooks.labels("ok").inc()
+    r.relay.metrics.ack_latency.observe(0.01)
+    text = await (await r.client.get("/metrics")).text()
+    assert "parley_relay_webhooks_total{result=\"ok\"} 1.0" in text and "parley_relay_ack_seconds_count" in text
+    assert "_created" not in text

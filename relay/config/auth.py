@@ -113,6 +113,7 @@ def _signature(parent: Reader, base: Path) -> SignatureSettings | None:
 def _signing_keys(reader: Reader, base: Path) -> list[tuple[str, bytes]]:
     """``signing_secret``/``signing_secret_file`` (signs) then ``signing_keys: [{id?, secret|secret_file}]``."""
     found: list[tuple[str | None, bytes, Reader, str]] = []
+    before = len(reader.problems)
     first = _secret_bytes(reader, base, "signing_secret", "signing_secret_file")
     if first is not None:
         found.append((None, first, reader, "signing_secret"))
@@ -132,7 +133,7 @@ def _signing_keys(reader: Reader, base: Path) -> list[tuple[str, bytes]]:
             where.problem(name, f"must be at least {MIN_SIGNING_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)")
         # A stable key id that reveals nothing about the secret (a keyed hash, not the hash of the secret).
         keys.append((kid or hashlib.sha256(b"parley-relay kid\0" + secret).hexdigest()[:16], secret))
-    if not found:
+    if not found and len(reader.problems) == before:  # a missing or empty file was named already
         reader.problem("signing_secret_file", "give signing_secret, signing_secret_file or signing_keys")
     if len({kid for kid, _ in keys}) != len(keys):
         reader.problem("signing_keys", "key ids must be unique")

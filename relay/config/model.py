@@ -87,6 +87,7 @@ class AuthSettings:
     signature: SignatureSettings | None = None
     oauth: OAuthSettings | None = None
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    allow_unauthenticated: bool = False  # no layer at all is a config error unless this says it is meant
 
 
 @dataclass(frozen=True)
@@ -209,3 +210,6 @@ class Config:
     api: ApiSettings = field(default_factory=ApiSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     shutdown_timeout: float = 10.0  # on SIGTERM: bound for in-flight requests, then for in-flight sends
+    # False: loaded for store commands (load_config(credentials=False)): no credential file was read or
+    # checked and auth/api are empty, so it must never serve.
+    credentials: bool = True

@@ -3,6 +3,8 @@
 Every problem is collected (not just the first) and reported with the file and the dotted key, so that
 ``parley-relay check-config`` can list them all. Values may embed ``${ENV_VAR}``; file values are relative
 to the config file, or ``cred:NAME`` for a systemd credential in ``$CREDENTIALS_DIRECTORY``.
+``load_config(path, credentials=False)`` is for commands that only use the store and the registry: it
+neither reads nor checks credential files and skips the secrets of ``auth`` and ``api``.
 The device registry file is loaded by :mod:`relay.registry.routing`.
 """
 
@@ -76,8 +78,27 @@ def _policy(reader: Reader, platform: Platform) -> Policy:
     )
 
 
+PLATFORMS: tuple[Platform, ...] = ("apns", "fcm")
+_OLD_PLATFORM_NAMES = {"gcm": "GCM, FCM's former name", "firebase": "Firebase", "ios": "iOS", "android": "Android"}
+
+
+def _platform(reader: Reader) -> Platform | None:
+    """``platform``, or None after ONE problem that names the valid values (its other keys depend on it)."""
+    value = reader.text("platform", None)
+    if value in PLATFORMS:
+        return value  # type: ignore[no-any-return]
+    what = "is required" if value is None else f"{value!r} is not a platform"
+    hint = f" ({_OLD_PLATFORM_NAMES[value.lower()]})" if str(value).lower() in _OLD_PLATFORM_NAMES else ""
+    reader.problem("platform", f"{what}{hint}: use apns (iOS, Apple Push Notification service) or fcm "
+                               "(Android, Firebase Cloud Messaging)")
+    reader.used.update(reader.data)  # the other keys are checked once the platform is known
+    return None
+
+
 def _app(name: str, reader: Reader, base: Path) -> App | None:
-    platform = reader.choice("platform", ("apns", "fcm"))
+    platform = _platform(reader)
+    if platform is None:
+        return None
     concurrency = reader.number("concurrency", 100, minimum=1, integer=True)
     endpoint = _endpoint(reader)
     ca_file = read_file(reader, "ca_file", base, required=False)
@@ -159,12 +180,38 @@ def _metrics(reader: Reader) -> MetricsSettings:
     return MetricsSettings(listen)
 
 
-def parse_config(data: Any, source: Path) -> Config:
-    """Validate the parsed YAML of ``source``; raises :class:`ConfigError` listing every problem."""
+def _auth(reader: Reader, base: Path, webhook_path: str) -> AuthSettings:
+    """``auth``: the layers Parley must pass; none at all is a problem unless ``allow_unauthenticated``."""
+    headers_r = reader.section("headers")
+    headers = {}
+    for header in headers_r.data:
+        value = headers_r.text(str(header))
+        if not value:
+            headers_r.problem(str(header), "must not be empty")
+        headers[str(header)] = value
+    headers_r.finish()
+    allow_unauthenticated = reader.bool("allow_unauthenticated", False)
+    # Only when no layer was even attempted: a broken layer has its own problem line already.
+    if not allow_unauthenticated and not any(reader.data.get(layer) for layer in ("headers", "signature", "oauth")):
+        reader.problem("", "no inbound authentication: anyone who reaches the webhook could make the relay push; "
+                           "configure auth.headers, auth.signature or auth.oauth (a test setup without any: "
+                           "auth.allow_unauthenticated: true)")
+    auth = AuthSettings(headers, *parse_auth_layers(reader, base, webhook_path),
+                        allow_unauthenticated=allow_unauthenticated)
+    reader.finish()
+    return auth
+
+
+def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config:
+    """Validate the parsed YAML of ``source``; raises :class:`ConfigError` listing every problem once.
+
+    ``credentials=False``: credential files are resolved but neither read nor checked, and the ``auth`` and
+    ``api`` sections (secrets only the service needs) are left out; such a config must never serve.
+    """
     problems: list[ConfigProblem] = []
     file = str(source)
     base = source.parent
-    root = Reader(data, file, "", problems)
+    root = Reader(data, file, "", problems, files=credentials)
 
     listen_r = root.section("listen")
     listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", Listen.port, integer=True),
@@ -187,18 +234,8 @@ def parse_config(data: Any, source: Path) -> Config:
     )
     hook_r.finish()
 
-    auth_r = root.section("auth")
-    headers_r = auth_r.section("headers")
-    headers = {}
-    for header in headers_r.data:
-        value = headers_r.text(str(header))
-        if not value:
-            headers_r.problem(str(header), "must not be empty")
-        headers[str(header)] = value
-    headers_r.finish()
-
-    auth = AuthSettings(headers, *parse_auth_layers(auth_r, base, path))
-    auth_r.finish()
+    auth = _auth(root.section("auth"), base, path) if credentials else AuthSettings()
+    root.used.add("auth")
 
     store_r = root.section("store")
     backend = store_r.choice("backend", ("sqlite", "redis"), "sqlite")
@@ -246,18 +283,23 @@ def parse_config(data: Any, source: Path) -> Config:
             apps[str(name)] = app
     if not apps_r.data:
         apps_r.problem("", "at least one app is required")
-    api = _api(root.section("api"), base, apps_r.data)
+    api = _api(root.section("api"), base, apps_r.data) if credentials else ApiSettings()
+    root.used.add("api")
     metrics_settings = _metrics(root.section("metrics"))
     shutdown_timeout = root.number("shutdown_timeout", 10.0, minimum=0.1)
     root.finish()
 
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))  # each problem once, in the order found
     return Config(source, listen, webhook, auth, store, registry, delivery, logging_settings, apps,
-                  api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout)
+                  api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout, credentials=credentials)
 
 
-def load_config(path: str | Path) -> Config:
-    """Load and validate the main configuration file."""
+def load_config(path: str | Path, *, credentials: bool = True) -> Config:
+    """Load and validate the main configuration file.
+
+    ``credentials=False`` loads what store and registry commands need (store, registry, app names and
+    platforms) without reading or checking credential files or secrets: see :func:`parse_config`.
+    """
     source = Path(path).resolve()
-    return parse_config(load_yaml(source), source)
+    return parse_config(load_yaml(source), source, credentials=credentials)

@@ -1,7 +1,9 @@
 """Reading YAML configuration: typed access that collects problems (file + key) instead of stopping at one.
 
 Used by :mod:`relay.config` and :mod:`relay.config.auth`; ``${ENV_VAR}`` expansion and credential paths
-(``cred:NAME`` from ``$CREDENTIALS_DIRECTORY``) live here too.
+(``cred:NAME`` from ``$CREDENTIALS_DIRECTORY``) live here too. A reader made with ``files=False`` resolves
+file keys without looking at the files: operator commands that only use the store must work where the
+service's credentials are out of reach (systemd hands them to the running service alone).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ MISSING = object()
 class Reader:
     """Typed access to one YAML mapping that records problems instead of raising at the first one."""
 
-    def __init__(self, data: Any, file: str, prefix: str, problems: list[ConfigProblem]) -> None:
+    def __init__(self, data: Any, file: str, prefix: str, problems: list[ConfigProblem], *,
+                 files: bool = True) -> None:
         self.file, self.prefix, self.problems = file, prefix, problems
+        self.files = files  # False: file keys are resolved, never opened or checked
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -56,7 +60,10 @@ class Reader:
         return str(value)
 
     def choice(self, name: str, choices: tuple[str, ...], default: Any = MISSING) -> Any:
+        before = len(self.problems)
         value = self.text(name, default)
+        if len(self.problems) > before:  # missing or not a string: named once already
+            return choices[0] if default is MISSING else default
         if value not in choices and value is not default:
             self.problem(name, f"must be one of {', '.join(choices)}, not {value!r}")
             return choices[0]
@@ -93,7 +100,7 @@ class Reader:
 
     def section(self, name: str) -> Reader:
         self.used.add(name)
-        return Reader(self.data.get(name), self.file, self.key(name), self.problems)
+        return Reader(self.data.get(name), self.file, self.key(name), self.problems, files=self.files)
 
     def finish(self) -> None:
         for extra in sorted(set(self.data) - self.used):
@@ -125,6 +132,9 @@ def resolve_file(value: str, base: Path) -> Path:
 
 
 def read_file(reader: Reader, name: str, base: Path, *, required: bool) -> Path | None:
+    """The path a file key names; a missing or unreadable file is a problem unless ``reader.files`` is off."""
+    if not reader.files:
+        return _unchecked_file(reader, name, base, required=required)
     value = reader.text(name, MISSING if required else None)
     if not value:
         return None
@@ -134,6 +144,20 @@ def read_file(reader: Reader, name: str, base: Path, *, required: bool) -> Path 
     elif not os.access(path, os.R_OK):
         reader.problem(name, f"file not readable: {path}")
     return path
+
+
+def _unchecked_file(reader: Reader, name: str, base: Path, *, required: bool) -> Path | None:
+    """A file key's path, not opened; an unset ``${VAR}`` in a path nobody opens is no reason to refuse it."""
+    reader.used.add(name)
+    value = reader.data.get(name)
+    if value is None or value == "":
+        if required:
+            reader.problem(name, "is required")
+        return None
+    if not isinstance(value, str):
+        reader.problem(name, f"must be a string, not {type(value).__name__}")
+        return None
+    return resolve_file(_ENV_RE.sub(lambda match: os.environ.get(match.group(1), ""), value), base)
 
 
 def load_yaml(path: Path) -> Any:

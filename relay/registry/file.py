@@ -54,6 +54,10 @@ def _parse_devices(raw: Any, file: str, apps: Mapping[str, App],
         extra = set(entry) - {"app", "device_token"}
         if extra:
             problems.append(ConfigProblem(file, f"{key}.{sorted(extra)[0]}", "unknown key"))
+        if app is None:
+            problems.append(ConfigProblem(file, f"{key}.app", f"is required: the app this device belongs to "
+                                                              f"(one of: {', '.join(apps)})"))
+            continue
         if app not in apps:
             problems.append(ConfigProblem(file, f"{key}.app", f"unknown app {app!r} (known: {', '.join(apps)})"))
             continue

@@ -2,13 +2,15 @@
 
 It starts the fakes, writes a config for them in a temporary directory, starts the relay (SQLite store),
 posts Parley's two documented sample notifications to the webhook exactly as Parley would, and prints what
-the relay answered and what each fake provider received.
+the relay answered and what each fake provider received. It ends with what to try next: a curl line for a
+relay kept running (``--keep-running``), and how to run a live relay with real credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -19,7 +21,41 @@ from relay.config import load_config
 from relay.outcome import EndState
 from relay.running import RELAY_KEY
 from relay.runtime.relay import create_app
-from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, SAMPLE_EVENT, SAMPLE_MESSAGE, Sandbox, pretty
+from relay.testing.sandbox import (
+    AUTH_HEADER,
+    AUTH_VALUE,
+    IOS_TOKEN,
+    SAMPLE_EVENT,
+    SAMPLE_MESSAGE,
+    Sandbox,
+    pretty,
+    sample,
+)
+
+LIVE_SETUP = """\
+Run a live relay: copy config/relay.example.yaml to relay.yaml and config/devices.example.yaml to
+devices.yaml; put the real credentials next to them (the APNs key AuthKey_XXXXXXXXXX.p8 with its key_id and
+team_id; the Firebase service account JSON) or hand them over as systemd credentials (cred:NAME); set the
+secret Parley will send (auth.headers), then:
+  parley-relay check-config --config relay.yaml && parley-relay serve --config relay.yaml
+(README "Running it for real"; docs/operations.md for systemd)."""
+
+
+def curl_line(url: str) -> str:
+    """A curl command that posts one more sample message (a new id, so not a duplicate) to ``url``."""
+    body = json.dumps(sample("message", to=[IOS_TOKEN], id=4711, message="Hello from curl"), separators=(",", ":"))
+    return (f"curl -s -H {shlex.quote(f'{AUTH_HEADER}: {AUTH_VALUE}')} -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(body)} {url}")
+
+
+def next_steps(url: str, config: Path, keep_running: bool) -> str:
+    """What to try after the samples: a curl line against this demo if it keeps running, else how to."""
+    if keep_running:
+        return (f"\nTry it (Ctrl-C stops the demo): from another shell, post a message and look at the counts:\n"
+                f"  {curl_line(url)}\n  parley-relay stats --config {config}\n\n{LIVE_SETUP}")
+    port_url = url.replace(url.split("/")[2], "127.0.0.1:8080")
+    return (f"\nTry it yourself: `parley-relay demo --keep-running --port 8080` keeps the relay and the fakes "
+            f"running; then, from another shell:\n  {curl_line(port_url)}\n\n{LIVE_SETUP}")
 
 
 async def run_demo(port: int = 0, keep_running: bool = False) -> int:
@@ -57,15 +93,17 @@ async def run_demo(port: int = 0, keep_running: bool = False) -> int:
                 print(f"  POST /v1/projects/{fcm_request.project}/messages:send -> {fcm_request.status}")
                 print("  message: " + pretty(fcm_request.message).replace("\n", "\n  "))
             store = app[RELAY_KEY].store
-            for _ in range(200):  # the providers answered; wait for the outcomes to be recorded
+            for _ in range(500):  # the providers answered; wait (up to 10 s) for both outcomes to be recorded
                 stats = await store.stats()
-                if stats.pending == stats.inflight == 0:
+                if sum(stats.ended.values()) >= stats.accepted:
                     break
                 await asyncio.sleep(0.02)
             sent = stats.ended.get(EndState.SENT, 0)
             print(f"\nstore: accepted={stats.accepted} sent={sent} pending={stats.pending}")
             if keep_running:
-                print(f"\nserving on {url} with header {AUTH_HEADER}: {AUTH_VALUE} (Ctrl-C to stop)")
+                print(f"\nserving on {url} with header {AUTH_HEADER}: {AUTH_VALUE}")
+            print(next_steps(url, path, keep_running), flush=True)
+            if keep_running:
                 await asyncio.Event().wait()
             await runner.cleanup()
             return 0 if apns and fcm else 1
