@@ -1,0 +1,259 @@
+"""Payload budget (SPEC §5): a push described as a :class:`Draft`, shrunk in a fixed order until it fits.
+
+Pure, no I/O. Translation describes one push as a ``Draft`` (Parley's object as received plus the visible title,
+text and image) and a renderer that returns the size the provider counts; :func:`fit` returns the draft
+unchanged when it fits (the common case: one render), else walks :data:`STEPS` in order. Each step is taken only
+while the push still does not fit, and within a step the largest setting that fits is kept, so a push loses no
+more than it must. The last steps leave only the fixed skeleton (ids, type id, event name), which always fits.
+
+The order, as the operator docs state it ("other strings" are the strings of the ``parley`` object other than
+``id``/``typeId``/``body``/``title``/``image`` of a message and ``name`` of an event; a string that looks like a URL
+is never cut, it becomes ``null``):
+
+1. other strings longer than 256 characters are shortened, the longest first, down to 256 (URLs: null);
+2. other URLs become null, the longest first;
+3. the text (alert body, FCM ``message``, ``parley`` ``body``) is shortened, down to 200 characters;
+4. the image is dropped (FCM ``notification.image``, APNs ``mutable-content``, ``parley`` ``image`` = null)
+   and the text is given back in full;
+5. the text is shortened again, down to 200 characters;
+6. other strings are shortened below 256 characters, down to empty;
+7. members of the ``parley`` object the SDKs do not read are removed, the largest first;
+8. the text is shortened below 200 characters, down to empty;
+9. the title (at most 256 characters from the start) is shortened, down to empty.
+
+Text is cut on a code point boundary and ends with ``…``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+ELLIPSIS = "…"
+APNS_MAX_PAYLOAD = 4096  # Apple: "The maximum size of a notification payload is 4 KB (4096 bytes)" (regular pushes)
+FCM_MAX_PAYLOAD = 4096  # Google: "Maximum payload for both message types is 4096 bytes" (FCM message types)
+MAX_TITLE = 256  # characters; the title is capped before budgeting starts
+OTHER_FLOOR = 256  # step 1 shortens other strings no further than this
+TEXT_FLOOR = 200  # steps 3 and 5 keep at least this much text; below it only after every other step
+
+# Built once: ``json.dumps`` with options builds a new encoder per call, a measurable share of a small push.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_URL = re.compile(r"(?:[a-z][a-z0-9+.\-]*://|data:)", re.IGNORECASE)
+
+Path = tuple[str, ...]
+T = TypeVar("T")
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` characters (ellipsis included) on a code point boundary."""
+    if len(text) <= max_chars:
+        return text
+    return text[: max_chars - 1] + ELLIPSIS if max_chars > 0 else ""
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` is an absolute URL (``scheme://...`` or ``data:``): such a string is dropped, never cut."""
+    return _URL.match(text) is not None
+
+
+def fcm_size(title: str | None, body: str | None, image: str | None, data: Mapping[str, str]) -> int:
+    """FCM's count: UTF-8 bytes of the data keys and values plus the notification's keys and values."""
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in data.items())
+    for key, value in (("title", title), ("body", body), ("image", image)):
+        if value is not None:
+            size += len(key) + len(value.encode())
+    return size
+
+
+class Draft(NamedTuple):
+    """One push before rendering: the parts that may be shrunk and how far each is shrunk so far.
+
+    A ``NamedTuple`` rather than a frozen dataclass: it is built for every push, and is as immutable but
+    several times cheaper to build (a measurable share of a small push).
+
+    ``obj`` is the ``parley`` object (Parley's as received, ids set); ``fixed`` are its top-level keys the budget
+    manages itself (never "other strings"); ``protected`` the member paths never removed (step 7). The caps are
+    None while untouched.
+    """
+
+    kind: str
+    obj: Mapping[str, Any]
+    fixed: frozenset[str]
+    protected: frozenset[Path]
+    text: str | None  # the message text, None for events
+    title: str | None  # the visible title, None for silent pushes
+    image: str | None  # the visible image URL
+    other_cap: int | None = None
+    url_cap: int | None = None
+    keep: int | None = None
+    text_cap: int | None = None
+    title_cap: int | None = None
+    image_kept: bool = True
+
+    @property
+    def body(self) -> str | None:
+        """The text as it is sent (alert body, FCM ``message``, ``parley`` ``body``)."""
+        if self.text is None or self.text_cap is None:
+            return self.text
+        return shorten(self.text, self.text_cap)
+
+    @property
+    def shown_title(self) -> str | None:
+        if self.title is None or self.title_cap is None:
+            return self.title
+        return shorten(self.title, self.title_cap)
+
+    @property
+    def shown_image(self) -> str | None:
+        return self.image if self.image_kept else None
+
+    def parley_object(self) -> dict[str, Any]:
+        """The ``object`` of the ``parley`` key, with every cap applied (``obj`` itself is never changed)."""
+        obj: Mapping[str, Any] = self.obj
+        if self.other_cap is not None or self.url_cap is not None:
+            obj = {k: v if k in self.fixed else _cap(v, self.other_cap, self.url_cap) for k, v in obj.items()}
+        if self.keep is not None:
+            removable = removable_members(obj, self.protected)
+            obj = _without(obj, frozenset(removable[: max(0, len(removable) - self.keep)]))
+        result = dict(obj)
+        if self.text is not None:
+            result["body"] = self.body
+        if self.title is not None:
+            result["title"] = self.shown_title
+        if not self.image_kept and "image" in result:
+            result["image"] = None
+        return result
+
+    def parley_string(self) -> str:
+        """The ``parley`` key: always valid JSON, since it is encoded from the (shrunk) object, never cut."""
+        doc = {"type": self.kind, "object": self.parley_object()}
+        return _COMPACT.encode(doc)
+
+
+def _cap(value: Any, text_cap: int | None, url_cap: int | None) -> Any:
+    if isinstance(value, str):
+        if is_url(value):
+            return value if url_cap is None or len(value) <= url_cap else None
+        return value if text_cap is None else shorten(value, text_cap)
+    if isinstance(value, dict):
+        return {k: _cap(v, text_cap, url_cap) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cap(v, text_cap, url_cap) for v in value]
+    return value
+
+
+def _longest(value: Any, urls: bool) -> int:
+    """Length of the longest string (URLs when ``urls``, else other strings) anywhere in ``value``."""
+    if isinstance(value, str):
+        return len(value) if is_url(value) == urls else 0
+    if isinstance(value, dict):
+        return max((_longest(v, urls) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return max((_longest(v, urls) for v in value), default=0)
+    return 0
+
+
+def removable_members(obj: Mapping[str, Any], protected: frozenset[Path]) -> list[Path]:
+    """Paths of the members step 7 may remove, largest (encoded) first; ties keep document order."""
+    sized: list[tuple[int, Path]] = []
+
+    def walk(node: Mapping[str, Any], path: Path) -> None:
+        for key, value in node.items():
+            member = (*path, key)
+            if member not in protected:
+                sized.append((len(json.dumps({key: value}, ensure_ascii=False).encode()), member))
+            if isinstance(value, dict):
+                walk(value, member)
+
+    walk(obj, ())
+    sized.sort(key=lambda item: -item[0])  # stable: equal sizes stay in document order
+    return [path for _, path in sized]
+
+
+def _without(obj: Mapping[str, Any], dropped: frozenset[Path], path: Path = ()) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in obj.items():
+        member = (*path, key)
+        if member in dropped:
+            continue
+        result[key] = _without(value, dropped, member) if isinstance(value, dict) else value
+    return result
+
+
+def _others(d: Draft) -> dict[str, Any]:
+    return {k: v for k, v in d.obj.items() if k not in d.fixed}
+
+
+def _text_len(d: Draft) -> int:
+    if d.text is None:
+        return 0
+    return len(d.text) if d.text_cap is None else min(len(d.text), d.text_cap)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One shrinking step: a setting between ``low`` (the most shrunk) and ``high`` (as the draft is now)."""
+
+    name: str
+    low: Callable[[Draft], int]
+    high: Callable[[Draft], int]
+    apply: Callable[[Draft, int], Draft]
+
+
+STEPS: tuple[Step, ...] = (
+    Step("other strings down to 256", lambda d: OTHER_FLOOR,
+         lambda d: max(_longest(_others(d), urls=False), _longest(_others(d), urls=True)),
+         lambda d, n: d._replace(other_cap=n, url_cap=n)),
+    Step("other URLs dropped", lambda d: 0,
+         lambda d: min(_longest(_others(d), urls=True), OTHER_FLOOR if d.url_cap is None else d.url_cap),
+         lambda d, n: d._replace(url_cap=n)),
+    Step("text down to 200", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len,
+         lambda d, n: d._replace(text_cap=n)),
+    Step("image dropped", lambda d: 0, lambda d: int(d.shown_image is not None),
+         lambda d, n: d if n else d._replace(image_kept=False, text_cap=None)),
+    Step("text down to 200 again", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len,
+         lambda d, n: d._replace(text_cap=n)),
+    Step("other strings down to empty", lambda d: 0,
+         lambda d: min(_longest(_others(d), urls=False), OTHER_FLOOR if d.other_cap is None else d.other_cap),
+         lambda d, n: d._replace(other_cap=n)),
+    Step("other members removed", lambda d: 0,
+         lambda d: len(removable_members(d.parley_object(), d.protected)),
+         lambda d, n: d._replace(keep=n)),
+    Step("text down to empty", lambda d: 0, _text_len, lambda d, n: d._replace(text_cap=n)),
+    Step("title down to empty", lambda d: 0, lambda d: len(d.shown_title or ""),
+         lambda d, n: d._replace(title_cap=n)),
+)
+
+
+def fit(draft: Draft, render: Callable[[Draft], tuple[T, int]], limit: int) -> T:
+    """``render(draft)`` when its size is within ``limit``; else the render of the draft shrunk by :data:`STEPS`.
+
+    ``render`` returns the push and its size as the provider counts it; the common case renders once. Within
+    the step that makes the push fit, the largest setting that fits is found by bisection (a cut adds a
+    three-byte ``…``, so the size is not strictly monotonic: the setting found always fits, it may be a few
+    characters short of the very largest).
+    """
+    result, size = render(draft)
+    if size <= limit:
+        return result
+    for step in STEPS:
+        low, high = step.low(draft), step.high(draft)
+        if high <= low:
+            continue  # nothing this step could shrink
+        floor = step.apply(draft, low)
+        best, size = render(floor)
+        if size > limit:
+            draft, result = floor, best
+            continue
+        while low < high:
+            mid = (low + high + 1) // 2
+            candidate, size = render(step.apply(draft, mid))
+            if size <= limit:
+                low, best = mid, candidate
+            else:
+                high = mid - 1
+        return best
+    return result  # only the skeleton is left, which fits (tests/test_payload_limits.py proves it)
