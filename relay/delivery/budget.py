@@ -6,20 +6,20 @@ unchanged when it fits (the common case: one render), else walks :data:`STEPS` i
 while the push still does not fit, and within a step the largest setting that fits is kept, so a push loses no
 more than it must. The last steps leave only the fixed skeleton (ids, type id, event name), which always fits.
 
-The order, as the operator docs state it ("other strings" are the strings of the ``parley`` object other than
-``id``/``typeId``/``body``/``title``/``image`` of a message and ``name`` of an event; a string that looks like a URL
-is never cut, it becomes ``null``):
+The order, as the operator docs state it. "Other strings" are the strings anywhere in the ``parley`` object
+except a message's ``body``/``title``/``image`` and an event's ``name``; other strings are shortened the longest
+first, and one that is a URL (``scheme://`` or ``data:``) is never cut: it becomes ``null`` instead.
 
-1. other strings longer than 256 characters are shortened, the longest first, down to 256 (URLs: null);
-2. other URLs become null, the longest first;
-3. the text (alert body, FCM ``message``, ``parley`` ``body``) is shortened, down to 200 characters;
-4. the image is dropped (FCM ``notification.image``, APNs ``mutable-content``, ``parley`` ``image`` = null)
+1. other strings longer than 256 characters are shortened to no less than 256;
+2. the text (alert body, FCM ``message``, ``parley`` ``body``) is shortened to no less than 200 characters;
+3. the image is dropped (FCM ``notification.image``, APNs ``mutable-content``, ``parley`` ``image`` = null)
    and the text is given back in full;
-5. the text is shortened again, down to 200 characters;
-6. other strings are shortened below 256 characters, down to empty;
-7. members of the ``parley`` object the SDKs do not read are removed, the largest first;
-8. the text is shortened below 200 characters, down to empty;
-9. the title (at most 256 characters from the start) is shortened, down to empty.
+4. the text is shortened again, to no less than 200 characters;
+5. other strings are shortened further, down to empty;
+6. members of the ``parley`` object the SDKs do not read are removed, the largest first (all but a message's
+   ``id``/``typeId``/``body``/``title``/``image`` and an event's ``name``/``body.agent.id``);
+7. the text is shortened further, down to empty;
+8. the title (at most 256 characters from the start) is shortened, down to empty.
 
 Text is cut on a code point boundary and ends with ``…``.
 """
@@ -87,7 +87,6 @@ class Draft(NamedTuple):
     title: str | None  # the visible title, None for silent pushes
     image: str | None  # the visible image URL
     other_cap: int | None = None
-    url_cap: int | None = None
     keep: int | None = None
     text_cap: int | None = None
     title_cap: int | None = None
@@ -113,8 +112,8 @@ class Draft(NamedTuple):
     def parley_object(self) -> dict[str, Any]:
         """The ``object`` of the ``parley`` key, with every cap applied (``obj`` itself is never changed)."""
         obj: Mapping[str, Any] = self.obj
-        if self.other_cap is not None or self.url_cap is not None:
-            obj = {k: v if k in self.fixed else _cap(v, self.other_cap, self.url_cap) for k, v in obj.items()}
+        if self.other_cap is not None:
+            obj = {k: v if k in self.fixed else _cap(v, self.other_cap) for k, v in obj.items()}
         if self.keep is not None:
             removable = removable_members(obj, self.protected)
             obj = _without(obj, frozenset(removable[: max(0, len(removable) - self.keep)]))
@@ -133,26 +132,27 @@ class Draft(NamedTuple):
         return _COMPACT.encode(doc)
 
 
-def _cap(value: Any, text_cap: int | None, url_cap: int | None) -> Any:
+def _cap(value: Any, cap: int) -> Any:
+    """``value`` with every string longer than ``cap`` shortened (a URL: replaced by None, never cut)."""
     if isinstance(value, str):
-        if is_url(value):
-            return value if url_cap is None or len(value) <= url_cap else None
-        return value if text_cap is None else shorten(value, text_cap)
+        if len(value) <= cap:
+            return value
+        return None if is_url(value) else shorten(value, cap)
     if isinstance(value, dict):
-        return {k: _cap(v, text_cap, url_cap) for k, v in value.items()}
+        return {k: _cap(v, cap) for k, v in value.items()}
     if isinstance(value, list):
-        return [_cap(v, text_cap, url_cap) for v in value]
+        return [_cap(v, cap) for v in value]
     return value
 
 
-def _longest(value: Any, urls: bool) -> int:
-    """Length of the longest string (URLs when ``urls``, else other strings) anywhere in ``value``."""
+def _longest(value: Any) -> int:
+    """Length of the longest string anywhere in ``value``."""
     if isinstance(value, str):
-        return len(value) if is_url(value) == urls else 0
+        return len(value)
     if isinstance(value, dict):
-        return max((_longest(v, urls) for v in value.values()), default=0)
+        return max((_longest(v) for v in value.values()), default=0)
     if isinstance(value, list):
-        return max((_longest(v, urls) for v in value), default=0)
+        return max((_longest(v) for v in value), default=0)
     return 0
 
 
@@ -183,16 +183,6 @@ def _without(obj: Mapping[str, Any], dropped: frozenset[Path], path: Path = ()) 
     return result
 
 
-def _others(d: Draft) -> dict[str, Any]:
-    return {k: v for k, v in d.obj.items() if k not in d.fixed}
-
-
-def _text_len(d: Draft) -> int:
-    if d.text is None:
-        return 0
-    return len(d.text) if d.text_cap is None else min(len(d.text), d.text_cap)
-
-
 @dataclass(frozen=True)
 class Step:
     """One shrinking step: a setting between ``low`` (the most shrunk) and ``high`` (as the draft is now)."""
@@ -203,26 +193,38 @@ class Step:
     apply: Callable[[Draft, int], Draft]
 
 
-STEPS: tuple[Step, ...] = (
-    Step("other strings down to 256", lambda d: OTHER_FLOOR,
-         lambda d: max(_longest(_others(d), urls=False), _longest(_others(d), urls=True)),
-         lambda d, n: d._replace(other_cap=n, url_cap=n)),
-    Step("other URLs dropped", lambda d: 0,
-         lambda d: min(_longest(_others(d), urls=True), OTHER_FLOOR if d.url_cap is None else d.url_cap),
-         lambda d, n: d._replace(url_cap=n)),
-    Step("text down to 200", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len,
-         lambda d, n: d._replace(text_cap=n)),
-    Step("image dropped", lambda d: 0, lambda d: int(d.shown_image is not None),
-         lambda d, n: d if n else d._replace(image_kept=False, text_cap=None)),
-    Step("text down to 200 again", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len,
-         lambda d, n: d._replace(text_cap=n)),
-    Step("other strings down to empty", lambda d: 0,
-         lambda d: min(_longest(_others(d), urls=False), OTHER_FLOOR if d.other_cap is None else d.other_cap),
-         lambda d, n: d._replace(other_cap=n)),
+def _other_len(d: Draft) -> int:
+    longest = _longest({k: v for k, v in d.obj.items() if k not in d.fixed})
+    return longest if d.other_cap is None else min(longest, d.other_cap)
+
+
+def _text_len(d: Draft) -> int:
+    if d.text is None:
+        return 0
+    return len(d.text) if d.text_cap is None else min(len(d.text), d.text_cap)
+
+
+def _cap_others(d: Draft, n: int) -> Draft:
+    return d._replace(other_cap=n)
+
+
+def _cap_text(d: Draft, n: int) -> Draft:
+    return d._replace(text_cap=n)
+
+
+def _drop_image(d: Draft, n: int) -> Draft:
+    return d if n else d._replace(image_kept=False, text_cap=None)  # the text gets the room back
+
+
+STEPS: tuple[Step, ...] = (  # the order of the module docstring
+    Step("other strings down to 256", lambda d: OTHER_FLOOR, _other_len, _cap_others),
+    Step("text down to 200", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len, _cap_text),
+    Step("image dropped", lambda d: 0, lambda d: int(d.shown_image is not None), _drop_image),
+    Step("text down to 200 again", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len, _cap_text),
+    Step("other strings down to empty", lambda d: 0, _other_len, _cap_others),
     Step("other members removed", lambda d: 0,
-         lambda d: len(removable_members(d.parley_object(), d.protected)),
-         lambda d, n: d._replace(keep=n)),
-    Step("text down to empty", lambda d: 0, _text_len, lambda d, n: d._replace(text_cap=n)),
+         lambda d: len(removable_members(d.parley_object(), d.protected)), lambda d, n: d._replace(keep=n)),
+    Step("text down to empty", lambda d: 0, _text_len, _cap_text),
     Step("title down to empty", lambda d: 0, lambda d: len(d.shown_title or ""),
          lambda d, n: d._replace(title_cap=n)),
 )
