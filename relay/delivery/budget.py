@@ -87,7 +87,8 @@ class Draft(NamedTuple):
     title: str | None  # the visible title, None for silent pushes
     image: str | None  # the visible image URL
     other_cap: int | None = None
-    keep: int | None = None
+    removal: tuple[Path, ...] = ()  # step 6: removable members, largest first (computed when it starts)
+    removed: int = 0  # step 6: how many of ``removal`` are removed
     text_cap: int | None = None
     title_cap: int | None = None
     image_kept: bool = True
@@ -114,9 +115,8 @@ class Draft(NamedTuple):
         obj: Mapping[str, Any] = self.obj
         if self.other_cap is not None:
             obj = {k: v if k in self.fixed else _cap(v, self.other_cap) for k, v in obj.items()}
-        if self.keep is not None:
-            removable = removable_members(obj, self.protected)
-            obj = _without(obj, frozenset(removable[: max(0, len(removable) - self.keep)]))
+        if self.removed:
+            obj = _without(obj, frozenset(self.removal[: self.removed]))
         result = dict(obj)
         if self.text is not None:
             result["body"] = self.body
@@ -157,7 +157,7 @@ def _longest(value: Any) -> int:
 
 
 def removable_members(obj: Mapping[str, Any], protected: frozenset[Path]) -> list[Path]:
-    """Paths of the members step 7 may remove, largest (encoded) first; ties keep document order."""
+    """Paths of the members step 6 may remove, largest (encoded) first; ties keep document order."""
     sized: list[tuple[int, Path]] = []
 
     def walk(node: Mapping[str, Any], path: Path) -> None:
@@ -185,12 +185,16 @@ def _without(obj: Mapping[str, Any], dropped: frozenset[Path], path: Path = ()) 
 
 @dataclass(frozen=True)
 class Step:
-    """One shrinking step: a setting between ``low`` (the most shrunk) and ``high`` (as the draft is now)."""
+    """One shrinking step: a setting between ``low`` (the most shrunk) and ``high`` (as the draft is now).
+
+    ``prepare`` runs once when the step starts (work every setting shares, kept out of the bisection).
+    """
 
     name: str
     low: Callable[[Draft], int]
     high: Callable[[Draft], int]
     apply: Callable[[Draft, int], Draft]
+    prepare: Callable[[Draft], Draft] = lambda d: d
 
 
 def _other_len(d: Draft) -> int:
@@ -222,8 +226,9 @@ STEPS: tuple[Step, ...] = (  # the order of the module docstring
     Step("image dropped", lambda d: 0, lambda d: int(d.shown_image is not None), _drop_image),
     Step("text down to 200 again", lambda d: min(TEXT_FLOOR, _text_len(d)), _text_len, _cap_text),
     Step("other strings down to empty", lambda d: 0, _other_len, _cap_others),
-    Step("other members removed", lambda d: 0,
-         lambda d: len(removable_members(d.parley_object(), d.protected)), lambda d, n: d._replace(keep=n)),
+    Step("other members removed", lambda d: 0, lambda d: len(d.removal),
+         lambda d, n: d._replace(removed=len(d.removal) - n),
+         prepare=lambda d: d._replace(removal=tuple(removable_members(d.parley_object(), d.protected)))),
     Step("text down to empty", lambda d: 0, _text_len, _cap_text),
     Step("title down to empty", lambda d: 0, lambda d: len(d.shown_title or ""),
          lambda d, n: d._replace(title_cap=n)),
@@ -242,6 +247,7 @@ def fit(draft: Draft, render: Callable[[Draft], tuple[T, int]], limit: int) -> T
     if size <= limit:
         return result
     for step in STEPS:
+        draft = step.prepare(draft)
         low, high = step.low(draft), step.high(draft)
         if high <= low:
             continue  # nothing this step could shrink
