@@ -165,7 +165,9 @@ def test_text_keeps_200_characters_before_the_image_is_dropped() -> None:
 def test_members_the_sdks_do_not_read_are_removed_largest_first() -> None:
     """Step 6: bulk no shortening can help (a long array of numbers) is removed; ids, text and small members stay."""
     n = _notification({"id": 7, "typeId": 3, "message": "Hi", "time": 5, "history": list(range(2000))})
-    for push in (_apns(n), _fcm(n)):
+    apns, fcm = _apns(n), _fcm(n)
+    assert apns_size(apns) <= APNS_MAX_PAYLOAD and fcm_size(fcm) <= FCM_MAX_PAYLOAD
+    for push in (apns, fcm):
         obj = _parley(push)["object"]
         assert "history" not in obj
         assert (obj["id"], obj["typeId"], obj["body"], obj["time"]) == (7, 3, "Hi", 5)
