@@ -41,7 +41,8 @@ TEXT_FLOOR = 200  # steps 3 and 5 keep at least this much text; below it only af
 
 # Built once: ``json.dumps`` with options builds a new encoder per call, a measurable share of a small push.
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_URL = re.compile(r"(?:[a-z][a-z0-9+.\-]*://|data:)", re.IGNORECASE)
+# A scheme is short (RFC 3986 §3.1 sets no bound; 32 covers every registered one) so a long string is not scanned.
+_URL = re.compile(r"(?:[a-z][a-z0-9+.\-]{0,31}://|data:)", re.IGNORECASE)
 
 Path = tuple[str, ...]
 T = TypeVar("T")
@@ -160,17 +161,32 @@ def removable_members(obj: Mapping[str, Any], protected: frozenset[Path]) -> lis
     """Paths of the members step 6 may remove, largest (encoded) first; ties keep document order."""
     sized: list[tuple[int, Path]] = []
 
-    def walk(node: Mapping[str, Any], path: Path) -> None:
+    def walk(node: Mapping[str, Any], path: Path) -> int:
+        total = 2
         for key, value in node.items():
             member = (*path, key)
+            size = len(key) + 4 + (walk(value, member) if isinstance(value, dict) else _encoded_len(value))
             if member not in protected:
-                sized.append((len(json.dumps({key: value}, ensure_ascii=False).encode()), member))
-            if isinstance(value, dict):
-                walk(value, member)
+                sized.append((size, member))
+            total += size
+        return total
 
     walk(obj, ())
     sized.sort(key=lambda item: -item[0])  # stable: equal sizes stay in document order
     return [path for _, path in sized]
+
+
+def _encoded_len(value: Any) -> int:
+    """Characters of ``value`` as compact JSON, near enough to rank members (escapes are not counted)."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(len(k) + 4 + _encoded_len(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 2 + sum(_encoded_len(v) + 1 for v in value)
+    if value is None or value is True:
+        return 4
+    return 5 if value is False else len(repr(value))
 
 
 def _without(obj: Mapping[str, Any], dropped: frozenset[Path], path: Path = ()) -> dict[str, Any]:
@@ -216,6 +232,13 @@ def _cap_text(d: Draft, n: int) -> Draft:
     return d._replace(text_cap=n)
 
 
+def _prepare_removal(d: Draft) -> Draft:
+    """Bake the string caps into ``obj`` once, and rank what may be removed (the bisection then only removes)."""
+    obj = d.obj if d.other_cap is None else {
+        k: v if k in d.fixed else _cap(v, d.other_cap) for k, v in d.obj.items()}
+    return d._replace(obj=obj, other_cap=None, removal=tuple(removable_members(obj, d.protected)))
+
+
 def _drop_image(d: Draft, n: int) -> Draft:
     return d if n else d._replace(image_kept=False, text_cap=None)  # the text gets the room back
 
@@ -228,7 +251,7 @@ STEPS: tuple[Step, ...] = (  # the order of the module docstring
     Step("other strings down to empty", lambda d: 0, _other_len, _cap_others),
     Step("other members removed", lambda d: 0, lambda d: len(d.removal),
          lambda d, n: d._replace(removed=len(d.removal) - n),
-         prepare=lambda d: d._replace(removal=tuple(removable_members(d.parley_object(), d.protected)))),
+         prepare=_prepare_removal),
     Step("text down to empty", lambda d: 0, _text_len, _cap_text),
     Step("title down to empty", lambda d: 0, lambda d: len(d.shown_title or ""),
          lambda d, n: d._replace(title_cap=n)),
