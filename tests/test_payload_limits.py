@@ -202,7 +202,8 @@ _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
 _EXTRA_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
                              | st.dictionaries(st.text(_CHARS, max_size=12), inner, max_size=4), max_leaves=12)
 _EXTRAS = st.one_of(st.dictionaries(st.text(_CHARS, max_size=12), _EXTRA_VALUES, max_size=4),
-                    st.integers(0, 4000).map(lambda n: {"bulk": {f"k{i}": i for i in range(n)}}))
+                    st.integers(0, 4000).map(lambda n: {"bulk": {f"k{i}": i for i in range(n)}}),
+                    _long_text().map(lambda key: {key: 1}))  # a key of any length
 _AGENT = st.one_of(st.none(), st.fixed_dictionaries(
     {"id": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), "name": st.one_of(st.none(), _long_text()),
      "avatar": st.one_of(st.none(), _URLS)},

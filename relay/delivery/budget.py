@@ -37,7 +37,7 @@ APNS_MAX_PAYLOAD = 4096  # Apple: "The maximum size of a notification payload is
 FCM_MAX_PAYLOAD = 4096  # Google: "Maximum payload for both message types is 4096 bytes" (FCM message types)
 MAX_TITLE = 256  # characters; the title is capped before budgeting starts
 OTHER_FLOOR = 256  # step 1 shortens other strings no further than this
-TEXT_FLOOR = 200  # steps 3 and 5 keep at least this much text; below it only after every other step
+TEXT_FLOOR = 200  # steps 2 and 4 keep at least this much text; below it only after every other step
 
 # Built once: ``json.dumps`` with options builds a new encoder per call, a measurable share of a small push.
 _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -76,7 +76,7 @@ class Draft(NamedTuple):
     several times cheaper to build (a measurable share of a small push).
 
     ``obj`` is the ``parley`` object (Parley's as received, ids set); ``fixed`` are its top-level keys the budget
-    manages itself (never "other strings"); ``protected`` the member paths never removed (step 7). The caps are
+    manages itself (never "other strings"); ``protected`` the member paths never removed (step 6). The caps are
     None while untouched.
     """
 
