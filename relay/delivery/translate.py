@@ -102,16 +102,12 @@ def _collapse(agent_id: int | None) -> str:
     return f"parley-typing-{agent_id if agent_id is not None else 0}"
 
 
-def _is_alert(notification: Notification, policy: Policy) -> bool:
-    return isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert"
-
-
 def to_apns(
     notification: Notification, app: ApnsApp, device_token: str, delivery_id: str, expires_at: float
 ) -> ApnsPush:
     """Build the APNs request for one delivery (SPEC §5 table), its JSON body within 4096 bytes."""
     policy = app.policy
-    if isinstance(notification, Message) and _is_alert(notification, policy):
+    if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
         def alert(d: Draft) -> tuple[ApnsPush, int]:
@@ -149,7 +145,7 @@ def to_apns(
 def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str, ttl: int | None) -> FcmPush:
     """Build the FCM HTTP v1 message for one delivery (SPEC §5 table); ``ttl`` bounds events."""
     policy = app.policy
-    if isinstance(notification, Message) and _is_alert(notification, policy):
+    if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
         def alert(d: Draft) -> tuple[FcmPush, int]:
