@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from relay.testing._server import RequestLog, ServerThread
 from relay.testing.keys import ServiceAccount, make_service_account
 
-__all__ = ["FCM_ERRORS", "FakeFcm", "FcmRequest"]
+__all__ = ["FCM_ERRORS", "FakeFcm", "FcmRequest", "payload_size"]
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # google-auth always signs `aud` = Google's endpoint, whatever the account's `token_uri` says
