@@ -1,8 +1,9 @@
 """Translation stage: a Parley notification + its route -> an ``ApnsPush`` or ``FcmPush`` (pure, no I/O).
 
 SPEC §5. Every push carries the ``parley`` key the Parley mobile SDKs read: a JSON *string* of
-``{"type": ..., "object": {...}}`` with ``id``/``typeId`` as numbers. Payloads are kept under the providers'
-4096-byte limits by shortening the text on a character boundary with ``…``; a long message is never an error.
+``{"type": ..., "object": {...}}`` where ``object`` is Parley's object as received, with ``id``/``typeId`` as
+numbers, ``body`` the text and (alerts) ``title`` the title. The whole payload is budgeted against the
+providers' 4096-byte limits by :mod:`relay.delivery.budget`, whatever field is long: a push always fits.
 """
 
 from __future__ import annotations
@@ -12,16 +13,33 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay.config import ApnsApp, FcmApp, Policy
+from relay.delivery.budget import (
+    APNS_MAX_PAYLOAD,
+    ELLIPSIS,
+    FCM_MAX_PAYLOAD,
+    MAX_TITLE,
+    Draft,
+    fcm_size,
+    fit,
+    shorten,
+)
 from relay.inbound.parse import Event, Message, Notification
 from relay.push import ApnsPush, FcmPush, Push
 from relay.registry.device import Route
 
-APNS_MAX_PAYLOAD = 4096
-FCM_MAX_PAYLOAD = 4096
-MAX_TITLE = 256
-ELLIPSIS = "…"
+__all__ = [
+    "APNS_MAX_PAYLOAD", "ELLIPSIS", "FCM_MAX_PAYLOAD", "MAX_TITLE", "draft", "parley_object", "render", "shorten",
+    "to_apns", "to_fcm", "translate",
+]
 
-
+# Members of the ``parley`` object the budget manages itself (never cut as "other strings") and those it never
+# removes: what the SDKs read (SPEC §5).
+_MESSAGE_FIXED = frozenset({"id", "typeId", "body", "image"})
+_MESSAGE_PROTECTED = frozenset({("id",), ("typeId",), ("body",), ("image",)})
+_ALERT_FIXED = _MESSAGE_FIXED | {"title"}
+_ALERT_PROTECTED = _MESSAGE_PROTECTED | {("title",)}
+_EVENT_FIXED = frozenset({"name"})
+_EVENT_PROTECTED = frozenset({("name",), ("body",), ("body", "agent"), ("body", "agent", "id")})
 
 
 class _Blank(dict[str, str]):
@@ -37,23 +55,14 @@ def render(template: str, values: Mapping[str, str]) -> str:
         return template
 
 
-def shorten(text: str, max_chars: int) -> str:
-    """``text`` cut to ``max_chars`` characters (ellipsis included) on a code point boundary."""
-    if len(text) <= max_chars:
-        return text
-    return text[: max(0, max_chars - 1)] + ELLIPSIS if max_chars > 0 else ""
-
-
 def _agent_json(agent: Any) -> dict[str, Any]:
     return {"id": agent.id, "name": agent.name, "avatar": agent.avatar}
 
 
-def parley_object(notification: Notification, text: str, title: str | None) -> dict[str, Any]:
-    """The ``object`` the SDKs read: numbers stay numbers, ``body`` is the text, ``title`` the agent."""
+def _typed_object(notification: Notification) -> dict[str, Any]:
+    """The object rebuilt from the parsed fields, for a notification made in code (no ``raw``)."""
     if isinstance(notification, Message):
-        obj: dict[str, Any] = {"id": notification.id, "typeId": notification.type_id, "body": text}
-        if title is not None:
-            obj["title"] = title
+        obj: dict[str, Any] = {}
         if notification.image:
             obj["image"] = notification.image
         if notification.time is not None:
@@ -61,16 +70,25 @@ def parley_object(notification: Notification, text: str, title: str | None) -> d
         if notification.agent is not None:
             obj["agent"] = _agent_json(notification.agent)
         return obj
-    body: dict[str, Any] = {}
-    if notification.agent is not None:
-        body["agent"] = _agent_json(notification.agent)
-    return {"name": notification.name, "body": body}
+    return {"body": {"agent": _agent_json(notification.agent)} if notification.agent is not None else {}}
 
 
-def _parley_string(notification: Notification, text: str, title: str | None) -> str:
-    kind = "message" if isinstance(notification, Message) else "event"
-    doc = {"type": kind, "object": parley_object(notification, text, title)}
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+def draft(notification: Notification, title: str | None, text: str | None) -> Draft:
+    """The budget's view of one push: Parley's object as received (ids set from the parsed values), the texts."""
+    obj = dict(notification.raw) if notification.raw is not None else _typed_object(notification)
+    if isinstance(notification, Message):
+        obj["id"] = notification.id
+        obj["typeId"] = notification.type_id
+        alert = title is not None
+        return Draft("message", obj, _ALERT_FIXED if alert else _MESSAGE_FIXED,
+                     _ALERT_PROTECTED if alert else _MESSAGE_PROTECTED, text, title, notification.image or None)
+    obj["name"] = notification.name
+    return Draft("event", obj, _EVENT_FIXED, _EVENT_PROTECTED, None, None, None)
+
+
+def parley_object(notification: Notification, text: str, title: str | None) -> dict[str, Any]:
+    """The ``object`` the SDKs read, before any budgeting: numbers stay numbers, ``body`` the text."""
+    return draft(notification, title, text if isinstance(notification, Message) else None).parley_object()
 
 
 def _texts(message: Message, policy: Policy) -> tuple[str, str]:
@@ -80,21 +98,6 @@ def _texts(message: Message, policy: Policy) -> tuple[str, str]:
     return shorten(title, MAX_TITLE), render(policy.body_template, values)
 
 
-def _fit(build: Any, text: str, limit: int) -> Any:
-    """Largest prefix of ``text`` (in characters) for which ``build(text)`` encodes within ``limit``."""
-    push, size = build(text)
-    if size <= limit:
-        return push
-    lo, hi = 0, len(text)  # invariant: shorten(text, lo) fits (0 fits unless the rest alone is too big)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if build(shorten(text, mid))[1] <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(shorten(text, lo))[0]
-
-
 def _collapse(agent_id: int | None) -> str:
     return f"parley-typing-{agent_id if agent_id is not None else 0}"
 
@@ -102,41 +105,41 @@ def _collapse(agent_id: int | None) -> str:
 def to_apns(
     notification: Notification, app: ApnsApp, device_token: str, delivery_id: str, expires_at: float
 ) -> ApnsPush:
-    """Build the APNs request for one delivery (SPEC §5 table)."""
+    """Build the APNs request for one delivery (SPEC §5 table), its JSON body within 4096 bytes."""
     policy = app.policy
     if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
-        def build(text: str) -> tuple[ApnsPush, int]:
+        def alert(d: Draft) -> tuple[ApnsPush, int]:
             aps: dict[str, Any] = {
-                "alert": {"title": title, "body": text}, "sound": policy.sound, "content-available": 1,
+                "alert": {"title": d.shown_title, "body": d.body}, "sound": policy.sound, "content-available": 1,
             }
-            if notification.image:
+            if d.shown_image:
                 aps["mutable-content"] = 1
             if policy.thread_id:
                 aps["thread-id"] = policy.thread_id
-            payload = {"aps": aps, "parley": _parley_string(notification, text, title)}
+            payload = {"aps": aps, "parley": d.parley_string()}
             encoded = _apns_body(payload)
             push = ApnsPush(app.name, device_token, delivery_id, "alert", 10, None, None, payload, encoded)
             return push, len(encoded)
 
-        return _fit(build, body, APNS_MAX_PAYLOAD)  # type: ignore[no-any-return]
+        return fit(draft(notification, title, body), alert, APNS_MAX_PAYLOAD)
 
     # Silent: events and messages whose typeId the policy marks silent.
     if isinstance(notification, Event):
         collapse: str | None = _collapse(notification.agent.id if notification.agent else None)
         expiration: int | None = int(expires_at)
-        text = ""
+        text = None
     else:
         collapse, expiration, text = None, None, notification.text
 
-    def build_silent(text: str) -> tuple[ApnsPush, int]:
-        payload = {"aps": {"content-available": 1}, "parley": _parley_string(notification, text, None)}
+    def silent(d: Draft) -> tuple[ApnsPush, int]:
+        payload = {"aps": {"content-available": 1}, "parley": d.parley_string()}
         encoded = _apns_body(payload)
         push = ApnsPush(app.name, device_token, delivery_id, "background", 5, expiration, collapse, payload, encoded)
         return push, len(encoded)
 
-    return _fit(build_silent, text, APNS_MAX_PAYLOAD)  # type: ignore[no-any-return]
+    return fit(draft(notification, None, text), silent, APNS_MAX_PAYLOAD)
 
 
 def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str, ttl: int | None) -> FcmPush:
@@ -145,27 +148,28 @@ def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str
     if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
-        def build(text: str) -> tuple[FcmPush, int]:
-            data = {"parley": _parley_string(notification, text, title), "message": text}
-            push = FcmPush(app.name, token, delivery_id, title, text, notification.image, data, "high", None, None,
+        def alert(d: Draft) -> tuple[FcmPush, int]:
+            text = d.body or ""
+            data = {"parley": d.parley_string(), "message": text}
+            push = FcmPush(app.name, token, delivery_id, d.shown_title, text, d.shown_image, data, "high", None, None,
                            policy.channel_id)
-            return push, _size({"t": title, "b": text, "i": notification.image, "d": data})
+            return push, fcm_size(d.shown_title, text, d.shown_image, data)
 
-        return _fit(build, body, FCM_MAX_PAYLOAD)  # type: ignore[no-any-return]
+        return fit(draft(notification, title, body), alert, FCM_MAX_PAYLOAD)
 
     is_event = isinstance(notification, Event)
-    text = "" if is_event else notification.text  # type: ignore[union-attr]
     collapse = _collapse(notification.agent.id if notification.agent else None) if is_event else None
 
-    def build_silent(text: str) -> tuple[FcmPush, int]:
-        data = {"parley": _parley_string(notification, text, None)}
-        if not is_event:
-            data["message"] = text
+    def silent(d: Draft) -> tuple[FcmPush, int]:
+        data = {"parley": d.parley_string()}
+        if d.body is not None:
+            data["message"] = d.body
         push = FcmPush(app.name, token, delivery_id, None, None, None, data, policy.event_priority,
                        ttl if is_event else None, collapse, None)
-        return push, _size({"d": data})
+        return push, fcm_size(None, None, None, data)
 
-    return _fit(build_silent, text, FCM_MAX_PAYLOAD)  # type: ignore[no-any-return]
+    text = notification.text if isinstance(notification, Message) else None
+    return fit(draft(notification, None, text), silent, FCM_MAX_PAYLOAD)
 
 
 def translate(notification: Notification, route: Route, delivery_id: str, now: float, expires_at: float) -> Push:
@@ -177,10 +181,9 @@ def translate(notification: Notification, route: Route, delivery_id: str, now: f
     return to_fcm(notification, app, route.device_token, delivery_id, ttl)
 
 
-def _size(payload: Any) -> int:
-    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+_APNS_JSON = json.JSONEncoder(ensure_ascii=False)  # built once (json.dumps with options builds one per call)
 
 
 def _apns_body(payload: Any) -> bytes:
     """The request body exactly as sent: measured here against the limit, then written as is."""
-    return json.dumps(payload, ensure_ascii=False).encode()
+    return _APNS_JSON.encode(payload).encode()

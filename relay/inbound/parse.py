@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from relay.errors import InvalidWebhook
@@ -21,6 +22,7 @@ KNOWN_EVENTS = ("startTyping", "stopTyping")
 MAX_DEPTH = 32
 MAX_STRING = 16 * 1024
 MAX_TOKEN_LENGTH = 4096
+MAX_EVENT_NAME = 256  # longer names are cut: the name must always fit a push (SPEC §5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,9 @@ class Message:
     image: str | None
     agent: Agent | None
     time: int | None
+    # Parley's ``data.object`` exactly as received (after validation), never mutated: translation forwards it
+    # to the SDKs in the ``parley`` key (SPEC §5). None when a message is built in code (``send-test``).
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,7 @@ class Event:
 
     name: str
     agent: Agent | None
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # as on ``Message``
 
 
 Notification = Message | Event
@@ -189,6 +195,7 @@ def _message(obj: dict[str, Any]) -> Message:
         image=_opt_str(obj, "image", path),
         agent=_agent(obj, path),
         time=_opt_int(obj, "time", path),
+        raw=obj,
     )
 
 
@@ -199,7 +206,7 @@ def _event(obj: dict[str, Any]) -> Event:
     _check_text(name, "data.object.name")
     body = obj.get("body")
     agent = _agent(_obj(body, "data.object.body"), "data.object.body") if body is not None else None
-    return Event(name=name[:256], agent=agent)
+    return Event(name=name[:MAX_EVENT_NAME], agent=agent, raw=obj)
 
 
 def parse_notification(data: Any) -> tuple[str, Notification | None]:

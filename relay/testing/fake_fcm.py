@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from relay.testing._server import RequestLog, ServerThread
 from relay.testing.keys import ServiceAccount, make_service_account
 
-__all__ = ["FCM_ERRORS", "FakeFcm", "FcmRequest"]
+__all__ = ["FCM_ERRORS", "FakeFcm", "FcmRequest", "payload_size"]
 
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # google-auth always signs `aud` = Google's endpoint, whatever the account's `token_uri` says
@@ -60,7 +60,9 @@ _UNAUTHENTICATED = (
     "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
     "cookie or other valid authentication credential."
 )
-# FCM: "the total size of the data payload ... is limited to 4096 bytes".
+# FCM: "Maximum payload for both message types is 4096 bytes" ("Firebase Cloud Messaging message types"): a
+# notification message's payload is its notification fields plus its data. Counted as SPEC §5 states it: the
+# UTF-8 bytes of the data keys and values plus the notification's keys and values.
 MAX_DATA_BYTES = 4096
 
 
@@ -384,10 +386,19 @@ def _check_message(message: Any, max_data_bytes: int) -> _Answer | None:
         if not isinstance(value, str):
             return invalid(f"Invalid value at 'message.data[{key}]' (TYPE_STRING)",
                            f"message.data[{key}]")
-    size = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in data.items())
-    if size > max_data_bytes:
+    if payload_size(message) > max_data_bytes:
         return invalid("Message is too big")
     return None
+
+
+def payload_size(message: dict[str, Any]) -> int:
+    """The bytes FCM counts against its limit: data keys and values plus notification keys and values."""
+    size = 0
+    for part in ("data", "notification"):
+        members = message.get(part)
+        if isinstance(members, dict):
+            size += sum(len(str(k).encode()) + len(str(v).encode()) for k, v in members.items() if v is not None)
+    return size
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any] | None:

@@ -1,0 +1,329 @@
+"""SPEC §5 payload limits: whatever Parley can send, both pushes fit by the providers' own counting, shrunk in
+the documented order, and the ``parley`` key carries Parley's object as received (what fits)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from firebase_admin import messaging
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from relay.config import ApnsApp, FcmApp, Policy
+from relay.delivery.budget import APNS_MAX_PAYLOAD, ELLIPSIS, FCM_MAX_PAYLOAD, Draft, fit, is_url
+from relay.delivery.translate import translate
+from relay.inbound.parse import MAX_STRING, Notification, load_notification, parse_webhook
+from relay.outcome import EndState, Outcome
+from relay.providers.fcm import build_message
+from relay.push import ApnsPush, FcmPush
+from relay.registry.device import Route
+from relay.testing.fake_fcm import payload_size
+from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
+from tests.conftest import MakeRelay
+
+DEFAULT = Policy()
+MAX_BODY = 64 * 1024  # the webhook's default body limit (SPEC §2)
+AVATAR = "https://cdn.example.com/avatars/" + "a" * 2968  # 3,000 characters
+IMAGE = "https://cdn.example.com/images/" + "i" * 2969  # 3,000 characters
+LONG_TEXT = "Hello! We received your photo 📷 and will get back to you. " * 200  # 11,600 characters
+
+
+def _notification(obj: dict[str, Any], kind: str = "message") -> Notification:
+    """Through the real path: webhook parse, then the stored canonical data loaded back (the dispatcher's side)."""
+    hook = parse_webhook(json.dumps({"data": {"type": kind, "object": obj}, "to": ["t"]}).encode())
+    return load_notification(hook.data)
+
+
+def _apns(n: Notification, policy: Policy = DEFAULT) -> ApnsPush:
+    app = ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1, policy)
+    push = translate(n, Route(app, "d" * 64), "id-1", 1000.0, 1030.0)
+    assert isinstance(push, ApnsPush)
+    return push
+
+
+def _fcm(n: Notification, policy: Policy = DEFAULT) -> FcmPush:
+    app = FcmApp("android", Path("sa.json"), None, None, 10, policy)
+    push = translate(n, Route(app, "fcm-token"), "id-1", 1000.0, 1030.0)
+    assert isinstance(push, FcmPush)
+    return push
+
+
+def apns_size(push: ApnsPush) -> int:
+    """Apple's count: the bytes of the JSON body as sent (the provider writes ``push.body`` as is)."""
+    assert push.body == json.dumps(push.payload, ensure_ascii=False).encode()
+    return len(push.body)
+
+
+def fcm_size(push: FcmPush) -> int:
+    """Google's count, as the fake applies it, over the message exactly as firebase-admin encodes it."""
+    return payload_size(messaging._MessagingService.encode_message(build_message(push)))
+
+
+def _parley(push: ApnsPush | FcmPush) -> dict[str, Any]:
+    raw = push.payload["parley"] if isinstance(push, ApnsPush) else push.data["parley"]
+    doc: dict[str, Any] = json.loads(raw)
+    return doc
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+# -- faithful to Parley ---------------------------------------------------------------------------------------
+
+
+def test_small_message_carries_parleys_object_as_received_plus_the_sdk_keys() -> None:
+    """Every member Parley sent (unknown ones, agent.uid) reaches the SDKs, with numeric id/typeId, body, title."""
+    obj = {"id": 3224, "time": 1583243432, "image": None, "typeId": 2, "message": "Hello 📷", "newField": {"x": [1]},
+           "agent": {"id": 1, "uid": "a-7f3", "name": "Webuildapps", "avatar": "https://example.com/a.png"}}
+    n = _notification(obj)
+    expected = {**obj, "body": "Hello 📷", "title": "Webuildapps"}
+    assert _parley(_apns(n)) == {"type": "message", "object": expected}
+    assert _parley(_fcm(n)) == {"type": "message", "object": expected}
+    silent = _notification({**obj, "typeId": 5})
+    assert _parley(_fcm(silent))["object"] == {**obj, "typeId": 5, "body": "Hello 📷"}
+
+
+def test_event_carries_agent_uid_and_unknown_members() -> None:
+    """An event's object reaches the SDKs as sent: agent.uid and members the relay does not know included."""
+    obj = {"name": "startTyping", "conversation": 12,
+           "body": {"agent": {"id": 1, "uid": "9c1e-44", "name": "Ann", "avatar": None}, "since": 5}}
+    n = _notification(obj, "event")
+    assert _parley(_apns(n)) == {"type": "event", "object": obj}
+    assert _parley(_fcm(n)) == {"type": "event", "object": obj}
+
+
+# -- the documented order --------------------------------------------------------------------------------------
+
+
+def test_a_push_that_fits_is_rendered_once_and_left_whole() -> None:
+    """The common case costs one render: fit() measures, finds it fits, and returns that very render."""
+    calls: list[Draft] = []
+
+    def render(d: Draft) -> tuple[str, int]:
+        calls.append(d)
+        return d.parley_string(), 10
+
+    draft = Draft("message", {"id": 1, "typeId": 2}, frozenset({"id", "typeId"}), frozenset(), "Hi", "Ann", None)
+    assert json.loads(fit(draft, render, 4096))["object"] == {"id": 1, "typeId": 2, "body": "Hi", "title": "Ann"}
+    assert calls == [draft]
+
+
+def test_abnormally_long_other_strings_shrink_before_the_text() -> None:
+    """Step 1: a 3,000-character agent name is cut (to no less than 256) while a 900-character text stays whole."""
+    text = "t" * 900
+    n = _notification({"id": 1, "typeId": 2, "message": text, "agent": {"id": 1, "name": "N" * 3000, "avatar": None}})
+    for push in (_apns(n), _fcm(n)):
+        parley = _parley(push)["object"]
+        assert parley["body"] == text
+        name = parley["agent"]["name"]
+        assert name.endswith(ELLIPSIS) and 256 <= len(name) < 3000
+        assert parley["message"] == text or 256 <= len(parley["message"]) < 900  # Parley's own copy of the text
+    assert _apns(n).payload["aps"]["alert"] == {"title": "N" * 255 + ELLIPSIS, "body": text}
+    assert _fcm(n).body == text and _fcm(n).data["message"] == text
+
+
+def test_a_url_is_never_cut_it_becomes_null() -> None:
+    """A 3,000-character avatar URL is sent whole when it fits, else dropped (null), never cut."""
+    agent = {"id": 1, "name": "Ann", "avatar": AVATAR}
+    fits = _notification({"id": 1, "typeId": 2, "message": "Hi", "agent": agent})
+    assert _parley(_apns(fits))["object"]["agent"] == agent
+    n = _notification({"id": 1, "typeId": 2, "message": "m" * 3000, "agent": agent})
+    for push in (_apns(n), _fcm(n)):
+        assert _parley(push)["object"]["agent"] == {"id": 1, "name": "Ann", "avatar": None}
+        assert not [s for s in _strings(_parley(push)) if is_url(s) and s.endswith(ELLIPSIS)]
+
+
+def test_text_keeps_200_characters_before_the_image_is_dropped() -> None:
+    """Steps 2-3: the text is cut to make room for an image that fits; an image that leaves under 200 is dropped."""
+    fitting = "https://cdn.example.com/" + "p" * 1476  # 1,500 characters
+    n = _notification({"id": 1, "typeId": 2, "message": "m" * 5000, "image": fitting})
+    apns = _apns(n)
+    assert apns.payload["aps"]["mutable-content"] == 1
+    assert _parley(apns)["object"]["image"] == fitting
+    body = apns.payload["aps"]["alert"]["body"]
+    assert body.endswith(ELLIPSIS) and len(body) > 200
+    assert apns_size(apns) > APNS_MAX_PAYLOAD - 16  # the text filled the room the image left
+
+    huge = _notification({"id": 1, "typeId": 2, "message": "m" * 5000, "image": "https://x.example/" + "p" * 3600})
+    apns, fcm = _apns(huge), _fcm(huge)
+    assert "mutable-content" not in apns.payload["aps"] and _parley(apns)["object"]["image"] is None
+    assert fcm.image is None and _parley(fcm)["object"]["image"] is None
+    assert len(apns.payload["aps"]["alert"]["body"]) > 1000  # the text got the image's room back
+    assert fcm.body is not None and len(fcm.body) > 500
+
+
+def test_members_the_sdks_do_not_read_are_removed_largest_first() -> None:
+    """Step 6: bulk no shortening can help (a long array of numbers) is removed; ids, text and small members stay."""
+    n = _notification({"id": 7, "typeId": 3, "message": "Hi", "time": 5, "history": list(range(2000))})
+    apns, fcm = _apns(n), _fcm(n)
+    assert apns_size(apns) <= APNS_MAX_PAYLOAD and fcm_size(fcm) <= FCM_MAX_PAYLOAD
+    for push in (apns, fcm):
+        obj = _parley(push)["object"]
+        assert "history" not in obj
+        assert (obj["id"], obj["typeId"], obj["body"], obj["time"]) == (7, 3, "Hi", 5)
+
+
+def test_the_title_gives_way_last() -> None:
+    """Steps 7-8: with an operator's huge thread-id, the text goes first, then the title is cut, and it still fits."""
+    policy = Policy(thread_id="t" * 3500)
+    n = _notification({"id": 1, "typeId": 2, "message": "m" * 300, "agent": {"id": 1, "name": "é" * 300}})
+    push = _apns(n, policy)
+    alert = push.payload["aps"]["alert"]
+    assert alert["body"] == ""
+    assert alert["title"].endswith(ELLIPSIS) and 10 < len(alert["title"]) < 256
+    assert apns_size(push) <= APNS_MAX_PAYLOAD
+
+
+# -- any object Parley can send ---------------------------------------------------------------------------------
+
+_CHARS = st.characters(blacklist_categories=("Cs",))  # lone surrogates are refused at the webhook (400)
+
+
+def _long_text(prefix: str = "") -> st.SearchStrategy[str]:
+    """Short strings of any characters, or long repetitions up to the parser's per-field limit."""
+    repeated = st.builds(lambda unit, n: (prefix + unit * n)[:MAX_STRING], st.text(_CHARS, min_size=1, max_size=3),
+                         st.integers(0, 6000))
+    return st.one_of(st.text(_CHARS, max_size=40).map(lambda s: prefix + s), repeated)
+
+
+_URLS = _long_text("https://cdn.example.com/")
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                     st.floats(allow_nan=False, allow_infinity=False), _long_text(), _URLS)
+_EXTRA_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                             | st.dictionaries(st.text(_CHARS, max_size=12), inner, max_size=4), max_leaves=12)
+_EXTRAS = st.one_of(st.dictionaries(st.text(_CHARS, max_size=12), _EXTRA_VALUES, max_size=4),
+                    st.integers(0, 4000).map(lambda n: {"bulk": {f"k{i}": i for i in range(n)}}),
+                    _long_text().map(lambda key: {key: 1}))  # a key of any length
+_AGENT = st.one_of(st.none(), st.fixed_dictionaries(
+    {"id": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), "name": st.one_of(st.none(), _long_text()),
+     "avatar": st.one_of(st.none(), _URLS)},
+    optional={"uid": _long_text(), "extra": _EXTRA_VALUES}))
+_MESSAGES = st.builds(
+    lambda extras, fields: {**extras, **fields}, _EXTRAS,
+    st.fixed_dictionaries({"id": st.integers(-(2**63), 2**63 - 1), "agent": _AGENT,
+                           "typeId": st.one_of(st.none(), st.sampled_from([2, 3, 5, 77])),
+                           "message": st.one_of(st.none(), _long_text()), "image": st.one_of(st.none(), _URLS),
+                           "time": st.one_of(st.none(), st.integers(0, 2**40))}))
+_EVENTS = st.builds(
+    lambda extras, name, body: {**extras, "name": name, "body": body}, _EXTRAS,
+    _long_text().filter(bool),
+    st.one_of(st.none(), st.builds(lambda extras, agent: {**extras, "agent": agent}, _EXTRAS, _AGENT)))
+_POLICIES = [Policy(), Policy(type_policy={2: "silent", 3: "silent", 5: "silent", 77: "silent"},
+                              title_template="{agent} · {message}", body_template="» {message} «")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.filter_too_much,
+                                                                  HealthCheck.data_too_large])
+@given(st.one_of(_MESSAGES.map(lambda o: ("message", o)), _EVENTS.map(lambda o: ("event", o))))
+def test_any_parley_object_fits_both_providers_and_keeps_its_ids(case: tuple[str, dict[str, Any]]) -> None:
+    """Any object the webhook accepts (any field length up to 64 KiB) gives an APNs body and an FCM payload within
+    4096 bytes by each provider's count, and a `parley` string that is valid JSON with the ids/name kept."""
+    kind, obj = case
+    body = json.dumps({"data": {"type": kind, "object": obj}, "to": ["t"]}, ensure_ascii=False).encode()
+    assume(len(body) <= MAX_BODY)
+    n = load_notification(parse_webhook(body).data)
+    for policy in _POLICIES:
+        apns, fcm = _apns(n, policy), _fcm(n, policy)
+        assert apns_size(apns) <= APNS_MAX_PAYLOAD
+        assert fcm_size(fcm) <= FCM_MAX_PAYLOAD
+        for push in (apns, fcm):
+            parley = _parley(push)
+            assert parley["type"] == kind
+            if kind == "message":
+                assert (parley["object"]["id"], parley["object"]["typeId"]) == (obj["id"], obj["typeId"])
+            else:
+                assert parley["object"]["name"] == obj["name"][:256]
+                agent = (obj["body"] or {}).get("agent")
+                if agent is not None:
+                    assert parley["object"]["body"]["agent"]["id"] == agent["id"]
+
+
+# -- end to end, real clients against the fakes -----------------------------------------------------------------
+
+
+async def test_the_fakes_refuse_one_byte_over_4096_as_the_providers_do(make_relay: MakeRelay) -> None:
+    """Fake APNs answers 413 PayloadTooLarge to a 4097-byte body and fake FCM 400 one byte over its count; 4096
+    passes both (sent through the relay's real aioapns and firebase-admin clients)."""
+    r = await make_relay()
+    apns, fcm = r.relay.providers["ios"], r.relay.providers["android"]
+
+    def apns_push(size: int) -> ApnsPush:
+        payload = {"aps": {"content-available": 1}, "pad": ""}
+        payload["pad"] = "x" * (size - len(json.dumps(payload).encode()))
+        body = json.dumps(payload).encode()
+        assert len(body) == size
+        return ApnsPush("ios", IOS_TOKEN, "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "background", 5, None, None,
+                        payload, body)
+
+    def fcm_push(size: int) -> FcmPush:
+        data = {"parley": "{}", "message": ""}
+        data["message"] = "x" * (size - len("title" + "Ann" + "body" + "Hi") - len("parley{}message"))
+        push = FcmPush("android", ANDROID_TOKEN, "m-1", "Ann", "Hi", None, data, "high", None, None, None)
+        assert fcm_size(push) == size
+        return push
+
+    assert (await apns.send(apns_push(4096))).outcome is Outcome.SENT
+    over = await apns.send(apns_push(4097))
+    assert (over.outcome, over.status, over.reason) == (Outcome.PERMANENT, 413, "413 PayloadTooLarge")
+    assert (await fcm.send(fcm_push(4096))).outcome is Outcome.SENT
+    over = await fcm.send(fcm_push(4097))
+    assert (over.outcome, over.status) == (Outcome.PERMANENT, 400)
+
+
+async def test_long_fields_webhook_is_delivered_on_both_platforms(make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """A 1,500-character agent name, 3,000-character avatar and image URLs and a long text: sent on APNs and FCM
+    (no PayloadTooLarge, no 400, no dead letter), title and text cut with `…`, ids kept."""
+    r = await make_relay()
+    doc = sample("message", to=[IOS_TOKEN, ANDROID_TOKEN], image=IMAGE, message=LONG_TEXT,
+                 agent={"id": 1, "name": "N" * 1500, "avatar": AVATAR})
+    status, answer = await r.post(doc)
+    assert (status, answer["accepted"]) == (200, 2)
+    (apns,) = await sandbox.apns.wait_for(1)
+    (fcm,) = await sandbox.fcm.wait_for(1)
+    await r.settle()
+    assert (apns.status, fcm.status) == (200, 200)
+    ended = (await r.relay.store.stats()).ended
+    assert {state: count for state, count in ended.items() if count} == {EndState.SENT: 2}
+    assert apns.payload["aps"]["alert"]["title"] == "N" * 255 + ELLIPSIS
+    assert apns.payload["aps"]["alert"]["body"].endswith(ELLIPSIS)
+    assert fcm.message["notification"]["title"] == "N" * 255 + ELLIPSIS
+    assert payload_size(fcm.message) <= FCM_MAX_PAYLOAD
+    for parley in (json.loads(apns.payload["parley"]), json.loads(fcm.message["data"]["parley"])):
+        assert (parley["object"]["id"], parley["object"]["typeId"]) == (3224, 2)
+        assert parley["object"]["agent"]["avatar"] is None  # a URL that cannot fit is dropped, not cut
+        assert LONG_TEXT.startswith(parley["object"]["body"][:-1])
+
+
+async def test_event_agent_uid_reaches_both_platforms(make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """An event's `agent.uid` (and any member Parley adds) arrives in the `parley` key on APNs and FCM."""
+    r = await make_relay()
+    doc = sample("event", to=[IOS_TOKEN, ANDROID_TOKEN])
+    doc["data"]["object"]["body"]["agent"]["uid"] = "3f2a-agent-uid"
+    doc["data"]["object"]["conversationId"] = 77
+    await r.post(doc)
+    (apns,) = await sandbox.apns.wait_for(1)
+    (fcm,) = await sandbox.fcm.wait_for(1)
+    for raw in (apns.payload["parley"], fcm.message["data"]["parley"]):
+        assert json.loads(raw) == {"type": "event", "object": doc["data"]["object"]}
+
+
+@pytest.mark.parametrize("unit", ["a", "é", "📷", "\x01"])
+def test_long_text_of_any_character_fills_the_push_without_passing_it(unit: str) -> None:
+    """The text is cut on a code point with `…` to just under the limit, whatever bytes or escapes it costs."""
+    n = _notification({"id": 1, "typeId": 2, "message": unit * MAX_STRING, "agent": {"id": 1, "name": "Ann"}})
+    apns, fcm = _apns(n), _fcm(n)
+    assert APNS_MAX_PAYLOAD - 16 < apns_size(apns) <= APNS_MAX_PAYLOAD
+    assert FCM_MAX_PAYLOAD - 16 < fcm_size(fcm) <= FCM_MAX_PAYLOAD
+    for body in (apns.payload["aps"]["alert"]["body"], fcm.body):
+        assert body is not None and body.endswith(ELLIPSIS) and set(body[:-1]) == {unit}
