@@ -181,9 +181,9 @@ class Policy:
 @dataclass(frozen=True)
 class ApnsApp:
     """An APNs app. ``environment`` is the host for devices whose own environment is not known; ``endpoint``
-    replaces Apple's hosts (both, unless ``sandbox_endpoint`` replaces the sandbox one). ``sandbox_fallback``:
-    a device without a known environment that production refuses as ``BadDeviceToken`` is tried once on the
-    sandbox host (a development build's token) before it counts as dead."""
+    replaces Apple's hosts (both, unless ``sandbox_endpoint`` replaces the sandbox one). ``sandbox_fallback``
+    (production apps): a device without a known environment that production refuses as ``BadDeviceToken`` is
+    tried once on the sandbox host (a development build's token) before it counts as dead."""
 
     name: str
     topic: str

@@ -184,6 +184,10 @@ class ApnsProvider:
         self.jwt: SharedJwt | None = None  # one provider token for every pool: Apple's keys serve both hosts
         if app.key_file is not None:
             self.jwt = SharedJwt(read_key(app), app.key_id or "", app.team_id or "")
+        # Production's BadDeviceToken may try the sandbox only where the two are different hosts (``endpoint``
+        # alone sends both environments to one host: asking it twice would tell nothing new).
+        self._fallback = (app.sandbox_fallback and app.environment == "production"
+                          and (app.endpoint is None or app.sandbox_endpoint is not None))
         context = _ssl_context(app)
         # Pools open no connection until a push needs one: an app that never meets a sandbox token costs nothing.
         self._pools: dict[ApnsEnvironment, Pool] = {env: self._pool_for(env, context) for env in APNS_ENVIRONMENTS}
@@ -217,8 +221,7 @@ class ApnsProvider:
         assert isinstance(push, ApnsPush)
         environment = push.environment or self.app.environment
         result = await self._send_to(environment, push)
-        if (push.environment is None and environment == "production" and self.app.sandbox_fallback
-                and (result.status, result.reason) == SANDBOX_FALLBACK_ON):
+        if push.environment is None and self._fallback and (result.status, result.reason) == SANDBOX_FALLBACK_ON:
             return await self._sandbox_fallback(push, result)
         return result
 
