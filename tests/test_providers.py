@@ -64,7 +64,7 @@ async def test_apns_one_provider_jwt_is_shared_by_all_connections(sandbox: Sandb
         # each connection takes up to 1000 streams: shrink the first to one to force new ones, after a
         # first exchange (the server's SETTINGS would otherwise reset the bound)
         assert (await provider.send(_apns_push("00" * 32))).outcome is Outcome.SENT
-        first = await provider._pool.acquire()
+        first = await provider._pools["production"].acquire()
         first.free_channels.bound = 1
         results = await asyncio.gather(*(provider.send(p) for p in pushes))
     finally:
