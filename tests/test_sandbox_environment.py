@@ -7,6 +7,7 @@ default settings an operator gets (``sandbox_fallback`` on).
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -147,6 +148,30 @@ async def test_routing_rule_tokens_learn_their_environment_too(make_relay: MakeR
     await r.post(sample("message", to=[development], id=7002))
     assert await _ended(r) == {EndState.SENT: 2}
     assert (len(production.requests), len(apple_sandbox.requests)) == (1, 2)
+
+
+APP_KEY = "shipped-in-the-ios-app-0f9e8d7c6b5a"
+
+
+async def test_a_device_registered_through_the_api_as_sandbox_goes_there_directly(
+        make_relay: MakeRelay, hosts: tuple[FakeApns, FakeApns, str, str]) -> None:
+    """``PUT {"app": "ios", "environment": "sandbox"}`` (the app's own key, scope register) routes to the sandbox
+    from the first push; a device the relay learned reads back with ``environment: sandbox`` too."""
+    production, apple_sandbox, _, development = hosts
+    learned = _apns_hex()
+    apple_sandbox.accept_only([development, learned])
+    key = {"key_sha256": hashlib.sha256(APP_KEY.encode()).hexdigest(), "apps": ["ios"]}
+    r = await make_relay(devices={learned: {"app": "ios"}}, api={"keys": {"ios-app": key}})
+    headers = {"Authorization": f"Bearer {APP_KEY}"}
+    response = await r.client.put(f"/v1/devices/{development}", json={"app": "ios", "environment": "sandbox"},
+                                  headers=headers)
+    assert (response.status, (await response.json())["environment"]) == (201, "sandbox")
+    await r.post(sample("message", to=[development, learned]))
+    assert await _ended(r) == {EndState.SENT: 2}
+    assert [q.device_token for q in production.requests] == [learned]
+    assert sorted(q.device_token for q in apple_sandbox.requests) == sorted([development, learned])
+    response = await r.client.get(f"/v1/devices/{learned}", headers=headers)
+    assert (await response.json())["environment"] == "sandbox"
 
 
 # -- persistence: restarts, reloads, other instances --------------------------------------------------------
