@@ -270,6 +270,8 @@ class Dispatcher:
             await self._persist(lambda: self.store.remember_environment(route.device_token, environment,
                                                                        self.clock.now()))
             self.registry.remember_environment(route.device_token, environment)
+            event(logging.INFO, "APNs environment of a device token learned and remembered", app=route.app.name,
+                  token=short_token(route.device_token), environment=environment)
 
     async def _retry(self, job: Job, route: Route, at: float, reason: str, *, count: bool, expires_at: float) -> None:
         if at >= expires_at:
