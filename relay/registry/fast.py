@@ -33,10 +33,11 @@ _QUOTED = "'[^'\\n]*'|\"[^\"\\\\\\n]*\""
 # A block key may contain ':' (FCM tokens do) but not end with it; flow values (inside {...}) take no ':' at all.
 _KEY = rf"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.:/+=@-]*[A-Za-z0-9_./+=@-])?|{_QUOTED})"
 _VALUE = rf"(?:[A-Za-z0-9_][A-Za-z0-9_./+=@-]*|{_QUOTED})"
-_LINE = re.compile(
-    rf"  (?P<token>{_KEY}): \{{app: (?P<app>{_VALUE})(?:, device_token: (?P<device>{_VALUE}))?"
-    r"(?:, environment: (?P<environment>production|sandbox))?\}\s*"
-)
+_ENTRY = rf"  (?P<token>{_KEY}): \{{app: (?P<app>{_VALUE})(?:, device_token: (?P<device>{_VALUE}))?"
+_LINE = re.compile(_ENTRY + r"\}\s*")
+# The few devices that declare an APNs environment (development builds) are matched on their own, so that the
+# common line costs what it did before environments existed.
+_LINE_WITH_ENVIRONMENT = re.compile(_ENTRY + r", environment: (?P<environment>production|sandbox)\}\s*")
 _STR_TAG = "tag:yaml.org,2002:str"
 _RESOLVER = yaml.resolver.Resolver()
 # Only plain scalars that start with one of these can resolve to anything but a string (int, float, bool,
@@ -69,19 +70,22 @@ def read_flat_devices(path: Path, apps: Mapping[str, App]) -> FlatDevices | None
     environments: dict[str, ApnsEnvironment] = {}
     # Devices without their own device_token share one (app, None) tuple per app: 1M devices, a few tuples.
     shared: dict[str, tuple[str, None]] = {}
-    match = _LINE.fullmatch
+    match, match_with_environment = _LINE.fullmatch, _LINE_WITH_ENVIRONMENT.fullmatch
     with path.open(encoding="utf-8") as fh:
         header = next(fh, "")
         if header.rstrip() != "devices:":
             return None
         for line in fh:
             found = match(line)
+            environment = None
             if found is None:
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                return None
-            token_scalar, app_scalar, device_scalar, environment = found.group(
-                "token", "app", "device", "environment")
+                found = match_with_environment(line)
+                if found is None:
+                    if not line.strip() or line.lstrip().startswith("#"):
+                        continue
+                    return None
+                environment = found.group("environment")
+            token_scalar, app_scalar, device_scalar = found.group("token", "app", "device")
             token = _string(token_scalar)
             value = shared.get(app_scalar)
             if value is None:
