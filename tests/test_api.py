@@ -331,9 +331,27 @@ async def test_a_register_key_registers_a_token_as_itself(api: Callable[[str | N
     token = _apns_hex()
     status, body = await api(APP_KEY).put(token, {"app": "ios", "environment": "sandbox"})
     assert (status, body["device_token"], body["environment"]) == (201, token, "sandbox")
-    status, body = await api(APP_KEY).put(token, {"app": "ios", "device_token": token})
-    assert (status, body["environment"]) == (200, None)
+    status, body = await api(APP_KEY).put(token, {"app": "ios", "device_token": token, "environment": "sandbox"})
+    assert (status, body["environment"]) == (200, "sandbox")
+    status, body = await api(APP_KEY).put(token, {"app": "ios"})  # omitted: the environment stays
+    assert (status, body["environment"]) == (200, "sandbox")
     assert (await api(APP_KEY).get(token))[0] == 200
+
+
+async def test_a_register_key_cannot_change_a_registered_devices_environment(api: Callable[[str | None], Api],
+                                                                            relay: RelayUnderTest) -> None:
+    """Pointing someone's production token at the sandbox would get it refused and killed: 403 naming environment,
+    for a device registered without one and for one declared otherwise; a manage key may change it."""
+    plain, declared = _apns_hex(), _apns_hex()
+    assert (await api(APP_KEY).put(plain, {"app": "ios"}))[0] == 201
+    assert (await api(APP_KEY).put(declared, {"app": "ios", "environment": "production"}))[0] == 201
+    for token in (plain, declared):
+        status, body = await api(APP_KEY).put(token, {"app": "ios", "environment": "sandbox"})
+        assert (status, body["field"]) == (403, "environment")
+    route = relay.relay.registry.lookup(declared)
+    assert route is not None and route.environment == "production"
+    status, body = await api(IOS_KEY).put(declared, {"app": "ios", "environment": "sandbox"})
+    assert (status, body["environment"]) == (200, "sandbox")
 
 
 async def test_a_register_key_cannot_map_a_token_to_another_device(api: Callable[[str | None], Api],

@@ -155,16 +155,29 @@ def _environment(app: App, value: object) -> ApnsEnvironment | None:
     return environment
 
 
-def _within_scope(key: ApiKey, token: str, app: App, device_token: str, existing: Device | None) -> None:
-    """A ``register`` key may only register ``token`` as itself, and never take over an entry mapped elsewhere."""
+def _within_scope(key: ApiKey, token: str, app: App, device: tuple[str, ApnsEnvironment | None],
+                  existing: Device | None) -> ApnsEnvironment | None:
+    """The environment to store, once ``key`` may register ``device`` (device token, environment) for ``token``.
+
+    A ``register`` key may only register ``token`` as itself, never take over an entry mapped elsewhere, and
+    never change a registered device's environment (pointing a production token at the sandbox would have
+    its pushes refused and the token declared dead): omitted, the entry's environment stays.
+    """
+    device_token, environment = device
     if key.manages:
-        return
+        return environment
     if device_token != token:
         raise ApiRefused(403, "this API key (scope register) may only register a push token as itself: "
                               "mapping it to another device_token needs a key with scope manage", "device_token")
-    if existing is not None and (existing.app, existing.device_token) != (app.name, token):
+    if existing is None:
+        return environment
+    if (existing.app, existing.device_token) != (app.name, token):
         raise ApiRefused(403, "this push token is registered to another device or app; a key with scope "
                               "register cannot replace it (scope manage can)", "parley_token")
+    if environment is not None and environment != existing.environment:
+        raise ApiRefused(403, "this push token is already registered: a key with scope register cannot change "
+                              "its environment (scope manage can)", "environment")
+    return existing.environment
 
 
 def _require_manage(key: ApiKey, what: str) -> None:
@@ -228,7 +241,7 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
         device_token = token
     else:
         check_device_token(app, device_token)
-    _within_scope(key, token, app, device_token, existing)
+    environment = _within_scope(key, token, app, (device_token, environment), existing)
     device = Device(token, app.name, device_token, environment)
     now = relay.clock.now()
     try:
