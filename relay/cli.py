@@ -23,7 +23,7 @@ from relay.config import Config, load_config
 from relay.errors import ConfigError, ConfigProblem, RelayError, StoreError
 from relay.observability import setup_logging, short_token
 from relay.outcome import EndState, Outcome
-from relay.registry.device import Device
+from relay.registry.device import Device, as_environment, device_token_problem
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
 from relay.store import Store, create_store
@@ -134,17 +134,33 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 print("\t".join([token, device.app, "runtime"] + (["dead"] if token in dead else [])))
             return 0
         if args.action == "add":
-            if args.app not in config.apps:
-                print(f"unknown app {args.app!r}; known: {', '.join(config.apps)}", file=sys.stderr)
-                return 1
-            await store.put_device(Device(args.token, args.app, args.device_token or args.token), time.time())
-            print(f"added {short_token(args.token)} -> {args.app} (a running relay picks it up on reload)")
-            return 0
+            return await _add_device(config, store, args)
         removed = await store.remove_device(args.token)
         print(f"removed {short_token(args.token)}" if removed else f"no run-time device {short_token(args.token)}")
         return 0 if removed else 1
 
     return int(_run(_with_store(config, work)))
+
+
+async def _add_device(config: Config, store: Store, args: argparse.Namespace) -> int:
+    """``devices add``: the same token checks as the device API's PUT, then the store."""
+    app = config.apps.get(args.app)
+    if app is None:
+        print(f"unknown app {args.app!r}; known: {', '.join(config.apps)}", file=sys.stderr)
+        return 1
+    device_token = args.device_token or args.token
+    problem = device_token_problem(app, device_token)
+    if problem is not None:
+        print(f"error: {'--device-token' if args.device_token else 'token'} {device_token[:80]!r}: {problem}",
+              file=sys.stderr)
+        return 1
+    if args.environment is not None and app.platform != "apns":
+        print(f"error: --environment: app {app.name!r} is FCM: only APNs devices have an environment",
+              file=sys.stderr)
+        return 1
+    await store.put_device(Device(args.token, app.name, device_token, as_environment(args.environment)), time.time())
+    print(f"added {short_token(args.token)} -> {app.name} (a running relay picks it up on reload)")
+    return 0
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -312,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("token", help="the Parley push token")
     add.add_argument("--app", required=True)
     add.add_argument("--device-token", help="provider token, when it differs from the Parley token")
+    add.add_argument("--environment", choices=("sandbox", "production"),
+                     help="APNs: the host of the device token (sandbox: a development build); default: the app's")
     remove = leaf_config(dsub.add_parser("remove", help="remove a run-time device (exit 1 if there was none)"))
     remove.add_argument("token")
     devices.set_defaults(func=cmd_devices)

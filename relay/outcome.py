@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from relay.config.model import ApnsEnvironment
+
 
 class Outcome(StrEnum):
     """How one provider request went (SPEC §6)."""
@@ -29,6 +31,8 @@ class SendResult:
     reason: str = ""
     status: int | None = None
     retry_after: float | None = None
+    # Set when the push was sent through an APNs sandbox fallback: the dispatcher keeps it for the device token.
+    learned_environment: ApnsEnvironment | None = None
 
     @classmethod
     def sent(cls, status: int = 200) -> SendResult:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from relay.config.model import ApnsEnvironment
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,10 +22,16 @@ class ApnsPush:
     collapse_id: str | None
     payload: Mapping[str, Any]
     body: bytes = b""  # ``payload`` encoded, when the builder already did (it measures the size)
+    # The device token's host when known (declared or learned); None: the app's environment (with fallback).
+    environment: ApnsEnvironment | None = None
 
     @property
     def silent(self) -> bool:
         return self.push_type == "background"
+
+    def to_environment(self, environment: ApnsEnvironment | None) -> ApnsPush:
+        """This push for a device token of ``environment`` (itself when that changes nothing)."""
+        return self if environment == self.environment else replace(self, environment=environment)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from relay.cli import main
 from relay.config import load_config
 from relay.errors import ConfigError
 from relay.running import RELAY_KEY
@@ -23,6 +24,7 @@ from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
 from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
 
 IOS_KEY = "ios-backend-key-5b1e0c7d9a2f4e61"
+APP_KEY = "shipped-in-the-ios-app-3c8e1f0a9b7d"
 ANDROID_KEY = "android-backend-key-77c3a9e0d1b2f4"
 BOTH_KEY = "ops-key-both-apps-0a9b8c7d6e5f4a3b"
 
@@ -40,12 +42,14 @@ def _fcm_token() -> str:
 
 
 def api_section(sandbox: Sandbox) -> dict[str, Any]:
-    """Three clients: an iOS backend (hashed key), an Android backend (key file), an operator key for both."""
+    """Four clients: an iOS backend (hashed key), an Android backend (key file), an operator key for both (all
+    three scope manage), and the key shipped inside the iOS app (scope register, the default)."""
     (sandbox.root / "android.key").write_text(ANDROID_KEY + "\n")
     return {"keys": {
-        "ios-backend": {"key_sha256": _sha(IOS_KEY), "apps": ["ios"]},
-        "android-backend": {"key_file": "android.key", "apps": ["android"]},
-        "ops": {"key_sha256": _sha(BOTH_KEY).upper(), "apps": ["ios", "android"]},
+        "ios-backend": {"key_sha256": _sha(IOS_KEY), "apps": ["ios"], "scope": "manage"},
+        "android-backend": {"key_file": "android.key", "apps": ["android"], "scope": "manage"},
+        "ops": {"key_sha256": _sha(BOTH_KEY).upper(), "apps": ["ios", "android"], "scope": "manage"},
+        "ios-app": {"key_sha256": _sha(APP_KEY), "apps": ["ios"]},
     }}
 
 
@@ -111,7 +115,7 @@ async def test_put_creates_a_device_that_get_reads_back(api: Callable[[str | Non
     status, body = await api(IOS_KEY).put(token, {"app": "ios", "device_token": device_token})
     assert status == 201
     assert body == {"parley_token": token, "app": "ios", "platform": "apns", "device_token": device_token,
-                    "source": "runtime", "dead": False}
+                    "environment": None, "source": "runtime", "dead": False}
     assert await api(IOS_KEY).get(token) == (200, body)
 
 
@@ -298,6 +302,8 @@ async def test_malformed_list_query_gets_400_naming_the_parameter(api: Callable[
     ({"k": {"key": "plain", "key_sha256": "a" * 64, "apps": ["ios"]}}, "api.keys.k.key", "unknown key"),
     ({"a": {"key_sha256": "b" * 64, "apps": ["ios"]}, "b": {"key_sha256": "B" * 64, "apps": ["ios"]}},
      "api.keys.b", "same key as api.keys.a"),
+    ({"k": {"key_sha256": "a" * 64, "apps": ["ios"], "scope": "admin"}}, "api.keys.k.scope",
+     "must be one of register, manage"),
 ])
 def test_bad_api_keys_config_names_file_and_key(sandbox: Sandbox, keys: dict[str, Any], key: str,
                                                 message: str) -> None:
@@ -308,6 +314,119 @@ def test_bad_api_keys_config_names_file_and_key(sandbox: Sandbox, keys: dict[str
         load_config(path)
     problems = [(p.file, p.key) for p in caught.value.problems if message in p.message]
     assert problems == [(str(path), key)], caught.value.problems
+
+
+# -- scopes: a key shipped inside an app cannot redirect anyone's pushes ----------------------------------
+
+
+def test_a_key_without_scope_is_a_register_key(sandbox: Sandbox) -> None:
+    """Keys whose config names no scope get the least power (register); manage must be asked for."""
+    config = load_config(sandbox.write(api=api_section(sandbox)))
+    assert config.api.keys["ios-app"].scope == "register" and not config.api.keys["ios-app"].manages
+    assert config.api.keys["ios-backend"].scope == "manage" and config.api.keys["ios-backend"].manages
+
+
+async def test_a_register_key_registers_a_token_as_itself(api: Callable[[str | None], Api]) -> None:
+    """The app's own key may create, re-register (every launch) and read its own token, with its environment."""
+    token = _apns_hex()
+    status, body = await api(APP_KEY).put(token, {"app": "ios", "environment": "sandbox"})
+    assert (status, body["device_token"], body["environment"]) == (201, token, "sandbox")
+    status, body = await api(APP_KEY).put(token, {"app": "ios", "device_token": token, "environment": "sandbox"})
+    assert (status, body["environment"]) == (200, "sandbox")
+    status, body = await api(APP_KEY).put(token, {"app": "ios"})  # omitted: the environment stays
+    assert (status, body["environment"]) == (200, "sandbox")
+    assert (await api(APP_KEY).get(token))[0] == 200
+
+
+async def test_a_register_key_cannot_change_a_registered_devices_environment(api: Callable[[str | None], Api],
+                                                                            relay: RelayUnderTest) -> None:
+    """Pointing someone's production token at the sandbox would get it refused and killed: 403 naming environment,
+    for a device registered without one and for one declared otherwise; a manage key may change it."""
+    plain, declared = _apns_hex(), _apns_hex()
+    assert (await api(APP_KEY).put(plain, {"app": "ios"}))[0] == 201
+    assert (await api(APP_KEY).put(declared, {"app": "ios", "environment": "production"}))[0] == 201
+    for token in (plain, declared):
+        status, body = await api(APP_KEY).put(token, {"app": "ios", "environment": "sandbox"})
+        assert (status, body["field"]) == (403, "environment")
+    route = relay.relay.registry.lookup(declared)
+    assert route is not None and route.environment == "production"
+    status, body = await api(IOS_KEY).put(declared, {"app": "ios", "environment": "sandbox"})
+    assert (status, body["environment"]) == (200, "sandbox")
+
+
+async def test_a_register_key_cannot_map_a_token_to_another_device(api: Callable[[str | None], Api],
+                                                                   relay: RelayUnderTest) -> None:
+    """``device_token`` other than the Parley token: 403 naming device_token, and nothing is stored."""
+    token = _apns_hex()
+    status, body = await api(APP_KEY).put(token, {"app": "ios", "device_token": _apns_hex()})
+    assert (status, body["field"]) == (403, "device_token") and "scope manage" in body["error"]
+    assert relay.relay.registry.entry(token) is None
+    assert await relay.relay.store.list_devices() == []
+
+
+async def test_a_register_key_cannot_take_over_someone_elses_token(api: Callable[[str | None], Api],
+                                                                   relay: RelayUnderTest, sandbox: Sandbox) -> None:
+    """A token a backend mapped to its user's device stays there: the app key's PUT is 403 (field parley_token),
+    its GET too (the mapping names a device token), and the user's pushes still reach the user's device."""
+    victim, victims_device = _apns_hex(), _apns_hex()
+    assert (await api(IOS_KEY).put(victim, {"app": "ios", "device_token": victims_device}))[0] == 201
+    status, body = await api(APP_KEY).put(victim, {"app": "ios"})
+    assert (status, body["field"]) == (403, "parley_token")
+    status, body = await api(APP_KEY).get(victim)
+    assert (status, body["field"]) == (403, "parley_token")
+    await relay.post(sample("message", to=[victim]))
+    (push,) = await sandbox.apns.wait_for(1)
+    assert push.device_token == victims_device
+
+
+async def test_a_register_key_cannot_delete_or_list(api: Callable[[str | None], Api],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """DELETE and listing need scope manage: 403 naming Authorization, logged with the key's name."""
+    token = _apns_hex()
+    assert (await api(APP_KEY).put(token, {"app": "ios"}))[0] == 201
+    caplog.set_level("INFO")
+    for status, body in [await api(APP_KEY).delete(token), await api(APP_KEY).list()]:
+        assert (status, body["field"]) == (403, "Authorization") and "scope register" in body["error"]
+    assert (await api(APP_KEY).get(token))[0] == 200  # still there
+    refusals = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "device API request refused"]
+    assert [(f.get("key"), f.get("operation"), f.get("status")) for f in refusals] == [
+        ("ios-app", "delete", 403), ("ios-app", "list", 403)]
+
+
+async def test_environment_in_the_body_is_checked(api: Callable[[str | None], Api]) -> None:
+    """``environment`` is sandbox, production or null, and only for APNs apps: 400 naming it otherwise."""
+    for token, body in [(_apns_hex(), {"app": "ios", "environment": "staging"}),
+                        (_apns_hex(), {"app": "ios", "environment": 1}),
+                        (_fcm_token(), {"app": "android", "environment": "sandbox"})]:
+        status, answer = await api(BOTH_KEY).put(token, body)
+        assert (status, answer["field"]) == (400, "environment"), body
+
+
+def test_devices_add_and_the_api_refuse_the_same_malformed_tokens(sandbox: Sandbox,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``devices add`` checks the token's shape per platform like the API's PUT: ``zz`` is no APNs token."""
+    path = str(sandbox.write())
+    assert main(["devices", "add", "zz", "--app", "ios", "-c", path]) == 1
+    assert "the device token must be 64 hex characters" in capsys.readouterr().err
+    assert main(["devices", "add", _apns_hex(), "--app", "ios", "--device-token", "zz", "-c", path]) == 1
+    assert "--device-token 'zz'" in capsys.readouterr().err
+    assert main(["devices", "add", "short", "--app", "android", "-c", path]) == 1
+    assert "32 to 4096 characters" in capsys.readouterr().err
+    assert main(["devices", "add", _fcm_token(), "--app", "android", "--environment", "sandbox", "-c", path]) == 1
+    assert "only APNs devices" in capsys.readouterr().err
+    assert main(["devices", "list", "-c", path]) == 0
+    assert "runtime" not in capsys.readouterr().out  # nothing was stored
+    token = _apns_hex()
+    assert main(["devices", "add", token, "--app", "ios", "--environment", "sandbox", "-c", path]) == 0
+    assert main(["devices", "list", "-c", path]) == 0
+    assert f"{token}\tios\truntime" in capsys.readouterr().out
+
+
+async def test_the_api_refuses_zz_with_the_same_words(api: Callable[[str | None], Api]) -> None:
+    """PUT of ``zz`` for an APNs app is 400 with the message ``devices add`` prints."""
+    status, body = await api(BOTH_KEY).put("zz", {"app": "ios"})
+    assert (status, body["field"]) == (400, "device_token")
+    assert body["error"] == "app 'ios' is APNs: the device token must be 64 hex characters"
 
 
 # -- persistence, overlay and delivery -----------------------------------------------------------

@@ -168,6 +168,38 @@ def test_registry_device_token_defaults_to_the_key_and_rules_apply_in_order(sand
     assert registry.lookup("fcm:token").app.name == "android"  # type: ignore[union-attr]
 
 
+def test_apns_environment_settings_have_safe_defaults_and_are_checked(sandbox: Sandbox) -> None:
+    """``sandbox_fallback`` is on unless turned off, ``sandbox_endpoint`` is a base URL; both belong to APNs apps."""
+    ios = load_config(sandbox.write()).apps["ios"]
+    assert isinstance(ios, ApnsApp) and (ios.sandbox_fallback, ios.sandbox_endpoint) == (True, None)
+    ios = load_config(sandbox.write(apps={"ios": {"sandbox_fallback": False,
+                                                  "sandbox_endpoint": "https://127.0.0.1:9443/"}})).apps["ios"]
+    assert isinstance(ios, ApnsApp) and (ios.sandbox_fallback, ios.sandbox_endpoint) == (False, "https://127.0.0.1:9443")
+    with pytest.raises(ConfigError) as info:
+        load_config(sandbox.write(apps={"ios": {"sandbox_fallback": "maybe", "sandbox_endpoint": "sandbox.host"},
+                                        "android": {"sandbox_fallback": True}}))
+    text = str(info.value)
+    for expected in ("apps.ios.sandbox_fallback: must be true or false",
+                     "apps.ios.sandbox_endpoint: must be a base URL", "apps.android.sandbox_fallback: unknown key"):
+        assert expected in text
+
+
+def test_registry_device_environment_is_checked(sandbox: Sandbox) -> None:
+    """A device's ``environment`` is sandbox or production, and only APNs devices have one; errors name the key."""
+    config = load_config(sandbox.write(devices={"tok1": {"app": "ios", "environment": "staging"},
+                                                "tok2": {"app": "android", "environment": "sandbox"}}))
+    with pytest.raises(ConfigError) as info:
+        load_registry(config.registry, config.apps)
+    text = str(info.value)
+    assert "devices.tok1.environment: must be one of production, sandbox, not 'staging'" in text
+    assert "devices.tok2.environment: app 'android' is FCM: only APNs devices have an environment" in text
+    config = load_config(sandbox.write(devices={"a" * 64: {"app": "ios", "environment": "sandbox"},
+                                                "tok3": {"app": "ios", "device_token": "b" * 64}}))
+    registry = Registry(config.apps, load_registry(config.registry, config.apps))
+    assert registry.lookup("a" * 64).environment == "sandbox"  # type: ignore[union-attr]
+    assert registry.lookup("tok3").environment is None  # type: ignore[union-attr]
+
+
 def test_check_config_accepts_a_good_config(sandbox: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
     """`parley-relay check-config` loads credentials like serve does and exits 0."""
     assert main(["check-config", "--config", str(sandbox.write())]) == 0

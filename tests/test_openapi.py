@@ -2,7 +2,7 @@
 no answer that the document does not describe.
 
 The relay runs on its own thread and event loop (schemathesis calls it synchronously over a real socket),
-on a sandbox config with one API key limited to the ``ios`` app, so that generated requests meet every
+on a sandbox config with one API key (scope manage) limited to the ``ios`` app, so that generated requests meet every
 branch: unknown apps (404), the other app (403), bad tokens (400), missing keys (401), creations (201).
 """
 
@@ -97,7 +97,7 @@ def live_relay(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
     """The sandbox (fake APNs and FCM) and a relay with the device API enabled, for the whole module."""
     box = Sandbox.start(tmp_path_factory.mktemp("openapi"))
     path = box.write(api={"keys": {"ios-backend": {"key_sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
-                                                   "apps": ["ios"]}}})
+                                                   "apps": ["ios"], "scope": "manage"}}})
     relay = LiveRelay().start(path)
     try:
         yield relay

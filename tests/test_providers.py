@@ -64,7 +64,7 @@ async def test_apns_one_provider_jwt_is_shared_by_all_connections(sandbox: Sandb
         # each connection takes up to 1000 streams: shrink the first to one to force new ones, after a
         # first exchange (the server's SETTINGS would otherwise reset the bound)
         assert (await provider.send(_apns_push("00" * 32))).outcome is Outcome.SENT
-        first = await provider._pool.acquire()
+        first = await provider._pools["production"].acquire()
         first.free_channels.bound = 1
         results = await asyncio.gather(*(provider.send(p) for p in pushes))
     finally:
@@ -284,3 +284,75 @@ async def test_apns_certificate_auth_sends_without_a_jwt(tmp_path: Path) -> None
         (request,) = fake.requests
     assert result.outcome is Outcome.SENT
     assert "authorization" not in request.headers
+
+
+# -- APNs environments: one pool per (app, environment), one JWT --------------------------------------------
+
+
+async def test_apns_sandbox_fallback_sends_a_development_token_and_says_so(sandbox: Sandbox) -> None:
+    """Production's 400 BadDeviceToken for a push of unknown environment: one try on the sandbox host, which
+    accepts; the result is sent and names the environment learned. Both hosts saw the same (one) JWT."""
+    apple_sandbox = sandbox.start_apns_sandbox()
+    ios, _ = _apps(sandbox)
+    token = "de" * 32
+    sandbox.apns.accept_only([])
+    apple_sandbox.accept_only([token])
+    provider = ApnsProvider(ios)
+    try:
+        result = await provider.send(_apns_push(token))
+    finally:
+        await provider.close()
+    assert (result.outcome, result.learned_environment) == (Outcome.SENT, "sandbox")
+    assert [(r.status, r.reason) for r in sandbox.apns.requests] == [(400, "BadDeviceToken")]
+    assert [r.status for r in apple_sandbox.requests] == [200]
+    assert sandbox.apns.jwts_seen == apple_sandbox.jwts_seen and len(apple_sandbox.jwts_seen) == 1
+    assert provider.jwt is not None and provider.jwt.minted == 1
+    assert apple_sandbox.requests[0].headers["apns-id"] == sandbox.apns.requests[0].headers["apns-id"]
+
+
+@pytest.mark.parametrize("environment", ["sandbox", "production"])
+async def test_apns_push_of_a_known_environment_goes_to_that_host_only(sandbox: Sandbox, environment: str) -> None:
+    """A push that carries its environment is sent to that host, on that environment's own connection."""
+    apple_sandbox = sandbox.start_apns_sandbox()
+    ios, _ = _apps(sandbox)
+    provider = ApnsProvider(ios)
+    push = _apns_push("ab" * 32).to_environment("sandbox" if environment == "sandbox" else "production")
+    try:
+        result = await provider.send(push)
+    finally:
+        await provider.close()
+    hit, missed = (apple_sandbox, sandbox.apns) if environment == "sandbox" else (sandbox.apns, apple_sandbox)
+    assert (result.outcome, result.learned_environment) == (Outcome.SENT, None)
+    assert (len(hit.requests), hit.connections_opened, missed.requests, missed.connections_opened) == (1, 1, [], 0)
+
+
+async def test_apns_no_fallback_when_one_endpoint_serves_both_environments(sandbox: Sandbox) -> None:
+    """With ``endpoint`` alone (no ``sandbox_endpoint``) both environments are one host: BadDeviceToken is dead
+    after one request, as asking the same host again would tell nothing."""
+    ios, _ = _apps(sandbox)
+    token = "df" * 32
+    sandbox.apns.respond(token, 400, "BadDeviceToken")
+    provider = ApnsProvider(ios)
+    try:
+        result = await provider.send(_apns_push(token))
+    finally:
+        await provider.close()
+    assert (result.outcome, result.reason) == (Outcome.TOKEN_DEAD, "400 BadDeviceToken")
+    assert len(sandbox.apns.requests) == 1
+
+
+async def test_apns_unreachable_sandbox_leaves_production_verdict(sandbox: Sandbox) -> None:
+    """A sandbox host that refuses connections spends the one try: the token is dead as production said, with
+    the sandbox's failure in the reason (never a retry that would hold the app's deliveries back)."""
+    from tests.test_durability import free_port
+
+    ios, _ = _apps(sandbox, apps={"ios": {"sandbox_endpoint": f"https://127.0.0.1:{free_port()}"}})
+    token = "ee" * 32
+    sandbox.apns.respond(token, 400, "BadDeviceToken")
+    provider = ApnsProvider(ios)
+    try:
+        result = await provider.send(_apns_push(token))
+    finally:
+        await provider.close()
+    assert result.outcome is Outcome.TOKEN_DEAD and result.status == 400
+    assert result.reason == "400 BadDeviceToken (sandbox: cannot connect to APNs)"

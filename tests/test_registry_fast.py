@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import ApnsApp, FcmApp, Policy
 from relay.config.reader import load_yaml
 from relay.registry.fast import read_flat_devices
+from relay.registry.file import parse_registry
 
-APPS = {"ios": object(), "android": object()}
+APPS = {"ios": ApnsApp("ios", "com.example", "production", None, None, None, Path("c.pem"), None, None, 1, 1,
+                       Policy()),
+        "android": FcmApp("android", Path("sa.json"), None, None, 1, Policy())}
 
 FLAT = """devices:
   0801fc577294c34e0b28ad2839435945: {app: ios}
@@ -20,6 +24,10 @@ FLAT = """devices:
 
   # a comment line
   0801fc577294c34e0b28ad2839435945: {app: android}
+  dev-build: {app: ios, environment: sandbox}
+  store-build: {app: ios, device_token: store-device, environment: production}
+  was-sandbox: {app: ios, environment: sandbox}
+  was-sandbox: {app: ios}
 """
 
 
@@ -30,10 +38,15 @@ def _yaml_devices(path: Path) -> dict[str, tuple[str, str | None]]:
 
 
 def test_flat_file_reads_the_same_as_yaml(tmp_path: Path) -> None:
-    """Quoted and plain tokens, device_token overrides, comments, blank lines and a repeated key (last wins)."""
+    """Quoted and plain tokens, device_token overrides, APNs environments, comments, blank lines and a repeated
+    key (last wins, its environment too)."""
     path = tmp_path / "devices.yaml"
     path.write_text(FLAT)
-    assert read_flat_devices(path, APPS) == _yaml_devices(path)
+    flat = read_flat_devices(path, APPS)
+    assert flat is not None
+    assert flat.devices == _yaml_devices(path)
+    assert flat.environments == parse_registry(load_yaml(path), path, APPS).environments
+    assert flat.environments == {"dev-build": "sandbox", "store-build": "production"}
 
 
 @pytest.mark.parametrize("line", [
@@ -46,6 +59,10 @@ def test_flat_file_reads_the_same_as_yaml(tmp_path: Path) -> None:
     '  "tab\\t": {app: ios}',  # an escape sequence
     "    token: {app: ios}",  # other indentation
     "  token: {device_token: x, app: ios}",  # other key order
+    "  token: {app: android, environment: sandbox}",  # FCM devices have none: the full parser names it
+    "  token: {app: ios, environment: staging}",  # not an environment
+    "  token: {app: ios, environment: 'sandbox'}",  # quoted
+    "  token: {app: ios, environment: sandbox, device_token: x}",  # other key order
 ])
 def test_anything_else_falls_back_to_the_yaml_loader(tmp_path: Path, line: str) -> None:
     """One line outside the flat form makes the fast path return None (the caller then parses YAML)."""
@@ -65,6 +82,6 @@ def test_devices_without_their_own_token_share_one_tuple(tmp_path: Path) -> None
     """Memory: every device of an app without a device_token points at one shared (app, None) value."""
     path = tmp_path / "devices.yaml"
     path.write_text("devices:\n" + "".join(f"  token-{n}: {{app: ios}}\n" for n in range(100)))
-    devices = read_flat_devices(path, APPS)
-    assert devices is not None
-    assert len({id(value) for value in devices.values()}) == 1
+    flat = read_flat_devices(path, APPS)
+    assert flat is not None
+    assert len({id(value) for value in flat.devices.values()}) == 1

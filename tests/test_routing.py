@@ -62,7 +62,7 @@ async def test_devices_registered_through_the_api_win_over_rules(make_relay: Mak
     """A run-time device (the API's overlay) takes precedence over a rule matching its token."""
     key = "routing-test-key-0123456789abcdef"
     r = await make_relay(devices={}, routing=SMALL_DEPLOYMENT, api={"keys": {"ops": {
-        "key_sha256": hashlib.sha256(key.encode()).hexdigest(), "apps": ["ios", "android"]}}})
+        "key_sha256": hashlib.sha256(key.encode()).hexdigest(), "apps": ["ios", "android"], "scope": "manage"}}})
     token, device_token = _fcm_token(), _apns_hex()
     response = await r.client.put(f"/v1/devices/{token}", json={"app": "ios", "device_token": device_token},
                                   headers={"Authorization": f"Bearer {key}"})

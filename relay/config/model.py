@@ -12,6 +12,12 @@ from typing import Literal
 
 Platform = Literal["apns", "fcm"]
 Delivery = Literal["alert", "silent"]
+# Apple's two hosts: a development build's device token is valid only on the sandbox one (api.sandbox.push.apple.com).
+ApnsEnvironment = Literal["production", "sandbox"]
+APNS_ENVIRONMENTS: tuple[ApnsEnvironment, ...] = ("production", "sandbox")
+# What a device API key may do: ``register`` a token as itself only (safe to ship inside an app), or ``manage``
+# (map a token to another device token, overwrite any device of its apps, delete, list: for backends).
+ApiScope = Literal["register", "manage"]
 
 
 
@@ -127,11 +133,21 @@ class LoggingSettings:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One client of the device API: the SHA-256 (hex) of its key and the apps it may register devices for."""
+    """One client of the device API: the SHA-256 (hex) of its key, the apps it may touch, and what it may do.
+
+    ``scope`` defaults to ``register``, the least a key can do: a key whose config does not say otherwise may
+    have been shipped inside an app, where it can be extracted.
+    """
 
     name: str
     key_sha256: str
     apps: tuple[str, ...]
+    scope: ApiScope = "register"
+
+    @property
+    def manages(self) -> bool:
+        """Whether this key may map tokens to other device tokens, overwrite other entries, delete and list."""
+        return self.scope == "manage"
 
 
 @dataclass(frozen=True)
@@ -165,9 +181,14 @@ class Policy:
 
 @dataclass(frozen=True)
 class ApnsApp:
+    """An APNs app. ``environment`` is the host for devices whose own environment is not known; ``endpoint``
+    replaces Apple's hosts (both, unless ``sandbox_endpoint`` replaces the sandbox one). ``sandbox_fallback``
+    (production apps): a device without a known environment that production refuses as ``BadDeviceToken`` is
+    tried once on the sandbox host (a development build's token) before it counts as dead."""
+
     name: str
     topic: str
-    environment: Literal["production", "sandbox"]
+    environment: ApnsEnvironment
     key_file: Path | None
     key_id: str | None
     team_id: str | None
@@ -178,6 +199,8 @@ class ApnsApp:
     max_connections: int
     policy: Policy
     platform: Literal["apns"] = "apns"
+    sandbox_endpoint: str | None = None
+    sandbox_fallback: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from relay.config.auth import parse_auth_layers
 from relay.config.model import (
+    APNS_ENVIRONMENTS,
     ApiKey,
     ApiSettings,
     ApnsApp,
@@ -40,12 +41,12 @@ from relay.config.reader import Reader, load_yaml, read_file, resolve_file
 from relay.errors import ConfigError, ConfigProblem
 
 
-def _endpoint(reader: Reader) -> str | None:
-    value = reader.text("endpoint", None)
+def _endpoint(reader: Reader, name: str = "endpoint") -> str | None:
+    value = reader.text(name, None)
     if value is None:
         return None
     if not re.match(r"^https?://[^/\s]+$", value.rstrip("/")):
-        reader.problem("endpoint", f"must be a base URL such as https://127.0.0.1:8443, not {value!r}")
+        reader.problem(name, f"must be a base URL such as https://127.0.0.1:8443, not {value!r}")
         return None
     return str(value).rstrip("/")
 
@@ -105,7 +106,9 @@ def _app(name: str, reader: Reader, base: Path) -> App | None:
     policy = _policy(reader, platform)
     if platform == "apns":
         topic = reader.text("topic")
-        environment = reader.choice("environment", ("production", "sandbox"), "production")
+        environment = reader.choice("environment", APNS_ENVIRONMENTS, "production")
+        sandbox_endpoint = _endpoint(reader, "sandbox_endpoint")
+        sandbox_fallback = reader.bool("sandbox_fallback", ApnsApp.sandbox_fallback)
         cert_file = read_file(reader, "cert_file", base, required=False)
         key_file = read_file(reader, "key_file", base, required=cert_file is None)
         key_id = reader.text("key_id", None)
@@ -119,7 +122,8 @@ def _app(name: str, reader: Reader, base: Path) -> App | None:
         max_connections = reader.number("max_connections", 4, minimum=1, integer=True)
         reader.finish()
         return ApnsApp(name, topic, environment, key_file, key_id, team_id, cert_file, endpoint, ca_file,
-                       concurrency, max_connections, policy)
+                       concurrency, max_connections, policy, sandbox_endpoint=sandbox_endpoint,
+                       sandbox_fallback=sandbox_fallback)
     service_account = read_file(reader, "service_account_file", base, required=True)
     reader.finish()
     if service_account is None:
@@ -132,7 +136,8 @@ MIN_API_KEY_CHARS = 16  # a key_file shorter than this is a typo or a placeholde
 
 
 def _api(reader: Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSettings:
-    """``api.keys.NAME: {key_sha256: HEX | key_file: PATH, apps: [NAME, ...]}``; keys are kept hashed only."""
+    """``api.keys.NAME: {key_sha256: HEX | key_file: PATH, apps: [NAME, ...], scope: register|manage}``; keys
+    are kept hashed only."""
     keys_r = reader.section("keys")
     keys: dict[str, ApiKey] = {}
     seen: dict[str, str] = {}
@@ -156,12 +161,13 @@ def _api(reader: Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSetting
         for app in apps:
             if app not in app_names:
                 key_r.problem("apps", f"unknown app {app!r} (known: {', '.join(map(str, app_names))})")
+        scope = key_r.choice("scope", ("register", "manage"), ApiKey.scope)
         key_r.finish()
         if digest and _SHA256_HEX_RE.match(digest):
             if digest.lower() in seen:
                 key_r.problem("", f"the same key as api.keys.{seen[digest.lower()]}")
             seen[digest.lower()] = str(name)
-            keys[str(name)] = ApiKey(str(name), digest.lower(), tuple(dict.fromkeys(apps)))
+            keys[str(name)] = ApiKey(str(name), digest.lower(), tuple(dict.fromkeys(apps)), scope)
     keys_r.finish()
     listener = reader.choice("listener", ("webhook", "metrics"), "webhook")
     reader.finish()

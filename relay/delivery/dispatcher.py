@@ -229,6 +229,7 @@ class Dispatcher:
         breaker = self.breakers.setdefault(app, Breaker())
         now = self.clock.now()
         if result.outcome is Outcome.SENT:
+            await self._remember_environment(route, result)
             await self._close_breaker(app, breaker)
             self.metrics.child(self.metrics.delivery_latency, platform).observe(max(0.0, now - job.received_at))
             await self.record_end(job, EndState.SENT, "", route)
@@ -260,6 +261,17 @@ class Dispatcher:
                 breaker.open_until = now + self.policy.delay(breaker.failures - RETRY_TRIP, result.retry_after)
             at = now + self.policy.delay(job.attempts, result.retry_after)
             await self._retry(job, route, at, result.reason, count=True, expires_at=expires_at)
+
+    async def _remember_environment(self, route: Route, result: SendResult) -> None:
+        """An APNs sandbox fallback found the device token's host: keep it (store: restarts and other instances;
+        registry: this instance at once), so that its later pushes go there without asking production first."""
+        environment = result.learned_environment
+        if environment is not None:
+            await self._persist(lambda: self.store.remember_environment(route.device_token, environment,
+                                                                       self.clock.now()))
+            self.registry.remember_environment(route.device_token, environment)
+            event(logging.INFO, "APNs environment of a device token learned and remembered", app=route.app.name,
+                  token=short_token(route.device_token), environment=environment)
 
     async def _retry(self, job: Job, route: Route, at: float, reason: str, *, count: bool, expires_at: float) -> None:
         if at >= expires_at:

@@ -176,7 +176,7 @@ def translate(notification: Notification, route: Route, delivery_id: str, now: f
     """Dispatch to the platform's builder; ``expires_at`` bounds silent events' lifetime."""
     app = route.app
     if isinstance(app, ApnsApp):
-        return to_apns(notification, app, route.device_token, delivery_id, expires_at)
+        return to_apns(notification, app, route.device_token, delivery_id, expires_at).to_environment(route.environment)
     ttl = max(1, int(expires_at - now)) if isinstance(notification, Event) else None
     return to_fcm(notification, app, route.device_token, delivery_id, ttl)
 

@@ -4,9 +4,11 @@ Request path: ``API key -> validate -> store.put_device (durable) -> registry ov
 deliveries``. A device registered here persists in the store (either backend), overlays the YAML registry,
 survives restarts and reloads, and takes effect at once for deliveries parked as unroutable.
 
-Each API key (``api.keys`` in the config, kept as SHA-256 only) may touch the devices of its own apps only.
-Every answer is JSON; a refused request names the field at fault. The contract is ``relay/openapi.json``,
-served at ``GET /v1/openapi.json``.
+Each API key (``api.keys`` in the config, kept as SHA-256 only) may touch the devices of its own apps only,
+within its scope: a ``register`` key (the kind an app may carry: it can be extracted) may only register a
+token as itself, never map it to another device token, overwrite an entry that maps elsewhere, delete or list;
+a ``manage`` key (a backend's) may do all of that. Every answer is JSON; a refused request names the field at
+fault. The contract is ``relay/http/openapi.json``, served at ``GET /v1/openapi.json``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Any
 from aiohttp import web
 
 from relay.config import ApiKey, App
+from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
 from relay.errors import RelayError, StoreError
 from relay.observability import event, short_token
-from relay.registry.device import APNS_TOKEN_RE, Device
+from relay.registry.device import Device, as_environment, device_token_problem
 from relay.running import RELAY_KEY, Relay
 
 PREFIX = "/v1"
@@ -37,9 +40,7 @@ MAX_LIMIT = 1000
 # short enough that even percent-encoded they stay under aiohttp's 8190-byte request line.
 MAX_TOKEN_CHARS = 2048
 PARLEY_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.+=~-]{1,2048}$")
-# FCM registration tokens: no published grammar; observed ones are ~150-180 characters of this alphabet.
-FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.-]{32,4096}$")
-_BODY_FIELDS = frozenset({"app", "device_token"})
+_BODY_FIELDS = frozenset({"app", "device_token", "environment"})
 _LIST_PARAMETERS = frozenset({"app", "cursor", "limit"})
 
 
@@ -137,22 +138,63 @@ def _own_entry(relay: Relay, key: ApiKey, token: str) -> Device | None:
 
 def check_device_token(app: App, device_token: str, field: str = "device_token") -> None:
     """APNs device tokens are 64 hex characters; FCM tokens need a plausible length and alphabet."""
-    if app.platform == "apns":
-        if not APNS_TOKEN_RE.match(device_token):
-            raise ApiRefused(400, f"app {app.name!r} is APNs: the device token must be 64 hex characters", field)
-    elif not FCM_TOKEN_RE.match(device_token):
-        raise ApiRefused(400, f"app {app.name!r} is FCM: the registration token must be 32 to 4096 characters "
-                              "of A-Z a-z 0-9 _ : . -", field)
+    problem = device_token_problem(app, device_token)
+    if problem is not None:
+        raise ApiRefused(400, problem, field)
+
+
+def _environment(app: App, value: object) -> ApnsEnvironment | None:
+    """The body's optional ``environment``: the APNs host of the device token (a development build: sandbox)."""
+    if value is None:
+        return None
+    environment = as_environment(value)
+    if environment is None:
+        raise ApiRefused(400, f"must be one of {', '.join(APNS_ENVIRONMENTS)} or null", "environment")
+    if app.platform != "apns":
+        raise ApiRefused(400, f"app {app.name!r} is FCM: only APNs devices have an environment", "environment")
+    return environment
+
+
+def _within_scope(key: ApiKey, token: str, app: App, device: tuple[str, ApnsEnvironment | None],
+                  existing: Device | None) -> ApnsEnvironment | None:
+    """The environment to store, once ``key`` may register ``device`` (device token, environment) for ``token``.
+
+    A ``register`` key may only register ``token`` as itself, never take over an entry mapped elsewhere, and
+    never change a registered device's environment (pointing a production token at the sandbox would have
+    its pushes refused and the token declared dead): omitted, the entry's environment stays.
+    """
+    device_token, environment = device
+    if key.manages:
+        return environment
+    if device_token != token:
+        raise ApiRefused(403, "this API key (scope register) may only register a push token as itself: "
+                              "mapping it to another device_token needs a key with scope manage", "device_token")
+    if existing is None:
+        return environment
+    if (existing.app, existing.device_token) != (app.name, token):
+        raise ApiRefused(403, "this push token is registered to another device or app; a key with scope "
+                              "register cannot replace it (scope manage can)", "parley_token")
+    if environment is not None and environment != existing.environment:
+        raise ApiRefused(403, "this push token is already registered: a key with scope register cannot change "
+                              "its environment (scope manage can)", "environment")
+    return existing.environment
+
+
+def _require_manage(key: ApiKey, what: str) -> None:
+    if not key.manages:
+        raise ApiRefused(403, f"this API key has scope register: {what} needs a key with scope manage",
+                         "Authorization", apps=list(key.apps))
 
 
 def device_json(relay: Relay, device: Device) -> dict[str, object]:
-    """The API's view of one registry entry."""
+    """The API's view of one registry entry; ``environment`` is the declared one, else one the relay learned."""
     app = relay.config.apps.get(device.app)
     return {
         "parley_token": device.token,
         "app": device.app,
         "platform": app.platform if app is not None else None,
         "device_token": device.device_token,
+        "environment": device.environment or relay.registry.learned_environment(device.device_token),
         "source": "runtime" if relay.registry.is_runtime(device.token) else "yaml",
         "dead": relay.registry.is_dead(device.token),
     }
@@ -165,7 +207,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiRefused(400, f"the body is not JSON: {str(exc)[:200]}", "body") from exc
     if not isinstance(body, dict):
-        raise ApiRefused(400, "the body must be a JSON object {app, device_token?}", "body")
+        raise ApiRefused(400, "the body must be a JSON object {app, device_token?, environment?}", "body")
     return body
 
 
@@ -186,11 +228,12 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
     body = await _json_object(request)
     unknown = sorted(set(body) - _BODY_FIELDS)
     if unknown:
-        raise ApiRefused(400, "unknown field (allowed: app, device_token)", unknown[0][:100])
+        raise ApiRefused(400, "unknown field (allowed: app, device_token, environment)", unknown[0][:100])
     app = _allowed_app(relay, key, body.get("app"))
     device_token = body.get("device_token")
     if device_token is not None and not isinstance(device_token, str):
         raise ApiRefused(400, "must be a string", "device_token")
+    environment = _environment(app, body.get("environment"))
     existing = _own_entry(relay, key, token)
     if device_token is None:
         # The Parley token is the provider token itself unless told otherwise (as in the YAML registry).
@@ -198,7 +241,8 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
         device_token = token
     else:
         check_device_token(app, device_token)
-    device = Device(token, app.name, device_token)
+    environment = _within_scope(key, token, app, (device_token, environment), existing)
+    device = Device(token, app.name, device_token, environment)
     now = relay.clock.now()
     try:
         await relay.store.put_device(device, now)
@@ -208,23 +252,28 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
         raise _store_down(exc) from exc
     if woken and relay.dispatcher is not None:
         relay.dispatcher.wake()
-    event(logging.INFO, "device registered", key=key.name, app=app.name, token=short_token(token),
-          replaced=existing is not None, released=woken)
+    event(logging.INFO, "device registered", key=key.name, scope=key.scope, app=app.name, token=short_token(token),
+          environment=environment or "-", replaced=existing is not None, released=woken)
     return web.json_response(device_json(relay, device), status=200 if existing is not None else 201)
 
 
 async def get_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Response:
-    """One device (run-time or YAML) of this key's apps."""
+    """One device (run-time or YAML) of this key's apps (scope register: only an entry registered as itself)."""
     token = _path_token(request)
     entry = _own_entry(relay, key, token)
     if entry is None:
         raise ApiRefused(404, "no device is registered with this push token", "parley_token")
+    if not key.manages and entry.device_token != token:
+        # A mapped entry names someone's device token: only a backend (scope manage) may read it.
+        raise ApiRefused(403, "this push token is mapped to another device token; reading it needs a key with "
+                              "scope manage", "parley_token")
     return web.json_response(device_json(relay, entry))
 
 
 async def delete_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Response:
     """Remove a run-time device; a YAML entry of the same token (if any) applies again."""
     token = _path_token(request)
+    _require_manage(key, "deleting a device")
     entry = _own_entry(relay, key, token)
     if entry is None:
         raise ApiRefused(404, "no device is registered with this push token", "parley_token")
@@ -250,6 +299,7 @@ def _limit(value: str | None) -> int:
 async def list_devices(request: web.Request, relay: Relay, key: ApiKey) -> web.Response:
     """YAML and run-time devices of this key's apps (or of ``app``), sorted by token, ``limit`` per page."""
     query = request.query
+    _require_manage(key, "listing devices")  # an app's key must not enumerate every user's push token
     unknown = sorted(set(query) - _LIST_PARAMETERS)
     if unknown:
         raise ApiRefused(400, "unknown query parameter (allowed: app, cursor, limit)", unknown[0][:100])

@@ -3,31 +3,33 @@
 aioapns defects worked around here (each covered by a test):
 
 * it never re-opens the HTTP/2 receive window, so after ~64 KiB of error bodies on one connection every
-  later response stalls: :class:`_RelayProtocol` acknowledges every DATA frame;
+  later response stalls: :class:`~relay.providers._apns_protocol.RelayProtocol` acknowledges every DATA frame;
 * it writes request bodies without waiting for the server's window and raises FlowControlError once
-  thousands of requests are in flight: :meth:`_RelayProtocol.send_notification` waits for WINDOW_UPDATE;
+  thousands of requests are in flight: its ``send_notification`` waits for WINDOW_UPDATE;
 * it resolves a non-200 answer only when a body with a ``reason`` arrives, and drops ``retry-after``:
   the protocol resolves on END_STREAM with status, reason and ``retry-after``;
 * it mints a provider JWT per connection (Apple allows one refresh per 20 min): one :class:`SharedJwt` per key;
 * ``send_notification`` has no timeout (added by :class:`relay.providers.Bounded`), its pool retries with a
   blocking 1 s sleep (we call a connection directly and classify), the pool must be built inside the running
   loop, and ``proxy_host`` is broken (not used). The host comes from the protocol class's
-  ``APNS_SERVER``/``APNS_PORT``, which is how ``endpoint`` redirects it.
+  ``APNS_SERVER``/``APNS_PORT``, which is how ``endpoint`` (and ``sandbox_endpoint``) redirect it.
+
+Environments: one pool per (app, environment), both signed by the app's one JWT. A development build's token
+is valid only on the sandbox host; production answers it ``400 BadDeviceToken`` (see :class:`ApnsProvider`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import ssl
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
-from aioapns.common import NotificationRequest, NotificationResult, PushType
+from aioapns.common import NotificationRequest, PushType
 from aioapns.connection import (
     APNsBaseClientProtocol,
     APNsCertConnectionPool,
@@ -38,21 +40,13 @@ from aioapns.connection import (
 )
 from aioapns.exceptions import ConnectionClosed
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RemoteSettingsChanged,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
 from h2.exceptions import FlowControlError, H2Error, NoAvailableStreamIDError
-from hpack import Encoder, NeverIndexedHeaderTuple
 
 from relay.config import ApnsApp
+from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
 from relay.errors import ConfigError, ConfigProblem
 from relay.outcome import Outcome, SendResult
+from relay.providers._apns_protocol import RelayProtocol
 from relay.push import ApnsPush, Push
 
 # Apple, "Handling notification responses from APNs" (developer.apple.com/documentation/usernotifications/
@@ -81,6 +75,10 @@ APNS_REASONS: Mapping[tuple[int, str], Outcome] = {
 # Reasons Apple may add later fall back on the status class.
 APNS_STATUS: Mapping[int, Outcome] = {200: Outcome.SENT, 403: Outcome.CONFIG_ERROR, 410: Outcome.TOKEN_DEAD,
                                       429: Outcome.RETRY}
+
+# Production's answer to a development build's token (Apple: "the device token is not valid for the host";
+# tokens of the sandbox host are valid only there): the one answer that may try the sandbox instead.
+SANDBOX_FALLBACK_ON = (400, "400 BadDeviceToken")
 
 JWT_LIFETIME = 50 * 60  # Apple rejects tokens older than 1 h and throttles refreshes under 20 min
 
@@ -115,182 +113,16 @@ class SharedJwt(AuthorizationHeaderProvider):
         return self._header
 
 
-class _Result(NotificationResult):
-    __slots__ = ("retry_after",)
-
-    def __init__(self, notification_id: str, status: str, reason: str | None, timestamp: int | None,
-                 retry_after: float | None) -> None:
-        super().__init__(notification_id, status, reason, timestamp)
-        self.retry_after = retry_after
-
-
-class _PlainEncoder(Encoder):
-    """HPACK without Huffman coding: pure-Python Huffman was a tenth of a push's CPU for a few bytes saved."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
-
-
-class _RelayProtocol(APNsBaseClientProtocol):
-    """aioapns' protocol with stream-level response handling and flow control in both directions."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._responses: dict[int, dict[str, Any]] = {}
-        self._window_waiters: list[asyncio.Future[None]] = []
-        # The request headers are built here from validated values; h2 re-checking each one on every push
-        # was ~10 % of the dispatcher's CPU in the drain profile (bench/README.md).
-        self.conn.config.validate_outbound_headers = False
-        self.conn.encoder = _PlainEncoder()  # before any header block, so both tables start empty alike
-
-    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
-        """aioapns' request, but waiting for the server's flow-control window instead of raising.
-
-        aioapns writes the body at once and raises FlowControlError when thousands of requests in flight
-        exceed the window the server granted, leaving the stream half-open.
-        """
-        stream_id = await self.free_channels.acquire()
-        # Values unique to each push are not added to HPACK's dynamic table: they would only evict the
-        # ones that repeat (topic, authorization) and cost an insertion per request.
-        headers: list[Any] = [
-            (":method", "POST"), (":scheme", "https"),
-            NeverIndexedHeaderTuple(":path", f"/3/device/{request.device_token}"),
-            ("host", self.APNS_SERVER), NeverIndexedHeaderTuple("apns-id", request.notification_id),
-            ("apns-topic", request.apns_topic or self.apns_topic),
-        ]
-        if request.time_to_live is not None:
-            headers.append(NeverIndexedHeaderTuple("apns-expiration", str(int(time.time()) + request.time_to_live)))
-        if request.priority is not None:
-            headers.append(("apns-priority", str(request.priority)))
-        if request.collapse_key is not None:
-            headers.append(("apns-collapse-id", request.collapse_key))
-        if request.push_type is not None:
-            headers.append(("apns-push-type", request.push_type.value))
-        if self.auth_provider is not None:
-            headers.append(("authorization", self.auth_provider.get_header()))
-        message: Any = request.message  # the pre-encoded body (bytes) from translate, or a dict
-        body = message if isinstance(message, bytes) else json.dumps(message, ensure_ascii=False).encode()
-        future: asyncio.Future[NotificationResult] = self.loop.create_future()
-        self.requests[request.notification_id] = future
-        self.request_streams[stream_id] = request.notification_id
-        self.conn.send_headers(stream_id=stream_id, headers=headers)
-        try:
-            while self.conn.local_flow_control_window(stream_id) < len(body):
-                self.flush()
-                waiter: asyncio.Future[None] = self.loop.create_future()
-                self._window_waiters.append(waiter)
-                await waiter
-        except asyncio.CancelledError:
-            # Given up (send timeout) before the body left: close the half-open stream on both sides.
-            self.requests.pop(request.notification_id, None)
-            if self.request_streams.pop(stream_id, None) is not None:
-                self.free_channels.release()
-                with contextlib.suppress(H2Error):
-                    self.conn.reset_stream(stream_id)
-                    self.flush()
-            raise
-        self.conn.send_data(stream_id=stream_id, data=body, end_stream=True)
-        self.flush()
-        return await future
-
-    def _window_changed(self, exc: Exception | None = None) -> None:
-        waiters, self._window_waiters = self._window_waiters, []
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if exc is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(exc)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.conn.receive_data(data)
-        except H2Error:
-            self.close()
-            return
-        for event in events:
-            if isinstance(event, ResponseReceived):
-                headers = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
-                           for k, v in event.headers or ()}
-                self._responses[event.stream_id] = {"headers": headers, "body": bytearray()}
-            elif isinstance(event, DataReceived):
-                # The fix: give the window back, or ~64 KiB of error bodies stall the connection for good.
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                if event.stream_id in self._responses and event.data:
-                    self._responses[event.stream_id]["body"] += event.data
-            elif isinstance(event, StreamEnded):
-                self._complete(event.stream_id)
-            elif isinstance(event, StreamReset):
-                self._fail(event.stream_id, ConnectionClosed(f"stream reset: {event.error_code}"))
-            elif isinstance(event, WindowUpdated):
-                self._window_changed()
-            elif isinstance(event, RemoteSettingsChanged):
-                self.on_remote_settings_changed(event.changed_settings)  # type: ignore[arg-type]
-                self._window_changed()
-            elif isinstance(event, ConnectionTerminated):
-                self.on_connection_terminated(event)
-        if self.transport is not None and not self.transport.is_closing():
-            self.flush()
-
-    def _complete(self, stream_id: int) -> None:
-        response = self._responses.pop(stream_id, None)
-        notification_id = self.request_streams.pop(stream_id, None)
-        self.free_channels.release()
-        future = self.requests.pop(notification_id, None) if notification_id else None
-        if future is None or future.done() or response is None:
-            return
-        headers = response["headers"]
-        reason = timestamp = None
-        if response["body"]:
-            try:
-                doc = json.loads(bytes(response["body"]))
-                reason, timestamp = doc.get("reason"), doc.get("timestamp")
-            except (ValueError, AttributeError):
-                reason = "UnparsableResponse"
-        retry_after = _retry_after(headers.get("retry-after"))
-        future.set_result(_Result(notification_id or "", headers.get(":status", "0"), reason, timestamp, retry_after))
-
-    def _fail(self, stream_id: int, exc: Exception) -> None:
-        self._responses.pop(stream_id, None)
-        notification_id = self.request_streams.pop(stream_id, None)
-        self.free_channels.release()
-        future = self.requests.pop(notification_id, None) if notification_id else None
-        if future is not None and not future.done():
-            future.set_exception(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # aioapns sets exceptions on futures a timeout already cancelled (InvalidStateError): skip those.
-        for stream_id in list(self.request_streams):
-            self._fail(stream_id, ConnectionClosed(str(exc)))
-        self._window_changed(ConnectionClosed(str(exc)))
-        self.requests = {nid: f for nid, f in self.requests.items() if not f.done()}
-        super().connection_lost(exc)
-
-    def close(self) -> None:
-        if self.inactivity_timer:
-            self.inactivity_timer.cancel()
-        if self.transport is not None:
-            self.transport.close()
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-def _protocol_class(app: ApnsApp) -> type[APNsBaseClientProtocol]:
-    base = APNsDevelopmentClientProtocol if app.environment == "sandbox" else APNsProductionClientProtocol
+def _protocol_class(app: ApnsApp, environment: ApnsEnvironment) -> type[APNsBaseClientProtocol]:
+    """Our protocol aimed at ``environment``'s host: Apple's, or ``endpoint``/``sandbox_endpoint`` if set."""
+    base = APNsDevelopmentClientProtocol if environment == "sandbox" else APNsProductionClientProtocol
     server, port = base.APNS_SERVER, base.APNS_PORT
-    if app.endpoint:
-        parts = urlsplit(app.endpoint)
+    endpoint = (app.sandbox_endpoint if environment == "sandbox" else None) or app.endpoint
+    if endpoint:
+        parts = urlsplit(endpoint)
         server, port = parts.hostname or server, parts.port or 443
     # Both names are read by aioapns when it connects and when it writes the :authority/host header.
-    return type("RelayApnsProtocol", (_RelayProtocol, base), {"APNS_SERVER": server, "APNS_PORT": port})
+    return type("RelayApnsProtocol", (RelayProtocol, base), {"APNS_SERVER": server, "APNS_PORT": port})
 
 
 def _ssl_context(app: ApnsApp) -> ssl.SSLContext:
@@ -335,37 +167,74 @@ def read_key(app: ApnsApp) -> str:
     return text
 
 
+Pool = APNsKeyConnectionPool | APNsCertConnectionPool
+
+
 class ApnsProvider:
-    """Sends :class:`ApnsPush` for one app over a pool of HTTP/2 connections."""
+    """Sends :class:`ApnsPush` for one app over HTTP/2 connection pools, one per APNs environment.
+
+    A push goes to its device token's environment when known (``push.environment``), else to the app's. With
+    ``sandbox_fallback``, a push of unknown environment that production refuses as ``BadDeviceToken`` (a
+    development build's token) is sent once to the sandbox: accepted there, it counts as sent and the result
+    carries ``learned_environment`` for the dispatcher to keep; refused there too, production's verdict stands.
+    """
 
     def __init__(self, app: ApnsApp) -> None:
         self.app = app
+        self.jwt: SharedJwt | None = None  # one provider token for every pool: Apple's keys serve both hosts
+        if app.key_file is not None:
+            self.jwt = SharedJwt(read_key(app), app.key_id or "", app.team_id or "")
+        # Production's BadDeviceToken may try the sandbox only where the two are different hosts (``endpoint``
+        # alone sends both environments to one host: asking it twice would tell nothing new).
+        self._fallback = (app.sandbox_fallback and app.environment == "production"
+                          and (app.endpoint is None or app.sandbox_endpoint is not None))
+        context = _ssl_context(app)
+        # Pools open no connection until a push needs one: an app that never meets a sandbox token costs nothing.
+        self._pools: dict[ApnsEnvironment, Pool] = {env: self._pool_for(env, context) for env in APNS_ENVIRONMENTS}
+
+    def _pool_for(self, environment: ApnsEnvironment, context: ssl.SSLContext) -> Pool:
+        app = self.app
         common: dict[str, Any] = {
             "topic": app.topic,
             "max_connections": app.max_connections,
             "max_connection_attempts": 1,
-            "use_sandbox": app.environment == "sandbox",
-            "ssl_context": _ssl_context(app),
+            "use_sandbox": environment == "sandbox",
+            "ssl_context": context,
         }
-        self.jwt: SharedJwt | None = None
-        if app.key_file is not None:
-            self.jwt = SharedJwt(read_key(app), app.key_id or "", app.team_id or "")
-            self._pool: APNsKeyConnectionPool | APNsCertConnectionPool = _KeyPool(
-                self.jwt, key="", key_id=app.key_id, team_id=app.team_id, **common)
+        pool: Pool
+        if self.jwt is not None:
+            pool = _KeyPool(self.jwt, key="", key_id=app.key_id, team_id=app.team_id, **common)
         else:
             try:
-                self._pool = _CertPool(cert_file=str(app.cert_file), **common)
+                pool = _CertPool(cert_file=str(app.cert_file), **common)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError([ConfigProblem(str(app.cert_file), f"apps.{app.name}.cert_file",
                                                  f"not a usable client certificate: {exc}")]) from exc
-        self._pool.protocol_class = _protocol_class(app)  # type: ignore[assignment]
+        pool.protocol_class = _protocol_class(app, environment)  # type: ignore[assignment]
+        return pool
 
     @property
     def connections(self) -> int:
-        return len(self._pool.connections)
+        return sum(len(pool.connections) for pool in self._pools.values())
 
     async def send(self, push: Push) -> SendResult:
         assert isinstance(push, ApnsPush)
+        environment = push.environment or self.app.environment
+        result = await self._send_to(environment, push)
+        if push.environment is None and self._fallback and (result.status, result.reason) == SANDBOX_FALLBACK_ON:
+            return await self._sandbox_fallback(push, result)
+        return result
+
+    async def _sandbox_fallback(self, push: ApnsPush, refused: SendResult) -> SendResult:
+        """Production refused the token: try the sandbox once; sent there, the token's environment is learned."""
+        answer = await self._send_to("sandbox", push)
+        if answer.outcome is Outcome.SENT:
+            return replace(answer, learned_environment="sandbox")
+        # Whatever the sandbox said (refused, or unreachable), the one extra try is spent: production's verdict
+        # stands, so a bad token still ends dead and a sandbox outage never holds production deliveries back.
+        return replace(refused, reason=f"{refused.reason} (sandbox: {answer.reason or answer.outcome.value})")
+
+    async def _send_to(self, environment: ApnsEnvironment, push: ApnsPush) -> SendResult:
         ttl = None if push.expiration is None else max(0, int(push.expiration - time.time()))
         request = NotificationRequest(
             device_token=push.device_token,
@@ -377,7 +246,7 @@ class ApnsProvider:
             push_type=PushType.ALERT if push.push_type == "alert" else PushType.BACKGROUND,
         )
         try:
-            connection = await self._pool.acquire()
+            connection = await self._pools[environment].acquire()
             result = await connection.send_notification(request)
         except ApnsConnectionError:
             return SendResult(Outcome.RETRY, "cannot connect to APNs")
@@ -390,7 +259,7 @@ class ApnsProvider:
         return classify_apns(status, result.description, getattr(result, "retry_after", None))
 
     async def close(self) -> None:
-        connections = list(self._pool.connections)
+        connections = [c for pool in self._pools.values() for c in pool.connections]
         for connection in connections:
             if connection.inactivity_timer:
                 connection.inactivity_timer.cancel()

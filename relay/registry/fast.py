@@ -8,28 +8,36 @@ device, so 100,000 devices took seconds and left the heap fragmented. A registry
     devices:
       0801fc577294c34e0b28ad2839435945: {app: ios-prod}
       'eJ9x...:APA91b...': {app: android, device_token: other-token}
+      7f3a...: {app: ios-prod, environment: sandbox}
 
 :func:`read_flat_devices` reads exactly that form line by line. It gives up (returns ``None``) on anything else
 -- comments after values, other indentation, escapes, a ``routing:`` section, a scalar YAML would not read as
-a string, an unknown app -- and the caller then parses the file with the full YAML loader, so the result and
-every error message are the same as before; only the common case is faster.
+a string, an unknown app, an environment on a device that is not APNs -- and the caller then parses the file
+with the full YAML loader, so the result and every error message are the same as before; only the common
+case is faster.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml.resolver
+
+from relay.config import App
+from relay.config.model import ApnsEnvironment
 
 _QUOTED = "'[^'\\n]*'|\"[^\"\\\\\\n]*\""
 # A block key may contain ':' (FCM tokens do) but not end with it; flow values (inside {...}) take no ':' at all.
 _KEY = rf"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.:/+=@-]*[A-Za-z0-9_./+=@-])?|{_QUOTED})"
 _VALUE = rf"(?:[A-Za-z0-9_][A-Za-z0-9_./+=@-]*|{_QUOTED})"
-_LINE = re.compile(
-    rf"  (?P<token>{_KEY}): \{{app: (?P<app>{_VALUE})(?:, device_token: (?P<device>{_VALUE}))?\}}\s*"
-)
+_ENTRY = rf"  (?P<token>{_KEY}): \{{app: (?P<app>{_VALUE})(?:, device_token: (?P<device>{_VALUE}))?"
+_LINE = re.compile(_ENTRY + r"\}\s*")
+# The few devices that declare an APNs environment (development builds) are matched on their own, so that the
+# common line costs what it did before environments existed.
+_LINE_WITH_ENVIRONMENT = re.compile(_ENTRY + r", environment: (?P<environment>production|sandbox)\}\s*")
 _STR_TAG = "tag:yaml.org,2002:str"
 _RESOLVER = yaml.resolver.Resolver()
 # Only plain scalars that start with one of these can resolve to anything but a string (int, float, bool,
@@ -48,22 +56,35 @@ def _string(scalar: str) -> str | None:
     return scalar if tag == _STR_TAG else None
 
 
-def read_flat_devices(path: Path, apps: Mapping[str, object]) -> dict[str, tuple[str, str | None]] | None:
+@dataclass(frozen=True, slots=True)
+class FlatDevices:
+    """What a flat file holds: token -> (app, device_token or None), and the declared APNs environments."""
+
+    devices: dict[str, tuple[str, str | None]]
+    environments: dict[str, ApnsEnvironment]
+
+
+def read_flat_devices(path: Path, apps: Mapping[str, App]) -> FlatDevices | None:
     """The devices of a flat registry file, or None when the file is not (entirely) in the flat form."""
     devices: dict[str, tuple[str, str | None]] = {}
+    environments: dict[str, ApnsEnvironment] = {}
     # Devices without their own device_token share one (app, None) tuple per app: 1M devices, a few tuples.
     shared: dict[str, tuple[str, None]] = {}
-    match = _LINE.fullmatch
+    match, match_with_environment = _LINE.fullmatch, _LINE_WITH_ENVIRONMENT.fullmatch
     with path.open(encoding="utf-8") as fh:
         header = next(fh, "")
         if header.rstrip() != "devices:":
             return None
         for line in fh:
             found = match(line)
+            environment = None
             if found is None:
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                return None
+                found = match_with_environment(line)
+                if found is None:
+                    if not line.strip() or line.lstrip().startswith("#"):
+                        continue
+                    return None
+                environment = found.group("environment")
             token_scalar, app_scalar, device_scalar = found.group("token", "app", "device")
             token = _string(token_scalar)
             value = shared.get(app_scalar)
@@ -74,6 +95,12 @@ def read_flat_devices(path: Path, apps: Mapping[str, object]) -> dict[str, tuple
                 value = shared[app_scalar] = (app, None)
             if token is None:
                 return None
+            if environment is not None:
+                if apps[value[0]].platform != "apns":
+                    return None  # the full parser names the problem
+                environments[token] = "sandbox" if environment == "sandbox" else "production"
+            elif environments and token in environments:
+                del environments[token]  # a repeated key: the last entry wins, as in YAML
             if device_scalar is None:
                 devices[token] = value
                 continue
@@ -81,4 +108,4 @@ def read_flat_devices(path: Path, apps: Mapping[str, object]) -> dict[str, tuple
             if device_token is None:
                 return None
             devices[token] = value if device_token == token else (value[0], device_token)
-    return devices
+    return FlatDevices(devices, environments)

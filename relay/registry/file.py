@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from relay.config import App
+from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
 from relay.config.reader import load_yaml
 from relay.errors import ConfigError, ConfigProblem
 from relay.registry.fast import read_flat_devices
@@ -31,14 +32,37 @@ _RULE_SHORTHANDS = {"apns-hex": r"[0-9a-fA-F]{64}", "any": r".+"}
 
 @dataclass(frozen=True)
 class RegistryFile:
-    """The parsed registry YAML: devices (token -> (app, device_token or None)) and rules."""
+    """The parsed registry YAML: devices (token -> (app, device_token or None)) and rules; ``environments``
+    holds the APNs environment of the (few) devices that declare one, by token."""
 
     devices: Mapping[str, tuple[str, str | None]]
     rules: tuple[Rule, ...]
+    environments: Mapping[str, ApnsEnvironment] = field(default_factory=dict)
 
 
-def _parse_devices(raw: Any, file: str, apps: Mapping[str, App],
-                   problems: list[ConfigProblem]) -> dict[str, tuple[str, str | None]]:
+_DEVICE_KEYS = frozenset({"app", "device_token", "environment"})
+
+
+def _environment(entry: dict[Any, Any], key: str, app: App, file: str,
+                 problems: list[ConfigProblem]) -> ApnsEnvironment | None:
+    """A device's optional ``environment``: sandbox or production, for APNs apps only."""
+    value = entry.get("environment")
+    if value is None:
+        return None
+    if app.platform != "apns":
+        problems.append(ConfigProblem(file, f"{key}.environment", f"app {app.name!r} is FCM: only APNs devices "
+                                                                  "have an environment"))
+        return None
+    for environment in APNS_ENVIRONMENTS:
+        if value == environment:
+            return environment
+    problems.append(ConfigProblem(file, f"{key}.environment", f"must be one of {', '.join(APNS_ENVIRONMENTS)}, "
+                                                              f"not {value!r}"))
+    return None
+
+
+def _parse_devices(raw: Any, file: str, apps: Mapping[str, App], problems: list[ConfigProblem],
+                   environments: dict[str, ApnsEnvironment]) -> dict[str, tuple[str, str | None]]:
     devices: dict[str, tuple[str, str | None]] = {}
     if not isinstance(raw, dict):
         problems.append(ConfigProblem(file, "devices", "must be a mapping of push token -> {app, device_token}"))
@@ -47,11 +71,12 @@ def _parse_devices(raw: Any, file: str, apps: Mapping[str, App],
     for token, entry in raw.items():
         key = f"devices.{token}"
         if not isinstance(entry, dict):
-            problems.append(ConfigProblem(file, key, "must be a mapping with app and optional device_token"))
+            problems.append(ConfigProblem(file, key, "must be a mapping with app, optional device_token and "
+                                                     "environment"))
             continue
         app = entry.get("app")
         device_token = entry.get("device_token")
-        extra = set(entry) - {"app", "device_token"}
+        extra = set(entry) - _DEVICE_KEYS
         if extra:
             problems.append(ConfigProblem(file, f"{key}.{sorted(extra)[0]}", "unknown key"))
         if app is None:
@@ -66,6 +91,9 @@ def _parse_devices(raw: Any, file: str, apps: Mapping[str, App],
             continue
         token = str(token)
         devices[token] = (intern(str(app)), None if device_token in (None, token) else str(device_token))
+        environment = _environment(entry, key, apps[str(app)], file, problems)
+        if environment is not None:
+            environments[token] = environment
     return devices
 
 
@@ -100,11 +128,12 @@ def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> Registry
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, "", "must be a mapping with a devices: key")])
     problems.extend(ConfigProblem(file, str(key), "unknown key") for key in data if key not in ("devices", "routing"))
-    devices = _parse_devices(data.get("devices") or {}, file, apps, problems)
+    environments: dict[str, ApnsEnvironment] = {}
+    devices = _parse_devices(data.get("devices") or {}, file, apps, problems, environments)
     rules = _parse_rules(data.get("routing") or [], file, apps, problems)
     if problems:
         raise ConfigError(problems)
-    return RegistryFile(devices, rules)
+    return RegistryFile(devices, rules, environments)
 
 
 def load_registry(path: Path, apps: Mapping[str, App]) -> RegistryFile:
@@ -116,5 +145,5 @@ def load_registry(path: Path, apps: Mapping[str, App]) -> RegistryFile:
     except (OSError, UnicodeDecodeError):
         flat = None  # the YAML loader reports it, naming the file
     if flat is not None:
-        return RegistryFile(flat, ())
+        return RegistryFile(flat.devices, (), flat.environments)
     return parse_registry(load_yaml(path), path, apps)

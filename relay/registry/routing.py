@@ -3,6 +3,9 @@
 The YAML file (``devices:`` plus optional ``routing:`` rules) is the base; devices added or removed at run
 time live in the store and overlay it. Lookups never touch the disk: the registry is an in-memory snapshot
 that :meth:`Registry.replace` swaps whole on reload, so a bad new file leaves the old one in force.
+
+APNs environments: a device may declare its host (registry file or device API); otherwise the environment
+learned by an earlier sandbox fallback (kept in the store, by device token) routes it; otherwise the app's.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 
 from relay.config import App
+from relay.config.model import ApnsEnvironment
 from relay.registry.device import Device, Route
 from relay.registry.file import RegistryFile
 
@@ -21,6 +25,8 @@ class Registry:
         self._apps = dict(apps)
         self._base = base
         self._overlay: dict[str, tuple[str, str | None]] = {}
+        self._overlay_environments: dict[str, ApnsEnvironment] = {}  # declared by run-time devices (sparse)
+        self._learned: dict[str, ApnsEnvironment] = {}  # device token -> host found by the sandbox fallback
         self._dead: set[str] = set()
 
     @property
@@ -31,18 +37,41 @@ class Registry:
         """Swap in a reloaded configuration (already validated)."""
         self._apps, self._base = dict(apps), base
 
-    def load_overlay(self, devices: Iterable[Device], dead: Iterable[str]) -> None:
-        """Install the store's run-time devices and dead tokens (at start and after reloads)."""
-        self._overlay = {d.token: (d.app, None if d.device_token == d.token else d.device_token) for d in devices}
+    def load_overlay(self, devices: Iterable[Device], dead: Iterable[str],
+                     learned: Mapping[str, ApnsEnvironment] | None = None) -> None:
+        """Install the store's run-time devices, dead tokens and (when given) learned APNs environments (at
+        start and after reloads)."""
+        overlay: dict[str, tuple[str, str | None]] = {}
+        environments: dict[str, ApnsEnvironment] = {}
+        for d in devices:
+            overlay[d.token] = (d.app, None if d.device_token == d.token else d.device_token)
+            if d.environment is not None:
+                environments[d.token] = d.environment
+        self._overlay, self._overlay_environments = overlay, environments
         self._dead = set(dead)
+        if learned is not None:
+            self._learned = dict(learned)
 
     def put(self, device: Device) -> None:
         """Add or replace a run-time device (already persisted by the caller); revives a dead token."""
         self._overlay[device.token] = (device.app, None if device.device_token == device.token else device.device_token)
+        if device.environment is None:
+            self._overlay_environments.pop(device.token, None)
+        else:
+            self._overlay_environments[device.token] = device.environment
         self._dead.discard(device.token)
 
     def remove(self, token: str) -> None:
         self._overlay.pop(token, None)
+        self._overlay_environments.pop(token, None)
+
+    def remember_environment(self, device_token: str, environment: ApnsEnvironment) -> None:
+        """Route ``device_token`` to ``environment`` from now on (already persisted by the caller)."""
+        self._learned[device_token] = environment
+
+    def learned_environment(self, device_token: str) -> ApnsEnvironment | None:
+        """The APNs host an earlier sandbox fallback found for ``device_token``, if any."""
+        return self._learned.get(device_token)
 
     def mark_dead(self, token: str) -> None:
         self._dead.add(token)
@@ -52,11 +81,14 @@ class Registry:
 
     def entry(self, token: str) -> Device | None:
         """The explicit entry for ``token`` (overlay first), without routing rules."""
-        found = self._overlay.get(token) or self._base.devices.get(token)
+        found = self._overlay.get(token)
+        environments: Mapping[str, ApnsEnvironment] = self._overlay_environments
         if found is None:
-            return None
+            found, environments = self._base.devices.get(token), self._base.environments
+            if found is None:
+                return None
         app, device_token = found
-        return Device(token, app, device_token or token)
+        return Device(token, app, device_token or token, environments.get(token) if environments else None)
 
     def is_runtime(self, token: str) -> bool:
         """Whether ``token``'s entry was added at run time (and so can be removed at run time)."""
@@ -76,12 +108,15 @@ class Registry:
         entry = self.entry(token)
         if entry is not None:
             app = self._apps.get(entry.app)
-            return Route(app, entry.device_token) if app is not None else None
+            if app is None:
+                return None
+            environment = entry.environment or (self._learned.get(entry.device_token) if self._learned else None)
+            return Route(app, entry.device_token, environment)
         for rule in self._base.rules:
             if rule.matches(token):
                 app = self._apps.get(rule.app)
                 if app is not None:
-                    return Route(app, token)
+                    return Route(app, token, self._learned.get(token) if self._learned else None)
         return None
 
     def __len__(self) -> int:

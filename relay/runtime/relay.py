@@ -41,6 +41,7 @@ async def reload(relay: Relay) -> bool:
         fresh = await create_providers(config.apps, config.delivery.send_timeout)
         devices = await relay.store.list_devices()
         dead = (await relay.store.dead_tokens()).keys()
+        learned = await relay.store.learned_environments()
         auth = build_authenticator(config.auth, previous=relay.auth)  # keeps the failure counts
     except Exception as exc:  # noqa: BLE001 - whatever failed, the running configuration stays in force
         for provider in fresh.values():
@@ -51,7 +52,7 @@ async def reload(relay: Relay) -> bool:
         return False
     old, relay.providers = relay.providers, fresh
     relay.registry.replace(config.apps, base)
-    relay.registry.load_overlay(devices, dead)
+    relay.registry.load_overlay(devices, dead, learned)
     relay.config = config
     relay.auth = auth
     for provider in old.values():  # in-flight sends finish on the old credentials, then it closes
@@ -113,7 +114,8 @@ async def _mark_started(app: web.Application) -> None:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     await relay.store.open()
-    relay.registry.load_overlay(await relay.store.list_devices(), (await relay.store.dead_tokens()).keys())
+    relay.registry.load_overlay(await relay.store.list_devices(), (await relay.store.dead_tokens()).keys(),
+                                await relay.store.learned_environments())
     yield
     await relay.store.close()
 

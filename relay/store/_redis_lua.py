@@ -13,6 +13,7 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
     P:dead          zset: dead letters (score = seq)
     P:dd:<key>      string with TTL: dedupe key (value = end of its window)
     P:devices, P:deadtok, P:counters   hashes
+    P:apnsenv       hash: APNs device token -> environment found by a sandbox fallback
     P:cursor        XAUTOCLAIM scan position
 
 Only a token's head is ever in the stream or a schedule, so two instances can never hold two deliveries

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from relay.config.model import ApnsEnvironment
 from relay.outcome import EndState
 from relay.registry.device import Device
 
@@ -98,7 +99,7 @@ class Store(Protocol):
         """Earliest due time of any pending delivery, or None when nothing is pending."""
 
     async def put_device(self, device: Device, now: float) -> None:
-        """Add or replace a run-time device (and clear a dead mark on its token)."""
+        """Add or replace a run-time device, with its declared environment (and clear a dead mark on its token)."""
 
     async def remove_device(self, token: str) -> bool:
         """Remove a run-time device; False when there was none."""
@@ -108,6 +109,12 @@ class Store(Protocol):
 
     async def list_devices(self) -> list[Device]:
         """All run-time devices."""
+
+    async def remember_environment(self, device_token: str, environment: ApnsEnvironment, now: float) -> None:
+        """Keep the APNs host a sandbox fallback found for ``device_token`` (for restarts and other instances)."""
+
+    async def learned_environments(self) -> dict[str, ApnsEnvironment]:
+        """Device token -> APNs host found by sandbox fallbacks."""
 
     async def mark_dead(self, token: str, reason: str, now: float) -> bool:
         """Mark a push token dead; True when it was not dead before."""

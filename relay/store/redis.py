@@ -36,10 +36,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from relay.config import StoreSettings
+from relay.config.model import ApnsEnvironment
 from relay.errors import StoreError, StoreUnavailable
 from relay.observability import event
 from relay.outcome import EndState
-from relay.registry.device import Device
+from relay.registry.device import Device, as_environment
 from relay.store import _redis_lua as lua
 from relay.store.base import DeadLetter, Job, NewDelivery, Stats
 
@@ -52,6 +53,12 @@ REAP_AFTER = 3600.0  # a consumer with nothing pending, silent this long, is a d
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _device(token: str, raw: bytes | str) -> Device:
+    """A run-time device from its ``P:devices`` JSON (``environment`` absent in entries of earlier versions)."""
+    doc = json.loads(raw)
+    return Device(token, str(doc["app"]), str(doc["device_token"]), as_environment(doc.get("environment")))
 
 
 class RedisStore:
@@ -257,9 +264,11 @@ class RedisStore:
     # -- devices and dead tokens -----------------------------------------------------------------
 
     async def put_device(self, device: Device, now: float) -> None:
-        value = json.dumps({"app": device.app, "device_token": device.device_token, "updated_at": now})
+        doc: dict[str, object] = {"app": device.app, "device_token": device.device_token, "updated_at": now}
+        if device.environment is not None:
+            doc["environment"] = device.environment
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key("devices"), device.token, value)
+            pipe.hset(self._key("devices"), device.token, json.dumps(doc))
             pipe.hdel(self._key("deadtok"), device.token)
             await self._do(pipe.execute())
 
@@ -268,18 +277,18 @@ class RedisStore:
 
     async def get_device(self, token: str) -> Device | None:
         raw = await self._do(self._client.hget(self._key("devices"), token))
-        if raw is None:
-            return None
-        doc = json.loads(raw)
-        return Device(token, str(doc["app"]), str(doc["device_token"]))
+        return None if raw is None else _device(token, raw)
 
     async def list_devices(self) -> list[Device]:
         rows = await self._do(self._client.hgetall(self._key("devices")))
-        devices = []
-        for token, raw in rows.items():
-            doc = json.loads(raw)
-            devices.append(Device(_s(token), str(doc["app"]), str(doc["device_token"])))
-        return sorted(devices, key=lambda d: d.token)
+        return sorted((_device(_s(token), raw) for token, raw in rows.items()), key=lambda d: d.token)
+
+    async def remember_environment(self, device_token: str, environment: ApnsEnvironment, now: float) -> None:
+        await self._do(self._client.hset(self._key("apnsenv"), device_token, environment))
+
+    async def learned_environments(self) -> dict[str, ApnsEnvironment]:
+        rows = await self._do(self._client.hgetall(self._key("apnsenv")))
+        return {_s(token): env for token, value in rows.items() if (env := as_environment(_s(value))) is not None}
 
     async def mark_dead(self, token: str, reason: str, now: float) -> bool:
         return bool(await self._do(self._client.hsetnx(self._key("deadtok"), token, reason)))

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from relay.config import StoreSettings
 from relay.errors import StoreError, StoreUnavailable
 from relay.outcome import EndState
-from relay.registry.device import Device
+from relay.store._sqlite_devices import SqliteDevices, migrate_devices
 from relay.store.base import DeadLetter, Job, NewDelivery, Stats
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def _job(row: Sequence[Any]) -> Job:
 _BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?"
 
 
-class SqliteStore:
+class SqliteStore(SqliteDevices):
     """The embedded store; see the module docstring for its commit model."""
 
     def __init__(self, settings: StoreSettings) -> None:
@@ -93,6 +93,7 @@ class SqliteStore:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        migrate_devices(conn)
         self._conn = conn
 
     def _count(self, name: str, by: int = 1) -> None:
@@ -309,34 +310,7 @@ class SqliteStore:
 
         return await self._run(op)
 
-    # -- devices and dead tokens -----------------------------------------------------------------
-
-    async def put_device(self, device: Device, now: float) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO devices (token, app, device_token, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(token) DO UPDATE SET app = excluded.app, device_token = excluded.device_token, "
-                "updated_at = excluded.updated_at",
-                (device.token, device.app, device.device_token, now),
-            )
-            conn.execute("DELETE FROM dead_tokens WHERE token = ?", (device.token,))
-
-        await self._run(op)
-
-    async def remove_device(self, token: str) -> bool:
-        return bool(await self._run(lambda c: c.execute("DELETE FROM devices WHERE token = ?", (token,)).rowcount))
-
-    async def get_device(self, token: str) -> Device | None:
-        row = await self._run(
-            lambda c: c.execute("SELECT token, app, device_token FROM devices WHERE token = ?", (token,)).fetchone()
-        )
-        return None if row is None else Device(*row)
-
-    async def list_devices(self) -> list[Device]:
-        rows = await self._run(
-            lambda c: c.execute("SELECT token, app, device_token FROM devices ORDER BY token").fetchall()
-        )
-        return [Device(t, a, d) for t, a, d in rows]
+    # -- devices and dead tokens (run-time devices: relay/store/_sqlite_devices.py) ---------------
 
     async def mark_dead(self, token: str, reason: str, now: float) -> bool:
         def op(conn: sqlite3.Connection) -> bool:

@@ -5,7 +5,9 @@ It answers like Apple's `api.push.apple.com` ("Sending notification requests to 
 tokens (or TLS client certificates), `/3/device/<token>`, the `apns-id` echo, JSON `{"reason": ...}`
 error bodies, and strict HTTP/2 flow control. Tests, `parley-relay demo` and `bench/` drive the
 real `aioapns` client against it; scripted answers (`respond`, `fail_all`, `hang`, ...) provoke
-every outcome the relay must classify.
+every outcome the relay must classify. Two instances play Apple's two hosts: `accept_only` makes one
+answer `400 BadDeviceToken` for every token it was not given, as production does for a development
+build's token and the sandbox for a production one.
 
 The server owns a private event loop on a daemon thread because the client under test runs on the
 test's loop; every public method is thread-safe. `RequestLog` and `ServerThread` are shared with
@@ -120,6 +122,7 @@ class FakeApns:
         self._keys: dict[str, _Key] = {}
         self._verified: dict[str, tuple[str, float]] = {}  # jwt -> (kid, iat): skip re-verifying
         self._rules: dict[str, _Answer] = {}
+        self._valid_tokens: set[str] | None = None  # None: every token is valid here
         self._fail: _Answer | None = None
         self._hang = False
         self._delay = 0.0
@@ -191,6 +194,12 @@ class FakeApns:
         """Answer requests for `device_token` with `status`/`reason` (forever, or `times` times)."""
         with self._lock:
             self._rules[device_token] = _Answer(status, reason, retry_after, times)
+
+    def accept_only(self, device_tokens: Iterable[str]) -> None:
+        """From now on, only `device_tokens` are valid here: any other token is answered 400 BadDeviceToken,
+        as one of Apple's hosts answers a token of the other environment. `respond` rules still come first."""
+        with self._lock:
+            self._valid_tokens = set(device_tokens)
 
     def fail_all(
         self, status: int = 503, reason: str = "ServiceUnavailable", seconds: float | None = None,
@@ -347,6 +356,8 @@ class FakeApns:
                 if rule.remaining <= 0:
                     del self._rules[token]
             return rule
+        if self._valid_tokens is not None and token not in self._valid_tokens:
+            return _Answer(400, "BadDeviceToken")
         return _Answer(200, None)
 
     def _check_provider_token(self, authorization: str | None, cert_auth: bool) -> str | None:

@@ -70,6 +70,14 @@ class Sandbox:
     apns_key: ApnsKey
     account: ServiceAccount
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    apns_sandbox: FakeApns | None = None  # Apple's sandbox host, once start_apns_sandbox() ran
+
+    def start_apns_sandbox(self) -> FakeApns:
+        """A second fake APNs playing Apple's sandbox host (same test CA, same key): from now on the written
+        config points the ``ios`` app's ``sandbox_endpoint`` at it."""
+        if self.apns_sandbox is None:
+            self.apns_sandbox = FakeApns([self.apns_key], ca=self.apns.ca).start()
+        return self.apns_sandbox
 
     @classmethod
     def start(cls, root: Path) -> Sandbox:
@@ -88,6 +96,8 @@ class Sandbox:
     def stop(self) -> None:
         self.apns.stop()
         self.fcm.stop()
+        if self.apns_sandbox is not None:
+            self.apns_sandbox.stop()
 
     def config_dict(self, **overrides: Any) -> dict[str, Any]:
         """The main config as a dict; ``overrides`` replace top-level sections (apps are merged)."""
@@ -116,6 +126,8 @@ class Sandbox:
                 },
             },
         }
+        if self.apns_sandbox is not None:
+            config["apps"]["ios"]["sandbox_endpoint"] = self.apns_sandbox.url
         apps_override = overrides.pop("apps", None)
         config.update(overrides)
         if apps_override:

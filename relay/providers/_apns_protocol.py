@@ -1,0 +1,197 @@
+"""The HTTP/2 side of the APNs provider: aioapns' client protocol with the fixes a long-running relay needs.
+
+Each fix is listed in :mod:`relay.providers.apns` (receive window given back, request bodies that wait for
+the server's window, answers resolved on END_STREAM with status, reason and ``retry-after``, no Huffman
+coding). Connections of this class are made by the provider's pools; nothing here knows about apps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+from aioapns.common import NotificationRequest, NotificationResult
+from aioapns.connection import APNsBaseClientProtocol
+from aioapns.exceptions import ConnectionClosed
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error
+from hpack import Encoder, NeverIndexedHeaderTuple
+
+
+class _Result(NotificationResult):
+    __slots__ = ("retry_after",)
+
+    def __init__(self, notification_id: str, status: str, reason: str | None, timestamp: int | None,
+                 retry_after: float | None) -> None:
+        super().__init__(notification_id, status, reason, timestamp)
+        self.retry_after = retry_after
+
+
+class _PlainEncoder(Encoder):
+    """HPACK without Huffman coding: pure-Python Huffman was a tenth of a push's CPU for a few bytes saved."""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
+class RelayProtocol(APNsBaseClientProtocol):
+    """aioapns' protocol with stream-level response handling and flow control in both directions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._responses: dict[int, dict[str, Any]] = {}
+        self._window_waiters: list[asyncio.Future[None]] = []
+        # The request headers are built here from validated values; h2 re-checking each one on every push
+        # was ~10 % of the dispatcher's CPU in the drain profile (bench/README.md).
+        self.conn.config.validate_outbound_headers = False
+        self.conn.encoder = _PlainEncoder()  # before any header block, so both tables start empty alike
+
+    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        """aioapns' request, but waiting for the server's flow-control window instead of raising.
+
+        aioapns writes the body at once and raises FlowControlError when thousands of requests in flight
+        exceed the window the server granted, leaving the stream half-open.
+        """
+        stream_id = await self.free_channels.acquire()
+        # Values unique to each push are not added to HPACK's dynamic table: they would only evict the
+        # ones that repeat (topic, authorization) and cost an insertion per request.
+        headers: list[Any] = [
+            (":method", "POST"), (":scheme", "https"),
+            NeverIndexedHeaderTuple(":path", f"/3/device/{request.device_token}"),
+            ("host", self.APNS_SERVER), NeverIndexedHeaderTuple("apns-id", request.notification_id),
+            ("apns-topic", request.apns_topic or self.apns_topic),
+        ]
+        if request.time_to_live is not None:
+            headers.append(NeverIndexedHeaderTuple("apns-expiration", str(int(time.time()) + request.time_to_live)))
+        if request.priority is not None:
+            headers.append(("apns-priority", str(request.priority)))
+        if request.collapse_key is not None:
+            headers.append(("apns-collapse-id", request.collapse_key))
+        if request.push_type is not None:
+            headers.append(("apns-push-type", request.push_type.value))
+        if self.auth_provider is not None:
+            headers.append(("authorization", self.auth_provider.get_header()))
+        message: Any = request.message  # the pre-encoded body (bytes) from translate, or a dict
+        body = message if isinstance(message, bytes) else json.dumps(message, ensure_ascii=False).encode()
+        future: asyncio.Future[NotificationResult] = self.loop.create_future()
+        self.requests[request.notification_id] = future
+        self.request_streams[stream_id] = request.notification_id
+        self.conn.send_headers(stream_id=stream_id, headers=headers)
+        try:
+            while self.conn.local_flow_control_window(stream_id) < len(body):
+                self.flush()
+                waiter: asyncio.Future[None] = self.loop.create_future()
+                self._window_waiters.append(waiter)
+                await waiter
+        except asyncio.CancelledError:
+            # Given up (send timeout) before the body left: close the half-open stream on both sides.
+            self.requests.pop(request.notification_id, None)
+            if self.request_streams.pop(stream_id, None) is not None:
+                self.free_channels.release()
+                with contextlib.suppress(H2Error):
+                    self.conn.reset_stream(stream_id)
+                    self.flush()
+            raise
+        self.conn.send_data(stream_id=stream_id, data=body, end_stream=True)
+        self.flush()
+        return await future
+
+    def _window_changed(self, exc: Exception | None = None) -> None:
+        waiters, self._window_waiters = self._window_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except H2Error:
+            self.close()
+            return
+        for event in events:
+            if isinstance(event, ResponseReceived):
+                headers = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                           for k, v in event.headers or ()}
+                self._responses[event.stream_id] = {"headers": headers, "body": bytearray()}
+            elif isinstance(event, DataReceived):
+                # The fix: give the window back, or ~64 KiB of error bodies stall the connection for good.
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_id in self._responses and event.data:
+                    self._responses[event.stream_id]["body"] += event.data
+            elif isinstance(event, StreamEnded):
+                self._complete(event.stream_id)
+            elif isinstance(event, StreamReset):
+                self._fail(event.stream_id, ConnectionClosed(f"stream reset: {event.error_code}"))
+            elif isinstance(event, WindowUpdated):
+                self._window_changed()
+            elif isinstance(event, RemoteSettingsChanged):
+                self.on_remote_settings_changed(event.changed_settings)  # type: ignore[arg-type]
+                self._window_changed()
+            elif isinstance(event, ConnectionTerminated):
+                self.on_connection_terminated(event)
+        if self.transport is not None and not self.transport.is_closing():
+            self.flush()
+
+    def _complete(self, stream_id: int) -> None:
+        response = self._responses.pop(stream_id, None)
+        notification_id = self.request_streams.pop(stream_id, None)
+        self.free_channels.release()
+        future = self.requests.pop(notification_id, None) if notification_id else None
+        if future is None or future.done() or response is None:
+            return
+        headers = response["headers"]
+        reason = timestamp = None
+        if response["body"]:
+            try:
+                doc = json.loads(bytes(response["body"]))
+                reason, timestamp = doc.get("reason"), doc.get("timestamp")
+            except (ValueError, AttributeError):
+                reason = "UnparsableResponse"
+        retry_after = _retry_after(headers.get("retry-after"))
+        future.set_result(_Result(notification_id or "", headers.get(":status", "0"), reason, timestamp, retry_after))
+
+    def _fail(self, stream_id: int, exc: Exception) -> None:
+        self._responses.pop(stream_id, None)
+        notification_id = self.request_streams.pop(stream_id, None)
+        self.free_channels.release()
+        future = self.requests.pop(notification_id, None) if notification_id else None
+        if future is not None and not future.done():
+            future.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # aioapns sets exceptions on futures a timeout already cancelled (InvalidStateError): skip those.
+        for stream_id in list(self.request_streams):
+            self._fail(stream_id, ConnectionClosed(str(exc)))
+        self._window_changed(ConnectionClosed(str(exc)))
+        self.requests = {nid: f for nid, f in self.requests.items() if not f.done()}
+        super().connection_lost(exc)
+
+    def close(self) -> None:
+        if self.inactivity_timer:
+            self.inactivity_timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
