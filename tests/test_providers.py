@@ -184,7 +184,7 @@ async def test_fcm_token_refresh_never_blocks_the_event_loop(sandbox: Sandbox) -
 async def test_fcm_sends_reuse_the_providers_pooled_connections(sandbox: Sandbox) -> None:
     """One aiohttp pool per app, as large as its concurrency, and kept: a second round opens no connection."""
     _, android = _apps(sandbox, apps={"android": {"concurrency": 4}})
-    provider = await create_provider(android, timeout=10)
+    provider = await FcmProvider.create(android, timeout=10)  # unbounded: the pool alone holds sends back
     sandbox.fcm.set_delay(0.02)  # keep requests in flight together, so that the pool fills up
     try:
         first = await asyncio.gather(*(provider.send(_fcm_push(f"pool-{i}-" + "y" * 40)) for i in range(40)))

@@ -84,7 +84,7 @@ class _TokenKeeper:
         if time.monotonic() < self._fresh_until:
             return None
         async with self._lock:
-            if self._expires_in() > REFRESH_AHEAD:
+            if self.header and self._expires_in() > REFRESH_AHEAD:
                 return None
             return await self._refresh()
 
