@@ -435,6 +435,31 @@ async def test_fcm_over_tls_trusts_the_configured_ca_file(tmp_path: Path, monkey
     assert refused.outcome is Outcome.RETRY and "certificate" in refused.reason.lower()
 
 
+async def test_fcm_honours_the_proxy_environment_like_firebase_admin_did(sandbox: Sandbox,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP(S)_PROXY routes FCM sends through the proxy (here a closed port: a retry), NO_PROXY exempts a host."""
+    from tests.test_durability import free_port
+
+    _, android = _apps(sandbox)
+    # The token endpoint stays at 127.0.0.1 (google-auth's requests reads the same variables); FCM is "localhost".
+    android = dataclasses.replace(android, endpoint=sandbox.fcm.url.replace("127.0.0.1", "localhost"))
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    proxied = await FcmProvider.create(android, timeout=5)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    direct = await FcmProvider.create(android, timeout=5)
+    try:
+        via_proxy = await proxied.send(_fcm_push("proxy-" + "x" * 40))
+        fcm_seen = len(sandbox.fcm.requests)
+        not_via_proxy = await direct.send(_fcm_push("proxy-" + "x" * 40))
+    finally:
+        await proxied.close()
+        await direct.close()
+    assert via_proxy.outcome is Outcome.RETRY and "UNAVAILABLE" in via_proxy.reason and fcm_seen == 0
+    assert proxied.tokens.refreshes == 1  # the token came; the send went to the (closed) proxy
+    assert not_via_proxy.outcome is Outcome.SENT
+
+
 async def test_fcm_refused_credentials_are_a_config_error_without_blocking(sandbox: Sandbox) -> None:
     """A service account the token endpoint refuses is a config error (the push is kept), not a crash."""
     _, android = _apps(sandbox)

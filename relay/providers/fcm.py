@@ -24,6 +24,8 @@ import json
 import platform
 import ssl
 import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import aiohttp
@@ -131,6 +133,18 @@ def _load_service_account(app: FcmApp) -> tuple[str, Any]:
     return str(certificate.project_id), certificate.get_credential()
 
 
+def _env_proxy(url: str) -> str | None:
+    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY`` name for ``url`` unless ``NO_PROXY`` exempts it, read once.
+
+    firebase-admin's httpx client honoured these variables; aiohttp's ``trust_env`` would look them (and
+    ``~/.netrc``) up in a worker thread on every request, so the provider resolves them at start instead.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 def build_message(push: FcmPush) -> messaging.Message:
     """The firebase-admin ``Message`` for one push."""
     notification = None
@@ -163,6 +177,7 @@ class FcmProvider:
         self.app = app
         self.url = f"{(app.endpoint or GOOGLE_FCM).rstrip('/')}/v1/projects/{project_id}/messages:send"
         self.tokens = _TokenKeeper(credential)
+        self.proxy = _env_proxy(self.url)
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(app.ca_file)) if app.ca_file else True
         # HTTP/1.1: one request per connection at a time, so the pool is as large as the sends the app may have
         # in flight (Bounded's concurrency); aiohttp's per-request cost does not grow with the pool.
@@ -198,7 +213,8 @@ class FcmProvider:
     async def _post(self, body: bytes, header: str) -> tuple[SendResult, bool]:
         """One POST; the classified answer, and whether it was a 401 about the access token."""
         try:
-            async with self._session.post(self.url, data=body, headers={"Authorization": header}) as response:
+            async with self._session.post(self.url, data=body, headers={"Authorization": header},
+                                          proxy=self.proxy) as response:
                 answer = await response.read()
                 status = response.status
                 return classify_fcm(status, answer, response.headers), token_rejected(status, answer)
