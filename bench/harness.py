@@ -199,8 +199,11 @@ def bare_server() -> Iterator[str]:
 
 def run_json(script: str, spec: Mapping[str, Any], timeout: float = 300.0) -> dict[str, Any]:
     """Run ``bench/<script>`` with one JSON argument; its last stdout line is the JSON result."""
-    done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    try:
+        done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{script} ran longer than {timeout:g} s") from None  # a failed row, not a crash
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
