@@ -179,8 +179,8 @@ class FcmProvider:
         self.tokens = _TokenKeeper(credential)
         self.proxy = _env_proxy(self.url)
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(app.ca_file)) if app.ca_file else True
-        # HTTP/1.1: one request per connection at a time, so the pool is as large as the sends the app may have
-        # in flight (Bounded's concurrency); aiohttp's per-request cost does not grow with the pool.
+        # HTTP/1.1 carries one request per connection at a time: the pool is as large as the sends the app may
+        # have in flight (Bounded's concurrency), so that no send waits behind another's round trip to Google.
         connector = aiohttp.TCPConnector(limit=app.concurrency, ssl=verify)
         self._session = aiohttp.ClientSession(connector=connector, headers=STATIC_HEADERS,
                                               timeout=aiohttp.ClientTimeout(total=timeout))
