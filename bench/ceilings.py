@@ -1,15 +1,20 @@
 """``ceiling_apns`` / ``ceiling_fcm``: the bare client libraries pushing as fast as they can to the fakes.
 
 Run as its own process by ``bench/run.py`` (uvloop when installed, like the relay). No relay code is on this
-path: a plain ``aioapns`` key-auth connection pool (only its host and port pointed at the fake) and plain
-``firebase-admin`` ``send_each_async`` batches (only its private FCM URL pointed at the fake). The harness
-reads the rate off the fake's arrival times, exactly as it does for the relay's drain.
+path: a plain ``aioapns`` key-auth connection pool (only its host and port pointed at the fake); for FCM
+either plain ``firebase-admin`` ``send_each_async`` batches (only its private FCM URL pointed at the fake),
+or (``fcm_aiohttp``) the same ``messaging.Message`` objects encoded by firebase-admin's own encoder and POSTed
+with one ``aiohttp`` session, the token from firebase-admin's credential (the relay's FCM path without the
+relay). The harness reads the rate off the fake's arrival times, exactly as it does for the relay's drain.
 
-    python bench/ceilings.py SPEC_JSON     # prints one JSON line: {"sent": N, "failed": N, "elapsed": s}
+    python bench/ceilings.py SPEC_JSON     # prints one JSON line: {"sent": N, "failed": N, "elapsed": s, "cpu": s}
 
-SPEC: ``platform`` (``apns`` | ``fcm``), ``count``, ``tokens``; for APNs ``host``, ``port``, ``ca_file``,
-``key_file``, ``key_id``, ``team_id``, ``topic``, ``concurrency``; for FCM ``service_account_file``, ``url``
-(the fake's base URL), ``batch``, ``parallel`` (batches in flight).
+``cpu`` is this process's CPU time (user + system) over the sends: the client's cost per push is cpu / sent.
+
+SPEC: ``platform`` (``apns`` | ``fcm`` | ``fcm_aiohttp``), ``count``, ``tokens``; for APNs ``host``, ``port``,
+``ca_file``, ``key_file``, ``key_id``, ``team_id``, ``topic``, ``concurrency``; for FCM
+``service_account_file``, ``url`` (the fake's base URL), ``batch``, ``parallel`` (batches in flight); for
+``fcm_aiohttp`` ``service_account_file``, ``url``, ``connections``, ``concurrency`` (requests in flight).
 """
 
 from __future__ import annotations
@@ -60,12 +65,12 @@ async def apns(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 failed += 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(n) for n in range(int(spec["count"]))))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     pool.close()
     await asyncio.sleep(0.05)
-    return {"sent": sent, "failed": failed, "elapsed": elapsed}
+    return {"sent": sent, "failed": failed, "elapsed": elapsed, "cpu": cpu}
 
 
 async def fcm(spec: dict[str, Any]) -> dict[str, Any]:
@@ -86,31 +91,71 @@ async def fcm(spec: dict[str, Any]) -> dict[str, Any]:
     slots = asyncio.Semaphore(int(spec.get("parallel", 1)))
     sent = failed = 0
 
-    def message(n: int) -> messaging.Message:
-        msg = messaging.Message(data={"parley": _parley(n + 1), "message": "Hello! 📷"},
-                                notification=messaging.Notification(title="Webuildapps", body="Hello! 📷"),
-                                android=messaging.AndroidConfig(priority="high"))
-        msg.token = tokens[n % len(tokens)]  # the constructor argument warns as deprecated in 7.7
-        return msg
-
     async def batch(start: int) -> None:
         nonlocal sent, failed
         async with slots:
-            response = await messaging.send_each_async([message(n) for n in range(start, min(start + size, count))],
-                                                       app=app)
+            response = await messaging.send_each_async(
+                [_message(n, tokens) for n in range(start, min(start + size, count))], app=app)
             sent += response.success_count
             failed += response.failure_count
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(batch(start) for start in range(0, count, size)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await service._async_client.aclose()
-    return {"sent": sent, "failed": failed, "elapsed": elapsed}
+    return {"sent": sent, "failed": failed, "elapsed": elapsed, "cpu": cpu}
+
+
+def _message(n: int, tokens: list[str]) -> Any:
+    from firebase_admin import messaging
+
+    msg = messaging.Message(data={"parley": _parley(n + 1), "message": "Hello! 📷"},
+                            notification=messaging.Notification(title="Webuildapps", body="Hello! 📷"),
+                            android=messaging.AndroidConfig(priority="high"))
+    msg.token = tokens[n % len(tokens)]  # the constructor argument warns as deprecated in 7.7
+    return msg
+
+
+async def fcm_aiohttp(spec: dict[str, Any]) -> dict[str, Any]:
+    """``count`` messages, each encoded by firebase-admin's encoder and POSTed on one aiohttp session."""
+    import aiohttp
+    import google.auth.transport.requests
+    from firebase_admin import credentials
+    from firebase_admin._messaging_encoder import MessageEncoder
+
+    with open(spec["service_account_file"]) as fh:
+        info = json.load(fh)
+    credential = credentials.Certificate(info).get_credential()
+    await asyncio.to_thread(credential.refresh, google.auth.transport.requests.Request())
+    url = f"{spec['url']}/v1/projects/{info['project_id']}/messages:send"
+    headers = {"Authorization": f"Bearer {credential.token}", "Content-Type": "application/json"}
+    encoder = MessageEncoder()
+    tokens: list[str] = spec["tokens"]
+    slots = asyncio.Semaphore(int(spec.get("concurrency", 64)))
+    sent = failed = 0
+    connector = aiohttp.TCPConnector(limit=int(spec.get("connections", 16)))
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(n: int) -> None:
+            nonlocal sent, failed
+            async with slots:
+                body = json.dumps({"message": encoder.default(_message(n, tokens))}, separators=(",", ":"))
+                async with session.post(url, data=body.encode(), headers=headers) as response:
+                    await response.read()
+                    if response.status == 200:
+                        sent += 1
+                    else:
+                        failed += 1
+
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(n) for n in range(int(spec["count"]))))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"sent": sent, "failed": failed, "elapsed": elapsed, "cpu": cpu}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    runner = apns if spec["platform"] == "apns" else fcm
+    runner = {"apns": apns, "fcm": fcm, "fcm_aiohttp": fcm_aiohttp}[spec["platform"]]
     try:
         import uvloop
     except ImportError:

@@ -103,6 +103,13 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU time (user + system) of process ``pid``, or of its thread ``thread`` (Linux ``/proc``)."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14 and 15)
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None) -> None:
     """Poll ``url`` (``/readyz``) every 5 ms until 200; the child dying or ``timeout`` is an error."""
     deadline = time.monotonic() + timeout
@@ -165,6 +172,10 @@ class Relay:
     def rss_mb(self) -> float:
         return rss_mb(self.proc.pid)
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: the whole process, and its main thread (the event loop that also acks webhooks)."""
+        return cpu_seconds(self.proc.pid), cpu_seconds(self.proc.pid, self.proc.pid)
+
     def stop(self) -> None:
         stop(self.proc)
 
@@ -188,8 +199,11 @@ def bare_server() -> Iterator[str]:
 
 def run_json(script: str, spec: Mapping[str, Any], timeout: float = 300.0) -> dict[str, Any]:
     """Run ``bench/<script>`` with one JSON argument; its last stdout line is the JSON result."""
-    done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    try:
+        done = subprocess.run([PYTHON, str(BENCH / script), json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{script} ran longer than {timeout:g} s") from None  # a failed row, not a crash
     if done.returncode != 0:
         raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -124,18 +124,27 @@ class Suite:
         self._ceiling("apns", spec, "ceiling_apns (bare aioapns, 100 in flight)")
 
     def ceiling_fcm(self) -> None:
-        spec = {"platform": "fcm", "count": DRAIN, "tokens": self.android, "url": self.fakes.info["fcm"],
-                "service_account_file": str(self.root / "firebase.json"), "batch": 500, "parallel": 1}
-        self._ceiling("fcm", spec, "ceiling_fcm (bare firebase-admin, send_each_async x500)")
+        spec = {"platform": "fcm_aiohttp", "count": DRAIN, "tokens": self.android, "url": self.fakes.info["fcm"],
+                "service_account_file": str(self.root / "firebase.json"), "connections": 16, "concurrency": 64}
+        self._ceiling("fcm", spec, "ceiling_fcm (firebase-admin encoder + bare aiohttp, 64 in flight)")
 
-    def _ceiling(self, platform_: str, spec: dict[str, Any], label: str) -> None:
+    def ceiling_fcm_admin(self) -> None:
+        """Informational: firebase-admin's own send path (what the relay used before issue 14), 4,000 pushes."""
+        spec = {"platform": "fcm", "count": 4000, "tokens": self.android, "url": self.fakes.info["fcm"],
+                "service_account_file": str(self.root / "firebase.json"), "batch": 500, "parallel": 1}
+        self._ceiling("fcm", spec, "firebase-admin send_each_async x500, 4,000 pushes (for comparison)",
+                      figure="ceiling_fcm_admin")
+
+    def _ceiling(self, platform_: str, spec: dict[str, Any], label: str, figure: str = "") -> None:
         mark = self.fakes.mark()
         result = harness.run_json("ceilings.py", spec)
         got = self.fakes.since(mark)[platform_]
         rate = _rate(got)
-        self.figures[f"ceiling_{platform_}"] = rate
+        figure = figure or f"ceiling_{platform_}"
+        self.figures[figure] = rate
+        cpu_ms = self.figures[f"{figure}_cpu_ms"] = result["cpu"] * 1000 / max(1, result["sent"])
         failed = f" ({result['failed']} failed)" if result["failed"] else ""
-        self.rows.append(Row(label, f"{rate:,.0f} pushes/s{failed}"))
+        self.rows.append(Row(label, f"{rate:,.0f} pushes/s, {cpu_ms:.2f} ms CPU/push{failed}"))
 
     def drain(self, platform_: str) -> None:
         tokens = self.ios if platform_ == "apns" else self.android
@@ -144,13 +153,32 @@ class Suite:
         mark = self.fakes.mark()
         relay = self.relay(f"drain-{platform_}", store={"backend": "sqlite", "path": str(db)})
         try:
-            got = self.fakes.wait_count(mark, platform_, DRAIN, timeout=60)
+            # CPU per push: the relay's CPU time from ready to drained, over the pushes delivered meanwhile
+            # (start-up imports and the pushes sent before /readyz answered are left out).
+            before, at_ready = relay.cpu(), self.fakes.since(mark)[platform_]["count"]
+            got = self.fakes.wait_count(mark, platform_, DRAIN, timeout=120)
+            after = relay.cpu()
         finally:
             relay.stop()
         rate = self.figures[f"drain_{platform_}"] = _rate(got)
+        pushes = max(1, got["count"] - at_ready)
+        cpu_ms = self.figures[f"drain_{platform_}_cpu_ms"] = (after[0] - before[0]) * 1000 / pushes
+        main_ms = self.figures[f"drain_{platform_}_main_cpu_ms"] = (after[1] - before[1]) * 1000 / pushes
         lost = f" ({DRAIN - got['count']} missing)" if got["count"] < DRAIN else ""
-        self._ratio(f"drain_{platform_} (20,000 stored deliveries)", f"{rate:,.0f} pushes/s{lost}",
+        self._ratio(f"drain_{platform_} (20,000 stored deliveries)",
+                    f"{rate:,.0f} pushes/s, {cpu_ms:.2f} ms CPU/push ({main_ms:.2f} loop thread){lost}",
                     f"ceiling_{platform_}", rate, ">= 0.7")
+
+    def fcm_vs_apns(self) -> None:
+        """Issue 14's target: the relay drains FCM at least 0.8 times as fast as APNs (same run)."""
+        fcm, apns = self.figures.get("drain_fcm"), self.figures.get("drain_apns")
+        if not fcm or not apns:
+            self.rows.append(Row("drain FCM ÷ drain APNs", "n/a (needs drain_apns and drain_fcm)"))
+            return
+        cpu = (f", CPU/push FCM ÷ APNs {self.figures['drain_fcm_cpu_ms'] / self.figures['drain_apns_cpu_ms']:.2f}"
+               if self.figures.get("drain_apns_cpu_ms") else "")
+        self.rows.append(Row("drain FCM ÷ drain APNs (sustained delivered/s)", f"{fcm:,.0f} / {apns:,.0f}{cpu}",
+                             "drain_apns", f"{fcm / apns:.2f}", ">= 0.8", fcm / apns >= 0.8))
 
     def end_to_end(self) -> None:
         relay = self.relay("e2e")
@@ -295,6 +323,8 @@ ROWS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "drain_apns": lambda s, a: s.drain("apns"),
     "ceiling_fcm": lambda s, a: s.ceiling_fcm(),
     "drain_fcm": lambda s, a: s.drain("fcm"),
+    "fcm_vs_apns": lambda s, a: s.fcm_vs_apns(),
+    "ceiling_fcm_admin": lambda s, a: s.ceiling_fcm_admin(),
     "e2e": lambda s, a: s.end_to_end(),
     "registry": lambda s, a: s.registry([10_000, 100_000] + ([1_000_000] if a.million else [])),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -624,3 +625,36 @@ def test_fake_fcm_wait_for_requests_times_out_with_the_count(fake_fcm: FakeFcm) 
     """The blocking wait raises TimeoutError naming how many requests did arrive."""
     with pytest.raises(TimeoutError, match="got 0"):
         fake_fcm.wait_for_requests(1, timeout=0.05)
+
+
+async def test_fake_fcm_plain_401_has_no_fcm_error_detail(
+    fake_fcm: FakeFcm, service_account: ServiceAccount, http: aiohttp.ClientSession
+) -> None:
+    """`fail_all(status=401, error_code=None)` answers like Google refusing an access token: no FcmError."""
+    _, grant = await _grant(http, fake_fcm, _assertion(service_account))
+    fake_fcm.fail_all(status=401, error_code=None)
+    async with http.post(
+        fake_fcm.send_url(PROJECT), json={"message": {"token": "tok"}},
+        headers={"Authorization": f"Bearer {grant['access_token']}"},
+    ) as resp:
+        status, body = resp.status, await resp.json()
+
+    assert (status, body["error"]["code"], body["error"]["status"]) == (401, 401, "UNAUTHENTICATED")
+    assert "details" not in body["error"]
+
+
+async def test_fake_fcm_over_tls_and_the_connection_of_each_request(tmp_path: Path) -> None:
+    """With `tls` the fake serves HTTPS with its CA's certificate; each request records its client address."""
+    ca = make_ca()
+    context = ssl.create_default_context(cafile=str(ca.write_ca_pem(tmp_path / "ca.pem")))
+    with FakeFcm(tls=ca) as fake:
+        connector = aiohttp.TCPConnector(ssl=context, limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(3):
+                async with session.post(fake.send_url(PROJECT), json={"message": {"token": "t"}}) as resp:
+                    assert resp.status == 401  # no token: but answered over TLS
+        requests = fake.requests
+    assert fake.url.startswith("https://127.0.0.1:")
+    (peer,) = {r.peer for r in requests}  # one kept-alive connection carried the three requests
+    host, port = peer.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) not in (0, fake.port)

@@ -1,12 +1,19 @@
-"""FCM provider: ``firebase-admin`` HTTP v1 (``send_each_async``) with the fixes a relay needs.
+"""FCM provider: firebase-admin's credentials and message model, sent over one aiohttp session.
 
-* firebase-admin refreshes its OAuth token with a blocking ``requests`` call on the event-loop thread.
-  :class:`_TokenKeeper` refreshes it in a worker thread ahead of expiry, and a send never starts while the
-  token is invalid, so the loop never blocks on Google's token endpoint.
-* The FCM URL has no public override, and firebase-admin's own retries would hide 5xx answers from our
-  retry policy: :func:`_point_messaging_at` is the one place that touches the private service object.
-* ``Message(token=...)`` warns as deprecated in 7.7: the token is set as an attribute after construction.
-* Concurrent sends are gathered into one ``send_each_async`` batch (up to 500) per loop iteration.
+firebase-admin's own send path (``send_each_async`` -> httpx -> httpcore) cost 1-3 ms of CPU per message on
+the event loop that also acknowledges webhooks (bench/README.md). What the relay keeps from firebase-admin:
+
+* the service account credential (``credentials.Certificate`` -> google-auth), refreshed by
+  :class:`_TokenKeeper` in a worker thread ahead of expiry (google-auth refreshes with a blocking ``requests``
+  call), one refresh at a time, so the loop never waits on Google's token endpoint;
+* the message model (``messaging.Message``, ``AndroidConfig``...) and its validation and JSON encoding by
+  firebase-admin's own encoder (:data:`ENCODER`, a private module: the seam is guarded by a test and the
+  firebase-admin major version is pinned in pyproject.toml).
+
+The send itself is one ``POST {endpoint}/v1/projects/{project}/messages:send`` per push on one aiohttp
+session per app (a connection pool as large as the app's ``concurrency``), with the cached bearer token. A 401
+about the access token refreshes it once and resends; every answer is classified from its JSON error body by
+:func:`relay.providers.fcm_errors.classify_fcm`.
 """
 
 from __future__ import annotations
@@ -14,133 +21,57 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import platform
 import ssl
-import uuid
+import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
+import aiohttp
 import firebase_admin
 import google.auth.exceptions
 import google.auth.transport.requests
-import httpx
-from firebase_admin import credentials, exceptions, messaging
-from firebase_admin._http_client import GoogleAuthCredentialFlow
+from firebase_admin import credentials, messaging
 
 from relay.config import FcmApp
 from relay.errors import ConfigError, ConfigProblem
 from relay.outcome import Outcome, SendResult
+from relay.providers.fcm_errors import classify_fcm, classify_refresh, classify_transport, token_rejected
 from relay.push import FcmPush, Push
 
-# send_each_async starts every request of a batch in the same event-loop turn (about 0.3 ms of CPU each in
-# httpx before the first await): batches go out in slices, one per loop turn, so that webhooks waiting to be
-# acknowledged are never held behind a hundred request builds.
-SLICE = 16
-# httpcore matches every queued request against every pooled connection (and polls each socket) on each
-# request, so per-push CPU grows with the pool: 100 HTTP/1.1 connections halved throughput against 8
-# (bench/README.md). Google's endpoint speaks HTTP/2, where one connection multiplexes the whole batch.
-POOL_CONNECTIONS = 8
+try:
+    # The one private firebase-admin name the relay uses: the encoder messaging._MessagingService sends with.
+    from firebase_admin._messaging_encoder import MessageEncoder
+except ImportError as exc:  # pragma: no cover - only with an unsupported firebase-admin
+    raise ImportError(
+        f"firebase-admin {firebase_admin.__version__} no longer has firebase_admin._messaging_encoder."
+        "MessageEncoder, which relay/providers/fcm.py uses to encode FCM messages: install the firebase-admin "
+        "version pinned in pyproject.toml"
+    ) from exc
+
+__all__ = ["ENCODER", "FcmProvider", "build_message", "encode_request"]
+
+ENCODER = MessageEncoder()
+GOOGLE_FCM = "https://fcm.googleapis.com"
 REFRESH_AHEAD = 300.0  # seconds before expiry; google-auth itself would refresh (blocking) at 225 s
-
-# firebase-admin exception types -> what the relay does (FCM HTTP v1 "ErrorCode" reference:
-# firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode). Order matters: subclasses first.
-FCM_ERRORS: tuple[tuple[type[Exception], Outcome], ...] = (
-    (messaging.UnregisteredError, Outcome.TOKEN_DEAD),
-    (messaging.SenderIdMismatchError, Outcome.TOKEN_DEAD),
-    (messaging.ThirdPartyAuthError, Outcome.CONFIG_ERROR),
-    (messaging.QuotaExceededError, Outcome.RETRY),
-    (exceptions.UnauthenticatedError, Outcome.CONFIG_ERROR),
-    (exceptions.PermissionDeniedError, Outcome.CONFIG_ERROR),
-    (exceptions.NotFoundError, Outcome.CONFIG_ERROR),  # 404 without UNREGISTERED: wrong project id
-    (exceptions.ResourceExhaustedError, Outcome.RETRY),
-    (exceptions.UnavailableError, Outcome.RETRY),
-    (exceptions.InternalError, Outcome.RETRY),
-    (exceptions.DeadlineExceededError, Outcome.RETRY),
-    (exceptions.UnknownError, Outcome.RETRY),
-    (exceptions.AbortedError, Outcome.RETRY),
-    (exceptions.CancelledError, Outcome.RETRY),
-    (exceptions.InvalidArgumentError, Outcome.PERMANENT),  # unless about the token, see below
-)
-
-
-def _error_body(exc: exceptions.FirebaseError) -> dict[str, Any]:
-    response = exc.http_response
-    if response is None:
-        return {}
-    try:
-        doc = response.json()
-    except ValueError:
-        return {}
-    return doc.get("error", {}) if isinstance(doc, dict) else {}
-
-
-def _about_token(exc: exceptions.FirebaseError) -> bool:
-    for detail in _error_body(exc).get("details", []):
-        for violation in detail.get("fieldViolations", []) if isinstance(detail, dict) else []:
-            if "token" in str(violation.get("field", "")):
-                return True
-    return "registration token" in str(exc).lower()
-
-
-def classify_fcm(exc: Exception | None) -> SendResult:
-    """Classify one FCM send result (pure): ``None`` means sent."""
-    if exc is None:
-        return SendResult.sent()
-    status = None
-    retry_after = None
-    if isinstance(exc, exceptions.FirebaseError) and exc.http_response is not None:
-        status = exc.http_response.status_code
-        header = exc.http_response.headers.get("retry-after")
-        try:
-            retry_after = float(header) if header else None
-        except ValueError:
-            retry_after = None
-    code = getattr(exc, "code", type(exc).__name__)
-    reason = f"{code}: {exc}"[:300]
-    if isinstance(exc, exceptions.InvalidArgumentError) and _about_token(exc):
-        return SendResult(Outcome.TOKEN_DEAD, reason, status)
-    for kind, outcome in FCM_ERRORS:
-        if isinstance(exc, kind):
-            return SendResult(outcome, reason, status, retry_after)
-    if isinstance(exc, exceptions.FirebaseError):
-        return SendResult(Outcome.PERMANENT, reason, status)
-    return SendResult(Outcome.RETRY, reason, status)
-
-
-def classify_refresh(exc: Exception) -> SendResult:
-    """An OAuth token refresh failure: bad credentials are a config error, anything else transient."""
-    text = str(exc)
-    if isinstance(exc, google.auth.exceptions.RefreshError) and any(
-        word in text for word in ("invalid_grant", "invalid_client", "unauthorized_client", "account not found")
-    ):
-        return SendResult(Outcome.CONFIG_ERROR, f"OAuth token refresh refused: {text[:200]}")
-    return SendResult(Outcome.RETRY, f"OAuth token refresh failed: {text[:200]}")
-
-
-def _point_messaging_at(service: Any, fcm_url: str, credential: Any, verify: ssl.SSLContext | bool,
-                        timeout: float) -> None:
-    """The single hook into firebase-admin's private messaging service: URL and HTTP client.
-
-    Replaces the client to (a) trust ``ca_file``, (b) drop firebase-admin's built-in retries (the
-    dispatcher owns retries and must see every 5xx), keeping its Google auth flow and headers.
-    """
-    old = service._async_client._async_client
-    service._fcm_url = fcm_url
-    service._async_client._async_client = httpx.AsyncClient(
-        http2=True,
-        timeout=timeout,
-        headers=old.headers,
-        auth=GoogleAuthCredentialFlow(credential),
-        transport=httpx.AsyncHTTPTransport(http2=True, verify=verify, retries=0,
-                                           limits=httpx.Limits(max_connections=POOL_CONNECTIONS,
-                                                               max_keepalive_connections=POOL_CONNECTIONS)),
-    )
+# What firebase-admin sends with every FCM request (messaging._MessagingService, _http_client).
+STATIC_HEADERS = {
+    "Content-Type": "application/json; charset=UTF-8",
+    "X-GOOG-API-FORMAT-VERSION": "2",
+    "X-FIREBASE-CLIENT": f"fire-admin-python/{firebase_admin.__version__}",
+    "X-GOOG-API-CLIENT": f"gl-python/{platform.python_version()} fire-admin/{firebase_admin.__version__}",
+}
 
 
 class _TokenKeeper:
-    """Keeps the service account's OAuth token fresh from a worker thread."""
+    """Keeps the service account's OAuth token fresh from a worker thread, one refresh at a time."""
 
     def __init__(self, credential: Any) -> None:
         self._credential = credential
         self._lock = asyncio.Lock()
+        self._fresh_until = 0.0  # monotonic: until then the token needs no look
+        self.header = ""  # "Bearer <token>", rebuilt after each refresh
         self.refreshes = 0
         self.last_error: SendResult | None = None
 
@@ -152,20 +83,32 @@ class _TokenKeeper:
 
     async def ensure(self) -> SendResult | None:
         """Refresh when the token is missing or near expiry; returns the failure, if any."""
-        if self._expires_in() > REFRESH_AHEAD:
+        if time.monotonic() < self._fresh_until:
             return None
         async with self._lock:
-            if self._expires_in() > REFRESH_AHEAD:
+            if self.header and self._expires_in() > REFRESH_AHEAD:
                 return None
-            request = google.auth.transport.requests.Request()
-            try:
-                await asyncio.to_thread(self._credential.refresh, request)
-            except (google.auth.exceptions.GoogleAuthError, OSError, ValueError) as exc:
-                self.last_error = classify_refresh(exc)
-                return self.last_error
-            self.refreshes += 1
-            self.last_error = None
-            return None
+            return await self._refresh()
+
+    async def refresh_rejected(self, rejected: str) -> SendResult | None:
+        """FCM refused the bearer header ``rejected`` (401): refresh, unless another send already did."""
+        async with self._lock:
+            if self.header != rejected:
+                return None
+            return await self._refresh()
+
+    async def _refresh(self) -> SendResult | None:
+        request = google.auth.transport.requests.Request()
+        try:
+            await asyncio.to_thread(self._credential.refresh, request)
+        except (google.auth.exceptions.GoogleAuthError, OSError, ValueError) as exc:
+            self.last_error = classify_refresh(exc)
+            return self.last_error
+        self.refreshes += 1
+        self.last_error = None
+        self.header = f"Bearer {self._credential.token}"
+        self._fresh_until = time.monotonic() + self._expires_in() - REFRESH_AHEAD
+        return None
 
     async def run(self) -> None:
         """Background loop: refresh ahead of expiry, back off on failure."""
@@ -175,14 +118,31 @@ class _TokenKeeper:
             await asyncio.sleep(wait)
 
 
-def _load_service_account(app: FcmApp) -> tuple[dict[str, Any], credentials.Certificate]:
+def _load_service_account(app: FcmApp) -> tuple[str, Any]:
+    """The project id and the google-auth credential of the app's service account file."""
     key = f"apps.{app.name}.service_account_file"
     try:
         info = json.loads(app.service_account_file.read_text())
-        return info, credentials.Certificate(info)
+        certificate = credentials.Certificate(info)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError([ConfigProblem(str(app.service_account_file), key,
                                          f"not a usable service account JSON: {exc}")]) from exc
+    if not certificate.project_id:
+        raise ConfigError([ConfigProblem(str(app.service_account_file), key,
+                                         "the service account JSON has no project_id")])
+    return str(certificate.project_id), certificate.get_credential()
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY`` name for ``url`` unless ``NO_PROXY`` exempts it, read once.
+
+    firebase-admin's httpx client honoured these variables; aiohttp's ``trust_env`` would look them (and
+    ``~/.netrc``) up in a worker thread on every request, so the provider resolves them at start instead.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def build_message(push: FcmPush) -> messaging.Message:
@@ -204,77 +164,63 @@ def build_message(push: FcmPush) -> messaging.Message:
     return message
 
 
-class FcmProvider:
-    """Sends :class:`FcmPush` for one app, batching concurrent sends."""
+def encode_request(push: FcmPush) -> bytes:
+    """The ``messages:send`` request body, encoded and validated by firebase-admin (``ValueError`` if invalid)."""
+    message = ENCODER.default(build_message(push))
+    return json.dumps({"message": message}, ensure_ascii=False, separators=(",", ":")).encode()
 
-    def __init__(self, app: FcmApp, firebase_app: firebase_admin.App, credential: Any) -> None:
+
+class FcmProvider:
+    """Sends :class:`FcmPush` for one app: one POST per push on the app's aiohttp session."""
+
+    def __init__(self, app: FcmApp, project_id: str, credential: Any, timeout: float) -> None:
         self.app = app
-        self._firebase_app = firebase_app
+        self.url = f"{(app.endpoint or GOOGLE_FCM).rstrip('/')}/v1/projects/{project_id}/messages:send"
         self.tokens = _TokenKeeper(credential)
-        self._pending: list[tuple[messaging.Message, asyncio.Future[SendResult]]] = []
-        self._flush_scheduled = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.proxy = _env_proxy(self.url)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(app.ca_file)) if app.ca_file else True
+        # HTTP/1.1 carries one request per connection at a time: the pool is as large as the sends the app may
+        # have in flight (Bounded's concurrency), so that no send waits behind another's round trip to Google.
+        connector = aiohttp.TCPConnector(limit=app.concurrency, ssl=verify)
+        self._session = aiohttp.ClientSession(connector=connector, headers=STATIC_HEADERS,
+                                              timeout=aiohttp.ClientTimeout(total=timeout))
         self._keeper = asyncio.get_running_loop().create_task(self.tokens.run())
-        self.batches = 0
 
     @classmethod
     async def create(cls, app: FcmApp, timeout: float) -> FcmProvider:
-        """Build the provider: firebase app, endpoint hook, first token fetched off the loop."""
-        info, certificate = _load_service_account(app)
-        name = f"parley-relay:{app.name}:{uuid.uuid4().hex[:8]}"
-        firebase_app = firebase_admin.initialize_app(certificate, name=name)
-        service = messaging._get_messaging_service(firebase_app)
-        credential = firebase_app.credential.get_credential()
-        base = app.endpoint or "https://fcm.googleapis.com"
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(app.ca_file)) if app.ca_file else True
-        _point_messaging_at(service, f"{base}/v1/projects/{info['project_id']}/messages:send", credential, verify,
-                            timeout)
-        return cls(app, firebase_app, credential)
+        """Build the provider; the token keeper fetches the first token off the loop."""
+        project_id, credential = _load_service_account(app)
+        return cls(app, project_id, credential, timeout)
 
     async def send(self, push: Push) -> SendResult:
         assert isinstance(push, FcmPush)
         failure = await self.tokens.ensure()
         if failure is not None:
             return failure
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[SendResult] = loop.create_future()
-        self._pending.append((build_message(push), future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending[:SLICE], self._pending[SLICE:]
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._send_batch(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if self._pending:
-            loop.call_soon(self._flush)  # the next slice in the next loop turn
-        else:
-            self._flush_scheduled = False
-
-    async def _send_batch(self, batch: list[tuple[messaging.Message, asyncio.Future[SendResult]]]) -> None:
-        self.batches += 1
         try:
-            response = await messaging.send_each_async([m for m, _ in batch], app=self._firebase_app)
-            results = [classify_fcm(r.exception) for r in response.responses]
-        except (exceptions.FirebaseError, httpx.HTTPError, google.auth.exceptions.GoogleAuthError, ValueError) as exc:
-            cause = exc.cause if isinstance(exc, exceptions.FirebaseError) and exc.cause else exc
-            result = classify_refresh(cause) if isinstance(cause, google.auth.exceptions.GoogleAuthError) else \
-                classify_fcm(exc)
-            results = [result] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+            body = encode_request(push)
+        except ValueError as exc:  # firebase-admin's validation: resending the same push cannot help
+            return SendResult(Outcome.PERMANENT, f"invalid FCM message: {exc}"[:300])
+        header = self.tokens.header
+        result, rejected = await self._post(body, header)
+        if rejected:  # the access token was refused (revoked, or the clock is off): refresh once, resend
+            failure = await self.tokens.refresh_rejected(header)
+            if failure is not None:
+                return failure
+            result, _ = await self._post(body, self.tokens.header)
+        return result
+
+    async def _post(self, body: bytes, header: str) -> tuple[SendResult, bool]:
+        """One POST; the classified answer, and whether it was a 401 about the access token."""
+        try:
+            async with self._session.post(self.url, data=body, headers={"Authorization": header},
+                                          proxy=self.proxy) as response:
+                answer = await response.read()
+                status = response.status
+                return classify_fcm(status, answer, response.headers), token_rejected(status, answer)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return classify_transport(exc), False
 
     async def close(self) -> None:
         self._keeper.cancel()
-        for task in list(self._tasks):
-            await asyncio.wait([task], timeout=5)
-        service = messaging._get_messaging_service(self._firebase_app)
-        await service._async_client.aclose()
-        # delete_app() calls asyncio.run() to close its client: it must not run on this loop's thread.
-        await asyncio.to_thread(firebase_admin.delete_app, self._firebase_app)
-
+        await self._session.close()

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from relay.testing._server import RequestLog, ServerThread
-from relay.testing.keys import ServiceAccount, make_service_account
+from relay.testing.keys import ServiceAccount, TestCA, make_service_account
 
 __all__ = ["FCM_ERRORS", "FakeFcm", "FcmRequest", "payload_size"]
 
@@ -77,6 +77,7 @@ class FcmRequest:
     error_code: str | None
     received_at: float
     validate_only: bool = False
+    peer: str = ""  # the client's "host:port": which connection carried the request
 
 
 @dataclass
@@ -95,9 +96,11 @@ class FakeFcm:
 
     def __init__(
         self, *, token_lifetime: int = 3600, token_delay: float = 0.0,
-        max_data_bytes: int = MAX_DATA_BYTES,
+        max_data_bytes: int = MAX_DATA_BYTES, tls: TestCA | None = None,
     ) -> None:
-        """`token_lifetime`: `expires_in` of issued tokens; `token_delay`: `/token` latency."""
+        """`token_lifetime`: `expires_in` of issued tokens; `token_delay`: `/token` latency;
+        `tls`: serve HTTPS with this CA's `127.0.0.1` certificate (Google's endpoints are HTTPS)."""
+        self.tls = tls
         self.token_lifetime = token_lifetime
         self.token_delay = token_delay
         self.max_data_bytes = max_data_bytes
@@ -136,8 +139,8 @@ class FakeFcm:
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. `http://127.0.0.1:9000`."""
-        return f"http://127.0.0.1:{self.port}"
+        """Base URL, e.g. `http://127.0.0.1:9000` (`https://` with `tls`)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def token_uri(self) -> str:
@@ -190,12 +193,15 @@ class FakeFcm:
             self._rules[token] = answer
 
     def fail_all(
-        self, status: int | None = None, error_code: str = "UNAVAILABLE",
+        self, status: int | None = None, error_code: str | None = "UNAVAILABLE",
         seconds: float | None = None, retry_after: int | None = None, message: str | None = None,
     ) -> None:
-        """Answer every send with `error_code` until `recover()` or for `seconds`."""
+        """Answer every send with `error_code` until `recover()` or for `seconds`.
+
+        `error_code=None` answers a plain google.rpc.Status (no FcmError detail), e.g. `status=401`.
+        """
         until = None if seconds is None else time.monotonic() + seconds
-        status = status or FCM_ERRORS.get(error_code, (503,))[0]
+        status = status or FCM_ERRORS.get(error_code or "", (503,))[0]
         with self._lock:
             self._fail = _Answer(status, error_code, message, retry_after, until=until)
 
@@ -252,7 +258,8 @@ class FakeFcm:
             app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        context = self.tls.server_context() if self.tls else None
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -330,7 +337,7 @@ class FakeFcm:
             project=project, message=message if isinstance(message, dict) else {},
             headers=headers, status=answer.status if answer else 0,
             error_code=answer.error_code if answer else None, received_at=time.time(),
-            validate_only=validate_only,
+            validate_only=validate_only, peer=_peer(request),
         ))
         if answer is None:
             await asyncio.Event().wait()  # hung until the client leaves or the fake stops
@@ -399,6 +406,11 @@ def payload_size(message: dict[str, Any]) -> int:
         if isinstance(members, dict):
             size += sum(len(str(k).encode()) + len(str(v).encode()) for k, v in members.items() if v is not None)
     return size
+
+
+def _peer(request: web.Request) -> str:
+    address = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{address[0]}:{address[1]}" if address else ""
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any] | None:
