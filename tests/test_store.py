@@ -762,7 +762,8 @@ async def test_finish_drops_the_payload_of_every_end_but_a_dead_letter(settings:
     jobs = await store.claim(10, NOW, LEASE)
     for job, end in zip(jobs, EndState, strict=True):
         await store.finish(job, end, "", NOW)
-    sizes = dict(query(settings, "SELECT state, length(data) FROM deliveries"))
+    sizes = dict(query(settings, "SELECT d.state, length(d.data) + COALESCE(length(p.data), 0) "
+                                 "FROM deliveries AS d LEFT JOIN payloads AS p ON p.id = d.id"))
     assert sizes == {end.value: (700 if end is EndState.DEAD_LETTER else 0) for end in EndState}
 
 
@@ -830,8 +831,8 @@ async def test_a_file_of_the_previous_version_is_migrated(settings: StoreSetting
     assert await store.recover(NOW) == 1
     assert query(settings, "PRAGMA auto_vacuum") == [(2,)]
     jobs = await store.claim(10, NOW, LEASE)
-    assert sorted((j.token, j.delivery_id, j.app, j.request_id) for j in jobs) == [("a", "d1", None, ""),
-                                                                                  ("b", "d2", None, "")]
+    assert sorted((j.token, j.delivery_id, j.data, j.app, j.request_id) for j in jobs) == [
+        ("a", "d1", b"{}", None, ""), ("b", "d2", b"{}", None, "")]
     for job in jobs:
         await store.finish(job, EndState.SENT, "", NOW)
     stats = await store.stats()

@@ -24,7 +24,11 @@ from relay.store import sqlite_schema as schema
 from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
 from relay.store.sqlite_commit import GroupCommit
 
-_JOB_COLUMNS = "id, delivery_id, token, kind, data, received_at, expires_at, attempts, app, request_id, message_id"
+# A payload is in ``payloads`` (or, for a row of version 1, still in ``deliveries.data``).
+_DATA = "COALESCE((SELECT p.data FROM payloads AS p WHERE p.id = deliveries.id), deliveries.data)"
+_JOB_COLUMNS = ("id, delivery_id, token, kind, " + _DATA + ", received_at, expires_at, attempts, app, request_id, "
+                "message_id")
+_LETTER = "SELECT id, token, kind, " + _DATA + ", reason, received_at, finished_at FROM deliveries"
 _RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
                    "finished_at, request_id, message_id")
 # Heads: the oldest open delivery of each token; only a head that is pending and due can be claimed.
@@ -157,12 +161,13 @@ class SqliteStore(GroupCommit):
                     if row is None:
                         accepted.append(False)
                         continue
-                conn.execute(
+                row_id = conn.execute(
                     "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, app, "
-                    "request_id, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (str(uuid.uuid4()), item.token, item.kind, item.data, now, item.expires_at, now, item.app,
+                    "request_id, message_id) VALUES (?, ?, ?, x'', ?, ?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), item.token, item.kind, now, item.expires_at, now, item.app,
                      item.request_id, item.message_id),
-                )
+                ).lastrowid
+                conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (row_id, item.data))
                 accepted.append(True)
             self._count("accepted", sum(accepted))
             self._count("duplicates", len(accepted) - sum(accepted))
@@ -202,6 +207,8 @@ class SqliteStore(GroupCommit):
             ).rowcount
             if changed:
                 self._count(end.value)
+                if end is not EndState.DEAD_LETTER:
+                    conn.execute("DELETE FROM payloads WHERE id = ?", (int(job.id),))
 
         await self._run(op, isolated=False)
 
@@ -315,11 +322,7 @@ class SqliteStore(GroupCommit):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         rows = await self._run(
-            lambda c: c.execute(
-                "SELECT id, token, kind, data, reason, received_at, finished_at FROM deliveries "
-                "WHERE state = 'dead_letter' ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall()
+            lambda c: c.execute(f"{_LETTER} WHERE state = 'dead_letter' ORDER BY id LIMIT ?", (limit,)).fetchall()
         )
         return [DeadLetter(str(r[0]), r[1], r[2], bytes(r[3]), r[4] or "", r[5], r[6]) for r in rows]
 
@@ -327,11 +330,7 @@ class SqliteStore(GroupCommit):
         if not id.isdigit():
             return None
         row = await self._run(
-            lambda c: c.execute(
-                "SELECT id, token, kind, data, reason, received_at, finished_at FROM deliveries "
-                "WHERE id = ? AND state = 'dead_letter'",
-                (int(id),),
-            ).fetchone()
+            lambda c: c.execute(f"{_LETTER} WHERE id = ? AND state = 'dead_letter'", (int(id),)).fetchone()
         )
         return None if row is None else DeadLetter(str(row[0]), row[1], row[2], bytes(row[3]), row[4] or "",
                                                    row[5], row[6])
@@ -347,20 +346,30 @@ class SqliteStore(GroupCommit):
 
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            # A retried dead letter queues behind its token's newer deliveries (a new row id keeps arrival
-            # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) and tracing ids.
-            where = "state = 'dead_letter'" + ("" if ids is None else " AND id = :id")
-            params = [{"now": now}] if ids is None else [{"now": now, "id": int(i)} for i in ids]
+            if ids is None:
+                old_ids = [row[0] for row in conn.execute("SELECT id FROM deliveries WHERE state = 'dead_letter' "
+                                                          "ORDER BY id")]
+            else:
+                old_ids = [int(i) for i in ids]
             count = 0
-            for p in params:
-                count += conn.execute(
+            for old in old_ids:
+                # A retried dead letter queues behind its token's newer deliveries (a new row id keeps arrival
+                # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) and tracing ids.
+                new = conn.execute(
                     "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, reason, "
                     "app, request_id, message_id) "
-                    "SELECT delivery_id, token, kind, data, :now, :now + (expires_at - received_at), :now, 'retried', "
-                    f"app, request_id, message_id FROM deliveries WHERE {where} ORDER BY id",
-                    p,
-                ).rowcount
-                conn.execute(f"DELETE FROM deliveries WHERE {where}", p)
+                    "SELECT delivery_id, token, kind, x'', :now, :now + (expires_at - received_at), :now, 'retried', "
+                    "app, request_id, message_id FROM deliveries WHERE id = :old AND state = 'dead_letter' "
+                    "RETURNING id",
+                    {"now": now, "old": old},
+                ).fetchone()
+                if new is None:
+                    continue
+                conn.execute(f"INSERT INTO payloads (id, data) SELECT ?, {_DATA} FROM deliveries WHERE id = ?",
+                             (new[0], old))
+                conn.execute("DELETE FROM payloads WHERE id = ?", (old,))
+                conn.execute("DELETE FROM deliveries WHERE id = ?", (old,))
+                count += 1
             self._count(EndState.DEAD_LETTER.value, -count)
             return count
 

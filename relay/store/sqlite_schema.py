@@ -22,7 +22,7 @@ _TABLES = (
         delivery_id TEXT NOT NULL,                      -- stable id for the delivery's whole life (apns-id)
         token       TEXT NOT NULL,
         kind        TEXT NOT NULL,
-        data        BLOB NOT NULL,                      -- x'' once finished, but for a dead letter
+        data        BLOB NOT NULL,                      -- version 1's payload; x'' since (see payloads)
         received_at REAL NOT NULL,
         expires_at  REAL NOT NULL,
         state       TEXT NOT NULL DEFAULT 'pending',    -- pending | inflight | <EndState>
@@ -38,6 +38,9 @@ _TABLES = (
         message_id  TEXT
     )
     """,
+    # Payloads apart from the rows: a delivery's row shrinks little when it ends, but its payload (most of its
+    # bytes) goes whole, so pages empty out and are reused (or given back) instead of staying two-thirds holes.
+    "CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
     """
     CREATE TABLE IF NOT EXISTS devices (
