@@ -883,3 +883,21 @@ async def test_processes_delivering_from_one_file_claim_each_delivery_once(
     assert sorted(claimed, key=int) == [str(n) for n in range(1, 601)]
     stats = await store.stats()
     assert (stats.ended[EndState.SENT], stats.redelivered, stats.pending, stats.inflight) == (600, 0, 0, 0)
+
+
+@sqlite_only
+async def test_reads_take_no_write_lock(settings: StoreSettings, store: Store, make_store: MakeStore) -> None:
+    """Operator reads (stats, lists, tracing) answer while another process holds the file's write lock: they
+    never wait for, nor hold up, a live relay's commits."""
+    await enqueue(store, "a")
+    operator = await make_store()
+    with closing(sqlite3.connect(settings.path, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # a live relay in the middle of a group commit
+        try:
+            stats = await operator.stats()
+            assert (stats.pending, await operator.next_due()) == (1, NOW)
+            assert [r.token for r in await operator.deliveries(token="a")] == ["a"]
+            assert await operator.list_devices() == [] and await operator.dead_tokens() == {}
+            assert await operator.dead_letters() == [] and await operator.dead_letter("1") is None
+        finally:
+            writer.execute("ROLLBACK")

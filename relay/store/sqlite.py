@@ -107,7 +107,7 @@ class SqliteStore(GroupCommit):
             return count
 
         count = await self._run(op)
-        if await self._run(schema.needs_vacuum):
+        if await self._read(schema.needs_vacuum):
             await self._vacuum_once(now)
         return count
 
@@ -272,7 +272,7 @@ class SqliteStore(GroupCommit):
             row = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()
             return None if row is None else row[0]
 
-        return await self._run(op)
+        return await self._read(op)
 
     # -- devices and dead tokens -----------------------------------------------------------------
 
@@ -292,13 +292,13 @@ class SqliteStore(GroupCommit):
         return bool(await self._run(lambda c: c.execute("DELETE FROM devices WHERE token = ?", (token,)).rowcount))
 
     async def get_device(self, token: str) -> Device | None:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute("SELECT token, app, device_token FROM devices WHERE token = ?", (token,)).fetchone()
         )
         return None if row is None else Device(*row)
 
     async def list_devices(self) -> list[Device]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute("SELECT token, app, device_token FROM devices ORDER BY token").fetchall()
         )
         return [Device(t, a, d) for t, a, d in rows]
@@ -315,13 +315,13 @@ class SqliteStore(GroupCommit):
         return await self._run(op)
 
     async def dead_tokens(self) -> dict[str, str]:
-        rows = await self._run(lambda c: c.execute("SELECT token, reason FROM dead_tokens").fetchall())
+        rows = await self._read(lambda c: c.execute("SELECT token, reason FROM dead_tokens").fetchall())
         return dict(rows)
 
     # -- dead letters and stats ------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(f"{_LETTER} WHERE state = 'dead_letter' ORDER BY id LIMIT ?", (limit,)).fetchall()
         )
         return [DeadLetter(str(r[0]), r[1], r[2], bytes(r[3]), r[4] or "", r[5], r[6]) for r in rows]
@@ -329,7 +329,7 @@ class SqliteStore(GroupCommit):
     async def dead_letter(self, id: str) -> DeadLetter | None:
         if not id.isdigit():
             return None
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute(f"{_LETTER} WHERE id = ? AND state = 'dead_letter'", (int(id),)).fetchone()
         )
         return None if row is None else DeadLetter(str(row[0]), row[1], row[2], bytes(row[3]), row[4] or "",
@@ -341,7 +341,7 @@ class SqliteStore(GroupCommit):
         where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
         sql = (f"SELECT {_RECORD_COLUMNS} FROM deliveries {'WHERE ' + where if where else ''} "
                "ORDER BY id DESC LIMIT :limit")
-        rows = await self._run(lambda c: c.execute(sql, {**filters, "limit": limit}).fetchall())
+        rows = await self._read(lambda c: c.execute(sql, {**filters, "limit": limit}).fetchall())
         return [_record(row) for row in rows]
 
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
@@ -396,5 +396,5 @@ class SqliteStore(GroupCommit):
                 redelivered=counters.get("redelivered", 0),
             )
 
-        return await self._run(op)
+        return await self._read(op)
 
