@@ -56,6 +56,7 @@ _CLAIM_ANY = _CLAIM.format(heads=_HEADS, columns=_JOB_COLUMNS)
 _CLAIM_CAPPED = _CLAIM.format(heads=_CAPPED_HEADS, columns=_JOB_COLUMNS)
 PRUNE_BATCH = 500  # rows per transaction: a prune never holds the write lock (and the webhooks' commit) for long
 VACUUM_PAGES = 1024  # pages given back to the file per transaction (4 MiB)
+VACUUM_MAX_BYTES = 256 * 2**20  # an older file is rebuilt at start-up only up to this size (a few seconds)
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -113,6 +114,12 @@ class SqliteStore(GroupCommit):
 
     async def _vacuum_once(self, now: float) -> None:
         await self.prune(now)  # the rebuild copies what is left: prune first
+        used = await self._read(schema.used_bytes)
+        if used > VACUUM_MAX_BYTES:  # a long rebuild would hold up start-up (and the other roles' writes)
+            event(logging.WARNING, "store file made before incremental auto-vacuum: it does not shrink; rebuild it "
+                  "once while the relay is stopped (sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;')",
+                  path=str(self._path), megabytes=used // 1_000_000)
+            return
         started = time.monotonic()
         event(logging.WARNING, "rebuilding the store file once for incremental auto-vacuum", path=str(self._path))
         try:
@@ -214,12 +221,14 @@ class SqliteStore(GroupCommit):
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
                     count_attempt: bool = True) -> None:
+        wait = WaitReason(reason).value  # checked here: a bad value must not abort the batch it would run in
+
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE deliveries SET state = 'pending', next_at = :at, wait_reason = :wait, reason = :detail, "
                 "app = COALESCE(:app, app), lease_until = NULL, owner = NULL, attempts = attempts + :attempt "
                 "WHERE id = :id AND state = 'inflight' AND owner = :owner",
-                {"at": at, "wait": WaitReason(reason).value, "detail": detail[:500], "app": app,
+                {"at": at, "wait": wait, "detail": detail[:500], "app": app,
                  "attempt": 1 if count_attempt else 0, "id": int(job.id), "owner": self._owner},
             )
 

@@ -128,6 +128,12 @@ def needs_vacuum(conn: sqlite3.Connection) -> bool:
     return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2  # 2 = INCREMENTAL
 
 
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the file in use (what a VACUUM copies)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(pages) * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
 def vacuum_into_incremental(conn: sqlite3.Connection) -> None:
     """Rebuild the file once with incremental auto-vacuum (VACUUM runs outside any transaction)."""
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
