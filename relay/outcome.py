@@ -47,3 +47,15 @@ class EndState(StrEnum):
     TOKEN_DEAD = "token_dead"  # noqa: S105 - a state name, not a secret
     UNROUTABLE = "unroutable"
     DEAD_LETTER = "dead_letter"
+
+
+class WaitReason(StrEnum):
+    """Why a claimed delivery was put back to wait (SPEC §6): what releases it is typed, never free text.
+
+    The provider's own words go in the separate ``detail``; ``Store.wake`` selects by these values.
+    """
+
+    RETRY = "retry"  # a transient failure (or an unexpected error): backoff, nothing else releases it
+    UNROUTABLE = "unroutable"  # no registry entry yet: a device added (API, CLI, registry reload) releases it
+    CONFIG_ERROR = "config_error"  # the app's credentials or topic were refused: a reload releases it
+    CIRCUIT_OPEN = "circuit_open"  # the app's circuit is open: its recovery (or a reload) releases it

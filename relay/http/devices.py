@@ -30,6 +30,7 @@ from relay.config import ApiKey, App
 from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
 from relay.errors import RelayError, StoreError
 from relay.observability import event, short_token
+from relay.outcome import WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
 from relay.running import RELAY_KEY, Relay
 
@@ -247,7 +248,7 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
     try:
         await relay.store.put_device(device, now)
         relay.registry.put(device)
-        woken = await relay.store.wake([token], now)
+        woken = await relay.store.wake(now, reasons={WaitReason.UNROUTABLE}, tokens=[token])
     except StoreError as exc:
         raise _store_down(exc) from exc
     if woken and relay.dispatcher is not None:

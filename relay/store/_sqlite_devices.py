@@ -19,16 +19,17 @@ T = TypeVar("T")
 DEVICE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS apns_environments (
     device_token TEXT PRIMARY KEY, environment TEXT NOT NULL, learned_at REAL NOT NULL
-) WITHOUT ROWID;
+) WITHOUT ROWID
 """
 
 
 def migrate_devices(conn: sqlite3.Connection) -> None:
-    """Bring a store created by an earlier version up to date (idempotent; runs at every open)."""
+    """Bring the device tables of an earlier version up to date (idempotent; inside the schema migration's
+    transaction, so one statement at a time: ``executescript`` would commit it)."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
     if "environment" not in columns:
         conn.execute("ALTER TABLE devices ADD COLUMN environment TEXT")  # NULL: the app's environment
-    conn.executescript(DEVICE_SCHEMA)
+    conn.execute(DEVICE_SCHEMA)
 
 
 def _device(row: tuple[str, str, str, str | None]) -> Device:
@@ -42,7 +43,10 @@ class SqliteDevices:
     """Device operations of the SQLite store (a mixin: the store provides ``_run``)."""
 
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> T:
-        raise NotImplementedError  # provided by SqliteStore
+        raise NotImplementedError  # provided by SqliteStore: a write in the group commit
+
+    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError  # provided by SqliteStore: a read that takes no write lock
 
     async def put_device(self, device: Device, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -60,13 +64,13 @@ class SqliteDevices:
         return bool(await self._run(lambda c: c.execute("DELETE FROM devices WHERE token = ?", (token,)).rowcount))
 
     async def get_device(self, token: str) -> Device | None:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token = ?", (token,)).fetchone()
         )
         return None if row is None else _device(row)
 
     async def list_devices(self) -> list[Device]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY token").fetchall()
         )
         return [_device(row) for row in rows]
@@ -80,6 +84,6 @@ class SqliteDevices:
         ))
 
     async def learned_environments(self) -> dict[str, ApnsEnvironment]:
-        rows = await self._run(lambda c: c.execute("SELECT device_token, environment FROM apns_environments")
+        rows = await self._read(lambda c: c.execute("SELECT device_token, environment FROM apns_environments")
                                .fetchall())
         return {token: env for token, value in rows if (env := as_environment(value)) is not None}

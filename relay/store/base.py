@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.config.model import ApnsEnvironment
-from relay.outcome import EndState
+from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device
 
 
@@ -20,6 +20,9 @@ class NewDelivery:
     data: bytes  # canonical JSON of Parley's ``data``
     dedupe_key: str
     expires_at: float
+    app: str | None = None  # routing hint at acceptance (admission per app); delivery routes again
+    request_id: str = ""  # the webhook's request id, for tracing
+    message_id: str | None = None  # Parley's object id of a message, for tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,29 @@ class Job:
     received_at: float
     expires_at: float
     attempts: int
+    app: str | None = None  # the app hint stored with the delivery (see ``NewDelivery.app``)
+    request_id: str = ""
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One delivery as ``parley-relay deliveries`` shows it: where it is and how it got there."""
+
+    id: str
+    delivery_id: str
+    token: str
+    kind: str
+    app: str | None
+    state: str  # "pending" | "inflight" | an EndState value
+    attempts: int
+    reason: str  # the last provider answer or end reason ("" when none)
+    wait_reason: WaitReason | None  # why a pending delivery waits, when it was put back
+    received_at: float
+    next_at: float | None  # when a pending delivery is due
+    finished_at: float | None
+    request_id: str
+    message_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +98,13 @@ class Store(Protocol):
     """What the server, dispatcher and CLI need from storage; both backends pass one behaviour suite."""
 
     async def open(self) -> None:
-        """Connect/create, and make deliveries left in flight by a crash claimable again."""
+        """Connect/create. Changes no delivery state: operator commands and every role open the store."""
+
+    async def recover(self, now: float) -> int:
+        """Make deliveries claimed by an owner that is gone (a crashed process) claimable again; returns how many.
+
+        Called by a process that delivers, when it starts. Never touches what a live process has in flight.
+        """
 
     async def close(self) -> None:
         """Flush and release resources."""
@@ -83,17 +115,42 @@ class Store(Protocol):
     async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
         """Durably accept ``items`` (True) unless their dedupe key was seen within the window (False)."""
 
-    async def claim(self, limit: int, now: float, lease: float) -> list[Job]:
-        """Atomically take up to ``limit`` due deliveries, at most the oldest open one per token."""
+    async def claim(self, limit: int, now: float, lease: float, *,
+                    app_limits: Mapping[str, int] | None = None) -> list[Job]:
+        """Atomically take up to ``limit`` due deliveries, at most the oldest open one per token.
+
+        ``app_limits`` caps how many of one app's deliveries (by their stored app hint) this claim may take;
+        0 skips the app. Apps not named, and deliveries without a hint, share ``limit``. So one app's backlog
+        or parked deliveries never fill a claim that another app's deliveries need.
+        """
 
     async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
-        """Record the end state of a claimed delivery."""
+        """Record the end state of a claimed delivery (a finished delivery keeps no payload but a dead letter's)."""
 
-    async def retry(self, job: Job, at: float, reason: str, *, count_attempt: bool = True) -> None:
-        """Put a claimed delivery back, due at ``at``."""
+    async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
+                    count_attempt: bool = True) -> None:
+        """Put a claimed delivery back, due at ``at``, waiting for ``reason`` (``detail``: the provider's words).
 
-    async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
-        """Make waiting deliveries (of ``tokens``, or all) due now, e.g. after a registry change."""
+        ``app`` updates the stored app hint (the route found at delivery may differ from the one at acceptance).
+        """
+
+    async def wake(self, now: float, *, reasons: Collection[WaitReason] | None = None,
+                   tokens: Collection[str] | None = None, apps: Collection[str] | None = None) -> int:
+        """Make waiting deliveries due now; each filter given narrows the selection. Returns how many.
+
+        Whatever fixes a reason calls it: a reload (config errors, parked apps, unroutable tokens), a device
+        added (``tokens`` waiting as unroutable), an app's circuit closing (``apps``).
+        """
+
+    async def prune(self, now: float) -> int:
+        """Drop finished deliveries past their retention and expired dedupe keys; keep the file bounded."""
+
+    async def deliveries(self, *, token: str | None = None, request_id: str | None = None,
+                         message_id: str | None = None, limit: int = 50) -> list[DeliveryRecord]:
+        """Recent deliveries matching every filter given, newest first (finished ones while retained)."""
+
+    async def dead_letter(self, id: str) -> DeadLetter | None:
+        """One dead letter with its payload, or None."""
 
     async def next_due(self) -> float | None:
         """Earliest due time of any pending delivery, or None when nothing is pending."""
