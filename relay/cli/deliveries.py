@@ -12,10 +12,15 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from relay.cli.common import _load_for_store, _run, _utc, _with_store
+from relay.config import Config
+from relay.errors import ConfigError
 from relay.observability import short_token
+from relay.registry.file import load_registry
+from relay.registry.routing import Registry
 from relay.store import Store
 from relay.store.base import DeliveryRecord
 
@@ -71,6 +76,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         if not records:
             print(f"no deliveries found for {asked} ({kept})", file=sys.stderr)
             return 1
+        records = await with_apps(config, store, records)
         now = time.time()
         if args.json:
             for record in records:
@@ -78,10 +84,29 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         else:
             print_table([as_row(record, now, full_token=args.full_token) for record in records])
         more = "; there may be more (raise --limit)" if len(records) == args.limit else ""
-        print(f"{len(records)} deliveries for {asked}, newest first ({kept}){more}", file=sys.stderr)
+        count = f"{len(records)} deliver{'y' if len(records) == 1 else 'ies'}"
+        print(f"{count} for {asked}, newest first ({kept}){more}", file=sys.stderr)
         return 0
 
     return int(_run(_with_store(config, work)))
+
+
+async def with_apps(config: Config, store: Store, records: list[DeliveryRecord]) -> list[DeliveryRecord]:
+    """Fill in the app of deliveries the store kept none for (one sent at its first attempt keeps only the app
+    hint of its acceptance) with the app the registry routes the token to now, as ``serve`` would."""
+    if all(record.app is not None for record in records):
+        return records
+    try:
+        registry = Registry(config.apps, load_registry(config.registry, config.apps))
+    except ConfigError as exc:  # the question is about the store: answer it, say why the apps are missing
+        print(f"note: registry not loaded, apps not shown: {exc}", file=sys.stderr)
+        return records
+    registry.load_overlay(await store.list_devices(), (await store.dead_tokens()).keys())
+    filled = []
+    for record in records:
+        route = registry.lookup(record.token) if record.app is None else None
+        filled.append(record if route is None else replace(record, app=route.app.name))
+    return filled
 
 
 def age(seconds: float) -> str:
