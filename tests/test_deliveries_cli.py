@@ -26,6 +26,8 @@ from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
 from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
 
 REFUSED_TOKEN = "a1b2c3d4e5f60718293a4b5c6d7e8f90"  # a registered iPhone whose pushes APNs refuses for good
+PHONE_TOKEN = "c0ffee0123456789abcdef0123456789"  # an iPhone's APNs token, registered under another Parley token
+PARLEY_TOKEN = "parley-push-token-of-the-phone"
 UNKNOWN_TOKEN = "eJ9x-no-registry-entry:APA91b_unknown"  # no registry entry, no routing rule: unroutable
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -52,20 +54,27 @@ def store_section(request: pytest.FixtureRequest, sandbox: Sandbox) -> Iterator[
 
 
 @pytest.fixture
-async def relay(make_relay: MakeRelay, sandbox: Sandbox,
-                store_section: dict[str, Any]) -> AsyncIterator[RelayUnderTest]:
-    """A relay at default delivery settings with two registered iPhones and an Android phone."""
-    devices = {**sandbox.devices, REFUSED_TOKEN: {"app": "ios"}}
+def devices(sandbox: Sandbox) -> dict[str, dict[str, str]]:
+    """The registry: the sandbox's iPhone and Android phone, an iPhone APNs refuses, and one registered under a
+    Parley token other than its APNs token."""
+    return {**sandbox.devices, REFUSED_TOKEN: {"app": "ios"},
+            PARLEY_TOKEN: {"app": "ios", "device_token": PHONE_TOKEN}}
+
+
+@pytest.fixture
+async def relay(make_relay: MakeRelay, sandbox: Sandbox, store_section: dict[str, Any],
+                devices: dict[str, dict[str, str]]) -> AsyncIterator[RelayUnderTest]:
+    """A relay at default delivery settings on that registry."""
     sandbox.apns.respond(REFUSED_TOKEN, status=400, reason="BadCollapseId")  # a permanent refusal: dead letter
     yield await make_relay(devices=devices, store=store_section, delivery={})
 
 
 @pytest.fixture
-def cli_config(sandbox: Sandbox, store_section: dict[str, Any]) -> Path:
+def cli_config(sandbox: Sandbox, store_section: dict[str, Any], devices: dict[str, dict[str, str]]) -> Path:
     """The operator's config: the documented systemd setup, every credential a `cred:` name that only the running
     service is handed, the webhook secret in its environment; the same store as the relay's."""
     return sandbox.write(
-        "operator.yaml", store=store_section,
+        "operator.yaml", devices=devices, store=store_section,
         apps={"ios": {"key_file": "cred:apns.p8"}, "android": {"service_account_file": "cred:firebase.json"}},
         auth={"headers": {"X-Parley-Relay-Key": "${PARLEY_RELAY_KEY}"}},
     )
@@ -160,6 +169,19 @@ async def test_a_waiting_and_a_dead_lettered_delivery_say_why(relay: RelayUnderT
     docs = [json.loads(line) for line in out.splitlines()]
     assert [d["token"] for d in docs] == ["eJ9xQ2…vice", "0801fc…5945"]  # newest (last stored) first
     assert {d["state"] for d in docs} == {"sent"} and {d["app"] for d in docs} == {"ios", "android"}
+
+
+async def test_the_phones_provider_token_finds_the_deliveries_of_its_parley_token(
+        relay: RelayUnderTest, cli_config: Path, sandbox: Sandbox) -> None:
+    """An operator holding the phone's APNs token (not the Parley token it is registered under) still finds its
+    deliveries, told which Parley token they were for."""
+    await relay.post(sample("message", to=[PARLEY_TOKEN], id=3655))
+    await until(relay, "3655", "sent")
+    assert [r.device_token for r in sandbox.apns.requests] == [PHONE_TOKEN]
+    code, out, err = await deliveries_cli(cli_config, "--token", PHONE_TOKEN)
+    (row,) = table(out)
+    assert code == 0 and row["STATE"] == "sent" and row["MESSAGE"] == "3655" and row["TOKEN"] == "parley…hone"
+    assert "note: --token is the provider token of the registered Parley token parley…hone" in err
 
 
 async def test_nothing_found_exits_1_and_says_how_long_deliveries_are_kept(

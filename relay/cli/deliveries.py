@@ -68,15 +68,19 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
         records = await store.deliveries(token=args.token, request_id=args.request, message_id=args.message,
                                          limit=args.limit)
+        shown_token = args.token if args.full_token or args.token is None else short_token(args.token)
         asked = " ".join(f"--{name} {value}" for name, value in
-                         (("token", args.token), ("request", args.request), ("message", args.message))
+                         (("token", shown_token), ("request", args.request), ("message", args.message))
                          if value is not None)
         kept = (f"finished deliveries are kept store.keep_finished = {config.store.keep_finished:g} s after they "
                 "end, dead letters until retried")
+        routes = Routes(config, store)
+        if not records and args.token is not None:  # perhaps the phone's provider token, not Parley's
+            records = await by_device_token(store, await routes.parley_tokens(args.token), args)
         if not records:
             print(f"no deliveries found for {asked} ({kept})", file=sys.stderr)
             return 1
-        records = await with_apps(config, store, records)
+        records = await routes.fill_apps(records)
         now = time.time()
         if args.json:
             for record in records:
@@ -91,22 +95,60 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return int(_run(_with_store(config, work)))
 
 
-async def with_apps(config: Config, store: Store, records: list[DeliveryRecord]) -> list[DeliveryRecord]:
-    """Fill in the app of deliveries the store kept none for (one sent at its first attempt keeps only the app
-    hint of its acceptance) with the app the registry routes the token to now, as ``serve`` would."""
-    if all(record.app is not None for record in records):
-        return records
-    try:
-        registry = Registry(config.apps, load_registry(config.registry, config.apps))
-    except ConfigError as exc:  # the question is about the store: answer it, say why the apps are missing
-        print(f"note: registry not loaded, apps not shown: {exc}", file=sys.stderr)
-        return records
-    registry.load_overlay(await store.list_devices(), (await store.dead_tokens()).keys())
-    filled = []
-    for record in records:
-        route = registry.lookup(record.token) if record.app is None else None
-        filled.append(record if route is None else replace(record, app=route.app.name))
-    return filled
+async def by_device_token(store: Store, parley_tokens: Sequence[str], args: argparse.Namespace) -> list[DeliveryRecord]:
+    """The deliveries of the Parley tokens registered with the provider token ``args.token``, newest first."""
+    found: list[DeliveryRecord] = []
+    for token in parley_tokens:
+        found += await store.deliveries(token=token, request_id=args.request, message_id=args.message,
+                                        limit=args.limit)
+        shown = token if args.full_token else short_token(token)
+        print(f"note: --token is the provider token of the registered Parley token {shown}", file=sys.stderr)
+    return sorted(found, key=lambda record: record.received_at, reverse=True)[:args.limit]
+
+
+class Routes:
+    """The registry as ``serve`` sees it (YAML file, run-time devices from the store), loaded once when needed."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self._config, self._store = config, store
+        self._registry: Registry | None = None
+        self._loaded = False
+
+    async def registry(self) -> Registry | None:
+        """The registry, or None (said on stderr) when its file cannot be loaded: the question is about the
+        store, so it is answered anyway."""
+        if not self._loaded:
+            self._loaded = True
+            try:
+                self._registry = Registry(self._config.apps, load_registry(self._config.registry, self._config.apps))
+            except ConfigError as exc:
+                print(f"note: registry not loaded, apps and provider tokens not resolved: {exc}", file=sys.stderr)
+                return None
+            self._registry.load_overlay(await self._store.list_devices(), (await self._store.dead_tokens()).keys())
+        return self._registry
+
+    async def parley_tokens(self, device_token: str) -> list[str]:
+        """The Parley tokens whose registry entry sends to the provider token ``device_token``."""
+        registry = await self.registry()
+        if registry is None:
+            return []
+        return sorted(token for token, _app in registry.tokens()
+                      if token != device_token and (entry := registry.entry(token)) is not None
+                      and entry.device_token == device_token)
+
+    async def fill_apps(self, records: list[DeliveryRecord]) -> list[DeliveryRecord]:
+        """Fill in the app of deliveries the store kept none for (one sent at its first attempt keeps only the
+        app hint of its acceptance) with the app the registry routes the token to now, as ``serve`` would."""
+        if all(record.app is not None for record in records):
+            return records
+        registry = await self.registry()
+        if registry is None:
+            return records
+        filled = []
+        for record in records:
+            route = registry.lookup(record.token) if record.app is None else None
+            filled.append(record if route is None else replace(record, app=route.app.name))
+        return filled
 
 
 def age(seconds: float) -> str:
