@@ -47,11 +47,12 @@ def add_parser(sub: Any, with_config: Any) -> None:
         description="Recent deliveries matching every filter given (at least one), newest first, from the store. "
                     "Finished deliveries are kept store.keep_finished seconds (default 3600) after they end; "
                     "dead letters until they are retried."))
-    parser.add_argument("--token", help="the Parley push token (as in the webhook's \"to\" list)")
+    parser.add_argument("--token", help="the Parley push token (as in the webhook's \"to\" list), or the phone's "
+                                        "APNs/FCM token when the registry maps a Parley token to it")
     parser.add_argument("--request", metavar="ID", help="the webhook's request id (its X-Request-Id header, or the "
                                                         "one the relay gave it: the request_id of its log lines)")
     parser.add_argument("--message", metavar="ID", help="Parley's message id (data.object.id of a message webhook)")
-    parser.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT,
+    parser.add_argument("--limit", metavar="N", type=positive_int, default=DEFAULT_LIMIT,
                         help=f"show at most this many (default {DEFAULT_LIMIT})")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--full-token", action="store_true", help="print whole push tokens (default: shortened)")
