@@ -22,7 +22,7 @@ from tests.conftest import MakeRelay
 COMMANDS = [
     [], ["serve"], ["check-config"], ["stats"], ["devices"], ["devices", "list"], ["devices", "add"],
     ["devices", "remove"], ["send-test"], ["dead-letters"], ["dead-letters", "list"], ["dead-letters", "show"],
-    ["dead-letters", "retry"],
+    ["dead-letters", "retry"], ["deliveries"],
 ]
 
 
@@ -114,7 +114,7 @@ def test_dead_letters_list_retry_and_retry_all_with_progress(
         sandbox: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """list shows each dead letter; retry by ID queues it (0) and an unknown ID gives 1; retry --all
     prints progress per batch on stderr and leaves none; stats stays balanced."""
-    monkeypatch.setattr("relay.cli.RETRY_BATCH", 4)
+    monkeypatch.setattr("relay.cli.store_commands.RETRY_BATCH", 4)
     config = sandbox.write()
     ids = _dead_letters(config, 10)
     assert main(["dead-letters", "list", "--config", str(config)]) == 0

@@ -16,7 +16,7 @@ from aiohttp import web
 from relay.errors import InvalidWebhook, StoreError
 from relay.http.errors import REQUEST_ID_KEY, error_response
 from relay.inbound.auth import AuthFailed
-from relay.inbound.parse import KNOWN_EVENTS, Event, dedupe_key, parse_webhook
+from relay.inbound.parse import KNOWN_EVENTS, Event, Message, dedupe_key, parse_webhook
 from relay.observability import event, log, short_token
 from relay.running import RELAY_KEY, Relay
 from relay.store.base import NewDelivery
@@ -75,7 +75,9 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
         return "dead_token", error_response(410, "push token is dead (reported by the push provider)")
     now = relay.clock.now()
     ttl = relay.config.delivery.max_age if hook.type == "message" else _event_ttl(relay)
-    items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl) for t in hook.tokens]
+    message_id = str(hook.notification.id) if isinstance(hook.notification, Message) else None
+    items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, request_id=rid,
+                         message_id=message_id) for t in hook.tokens]
     try:
         accepted = await relay.store.enqueue(items, now, settings.dedupe_window)
     except StoreError as exc:
