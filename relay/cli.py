@@ -41,12 +41,35 @@ async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.runtime.service import serve
-
+    """One process (``--processes 1`` or ``processes: 1``), a role child, or the supervisor of both roles."""
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
-    _run(serve(config))
-    return 0
+    if args.role is not None:
+        from relay.runtime.roles import parse_role, run_role
+
+        role = parse_role(args.role, args.role_state, args.role_wake, args.role_deliveries, args.role_parent,
+                          args.role_fds)
+        _run(run_role(config, role))
+        return 0
+    if args.processes == "1" or (args.processes is None and config.processes.single):
+        from relay.runtime.service import serve
+
+        _run(serve(config))
+        return 0
+    from relay.runtime.supervisor import plan_counts, supervise
+
+    # The supervisor only waits on children and sockets: the plain asyncio loop serves it (and its
+    # subprocess support is the reference one).
+    return int(asyncio.run(supervise(config, plan_counts(config.processes, config.store.backend))))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``systemctl reload``'s ``ExecReload=``: SIGHUP to the relay, then its outcome as the exit status."""
+    from relay.runtime.reloading import request_reload
+
+    ok, message = request_reload(args.pid, args.timeout)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -250,7 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=argparse.SUPPRESS, help="main config file")
         return p
 
-    with_config(sub.add_parser("serve", help="run the relay")).set_defaults(func=cmd_serve)
+    serve = with_config(sub.add_parser("serve", help="run the relay"))
+    serve.add_argument("--processes", choices=("1", "auto"), default=None,
+                       help="1: one process does everything; auto (or the config's processes:): webhook and "
+                            "delivery processes under one supervisor")
+    for hidden in ("--role", "--role-state", "--role-wake", "--role-fds"):  # set by the supervisor for a child
+        serve.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--role-deliveries", type=int, default=1, help=argparse.SUPPRESS)
+    serve.add_argument("--role-parent", type=int, default=0, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+    reload = sub.add_parser("reload", help="reload a running relay and wait: exit 0 if taken, 1 if rejected")
+    reload.add_argument("--pid", type=int, required=True, help="the relay's main pid (systemd: $MAINPID)")
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome (default 60)")
+    reload.set_defaults(func=cmd_reload)
     with_config(sub.add_parser("check-config", help="validate config, registry and credentials")).set_defaults(
         func=cmd_check_config)
     stats = with_config(sub.add_parser("stats", help="deliveries by state (exit 1 if the books do not balance)"))
