@@ -6,6 +6,7 @@ process empties it at start. It holds:
 
 * ``alarms/<n>.json``: the configuration alarms of delivery process ``n`` (``/readyz`` of every webhook
   process reads them all);
+* ``starting``: the processes not yet up, until the service is ready;
 * ``reload.json``: the outcome of the latest reload, numbered, which ``parley-relay reload`` waits for;
 * ``metrics/``: prometheus_client's multiprocess files.
 """
@@ -76,9 +77,22 @@ class SharedState:
                 continue
         return found
 
+    def set_starting(self, names: list[str]) -> None:
+        """Until the service is ready, ``/readyz`` of a webhook process that is already up says it starts."""
+        path = self.root / "starting"
+        if names:
+            _write_atomic(path, " ".join(names))
+        else:
+            path.unlink(missing_ok=True)
+
     def problems(self) -> list[str]:
-        """What ``/readyz`` adds for the delivery side (the same text a single-process relay shows)."""
-        return [f"app {app}: {reason}" for app, reason in sorted(self.alarms().items())]
+        """What ``/readyz`` adds for the other processes: the service still starting, and the delivery
+        processes' alarms (the same text a single-process relay shows)."""
+        try:
+            starting = [f"starting: {(self.root / 'starting').read_text()}"]
+        except OSError:
+            starting = []
+        return starting + [f"app {app}: {reason}" for app, reason in sorted(self.alarms().items())]
 
     def last_reload(self) -> ReloadOutcome | None:
         try:

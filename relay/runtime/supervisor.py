@@ -138,6 +138,7 @@ class _Supervisor:
             self.loop.add_signal_handler(sig, self.stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         keepers: list[asyncio.Task[None]] = []
+        self.shared.set_starting([c.name for c in self.children])
         try:
             # Webhook processes first: until every store opens without touching claims, a delivery process
             # must not hold claims while another process opens the store.
@@ -150,6 +151,7 @@ class _Supervisor:
                     event(logging.ERROR, "relay failed to start", problem=problem)
                     return await self._shutdown(keepers, failed=True)
             self.serving = True
+            self.shared.set_starting([])
             self._spawn(self._watchdog())
             self._spawn(self._status_loop())
             addresses = ", ".join(describe(s.sock) for s in self.sockets) or "-"
