@@ -147,7 +147,7 @@ class RelayProcess:
     def __init__(self, config: Path, *, notify: NotifySocket | None = None,
                  activation: Sequence[tuple[str, socket.socket]] = (), env: Mapping[str, str] | None = None,
                  command: Sequence[str] | None = None, log: Path | None = None, processes: str | None = None,
-                 stdout: int | None = None) -> None:
+                 new_session: bool = False) -> None:
         self.config = config
         self.log_path = log or config.with_name(f"relay-{uuid.uuid4().hex[:6]}.log")
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
@@ -162,9 +162,11 @@ class RelayProcess:
         if activation:
             names = ":".join(name for name, _ in activation)
             args = [sys.executable, "-m", "relay.testing.process", names, *map(str, fds), "--", *args]
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, env=environ, stdin=subprocess.DEVNULL,
-                                     stdout=self._log if stdout is None else stdout, stderr=self._log, pass_fds=fds)
+        self._log = self.log_path.open("ab")  # a restart on the same log appends
+        # new_session: the relay and its role processes form one process group, killed together by kill_all()
+        # (a crashed machine or instance, as opposed to a killed main process whose children drain).
+        self.proc = subprocess.Popen(args, env=environ, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, pass_fds=fds, start_new_session=new_session)
 
     @property
     def pid(self) -> int:
@@ -176,6 +178,22 @@ class RelayProcess:
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
+
+    send_signal = signal  # subprocess.Popen's names, for callers written against it
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def kill_all(self) -> None:
+        """SIGKILL the relay and every process it started (needs ``new_session=True``), then reap it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def children(self) -> dict[str, int]:
         """The role processes of a multi-process relay by name (``ingest.0``, ``delivery.0``...): pid."""
