@@ -74,10 +74,11 @@ def _request(url: str, doc: Any = None, headers: dict[str, str] | None = None) -
 
 
 def _start(sandbox: Sandbox, notify: NotifySocket, sock: socket.socket, *, env: dict[str, str] | None = None,
-           name: str = "relay.yaml", **overrides: Any) -> RelayProcess:
+           name: str = "relay.yaml", mode: str | None = None, **overrides: Any) -> RelayProcess:
+    """A relay under the stand-in for systemd; ``mode`` (serve --processes) None = the test run's (RelayProcess)."""
     config = sandbox.write(name, **overrides)
     start = len(notify.messages)
-    relay = RelayProcess(config, notify=notify, activation=[("webhook", sock)], env=env)
+    relay = RelayProcess(config, notify=notify, activation=[("webhook", sock)], env=env, processes=mode)
     try:
         notify.wait_for("READY=1", timeout=30, start=start)
     except TimeoutError:
@@ -484,7 +485,8 @@ def test_ready_only_once_every_role_is_up_and_the_main_process_speaks_for_all(
         sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
     """processes {ingest: 2, delivery: 2}: READY=1 comes from the main pid after each of the four processes
     logged its own readiness; no child's datagram reaches systemd; /metrics counts across processes."""
-    relay = _start(sandbox, notify, webhook_socket, processes={"ingest": 2, "delivery": 2})
+    relay = _start(sandbox, notify, webhook_socket, mode="auto",
+                   processes={"ingest": 2, "delivery": 2})
     with relay:
         ready = notify.wait_for("READY=1")
         logged = relay.log()  # as it was when READY=1 arrived
@@ -508,7 +510,7 @@ def test_sigkill_of_a_delivery_process_loses_nothing_and_it_is_restarted(
     what the dead one had claimed; every accepted notification is sent, the books balance, READY is not
     sent again."""
     sandbox.fcm.set_delay(0.5)
-    relay = _start(sandbox, notify, webhook_socket)
+    relay = _start(sandbox, notify, webhook_socket, mode="auto")
     with relay:
         for i in range(30):
             assert _request(_url(webhook_socket), sample("message", to=[ANDROID_TOKEN], id=1000 + i))[0] == 200
@@ -530,7 +532,7 @@ def test_sigkill_of_the_supervisor_leaves_no_process_and_loses_nothing(
     """kill -9 of the main process with deliveries stored: its children drain and exit by themselves
     (no orphan keeps the port or the store), and the next start sends everything accepted."""
     sandbox.apns.hang()
-    relay = _start(sandbox, notify, webhook_socket, shutdown_timeout=0.5)
+    relay = _start(sandbox, notify, webhook_socket, mode="auto", shutdown_timeout=0.5)
     with relay:
         for i in range(10):
             assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=1100 + i))[0] == 200
@@ -552,7 +554,7 @@ def test_a_hung_child_stops_the_services_watchdog_pings(
         sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
     """WatchdogSec=1s: the main process pings while every child pings; a stopped (hung) delivery process
     withholds the service's pings (systemd would restart it), which resume once the child answers again."""
-    relay = _start(sandbox, notify, webhook_socket, env={"WATCHDOG_USEC": "1000000"})
+    relay = _start(sandbox, notify, webhook_socket, mode="auto", env={"WATCHDOG_USEC": "1000000"})
     with relay:
         time.sleep(1.5)
         child = relay.children()["delivery.0"]
@@ -573,7 +575,7 @@ def test_readyz_reflects_an_alarm_raised_in_a_delivery_process(
     """APNs refuses the key: the delivery process's config alarm turns /readyz of the webhook process 503
     naming the app; a reload with the problem gone clears it."""
     sandbox.apns.fail_all(403, "InvalidProviderToken")
-    relay = _start(sandbox, notify, webhook_socket)
+    relay = _start(sandbox, notify, webhook_socket, mode="auto")
     with relay:
         assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=1200))[0] == 200
         _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 503, what="the alarm in /readyz")

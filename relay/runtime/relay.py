@@ -105,7 +105,6 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_providers_ctx)
     if run_dispatcher:
-        app.cleanup_ctx.append(_recover_ctx)
         app.cleanup_ctx.append(_dispatcher_ctx)
     app.on_startup.append(_mark_started)
     return app
@@ -131,17 +130,6 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait(set(relay.retiring))
     for provider in relay.providers.values():
         await provider.close()
-
-
-async def _recover_ctx(app: web.Application) -> AsyncIterator[None]:
-    """A delivering process, before it claims: what a dead process had claimed becomes claimable again."""
-    relay = app[RELAY_KEY]
-    recover = getattr(relay.store, "recover", None)  # stores that still recover inside open() lack it
-    if recover is not None:
-        count = await recover(relay.clock.now())
-        if count:
-            event(logging.INFO, "claimed deliveries of a stopped process are due again", count=count)
-    yield
 
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -140,16 +140,14 @@ class _Supervisor:
         keepers: list[asyncio.Task[None]] = []
         self.shared.set_starting([c.name for c in self.children])
         try:
-            # Webhook processes first: until every store opens without touching claims, a delivery process
-            # must not hold claims while another process opens the store.
-            for role in ("ingest", "delivery"):
-                group = [c for c in self.children if c.role == role]
-                keepers += [self.loop.create_task(self._keep(c)) for c in group]
-                problem = await self._started(group)
-                if problem is not None:
-                    self.notifier.status(problem)
-                    event(logging.ERROR, "relay failed to start", problem=problem)
-                    return await self._shutdown(keepers, failed=True)
+            # Every store opens without touching claims (a delivery process recovers only dead owners' work),
+            # so all processes start at once.
+            keepers = [self.loop.create_task(self._keep(c)) for c in self.children]
+            problem = await self._started(self.children)
+            if problem is not None:
+                self.notifier.status(problem)
+                event(logging.ERROR, "relay failed to start", problem=problem)
+                return await self._shutdown(keepers, failed=True)
             self.serving = True
             self.shared.set_starting([])
             self._spawn(self._watchdog())
