@@ -608,3 +608,26 @@ def test_reload_command_exit_status_is_the_reload_outcome(
         assert _reload_command(relay).returncode == 0
         assert relay.stop() == 0
     assert _reload_command(relay).returncode == 1  # no relay there any more
+
+
+def test_processes_setting_forms_and_auto_sizing(sandbox: Sandbox) -> None:
+    """processes: auto (default) | 1 | {ingest, delivery}; auto gives a quarter of the CPUs (at least one) to
+    webhooks and the rest (at least one; at most two on SQLite) to delivery; listen.backlog defaults to 4096."""
+    from relay.config import load_config
+    from relay.config.model import Processes
+    from relay.errors import ConfigError
+    from relay.runtime.supervisor import Counts, plan_counts
+
+    default = load_config(sandbox.write())
+    assert default.processes == Processes() and default.listen.backlog == 4096
+    assert load_config(sandbox.write(processes=1)).processes.single
+    assert load_config(sandbox.write(processes={"ingest": 2, "delivery": "auto"})).processes == Processes(2, None)
+    with pytest.raises(ConfigError, match="processes"):
+        load_config(sandbox.write(processes="many"))
+    with pytest.raises(ConfigError, match=r"processes\.delivery"):
+        load_config(sandbox.write(processes={"delivery": 0}))
+    assert plan_counts(Processes(), "sqlite", cpus=2) == Counts(1, 1)
+    assert plan_counts(Processes(), "redis", cpus=8) == Counts(2, 6)
+    assert plan_counts(Processes(), "sqlite", cpus=8) == Counts(2, 2)
+    assert plan_counts(Processes(None, 5), "sqlite", cpus=2) == Counts(1, 5)
+    assert load_config(sandbox.write(listen={"host": "127.0.0.1", "port": 8080, "backlog": 64})).listen.backlog == 64

@@ -144,6 +144,8 @@ class _Supervisor:
             # so all processes start at once.
             keepers = [self.loop.create_task(self._keep(c)) for c in self.children]
             problem = await self._started(self.children)
+            if problem is not None and self.stop.is_set() and not self.failed.done():
+                return await self._shutdown(keepers, failed=False)  # systemctl stop while starting: a stop
             if problem is not None:
                 self.notifier.status(problem)
                 event(logging.ERROR, "relay failed to start", problem=problem)
