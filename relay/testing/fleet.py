@@ -126,7 +126,11 @@ class Fleet:
             )
             launched = RelayProcess(config, log=self.box.root / f"relay-{index}.log", new_session=True)
             self.relays.append(FleetRelay(index, port, launched))
-        await asyncio.gather(*(self._ready(r, timeout) for r in self.relays))
+        try:
+            await asyncio.gather(*(self._ready(r, timeout) for r in self.relays))
+        except BaseException:
+            self.stop()  # the others are running: a failed start leaves no process behind
+            raise
         return self
 
     async def _ready(self, relay: FleetRelay, timeout: float) -> None:
