@@ -13,6 +13,7 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
     P:wait:<reason>[:app] zset: the app's heads waiting for a typed reason (score = due time)
     P:pending             zset: every pending delivery (score = due time): ``next_due`` and stats
     P:inflight            zset: claimed deliveries (score = wall time of the claim or last heartbeat)
+    P:lease[:app]         zset: the app's claimed deliveries (score = end of the claim's lease, callers' clock)
     P:dead                zset: dead letters (score = seq)
     P:t:<token>, P:r:<request id>, P:m:<message id>   zsets: recent seqs, capped, with a TTL (tracing)
     P:dd:<key>            string with TTL: dedupe key (value = end of its window)
@@ -40,6 +41,7 @@ local function key(seq) return P .. ':d:' .. seq end
 local function sfx(app) if not app or app == '' then return '' end return ':' .. app end
 local function stream(app) return P .. ':stream' .. sfx(app) end
 local function sched(reason, app) return P .. ':wait:' .. reason .. sfx(app) end
+local function leases(app) return P .. ':lease' .. sfx(app) end
 local function app_of(h) return redis.call('HGET', h, 'app') or '' end
 -- The apps whose streams exist; the hint-less stream of the one-stream layout counts as well.
 local function apps()
@@ -138,7 +140,7 @@ if #out > accepted then redis.call('HINCRBY', P .. ':counters', 'duplicates', #o
 return out
 """
 
-# ARGV: P, me, now, limit, idle_ms, wall, then pairs app, cap. Returns [seq, entry, delivery_id, token, kind,
+# ARGV: P, me, now, limit, idle_ms, wall, lease, then pairs app, cap. Returns [seq, entry, delivery_id, token, kind,
 # data, received_at, expires_at, attempts, app, rid, mid] per claimed delivery.
 #
 # Each app's stream (whose app is not at its cap) gets a fair share of the limit per pass; a stream that
@@ -146,8 +148,9 @@ return out
 # and stalled entries are not touched at all.
 CLAIM = PRELUDE + """
 local me, now, limit, idle, wall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local lease_end = now + tonumber(ARGV[7])
 local caps = {}
-for i = 7, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local active = {}
 for _, app in ipairs(apps()) do
   local left = math.min(caps[app] or limit, limit)
@@ -166,6 +169,7 @@ local function take(app, e, from_dead)
   redis.call('HSET', h, 'state', 'inflight')
   redis.call('ZREM', P .. ':pending', seq)
   redis.call('ZADD', P .. ':inflight', wall, seq)
+  redis.call('ZADD', leases(app), lease_end, seq)
   local f = redis.call('HMGET', h, 'delivery_id', 'token', 'kind', 'data', 'received_at', 'expires_at',
     'attempts', 'app', 'rid', 'mid')
   jobs[#jobs + 1] = {seq, id, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
@@ -187,12 +191,24 @@ while remaining > 0 and #active > 0 do
             push(seq, s.app)
           end
         end
-        -- A dead consumer's entries (idle past claim_idle; live ones heartbeat theirs) become ours.
-        local ck = P .. ':cursor' .. sfx(s.app)
-        local cursor = redis.call('GET', ck) or '0-0'
-        local r = redis.call('XAUTOCLAIM', st, GROUP, me, idle, cursor, 'COUNT', want)
-        if r[1] ~= cursor then redis.call('SET', ck, r[1]) end
-        for _, e in ipairs(r[2]) do if e and e[2] then got = got + take(s.app, e, true) end end
+        -- A claim past its lease (its holder hung or gone, by the callers' clock) becomes ours ...
+        local lz = leases(s.app)
+        for _, seq in ipairs(redis.call('ZRANGEBYSCORE', lz, '-inf', '(' .. fmt(now), 'LIMIT', 0, want)) do
+          redis.call('ZREM', lz, seq)
+          local entry = redis.call('HGET', key(seq), 'entry')
+          if entry and entry ~= '' then
+            local e = redis.call('XCLAIM', st, GROUP, me, 0, entry)[1]
+            if e and e[2] then got = got + take(s.app, e, true) end
+          end
+        end
+        -- ... and so do a dead consumer's entries (idle past claim_idle; live ones heartbeat theirs).
+        if got < want then
+          local ck = P .. ':cursor' .. sfx(s.app)
+          local cursor = redis.call('GET', ck) or '0-0'
+          local r = redis.call('XAUTOCLAIM', st, GROUP, me, idle, cursor, 'COUNT', want - got)
+          if r[1] ~= cursor then redis.call('SET', ck, r[1]) end
+          for _, e in ipairs(r[2]) do if e and e[2] then got = got + take(s.app, e, true) end end
+        end
       end
       local full = got >= want
       if not full then
@@ -218,7 +234,9 @@ FINISH = PRELUDE + """
 local me, seq, entry, done, now, keep = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[7]), ARGV[8]
 if not holds(seq, entry, me) then return 0 end
 local h = key(seq)
-drop(app_of(h), entry)
+local app = app_of(h)
+drop(app, entry)
+redis.call('ZREM', leases(app), seq)
 redis.call('HSET', h, 'state', done, 'reason', ARGV[6], 'finished_at', ARGV[7], 'entry', '')
 redis.call('HDEL', h, 'wait')
 redis.call('HINCRBY', h, 'attempts', 1)
@@ -250,6 +268,7 @@ if not holds(seq, entry, me) then return 0 end
 local h = key(seq)
 local app = app_of(h)
 drop(app, entry)
+redis.call('ZREM', leases(app), seq)
 if ARGV[9] == '1' then
   app = ARGV[10]
   if app == '' then redis.call('HDEL', h, 'app') else redis.call('HSET', h, 'app', app) end

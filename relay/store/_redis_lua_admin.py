@@ -107,6 +107,7 @@ return lost
 _GIVE_BACK = """
 local function give_back(seq, app, entry)
   drop(app, entry)
+  redis.call('ZREM', leases(app), seq)
   local h = key(seq)
   redis.call('HSET', h, 'state', 'pending')
   push(seq, app)

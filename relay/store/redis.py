@@ -249,14 +249,15 @@ class RedisStore:
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
-        # A live claim is renewed by the heartbeat (for at most ``lease`` seconds) and a dead one is
-        # reclaimed after ``claim_idle``: the delay after a crash is bounded by that, not by the lease.
+        # Two ways a claim is taken over: past its ``lease`` (by the callers' clock ``now``, as in SQLite),
+        # or once its holder stopped renewing it for ``claim_idle`` (the heartbeat renews it for at most
+        # ``lease`` seconds): the delay after a crash is bounded by claim_idle, not by the lease.
         if limit <= 0:
             return []
         self._delivering()
         caps = [item for app, cap in (app_limits or {}).items() for item in (app, max(0, int(cap)))]
         rows = await self._script("CLAIM", self.consumer, repr(now), limit, int(self._idle * 1000),
-                                  repr(time.time()), *caps)
+                                  repr(time.time()), repr(float(lease)), *caps)
         jobs = []
         lease_end = time.monotonic() + lease
         for seq, entry, delivery_id, token, kind, data, received, expires, attempts, app, rid, mid in rows:
