@@ -17,7 +17,7 @@ from relay.config import Config, load_config
 from relay.delivery.dispatcher import Dispatcher, RetryPolicy
 from relay.inbound.parse import dedupe_key, parse_webhook
 from relay.observability import Metrics
-from relay.outcome import EndState, Outcome, SendResult
+from relay.outcome import EndState, Outcome, SendResult, WaitReason
 from relay.providers import Provider
 from relay.push import ApnsPush, Push
 from relay.registry.device import Device
@@ -166,7 +166,7 @@ async def test_unroutable_delivery_is_sent_as_soon_as_a_device_is_added(harness:
     device = Device(token, "ios", token)
     await harness.store.put_device(device, harness.clock.now())
     harness.registry.put(device)
-    assert await harness.store.wake([token], harness.clock.now()) == 1
+    assert await harness.store.wake(harness.clock.now(), reasons={WaitReason.UNROUTABLE}, tokens=[token]) == 1
     await harness.run()
     assert harness.bodies() == ["m1"]
 

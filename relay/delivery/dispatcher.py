@@ -21,7 +21,7 @@ from relay.delivery.translate import translate
 from relay.errors import InvalidWebhook, StoreError, StoreUnavailable
 from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
-from relay.outcome import EndState, Outcome, SendResult
+from relay.outcome import EndState, Outcome, SendResult, WaitReason
 from relay.providers import Provider
 from relay.registry.device import Route
 from relay.registry.routing import Registry
@@ -194,13 +194,14 @@ class Dispatcher:
         breaker = self.breakers.setdefault(route.app.name, Breaker())
         if not breaker.allows(now):
             at = max(breaker.open_until, now + 1.0)
-            reason = "config_error" if breaker.alarm else "circuit_open"
-            await self._persist(lambda: self.store.retry(job, at, reason, count_attempt=False))
+            wait = WaitReason.CONFIG_ERROR if breaker.alarm else WaitReason.CIRCUIT_OPEN
+            await self._persist(lambda: self.store.retry(job, at, wait, breaker.alarm or "", count_attempt=False))
             return
         provider = self._providers().get(route.app.name)
         if provider is None:
             at = now + self.settings.config_error_retry
-            await self._persist(lambda: self.store.retry(job, at, "config_error", count_attempt=False))
+            await self._persist(lambda: self.store.retry(job, at, WaitReason.CONFIG_ERROR, "no provider for the app",
+                                                         count_attempt=False))
             return
         push = translate(notification, route, job.delivery_id, now, expires_at)
         self.metrics.inflight.inc()
@@ -220,7 +221,7 @@ class Dispatcher:
             await self.record_end(job, EndState.UNROUTABLE, "no registry entry for this token", None)
         else:
             # Parked until the grace period ends; a registry reload or a new device wakes it sooner.
-            await self._persist(lambda: self.store.retry(job, deadline, "unroutable", count_attempt=False))
+            await self._persist(lambda: self.store.retry(job, deadline, WaitReason.UNROUTABLE, count_attempt=False))
 
     async def record(self, job: Job, route: Route, result: SendResult, expires_at: float) -> None:
         """Turn a provider answer into a stored end state or a scheduled retry."""
@@ -252,21 +253,23 @@ class Dispatcher:
                 event(logging.ERROR, "app configuration alarm: deliveries kept until it is fixed", app=app,
                       reason=result.reason)
                 await self._notify_alarm(app, result.reason)
-            await self._retry(job, route, breaker.open_until, result.reason, count=False, expires_at=expires_at)
+            await self._retry(job, route, breaker.open_until, result.reason, count=False, expires_at=expires_at,
+                              wait=WaitReason.CONFIG_ERROR)
         else:
             breaker.probing = False
             breaker.failures += 1
             if breaker.failures >= RETRY_TRIP:
                 breaker.open_until = now + self.policy.delay(breaker.failures - RETRY_TRIP, result.retry_after)
             at = now + self.policy.delay(job.attempts, result.retry_after)
-            await self._retry(job, route, at, result.reason, count=True, expires_at=expires_at)
+            await self._retry(job, route, at, result.reason, count=True, expires_at=expires_at, wait=WaitReason.RETRY)
 
-    async def _retry(self, job: Job, route: Route, at: float, reason: str, *, count: bool, expires_at: float) -> None:
+    async def _retry(self, job: Job, route: Route, at: float, reason: str, *, count: bool, expires_at: float,
+                     wait: WaitReason) -> None:
         if at >= expires_at:
             await self.record_end(job, EndState.EXPIRED, f"expired while retrying ({reason})", route)
             return
         self.metrics.retries.labels(route.app.platform, route.app.name, reason.split(" ")[0][:40]).inc()
-        await self._persist(lambda: self.store.retry(job, at, reason, count_attempt=count))
+        await self._persist(lambda: self.store.retry(job, at, wait, reason, count_attempt=count))
 
     async def _close_breaker(self, app: str, breaker: Breaker) -> None:
         breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False
@@ -275,7 +278,8 @@ class Dispatcher:
             self.metrics.alarms.labels(app).set(0)
             event(logging.INFO, "app configuration alarm cleared", app=app)
             await self._notify_alarm(app, None)
-            await self._persist(lambda: self.store.wake(None, self.clock.now()))
+            await self._persist(lambda: self.store.wake(
+                self.clock.now(), reasons={WaitReason.CONFIG_ERROR, WaitReason.CIRCUIT_OPEN}))
 
     async def _notify_alarm(self, app: str, reason: str | None) -> None:
         if self.on_alarm is not None:

@@ -20,11 +20,15 @@ from relay.http.app import add_routes
 from relay.http.errors import errors_middleware
 from relay.inbound.auth import build_authenticator
 from relay.observability import Metrics, event
+from relay.outcome import WaitReason
 from relay.providers import Bounded, create_provider
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
 from relay.running import RELAY_KEY, Relay
 from relay.store import Store, create_store
+
+# What a reload can fix: new credentials (config errors, open circuits) and new registry entries (unroutable).
+RELOAD_RELEASES = frozenset({WaitReason.CONFIG_ERROR, WaitReason.CIRCUIT_OPEN, WaitReason.UNROUTABLE})
 
 
 async def reload(relay: Relay) -> bool:
@@ -63,7 +67,7 @@ async def reload(relay: Relay) -> bool:
         relay.dispatcher.clear_alarms()
         relay.dispatcher.wake()
         try:  # releases what waited on the old configuration; the dispatcher's own wake covers a failure here
-            await relay.store.wake(None, relay.clock.now())
+            await relay.store.wake(relay.clock.now(), reasons=RELOAD_RELEASES)
         except StoreError as exc:
             event(logging.WARNING, "reload applied; waking parked deliveries failed", error=str(exc))
     relay.metrics.reloads.labels("ok").inc()
@@ -130,6 +134,10 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
+    # This process delivers: what a crashed one left in flight is due again (never a live process's claims).
+    recovered = await relay.store.recover(relay.clock.now())
+    if recovered:
+        event(logging.WARNING, "deliveries left in flight by a stopped process are due again", count=recovered)
     dispatcher = Dispatcher(relay.store, relay.registry, lambda: relay.providers, relay.config.delivery,
                             relay.metrics, relay.clock)
     relay.dispatcher = dispatcher
