@@ -64,8 +64,6 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSe
     client.close()
 
 
-
-
 @pytest.fixture
 async def make_store(settings: StoreSettings) -> AsyncIterator[MakeStore]:
     """Open another store on the same backend and data (another relay instance, or a restart)."""
@@ -363,7 +361,12 @@ async def test_dead_letter_returns_one_with_its_payload(store: Store) -> None:
 
 # -- retention: prune ---------------------------------------------------------------------------------
 
+# Pruning by the caller's clock is SQLite's: in Redis a finished delivery's hash and a dedupe key carry a TTL
+# (keep_finished, the dedupe window) and expire by themselves. tests/test_store_redis.py proves those TTLs.
+sqlite_prunes = pytest.mark.parametrize("settings", ["sqlite"], indirect=True)
 
+
+@sqlite_prunes
 async def test_prune_drops_finished_deliveries_after_the_default_retention(store: Store) -> None:
     """At the default ``keep_finished`` (an hour) finished deliveries stay inspectable, then prune drops
     them; dead letters and open deliveries stay, and the counters still balance."""
@@ -385,6 +388,7 @@ async def test_prune_drops_finished_deliveries_after_the_default_retention(store
     assert stats.balanced
 
 
+@sqlite_prunes
 async def test_prune_drops_expired_dedupe_keys_without_finishing_anything(store: Store) -> None:
     """Expired dedupe keys go with prune alone (no delivery needs to finish); live keys still refuse."""
     assert await store.enqueue([item("a", "old")], NOW, 600) == [True]

@@ -383,6 +383,22 @@ async def test_a_finished_delivery_drops_its_payload_and_expires_after_keep_fini
     assert await store.dead_letter("not-an-id") is None
 
 
+async def test_a_dedupe_key_expires_with_its_window_and_prune_changes_no_delivery(
+    store: RedisStore, raw: redis.Redis, settings: StoreSettings
+) -> None:
+    """A dedupe key lives exactly its window (no prune needed to bound them); prune, with work in flight and
+    waiting, leaves every key of the store as it was."""
+    assert await store.enqueue([dataclasses.replace(item("a"), dedupe_key="k1"), item("b")], NOW, 600) == [True, True]
+    assert 590_000 <= raw.pttl(f"{settings.prefix}:dd:k1") <= 600_000
+    a, b = await store.claim(10, NOW, LEASE)
+    await store.retry(b, NOW + 60, WaitReason.RETRY, "503")
+    before = snapshot(raw, settings.prefix)
+    assert await store.prune(time.time()) == 0
+    assert snapshot(raw, settings.prefix) == before
+    await store.finish(a, EndState.SENT, "", NOW)
+    assert (await store.stats()).balanced
+
+
 async def test_a_finished_record_disappears_from_tracing_once_it_expired(make_store: MakeStore) -> None:
     """Past keep_finished the record is gone, and ``deliveries`` skips what its index still names."""
     store = await make_store(keep_finished=1.0)
