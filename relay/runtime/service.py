@@ -270,8 +270,10 @@ async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> Non
     event(logging.INFO, "relay stopping: draining in-flight requests and sends", timeout=timeout)
     notifier.stopping(f"draining (up to {timeout:g}s for requests, then {timeout:g}s for sends)")
     relay.draining = True  # /readyz answers 503 from now on
+    accepting = bool(listeners.sites)  # a delivery process has no listener: nothing can be arriving
     await listeners.stop_accepting()
-    await asyncio.sleep(ACCEPT_GRACE)
+    if accepting:
+        await asyncio.sleep(ACCEPT_GRACE)
     if not await listeners.in_flight.wait(timeout):
         event(logging.WARNING, "requests still in flight after shutdown_timeout, closing them",
               requests=listeners.in_flight.count)
