@@ -57,8 +57,11 @@ class Suite:
         self.figures: dict[str, float] = {}
         self.next_id = 1
 
+    processes: str | None = None  # --processes: the suite's process model (None: the multi-process default)
+
     def relay(self, name: str, processes: str | None = None, **overrides: Any) -> Relay:
-        """A relay in the default process model (``processes="1"``: ``serve --processes 1``)."""
+        """A relay in the suite's process model, or in ``processes`` (``"1"``: ``serve --processes 1``)."""
+        processes = processes or self.processes
         store = overrides.pop("store", {"backend": "sqlite", "path": str(self.root / f"{name}.db")})
         return Relay(self.root, self.base, name, overrides.pop("devices", self.devices), store=store,
                      processes=processes, **overrides).wait_ready()
@@ -133,7 +136,7 @@ class Suite:
     def sustained(self) -> None:
         """Delivered pushes/s under a closed-loop webhook load: the default process model vs one process."""
         rates: dict[str, float] = {}
-        for processes, label in ((None, "multi-process default"), ("1", "--processes 1")):
+        for processes, label in (("auto", "multi-process default"), ("1", "--processes 1")):
             relay = self.relay(f"sustained-{processes or 'auto'}", processes=processes)
             mark = self.fakes.mark()
             try:
@@ -357,6 +360,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="parley-relay benchmark suite (issue 7)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load row (after 1 s warm-up)")
     parser.add_argument("--million", action="store_true", help="also load a 1M-device registry")
+    parser.add_argument("--processes", choices=("1", "auto"), default=None,
+                        help="process model of every relay row (default: the relay's, i.e. auto)")
     parser.add_argument("--only", default="", help=f"comma-separated rows: {','.join(ROWS)}")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -367,6 +372,7 @@ def main() -> int:
     started = time.monotonic()
     with harness.scratch() as tmp:
         suite = Suite(Path(tmp), args.seconds)
+        suite.processes = args.processes
         shown = 0
         try:
             for name in chosen:
