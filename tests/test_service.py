@@ -631,3 +631,31 @@ def test_processes_setting_forms_and_auto_sizing(sandbox: Sandbox) -> None:
     assert plan_counts(Processes(), "sqlite", cpus=8) == Counts(2, 2)
     assert plan_counts(Processes(None, 5), "sqlite", cpus=2) == Counts(1, 5)
     assert load_config(sandbox.write(listen={"host": "127.0.0.1", "port": 8080, "backlog": 64})).listen.backlog == 64
+
+
+async def test_wake_ups_coalesce_per_loop_turn_and_never_block_on_a_full_receiver() -> None:
+    """Many webhooks answered in one loop turn send one datagram per delivery process; a receiver that
+    does not read (its buffer full) never blocks or fails the sender; a reading receiver is woken."""
+    from relay.runtime.waker import WakeReceiver, WakeSender, wake_address
+
+    base = f"parley-relay-test-{time.monotonic_ns()}"
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # delivery process 1: never reads
+    stuck.bind(wake_address(base, 1))
+    woken = asyncio.Event()
+    receiver = WakeReceiver(base, 0, woken.set)
+    sender = WakeSender(base, 3)  # delivery process 2 does not exist (restarting): dropped silently
+    try:
+        for _ in range(100):
+            sender.wake()
+        await asyncio.wait_for(woken.wait(), 5)
+        stuck.setblocking(False)
+        assert stuck.recv(16) == b"w"
+        with pytest.raises(BlockingIOError):
+            stuck.recv(16)  # 100 wake() calls in one turn: one datagram
+        for _ in range(5000):  # one datagram per turn, far beyond the stuck receiver's buffer
+            sender.wake()
+            await asyncio.sleep(0)
+    finally:
+        sender.close()
+        receiver.close()
+        stuck.close()

@@ -32,8 +32,17 @@ class WakeSender:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         self._addresses = [wake_address(base, i) for i in range(deliveries)]
+        self._pending = False
 
     def wake(self) -> None:
+        """Wake every delivery process at the end of this loop turn: the webhooks answered in one turn cost
+        one datagram per delivery process, not one each."""
+        if not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._pending = False
         for address in self._addresses:
             try:
                 self._sock.sendto(b"w", address)
