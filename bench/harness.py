@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from relay.testing.process import RelayProcess
+
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
@@ -143,7 +145,7 @@ class Relay:
     """One ``parley-relay serve`` child on a free loopback port, its log in ``root``."""
 
     def __init__(self, root: Path, base: Mapping[str, Any], name: str, devices: Mapping[str, Mapping[str, str]] | None,
-                 registry: Path | None = None, **overrides: Any) -> None:
+                 registry: Path | None = None, processes: str | None = None, **overrides: Any) -> None:
         self.port = free_port()
         config = {**base, **overrides, "listen": {"host": "127.0.0.1", "port": self.port},
                   "logging": {"level": "WARNING"}}
@@ -154,10 +156,11 @@ class Relay:
         self.config = root / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log = root / f"{name}.log"
-        command = [str(Path(PYTHON).with_name("parley-relay")), "serve", "--config", str(self.config)]
-        with self.log.open("wb") as out:
-            self.started = time.monotonic()
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        self.log.unlink(missing_ok=True)
+        self.started = time.monotonic()
+        # The launcher the tests use; processes "1" = serve --processes 1, None = the multi-process default.
+        self.launched = RelayProcess(self.config, log=self.log, processes=processes)
+        self.proc = self.launched.proc
         self.ready_after = 0.0
 
     @property
@@ -170,7 +173,12 @@ class Relay:
         return self
 
     def rss_mb(self) -> float:
-        return rss_mb(self.proc.pid)
+        """The relay's resident memory: the main process and every role process."""
+        return sum(rss_mb(pid) for pid in (self.proc.pid, *self.launched.children().values()))
+
+    def pids(self) -> dict[str, int]:
+        """``main`` and the role processes (``ingest.0``, ``delivery.0``...), for profiling."""
+        return {"main": self.proc.pid, **self.launched.children()}
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far: the whole process, and its main thread (the event loop that also acks webhooks)."""
@@ -179,9 +187,6 @@ class Relay:
     def stop(self) -> None:
         stop(self.proc)
 
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
 
 
 @contextmanager

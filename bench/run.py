@@ -57,10 +57,14 @@ class Suite:
         self.figures: dict[str, float] = {}
         self.next_id = 1
 
-    def relay(self, name: str, **overrides: Any) -> Relay:
+    processes: str | None = None  # --processes: the suite's process model (None: the multi-process default)
+
+    def relay(self, name: str, processes: str | None = None, **overrides: Any) -> Relay:
+        """A relay in the suite's process model, or in ``processes`` (``"1"``: ``serve --processes 1``)."""
+        processes = processes or self.processes
         store = overrides.pop("store", {"backend": "sqlite", "path": str(self.root / f"{name}.db")})
         return Relay(self.root, self.base, name, overrides.pop("devices", self.devices), store=store,
-                     **overrides).wait_ready()
+                     processes=processes, **overrides).wait_ready()
 
     def load(self, url: str, tokens: list[str], **spec: Any) -> dict[str, Any]:
         spec.setdefault("duration", self.seconds)
@@ -96,9 +100,57 @@ class Suite:
             relay.stop()
         self._bad_answers("ack latency", result)
         p99 = result["p99"] * 1000
-        self.rows.append(Row(f"ack latency @ {rate:,.0f}/s open loop (p50 / p99 / max)",
+        self.rows.append(Row(f"ack latency @ {rate:,.0f}/s open loop, dispatcher delivering (p50 / p99 / max)",
                              f"{result['p50'] * 1000:.1f} / {p99:.1f} / {result['max'] * 1000:.1f} ms",
                              target="p99 <= 10 ms", ok=p99 <= 10))
+
+    def ack_platform(self, platform_: str, rate: float = 500.0) -> None:
+        """Ack latency while every acknowledged webhook is also being pushed to one provider."""
+        tokens = self.ios if platform_ == "apns" else self.android
+        relay = self.relay(f"ack-{platform_}")
+        try:
+            result = self.load(relay.url, tokens, mode="open", rate=rate, connections=64)
+        finally:
+            relay.stop()
+        self._bad_answers(f"ack {platform_}", result)
+        p99 = result["p99"] * 1000
+        self.rows.append(Row(f"ack latency @ {rate:,.0f}/s open loop, {platform_} pushes (p50 / p99 / max)",
+                             f"{result['p50'] * 1000:.1f} / {p99:.1f} / {result['max'] * 1000:.1f} ms",
+                             target="p99 <= 25 ms", ok=p99 <= 25))
+
+    def leaving(self, rate: float = 1500.0) -> None:
+        """Pushes that reach APNs while an open-loop load runs, against the webhooks acknowledged meanwhile."""
+        relay = self.relay("leaving")
+        mark = self.fakes.mark()
+        try:
+            result = self.load(relay.url, self.ios, mode="open", rate=rate, connections=64, warmup=0,
+                               duration=max(5.0, self.seconds))
+            left = self.fakes.since(mark)["apns"]["count"]  # at the end of the load, before any catch-up
+        finally:
+            relay.stop()
+        acked = max(1, int(result["ok"]))
+        ratio = left / acked
+        self.rows.append(Row(f"pushes leaving during {rate:,.0f}/s open-loop APNs load",
+                             f"{left:,} of {acked:,} acked", "acked", f"{ratio:.2f}", ">= 0.9", ratio >= 0.9))
+
+    def sustained(self) -> None:
+        """Delivered pushes/s under a closed-loop webhook load: the default process model vs one process."""
+        rates: dict[str, float] = {}
+        for processes, label in (("auto", "multi-process default"), ("1", "--processes 1")):
+            relay = self.relay(f"sustained-{processes or 'auto'}", processes=processes)
+            mark = self.fakes.mark()
+            try:
+                self.load(relay.url, self.ios + self.android, mode="closed", connections=64)
+                got = self.fakes.since(mark)  # what left while the load ran
+            finally:
+                relay.stop()
+            rates[label] = sum(_rate(got[p]) for p in ("apns", "fcm"))
+            self.rows.append(Row(f"sustained delivered/s under closed-loop load, {label}",
+                                 f"{rates[label]:,.0f} pushes/s"))
+        base = rates["--processes 1"]
+        ratio = rates["multi-process default"] / base if base else 0.0
+        self.rows.append(Row("sustained delivered/s: multi-process default / --processes 1", f"{ratio:.2f}",
+                             target=">= 1.4", ok=ratio >= 1.4))
 
     def ingest_redis(self) -> None:
         if not _redis_available():
@@ -318,6 +370,10 @@ ROWS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "ceiling_http": lambda s, a: s.ceiling_http(),
     "ingest": lambda s, a: s.ingest(),
     "ack": lambda s, a: s.ack_latency(),
+    "ack_apns": lambda s, a: s.ack_platform("apns"),
+    "ack_fcm": lambda s, a: s.ack_platform("fcm"),
+    "leaving": lambda s, a: s.leaving(),
+    "sustained": lambda s, a: s.sustained(),
     "ingest_redis": lambda s, a: s.ingest_redis(),
     "ceiling_apns": lambda s, a: s.ceiling_apns(),
     "drain_apns": lambda s, a: s.drain("apns"),
@@ -334,6 +390,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="parley-relay benchmark suite (issue 7)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load row (after 1 s warm-up)")
     parser.add_argument("--million", action="store_true", help="also load a 1M-device registry")
+    parser.add_argument("--processes", choices=("1", "auto"), default=None,
+                        help="process model of every relay row (default: the relay's, i.e. auto)")
     parser.add_argument("--only", default="", help=f"comma-separated rows: {','.join(ROWS)}")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -344,6 +402,7 @@ def main() -> int:
     started = time.monotonic()
     with harness.scratch() as tmp:
         suite = Suite(Path(tmp), args.seconds)
+        suite.processes = args.processes
         shown = 0
         try:
             for name in chosen:

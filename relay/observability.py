@@ -14,12 +14,15 @@ import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 LOGGER_NAME = "parley_relay"
 log = logging.getLogger(LOGGER_NAME)
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -56,21 +59,45 @@ class Metrics:
                                ["platform", "app", "reason"], registry=r)
         self.dead_tokens = Counter("parley_relay_dead_tokens", "Push tokens newly marked dead", ["platform", "app"],
                                    registry=r)
-        self.queue_depth = Gauge("parley_relay_queue_depth", "Deliveries pending or in flight", registry=r)
-        self.inflight = Gauge("parley_relay_sends_in_flight", "Provider requests in flight", registry=r)
+        # Gauges say how processes combine under a multi-process relay (ignored in one process): the queue
+        # depth is read from the store by whichever process answers /metrics, sends add up, an alarm in any
+        # delivery process counts, and so do the commits of every process.
+        self.queue_depth = Gauge("parley_relay_queue_depth", "Deliveries pending or in flight", registry=r,
+                                 multiprocess_mode="livemostrecent")
+        self.inflight = Gauge("parley_relay_sends_in_flight", "Provider requests in flight", registry=r,
+                              multiprocess_mode="livesum")
         self.alarms = Gauge("parley_relay_app_alarm", "1 while an app has a configuration alarm", ["app"],
-                            registry=r)
+                            registry=r, multiprocess_mode="livemax")
         self.ack_latency = Histogram("parley_relay_ack_seconds", "Webhook arrival to answer", registry=r,
                                      buckets=_LATENCY_BUCKETS)
         self.delivery_latency = Histogram("parley_relay_delivery_seconds", "Webhook arrival to provider accept",
                                           ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
         self.provider_latency = Histogram("parley_relay_provider_request_seconds", "One provider request",
                                           ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
-        self.store_commits = Gauge("parley_relay_store_commits", "Store transactions committed", registry=r)
+        self.store_commits = Gauge("parley_relay_store_commits", "Store transactions committed", registry=r,
+                                   multiprocess_mode="livesum")
         self.reloads = Counter("parley_relay_reloads", "Configuration reloads by result", ["result"], registry=r)
         self.api_requests = Counter("parley_relay_api_requests", "Device API requests by operation and status",
                                     ["operation", "status"], registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process, or of every process of the relay when it runs several.
+
+        prometheus_client's multiprocess mode: each process writes its values to files in
+        ``$PROMETHEUS_MULTIPROC_DIR`` (set by the supervisor before any child starts), and whichever
+        process answers ``/metrics`` reads and merges them all.
+        """
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return bytes(generate_latest(self.registry))
+        merged = CollectorRegistry()
+        collected = MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+        # Families no process has a sample of yet (a labelled counter nobody incremented) are missing from the
+        # files; this process's empty family keeps them listed, as in one process.
+        seen = {family.name for family in collected.collect()}  # type: ignore[no-untyped-call]
+        merged.register(_Missing([f for f in self.registry.collect() if f.name not in seen]))
+        return bytes(generate_latest(merged))
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: the delivery path asks for the same few children per push."""
@@ -79,6 +106,14 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+class _Missing(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def short_token(token: str) -> str:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from relay.cli import main as cli_main
 from relay.config import load_config
 from relay.outcome import EndState
 from relay.store import create_store
+from relay.testing.process import RelayProcess
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
 
 
@@ -26,13 +24,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`parley-relay serve` as a real process (the same entry point systemd runs)."""
-    with log.open("ab") as stderr:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+def start_relay(config: Path, log: Path) -> RelayProcess:
+    """`parley-relay serve` as a real process (the same entry point systemd runs), through the one launcher."""
+    return RelayProcess(config, log=log, env={"PYTHONUNBUFFERED": "1"})
 
 
 async def wait_ready(port: int, timeout: float = 15.0) -> None:

@@ -37,7 +37,7 @@ def box(tmp_path: Path) -> Iterator[Sandbox]:
         sandbox.stop()
 
 
-def _pending_of(url: str, prefix: str, consumer_prefix: str) -> int:
+def _pending_of(url: str, prefix: str, consumer_prefix: str | tuple[str, ...]) -> int:
     """Entries a consumer (one relay process) still holds in the stream's pending list."""
     client = redis.Redis.from_url(url)
     try:

@@ -8,9 +8,11 @@ import contextlib
 import io
 import itertools
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -25,7 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli import main
-from relay.testing.process import NotifySocket, RelayProcess, listening_socket
+from relay.testing.process import NotifySocket, RelayProcess, listening_socket, relay_command
 from relay.testing.sandbox import (
     ANDROID_TOKEN,
     AUTH_HEADER,
@@ -72,12 +74,13 @@ def _request(url: str, doc: Any = None, headers: dict[str, str] | None = None) -
 
 
 def _start(sandbox: Sandbox, notify: NotifySocket, sock: socket.socket, *, env: dict[str, str] | None = None,
-           name: str = "relay.yaml", **overrides: Any) -> RelayProcess:
+           name: str = "relay.yaml", mode: str | None = None, **overrides: Any) -> RelayProcess:
+    """A relay under the stand-in for systemd; ``mode`` (serve --processes) None = the test run's (RelayProcess)."""
     config = sandbox.write(name, **overrides)
     start = len(notify.messages)
-    relay = RelayProcess(config, notify=notify, activation=[("webhook", sock)], env=env)
+    relay = RelayProcess(config, notify=notify, activation=[("webhook", sock)], env=env, processes=mode)
     try:
-        notify.wait_for("READY=1", timeout=15, start=start)
+        notify.wait_for("READY=1", timeout=30, start=start)
     except TimeoutError:
         relay.__exit__()
         raise AssertionError(f"relay did not become ready:\n{relay.log()}") from None
@@ -211,10 +214,16 @@ def test_reload_keeps_the_old_config_on_a_bad_file_and_routes_parked_deliveries_
         assert 'parley_relay_reloads_total{result="rejected"} 2.0' in metrics
         assert 'parley_relay_reloads_total{result="ok"} 1.0' in metrics
         assert relay.stop() == 0
-    lines = [line for line in relay.log().splitlines() if "reload rejected" in line]
-    assert len(lines) == 2, lines
-    assert "delivery.concurency: unknown key" in lines[0]
-    assert "devices.yaml: devices.eJ9x" in lines[1] and "no-such-app" in lines[1]
+    by_process: dict[str, list[str]] = {}  # several processes: each logs its own rejection once
+    for line in relay.log().splitlines():
+        if "reload rejected" in line:
+            process = re.sub(r".*process=(\S+).*", r"\1", line) if "process=" in line else ""
+            by_process.setdefault(process, []).append(line)
+    assert by_process
+    for lines in by_process.values():
+        assert len(lines) == 2, lines
+        assert "delivery.concurency: unknown key" in lines[0]
+        assert "devices.yaml: devices.eJ9x" in lines[1] and "no-such-app" in lines[1]
 
 
 # -- graceful stop --------------------------------------------------------------------------------
@@ -461,3 +470,192 @@ def test_grafana_dashboard_queries_only_exported_metrics_and_labels() -> None:
             for group in re.findall(r"by \(([^)]*)\)", expr):
                 used = {label.strip() for label in group.split(",") if label.strip()}
                 assert used <= exported[name], f"{expr}: {used - exported[name]}"
+
+
+# -- processes: a supervisor, webhook (ingest) and delivery processes -------------------------------------
+
+
+def _reload_command(relay: RelayProcess) -> subprocess.CompletedProcess[str]:
+    """What ExecReload= runs: `parley-relay reload --pid $MAINPID`."""
+    return subprocess.run([*relay_command(), "reload", "--pid", str(relay.pid), "--timeout", "30"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ready_only_once_every_role_is_up_and_the_main_process_speaks_for_all(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """processes {ingest: 2, delivery: 2}: READY=1 comes from the main pid after each of the four processes
+    logged its own readiness; no child's datagram reaches systemd; /metrics counts across processes."""
+    relay = _start(sandbox, notify, webhook_socket, mode="auto",
+                   processes={"ingest": 2, "delivery": 2})
+    with relay:
+        ready = notify.wait_for("READY=1")
+        logged = relay.log()  # as it was when READY=1 arrived
+        for name in ("ingest.0", "ingest.1", "delivery.0", "delivery.1"):
+            assert re.search(rf'event="relay ready".*process={re.escape(name)}', logged), name
+        assert {m.pid for m in notify.messages} == {relay.pid} and ready.pid == relay.pid
+        assert set(relay.children()) == {"ingest.0", "ingest.1", "delivery.0", "delivery.1"}
+        for i in range(20):
+            assert _request(_url(webhook_socket), sample("message", to=[ANDROID_TOKEN], id=900 + i))[0] == 200
+        _wait(lambda: set(range(900, 920)) <= set(_fcm_ids(sandbox)), what="every push")
+        metrics = _request(_url(webhook_socket, "/metrics"))[1]
+        assert 'parley_relay_webhooks_total{result="accepted"} 20.0' in metrics
+        assert relay.stop() == 0
+    stats = _stats(relay.config)
+    assert stats["balanced"] and stats["ended"]["sent"] == stats["accepted"] == 20
+
+
+def test_sigkill_of_a_delivery_process_loses_nothing_and_it_is_restarted(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """kill -9 of the delivery process with sends in flight: the supervisor starts a new one, which sends
+    what the dead one had claimed; every accepted notification is sent, the books balance, READY is not
+    sent again."""
+    sandbox.fcm.set_delay(0.5)
+    relay = _start(sandbox, notify, webhook_socket, mode="auto")
+    with relay:
+        for i in range(30):
+            assert _request(_url(webhook_socket), sample("message", to=[ANDROID_TOKEN], id=1000 + i))[0] == 200
+        _wait(lambda: len(sandbox.fcm.requests) >= 1, what="a send in flight")
+        first = relay.children()["delivery.0"]
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: relay.children().get("delivery.0") not in (None, first), what="a new delivery process")
+        sandbox.fcm.recover()
+        _wait(lambda: set(range(1000, 1030)) <= set(_fcm_ids(sandbox)), timeout=30, what="every push")
+        assert len([m for m in notify.messages if "READY=1" in m]) == 1
+        assert relay.stop() == 0
+    assert "starting it again" in relay.log()
+    stats = _stats(relay.config)
+    assert stats["balanced"] and stats["accepted"] == 30 and stats["ended"]["sent"] == 30
+
+
+def test_sigkill_of_the_supervisor_leaves_no_process_and_loses_nothing(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """kill -9 of the main process with deliveries stored: its children drain and exit by themselves
+    (no orphan keeps the port or the store), and the next start sends everything accepted."""
+    sandbox.apns.hang()
+    relay = _start(sandbox, notify, webhook_socket, mode="auto", shutdown_timeout=0.5)
+    with relay:
+        for i in range(10):
+            assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=1100 + i))[0] == 200
+        children = list(relay.children().values())
+        assert len(children) == 2
+        relay.signal(signal.SIGKILL)
+        relay.wait()
+        _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), what="the children to exit")
+    sandbox.apns.recover()
+    relay = _start(sandbox, notify, webhook_socket)
+    with relay:
+        _wait(lambda: len([r for r in sandbox.apns.requests if r.status == 200]) >= 10, what="the stored pushes")
+        assert relay.stop() == 0
+    stats = _stats(relay.config)
+    assert stats["balanced"] and stats["accepted"] == 10 and stats["ended"]["sent"] == 10
+
+
+def test_a_hung_child_stops_the_services_watchdog_pings(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """WatchdogSec=1s: the main process pings while every child pings; a stopped (hung) delivery process
+    withholds the service's pings (systemd would restart it), which resume once the child answers again."""
+    relay = _start(sandbox, notify, webhook_socket, mode="auto", env={"WATCHDOG_USEC": "1000000"})
+    with relay:
+        time.sleep(1.5)
+        child = relay.children()["delivery.0"]
+        os.kill(child, signal.SIGSTOP)
+        time.sleep(3.0)
+        os.kill(child, signal.SIGCONT)
+        time.sleep(1.5)
+        assert relay.stop() == 0
+    pings = [m.at for m in notify.messages if "WATCHDOG=1" in m and m.pid == relay.pid]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert len(pings) >= 6
+    assert max(gaps) >= 1.8  # none while the child was stopped (3 s, minus the 1 s it may be late)
+    assert "stopped answering" in relay.log()
+
+
+def test_readyz_reflects_an_alarm_raised_in_a_delivery_process(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
+    """APNs refuses the key: the delivery process's config alarm turns /readyz of the webhook process 503
+    naming the app; a reload with the problem gone clears it."""
+    sandbox.apns.fail_all(403, "InvalidProviderToken")
+    relay = _start(sandbox, notify, webhook_socket, mode="auto")
+    with relay:
+        assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=1200))[0] == 200
+        _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 503, what="the alarm in /readyz")
+        doc = _request(_url(webhook_socket, "/readyz"))[1]
+        assert any(p.startswith("app ios:") and "InvalidProviderToken" in p for p in doc["problems"]), doc
+        assert 'parley_relay_app_alarm{app="ios"} 1.0' in _request(_url(webhook_socket, "/metrics"))[1]
+        sandbox.apns.recover()
+        assert _reload_command(relay).returncode == 0
+        _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 200, what="the alarm to clear")
+        assert relay.stop() == 0
+    stats = _stats(relay.config)
+    assert stats["balanced"] and stats["accepted"] == 1 and stats["ended"]["dead_letter"] == 0  # kept, not dropped
+
+
+@pytest.mark.parametrize("processes", ["1", "auto"])
+def test_reload_command_exit_status_is_the_reload_outcome(
+        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket, processes: str) -> None:
+    """`parley-relay reload --pid` (ExecReload=) exits 0 when the files were taken and 1, with the reason,
+    when they were rejected, in both process models."""
+    config = sandbox.write()
+    with RelayProcess(config, notify=notify, activation=[("webhook", webhook_socket)], processes=processes) as relay:
+        notify.wait_for("READY=1", timeout=30)
+        taken = _reload_command(relay)
+        assert taken.returncode == 0, taken.stderr
+        good = config.read_text()
+        config.write_text(good.replace("delivery:", "delivery:\n  concurency: 5"))
+        rejected = _reload_command(relay)
+        assert rejected.returncode == 1 and "reload rejected" in rejected.stderr, rejected
+        config.write_text(good)
+        assert _reload_command(relay).returncode == 0
+        assert relay.stop() == 0
+    assert _reload_command(relay).returncode == 1  # no relay there any more
+
+
+def test_processes_setting_forms_and_auto_sizing(sandbox: Sandbox) -> None:
+    """processes: auto (default) | 1 | {ingest, delivery}; auto gives a quarter of the CPUs (at least one) to
+    webhooks and the rest (at least one; at most two on SQLite) to delivery; listen.backlog defaults to 4096."""
+    from relay.config import load_config
+    from relay.config.model import Processes
+    from relay.errors import ConfigError
+    from relay.runtime.supervisor import Counts, plan_counts
+
+    default = load_config(sandbox.write())
+    assert default.processes == Processes() and default.listen.backlog == 4096
+    assert load_config(sandbox.write(processes=1)).processes.single
+    assert load_config(sandbox.write(processes={"ingest": 2, "delivery": "auto"})).processes == Processes(2, None)
+    with pytest.raises(ConfigError, match="processes"):
+        load_config(sandbox.write(processes="many"))
+    with pytest.raises(ConfigError, match=r"processes\.delivery"):
+        load_config(sandbox.write(processes={"delivery": 0}))
+    assert plan_counts(Processes(), "sqlite", cpus=2) == Counts(1, 1)
+    assert plan_counts(Processes(), "redis", cpus=8) == Counts(2, 6)
+    assert plan_counts(Processes(), "sqlite", cpus=8) == Counts(2, 2)
+    assert plan_counts(Processes(None, 5), "sqlite", cpus=2) == Counts(1, 5)
+    assert load_config(sandbox.write(listen={"host": "127.0.0.1", "port": 8080, "backlog": 64})).listen.backlog == 64
+
+
+async def test_wake_ups_coalesce_per_loop_turn_and_never_block_on_a_full_receiver() -> None:
+    """Many webhooks answered in one loop turn send one datagram per delivery process; a receiver that
+    does not read (its buffer full) never blocks or fails the sender; a reading receiver is woken."""
+    from relay.runtime.waker import WakeReceiver, WakeSender, wake_address
+
+    base = f"parley-relay-test-{time.monotonic_ns()}"
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # delivery process 1: never reads
+    stuck.bind(wake_address(base, 1))
+    woken = asyncio.Event()
+    receiver = WakeReceiver(base, 0, woken.set)
+    sender = WakeSender(base, 3)  # delivery process 2 does not exist (restarting): dropped silently
+    try:
+        for _ in range(100):
+            sender.wake()
+        await asyncio.wait_for(woken.wait(), 5)
+        stuck.setblocking(False)
+        assert stuck.recv(16) == b"w"
+        with pytest.raises(BlockingIOError):
+            stuck.recv(16)  # 100 wake() calls in one turn: one datagram
+        for _ in range(5000):  # one datagram per turn, far beyond the stuck receiver's buffer
+            sender.wake()
+            await asyncio.sleep(0)
+    finally:
+        sender.close()
+        receiver.close()
+        stuck.close()

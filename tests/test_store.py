@@ -64,42 +64,6 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSe
     client.close()
 
 
-# ==== REDIS NOT YET ON THE NEW INTERFACE =================================================================
-# The Redis helper deletes this whole block (and nothing else) once relay/store/redis.py implements the new
-# Store interface (typed wait reasons, app hints and limits, recover, prune, deliveries, dead_letter).
-_REDIS_NOT_YET = {
-    "test_retry_keeps_per_device_order_and_counts_attempts",
-    "test_next_due_reports_the_earliest_pending_delivery",
-    "test_wake_by_reason_releases_a_config_error_whatever_the_provider_said",
-    "test_wake_by_tokens_releases_only_those_tokens_unroutable_deliveries",
-    "test_wake_by_apps_releases_only_that_apps_deliveries",
-    "test_wake_without_filters_releases_every_waiting_delivery",
-    "test_wait_reason_and_provider_words_are_kept_apart",
-    "test_app_hint_and_tracing_ids_travel_with_the_delivery",
-    "test_app_limits_cap_each_named_app_and_zero_skips_it",
-    "test_a_backlog_of_one_app_does_not_hide_another_apps_head",
-    "test_app_limits_keep_each_tokens_head_first",
-    "test_deliveries_are_found_by_token_request_and_message_newest_first",
-    "test_dead_letter_returns_one_with_its_payload",
-    "test_prune_drops_finished_deliveries_after_the_default_retention",
-    "test_prune_drops_expired_dedupe_keys_without_finishing_anything",
-    "test_opening_the_store_again_changes_no_delivery_state",
-    "test_recover_leaves_a_live_instances_work_alone",
-    "test_claim_takes_over_a_delivery_whose_lease_ran_out",
-    "test_work_in_flight_at_a_crash_is_claimable_again",
-    "test_a_stalled_instance_cannot_record_work_another_took_over",
-}
-
-
-@pytest.fixture(autouse=True)
-def _redis_not_yet(request: pytest.FixtureRequest) -> None:
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("settings") == "redis" and \
-            getattr(request.node, "originalname", "") in _REDIS_NOT_YET:
-        pytest.skip("redis store not yet on the new interface")
-# ==== END OF THE BLOCK TO DELETE ==========================================================================
-
-
 @pytest.fixture
 async def make_store(settings: StoreSettings) -> AsyncIterator[MakeStore]:
     """Open another store on the same backend and data (another relay instance, or a restart)."""
@@ -397,7 +361,12 @@ async def test_dead_letter_returns_one_with_its_payload(store: Store) -> None:
 
 # -- retention: prune ---------------------------------------------------------------------------------
 
+# Pruning by the caller's clock is SQLite's: in Redis a finished delivery's hash and a dedupe key carry a TTL
+# (keep_finished, the dedupe window) and expire by themselves. tests/test_store_redis.py proves those TTLs.
+sqlite_prunes = pytest.mark.parametrize("settings", ["sqlite"], indirect=True)
 
+
+@sqlite_prunes
 async def test_prune_drops_finished_deliveries_after_the_default_retention(store: Store) -> None:
     """At the default ``keep_finished`` (an hour) finished deliveries stay inspectable, then prune drops
     them; dead letters and open deliveries stay, and the counters still balance."""
@@ -419,6 +388,7 @@ async def test_prune_drops_finished_deliveries_after_the_default_retention(store
     assert stats.balanced
 
 
+@sqlite_prunes
 async def test_prune_drops_expired_dedupe_keys_without_finishing_anything(store: Store) -> None:
     """Expired dedupe keys go with prune alone (no delivery needs to finish); live keys still refuse."""
     assert await store.enqueue([item("a", "old")], NOW, 600) == [True]

@@ -192,12 +192,15 @@ def _unit_settings(path: Path) -> dict[str, list[str]]:
 
 
 def test_service_unit_declares_notify_watchdog_reload_directories_and_credentials() -> None:
-    """The unit is Type=notify with a watchdog, SIGHUP reload, state/config directories and credentials."""
+    """The unit is Type=notify with a watchdog, a reload whose exit status is the outcome, SIGTERM to the main
+    process only (it drains its children), state/runtime/config directories and credentials."""
     unit = _unit_settings(UNIT)
     assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"]
     assert unit["ExecStart"] == ["/usr/local/bin/parley-relay serve --config /etc/parley-relay/relay.yaml"]
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"] and unit["Restart"] == ["on-failure"]
+    assert unit["ExecReload"] == ["/usr/local/bin/parley-relay reload --pid $MAINPID"]
+    assert unit["Restart"] == ["on-failure"] and unit["KillMode"] == ["mixed"]
     assert unit["WatchdogSec"] and unit["StateDirectory"] == ["parley-relay"]
+    assert unit["RuntimeDirectory"] == ["parley-relay"]
     assert unit["ConfigurationDirectory"] == ["parley-relay"]
     assert {c.split(":")[0] for c in unit["LoadCredential"]} == {"apns.p8", "firebase.json"}
     assert unit["MemoryDenyWriteExecute"] == ["yes"] and unit["CapabilityBoundingSet"] == [""]

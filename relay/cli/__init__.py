@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from relay.cli import deliveries
 from relay.cli.common import DEFAULT_CONFIG, _load, _load_for_store, _run, _utc, _with_store
 from relay.cli.deliveries import cmd_deliveries
-from relay.cli.service_commands import cmd_check_config, cmd_demo, cmd_send_test, cmd_serve, cmd_sign
+from relay.cli.service_commands import cmd_check_config, cmd_demo, cmd_reload, cmd_send_test, cmd_serve, cmd_sign
 from relay.cli.store_commands import RETRY_BATCH, cmd_dead_letters, cmd_devices, cmd_stats
 from relay.errors import ConfigError, RelayError
 
 __all__ = ["DEFAULT_CONFIG", "RETRY_BATCH", "_load", "_load_for_store", "_run", "_utc", "_with_store",
            "build_parser", "cmd_check_config", "cmd_dead_letters", "cmd_deliveries", "cmd_demo", "cmd_devices",
-           "cmd_send_test", "cmd_serve", "cmd_sign", "cmd_stats", "main"]
+           "cmd_reload", "cmd_send_test", "cmd_serve", "cmd_sign", "cmd_stats", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help``)."""
@@ -42,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=argparse.SUPPRESS, help="main config file")
         return p
 
-    with_config(sub.add_parser("serve", help="run the relay")).set_defaults(func=cmd_serve)
+    serve = with_config(sub.add_parser("serve", help="run the relay"))
+    serve.add_argument("--processes", choices=("1", "auto"), default=None,
+                       help="1: one process does everything; auto (or the config's processes:): webhook and "
+                            "delivery processes under one supervisor")
+    for hidden in ("--role", "--role-state", "--role-wake", "--role-fds"):  # set by the supervisor for a child
+        serve.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--role-deliveries", type=int, default=1, help=argparse.SUPPRESS)
+    serve.add_argument("--role-parent", type=int, default=0, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+    reload = sub.add_parser("reload", help="reload a running relay and wait: exit 0 if taken, 1 if rejected")
+    reload.add_argument("--pid", type=int, required=True, help="the relay's main pid (systemd: $MAINPID)")
+    reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome (default 60)")
+    reload.set_defaults(func=cmd_reload)
     with_config(sub.add_parser("check-config", help="validate config, registry and credentials")).set_defaults(
         func=cmd_check_config)
     stats = with_config(sub.add_parser("stats", help="deliveries by state (exit 1 if the books do not balance)"))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 import uuid
@@ -19,12 +20,35 @@ from relay.store import Store
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.runtime.service import serve
-
+    """One process (``--processes 1`` or ``processes: 1``), a role child, or the supervisor of both roles."""
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
-    _run(serve(config))
-    return 0
+    if args.role is not None:
+        from relay.runtime.roles import parse_role, run_role
+
+        role = parse_role(args.role, args.role_state, args.role_wake, args.role_deliveries, args.role_parent,
+                          args.role_fds)
+        _run(run_role(config, role))
+        return 0
+    if args.processes == "1" or (args.processes is None and config.processes.single):
+        from relay.runtime.service import serve
+
+        _run(serve(config))
+        return 0
+    from relay.runtime.supervisor import plan_counts, supervise
+
+    # The supervisor only waits on children and sockets: the plain asyncio loop serves it (and its
+    # subprocess support is the reference one).
+    return int(asyncio.run(supervise(config, plan_counts(config.processes, config.store.backend))))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``systemctl reload``'s ``ExecReload=``: SIGHUP to the relay, then its outcome as the exit status."""
+    from relay.runtime.reloading import request_reload
+
+    ok, message = request_reload(args.pid, args.timeout)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

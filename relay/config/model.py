@@ -26,6 +26,19 @@ class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
     idle_timeout: float = 75.0  # seconds a connection may wait for (or dribble) its next request's headers
+    # Accept queue: connections the kernel holds until a process accepts them (capped by net.core.somaxconn).
+    # A burst of new connections beyond it is dropped by the kernel, so the default is sized for bursts.
+    backlog: int = 4096
+
+
+@dataclass(frozen=True)
+class Processes:
+    """``processes``: how many webhook (ingest) and delivery processes ``serve`` runs; ``single`` = one
+    process doing both (``processes: 1``, or ``serve --processes 1``)."""
+
+    ingest: int | None = None
+    delivery: int | None = None
+    single: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,3 +250,4 @@ class Config:
     # False: loaded for store commands (load_config(credentials=False)): no credential file was read or
     # checked and auth/api are empty, so it must never serve.
     credentials: bool = True
+    processes: Processes = field(default_factory=Processes)

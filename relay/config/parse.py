@@ -34,10 +34,11 @@ from relay.config.model import (
     MetricsSettings,
     Platform,
     Policy,
+    Processes,
     StoreSettings,
     WebhookSettings,
 )
-from relay.config.reader import Reader, load_yaml, read_file, resolve_file
+from relay.config.reader import MISSING, Reader, load_yaml, read_file, resolve_file
 from relay.errors import ConfigError, ConfigProblem
 
 
@@ -221,7 +222,8 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
 
     listen_r = root.section("listen")
     listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", Listen.port, integer=True),
-                    listen_r.number("idle_timeout", Listen.idle_timeout, minimum=0.1))
+                    listen_r.number("idle_timeout", Listen.idle_timeout, minimum=0.1),
+                    listen_r.number("backlog", Listen.backlog, minimum=1, integer=True))
     listen_r.finish()
 
     hook_r = root.section("webhook")
@@ -294,12 +296,33 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
     root.used.add("api")
     metrics_settings = _metrics(root.section("metrics"))
     shutdown_timeout = root.number("shutdown_timeout", 10.0, minimum=0.1)
+    processes = _processes(root)
     root.finish()
 
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # each problem once, in the order found
     return Config(source, listen, webhook, auth, store, registry, delivery, logging_settings, apps,
-                  api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout, credentials=credentials)
+                  api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout, credentials=credentials,
+                  processes=processes)
+
+
+def _processes(root: Reader) -> Processes:
+    """``processes: auto`` (default), ``processes: 1`` (one process does everything), or
+    ``processes: {ingest: N|auto, delivery: M|auto}``."""
+    value = root.raw("processes")
+    if value is MISSING or value is None or value == "auto":
+        return Processes()
+    if value == 1 or value == "1":
+        return Processes(single=True)
+    if not isinstance(value, dict):
+        root.problem("processes", f"must be auto, 1, or a mapping with ingest and delivery, not {value!r}")
+        return Processes()
+    reader = root.section("processes")
+    counts = [None if reader.data.get(role) in (None, "auto") else reader.number(role, 1, minimum=1, integer=True)
+              for role in ("ingest", "delivery")]
+    reader.used.update(("ingest", "delivery"))
+    reader.finish()
+    return Processes(counts[0], counts[1])
 
 
 def load_config(path: str | Path, *, credentials: bool = True) -> Config:

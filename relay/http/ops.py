@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay.errors import StoreError
 from relay.running import RELAY_KEY
+
+# Problems known outside this process (a multi-process relay: the delivery processes' app alarms).
+SharedProblems = Callable[[], list[str]]
+SHARED_PROBLEMS_KEY: web.AppKey[SharedProblems] = web.AppKey("shared_problems")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -20,6 +25,9 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready: store reachable, credentials loaded, no app alarmed."""
     relay = request.app[RELAY_KEY]
     problems = relay.ready_problems
+    shared = request.app.get(SHARED_PROBLEMS_KEY)
+    if shared is not None:
+        problems += shared()
     try:
         await asyncio.wait_for(relay.store.ping(), 2)
     except (StoreError, TimeoutError) as exc:
@@ -40,5 +48,5 @@ async def metrics(request: web.Request) -> web.Response:
     commits = getattr(relay.store, "commits", None)
     if commits is not None:
         relay.metrics.store_commits.set(commits)
-    body = generate_latest(relay.metrics.registry)
+    body = relay.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,12 @@ from relay.config import Config, Listen
 from relay.errors import ConfigError, ConfigProblem, StoreError
 from relay.http.app import create_ops_app, runner_options
 from relay.http.errors import Handler
+from relay.http.ops import SHARED_PROBLEMS_KEY
 from relay.observability import event
 from relay.outcome import EndState
 from relay.running import RELAY_KEY, Relay
 from relay.runtime.relay import create_app, reload
+from relay.runtime.shared import RUNTIME_ENV, SharedState, state_dir
 from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
 # After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
@@ -89,30 +92,53 @@ class _Listeners:
             await runner.cleanup()
 
 
+@dataclass
+class Plan:
+    """What this process runs: everything (one process, the default of :func:`serve`), or one role of a
+    multi-process relay (:mod:`relay.runtime.roles` fills it in)."""
+
+    listen: bool = True  # serve HTTP (webhooks, API, health, metrics)
+    deliver: bool = True  # run the dispatcher
+    sockets: list[ListenSocket] | None = None  # listening sockets handed over; None = socket activation or bind
+    prepare: list[Callable[[web.Application], None]] = field(default_factory=list)  # before start: middlewares...
+    ready_problems: Callable[[], list[str]] | None = None  # /readyz: what other processes know
+    reloads: SharedState | None = None  # where reload outcomes go for `parley-relay reload` (the main process)
+
+
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
-                notifier: Notifier | None = None) -> None:
+                notifier: Notifier | None = None, plan: Plan | None = None) -> None:
     """Serve until ``SIGTERM``/``SIGINT`` (or ``stop`` is set), then drain and return."""
     owned = notifier is None
     notifier = notifier or Notifier()
+    shared = None
+    if plan is None:  # one process doing everything: it is the main process and records its reloads
+        shared = SharedState(state_dir(os.getpid()))
+        shared.reset()
+        plan = Plan(reloads=shared)
     try:
-        await _serve(config, notifier, ready, stop)
+        await _serve(config, notifier, ready, stop, plan)
     finally:
         if owned:
             notifier.close()
+        if shared is not None and not os.environ.get(RUNTIME_ENV):
+            shared.remove()
 
 
-async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None, stop: asyncio.Event | None) -> None:
-    inherited = inherited_sockets()
-    app = create_app(config)
+async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None, stop: asyncio.Event | None,
+                 plan: Plan) -> None:
+    inherited = plan.sockets if plan.sockets is not None else inherited_sockets() if plan.listen else []
+    app = create_app(config, run_dispatcher=plan.deliver)
+    for prepare in plan.prepare:
+        prepare(app)
     relay = app[RELAY_KEY]
     listeners = _Listeners()
     try:
-        await _start(config, app, relay, inherited, listeners)
+        await _start(config, app, relay, inherited, listeners, plan)
     except BaseException as exc:
         notifier.status(f"failed to start: {exc}")
         await listeners.cleanup()
         raise
-    supervisor = _Supervisor(relay, notifier, stop or asyncio.Event())
+    supervisor = _Supervisor(relay, notifier, stop or asyncio.Event(), plan.reloads)
     supervisor.install()
     addresses = listeners.addresses()
     event(logging.INFO, "relay ready", listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
@@ -130,8 +156,8 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
 class _Supervisor:
     """Signals, reloads and the notify loops of one running relay."""
 
-    def __init__(self, relay: Relay, notifier: Notifier, stop: asyncio.Event) -> None:
-        self.relay, self.notifier, self.stop = relay, notifier, stop
+    def __init__(self, relay: Relay, notifier: Notifier, stop: asyncio.Event, reloads: SharedState | None) -> None:
+        self.relay, self.notifier, self.stop, self.reloads = relay, notifier, stop, reloads
         self._loop = asyncio.get_running_loop()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # the watchdog and status loops, and reloads in progress
@@ -164,7 +190,10 @@ class _Supervisor:
             self.notifier.reloading()
             ok = await _reload(self.relay)
             summary = await _status(self.relay)
-            self.notifier.reloaded(summary if ok else f"reload rejected, previous configuration in force; {summary}")
+            status = summary if ok else f"reload rejected, previous configuration in force; {summary}"
+            if self.reloads is not None:
+                self.reloads.write_reload(ok, status)
+            self.notifier.reloaded(status)
 
     async def shutdown(self, listeners: _Listeners) -> None:
         """Drain; signal handlers stay until the end, so a second SIGTERM is logged instead of killing us."""
@@ -179,25 +208,32 @@ class _Supervisor:
 
 
 async def _start(config: Config, app: web.Application, relay: Relay, inherited: list[ListenSocket],
-                 listeners: _Listeners) -> None:
+                 listeners: _Listeners, plan: Plan) -> None:
     """Open the store and load credentials (the app's cleanup contexts), then bring the listeners up."""
     app.middlewares.insert(0, listeners.in_flight.middleware)
+    if plan.ready_problems is not None:
+        app[SHARED_PROBLEMS_KEY] = plan.ready_problems
     # The drain waits for in-flight requests itself (up to shutdown_timeout); aiohttp's own wait, after it
     # has closed the connections, is only a last short bound.
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None,
                            **runner_options(config))  # slow clients cannot hold connections
     listeners.runners.append(runner)
     await runner.setup()
+    if not plan.listen:
+        return
     metrics_socks = [s.sock for s in inherited if s.name == METRICS_FD_NAME]
     webhook_socks = [s.sock for s in inherited if s.name != METRICS_FD_NAME]
     planned: list[tuple[web.BaseSite, str, Listen | None]] = []  # site, config key, address (errors name them)
     if webhook_socks:
         planned += [(web.SockSite(runner, sock), "listen", None) for sock in webhook_socks]
     else:
-        planned.append((web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True), "listen",
-                        config.listen))
+        planned.append((web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True,
+                                    backlog=config.listen.backlog), "listen", config.listen))
     if metrics_socks or config.metrics.listen is not None:
-        ops = web.AppRunner(create_ops_app(relay), handle_signals=False, shutdown_timeout=1.0, access_log=None)
+        ops_app = create_ops_app(relay)
+        if plan.ready_problems is not None:
+            ops_app[SHARED_PROBLEMS_KEY] = plan.ready_problems
+        ops = web.AppRunner(ops_app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
         listeners.runners.append(ops)
         await ops.setup()
         if metrics_socks:
@@ -234,8 +270,10 @@ async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> Non
     event(logging.INFO, "relay stopping: draining in-flight requests and sends", timeout=timeout)
     notifier.stopping(f"draining (up to {timeout:g}s for requests, then {timeout:g}s for sends)")
     relay.draining = True  # /readyz answers 503 from now on
+    accepting = bool(listeners.sites)  # a delivery process has no listener: nothing can be arriving
     await listeners.stop_accepting()
-    await asyncio.sleep(ACCEPT_GRACE)
+    if accepting:
+        await asyncio.sleep(ACCEPT_GRACE)
     if not await listeners.in_flight.wait(timeout):
         event(logging.WARNING, "requests still in flight after shutdown_timeout, closing them",
               requests=listeners.in_flight.count)

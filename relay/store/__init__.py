@@ -15,8 +15,7 @@ def create_store(settings: StoreSettings) -> Store:
     if settings.backend == "redis":
         from relay.store.redis import RedisStore
 
-        # Until relay/store/redis.py is on the new interface (branch ``redis``); mypy flags this once it is.
-        return RedisStore(settings)  # type: ignore[return-value]
+        return RedisStore(settings)
     from relay.store.sqlite import SqliteStore
 
     return SqliteStore(settings)

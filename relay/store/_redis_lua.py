@@ -1,68 +1,112 @@
-"""Lua scripts of the Redis store: every state change of a delivery is one atomic script.
+"""Lua scripts of the Redis store's queue: every state change of a delivery is one atomic script.
 
-Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive keys from it):
+Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive keys from it; ``[:app]`` is
+``:<app>`` for a delivery with an app hint and nothing for one without):
 
-    P:seq           counter: delivery ids in arrival order (``Job.id``, dead-letter ids)
-    P:d:<seq>       hash: one delivery (token, kind, data, times, attempts, state, reason, entry)
-    P:q:<token>     list: the token's open deliveries, oldest first; the first one is the token's *head*
-    P:stream        stream + consumer group ``relay``: heads that are due; each instance is a consumer
-    P:retry         zset: heads scheduled for a retry (score = due time)
-    P:parked        zset: heads waiting for an operator or the registry (reason unroutable/config_error)
-    P:pending       zset: every pending delivery (score = due time): ``next_due`` and stats
-    P:inflight      zset: claimed deliveries (score = wall time of the claim or last heartbeat)
-    P:dead          zset: dead letters (score = seq)
-    P:dd:<key>      string with TTL: dedupe key (value = end of its window)
+    P:seq                 counter: delivery ids in arrival order (``Job.id``, dead-letter ids)
+    P:d:<seq>             hash: one delivery (token, kind, data, app, rid, mid, times, attempts, state,
+                          wait, reason, entry); a finished one expires ``keep_finished`` after its end
+    P:q:<token>           list: the token's open deliveries, oldest first; the first one is the token's *head*
+    P:apps                set: app hints seen ("" = none); each has a stream with the consumer group ``relay``
+    P:stream[:app]        stream: the app's heads that are due; each delivering process is a consumer
+    P:cursor[:app]        XAUTOCLAIM scan position in that stream
+    P:wait:<reason>[:app] zset: the app's heads waiting for a typed reason (score = due time)
+    P:pending             zset: every pending delivery (score = due time): ``next_due`` and stats
+    P:inflight            zset: claimed deliveries (score = wall time of the claim or last heartbeat)
+    P:lease[:app]         zset: the app's claimed deliveries (score = end of the claim's lease, callers' clock)
+    P:dead                zset: dead letters (score = seq)
+    P:t:<token>, P:r:<request id>, P:m:<message id>   zsets: recent seqs, capped, with a TTL (tracing)
+    P:dd:<key>            string with TTL: dedupe key (value = end of its window)
     P:devices, P:deadtok, P:counters   hashes
-    P:apnsenv       hash: APNs device token -> environment found by a sandbox fallback
-    P:cursor        XAUTOCLAIM scan position
+    P:apnsenv             hash: APNs device token -> environment found by a sandbox fallback
 
-Only a token's head is ever in the stream or a schedule, so two instances can never hold two deliveries
-of one token: per-device order is a property of the data, not of a lock. An entry leaves the consumer's
-pending list (``XACK``) only in the same script that records where the delivery went next (an end
-state, or a schedule), so a crash at any point loses nothing.
+Only a token's head is ever in a stream or a schedule, so two instances can never hold two deliveries of
+one token: per-device order is a property of the data, not of a lock. An entry leaves the consumer's
+pending list (``XACK``) only in the same script that records where the delivery went next (an end state,
+or a schedule), so a crash at any point loses nothing. One stream per app lets a claim skip an app that is
+at its limit without reading (and so holding) any of its entries.
 """
 
 from __future__ import annotations
 
 GROUP = "relay"
+TOKEN_CAP = 100  # recent deliveries kept in a token's index
+TRACE_CAP = 1000  # recent deliveries kept in a request id's or message id's index
 
-_PRELUDE = """
+PRELUDE = f"""
 local P = ARGV[1]
-local STREAM = P .. ':stream'
-local GROUP = 'relay'
+local GROUP = '{GROUP}'
+local REASONS = {{'retry', 'unroutable', 'config_error', 'circuit_open'}}
 local function fmt(x) return string.format('%.17g', x) end
 local function key(seq) return P .. ':d:' .. seq end
-local function zset_for(reason)
-  if reason == 'unroutable' or reason == 'config_error' then return P .. ':parked' end
-  return P .. ':retry'
+local function sfx(app) if not app or app == '' then return '' end return ':' .. app end
+local function stream(app) return P .. ':stream' .. sfx(app) end
+local function sched(reason, app) return P .. ':wait:' .. reason .. sfx(app) end
+local function leases(app) return P .. ':lease' .. sfx(app) end
+local function app_of(h) return redis.call('HGET', h, 'app') or '' end
+-- The apps whose streams exist; the hint-less stream of the one-stream layout counts as well.
+local function apps()
+  local list = redis.call('SMEMBERS', P .. ':apps')
+  table.sort(list)
+  return list
 end
--- Make a token's new head claimable: into the stream when due, else onto its schedule.
+-- Claims look at the apps in P:apps: an app's stream and group are made when it is first used.
+local function known(app)
+  if redis.call('SADD', P .. ':apps', app) == 1 then
+    redis.pcall('XGROUP', 'CREATE', stream(app), GROUP, '0', 'MKSTREAM')
+  end
+end
+-- Make a delivery claimable now: a new entry in its app's stream.
+local function push(seq, app)
+  known(app)
+  redis.call('HSET', key(seq), 'entry', redis.call('XADD', stream(app), '*', 'seq', seq))
+end
+-- Wait on the schedule of its reason and app until `at`.
+local function park(seq, reason, app, at)
+  known(app)
+  redis.call('ZADD', sched(reason, app), at, seq)
+  redis.call('HSET', key(seq), 'entry', '')
+end
+-- Make a token's new head claimable: into its app's stream when due, else onto its reason's schedule.
 local function schedule(seq, now)
   local h = key(seq)
-  local at = tonumber(redis.call('HGET', h, 'next_at'))
-  if at > now then
-    redis.call('ZADD', zset_for(redis.call('HGET', h, 'reason')), at, seq)
-    redis.call('HSET', h, 'entry', '')
+  local f = redis.call('HMGET', h, 'next_at', 'app', 'wait')
+  if tonumber(f[1]) > now then
+    park(seq, f[3] or 'retry', f[2] or '', f[1])
   else
-    redis.call('HSET', h, 'entry', redis.call('XADD', STREAM, '*', 'seq', seq))
+    push(seq, f[2] or '')
   end
 end
 -- Fencing: true only while `entry` is the delivery's current entry AND consumer `me` holds it.
 local function holds(seq, entry, me)
-  if redis.call('HGET', key(seq), 'entry') ~= entry then return false end
-  return #redis.call('XPENDING', STREAM, GROUP, entry, entry, 1, me) > 0
+  local f = redis.call('HMGET', key(seq), 'entry', 'app')
+  if f[1] ~= entry then return false end
+  return #redis.call('XPENDING', stream(f[2]), GROUP, entry, entry, 1, me) > 0
 end
-local function drop(entry)
-  redis.call('XACK', STREAM, GROUP, entry)
-  redis.call('XDEL', STREAM, entry)
+local function drop(app, entry)
+  redis.call('XACK', stream(app), GROUP, entry)
+  redis.call('XDEL', stream(app), entry)
+end
+-- A capped index of recent seqs that lives at least `ttl` seconds more.
+local function index(k, seq, cap, ttl)
+  redis.call('ZADD', k, tonumber(seq), seq)
+  redis.call('ZREMRANGEBYRANK', k, 0, -(cap + 1))
+  if redis.call('TTL', k) < ttl then redis.call('EXPIRE', k, ttl) end
+end
+local function trace(seq, token, rid, mid, ttl)
+  ttl = math.ceil(ttl)
+  index(P .. ':t:' .. token, seq, {TOKEN_CAP}, ttl)
+  if rid and rid ~= '' then index(P .. ':r:' .. rid, seq, {TRACE_CAP}, ttl) end
+  if mid and mid ~= '' then index(P .. ':m:' .. mid, seq, {TRACE_CAP}, ttl) end
 end
 """
 
-# ARGV: P, now, window, then per item: dedupe_key, token, kind, data, expires_at, delivery_id
-ENQUEUE = _PRELUDE + """
-local now, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+# ARGV: P, now, window, keep, then per item: dedupe_key, token, kind, data, expires_at, delivery_id, app,
+# request_id, message_id ("" = none for the last three)
+ENQUEUE = PRELUDE + """
+local now, window, keep = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, accepted = {}, 0
-for i = 4, #ARGV, 6 do
+for i = 5, #ARGV, 9 do
   local fresh = true
   if window > 0 then
     local k = P .. ':dd:' .. ARGV[i]
@@ -75,12 +119,17 @@ for i = 4, #ARGV, 6 do
   end
   if fresh then
     local seq = tostring(redis.call('INCR', P .. ':seq'))
-    local token = ARGV[i + 1]
-    redis.call('HSET', key(seq), 'delivery_id', ARGV[i + 5], 'token', token, 'kind', ARGV[i + 2],
-      'data', ARGV[i + 3], 'received_at', ARGV[2], 'expires_at', ARGV[i + 4], 'next_at', ARGV[2],
-      'attempts', 0, 'state', 'pending', 'entry', '')
+    local token, app, rid, mid = ARGV[i + 1], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+    local fields = {'delivery_id', ARGV[i + 5], 'token', token, 'kind', ARGV[i + 2], 'data', ARGV[i + 3],
+      'received_at', ARGV[2], 'expires_at', ARGV[i + 4], 'next_at', ARGV[2], 'attempts', 0, 'state', 'pending',
+      'entry', ''}
+    if app ~= '' then fields[#fields + 1] = 'app'; fields[#fields + 1] = app end
+    if rid ~= '' then fields[#fields + 1] = 'rid'; fields[#fields + 1] = rid end
+    if mid ~= '' then fields[#fields + 1] = 'mid'; fields[#fields + 1] = mid end
+    redis.call('HSET', key(seq), unpack(fields))
+    trace(seq, token, rid, mid, keep + math.max(0, tonumber(ARGV[i + 4]) - now))
     redis.call('ZADD', P .. ':pending', now, seq)
-    if redis.call('RPUSH', P .. ':q:' .. token, seq) == 1 then schedule(seq, now) end
+    if redis.call('RPUSH', P .. ':q:' .. token, seq) == 1 then push(seq, app) end
     accepted = accepted + 1
     out[#out + 1] = 1
   else
@@ -92,54 +141,110 @@ if #out > accepted then redis.call('HINCRBY', P .. ':counters', 'duplicates', #o
 return out
 """
 
-# ARGV: P, me, now, limit, idle_ms, wall. Returns [seq, entry, delivery_id, token, kind, data,
-# received_at, expires_at, attempts] per claimed delivery.
-CLAIM = _PRELUDE + """
-local me, now, limit, wall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
-for _, z in ipairs({P .. ':retry', P .. ':parked'}) do
-  for _, seq in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, limit)) do
-    redis.call('ZREM', z, seq)
-    redis.call('HSET', key(seq), 'entry', redis.call('XADD', STREAM, '*', 'seq', seq))
-  end
+# ARGV: P, me, now, limit, idle_ms, wall, lease, then pairs app, cap. Returns [seq, entry, delivery_id, token, kind,
+# data, received_at, expires_at, attempts, app, rid, mid] per claimed delivery.
+#
+# Each app's stream (whose app is not at its cap) gets a fair share of the limit per pass; a stream that
+# filled its share may get more of what the others left in the next pass. A capped app's stream, schedules
+# and stalled entries are not touched at all.
+CLAIM = PRELUDE + """
+local me, now, limit, idle, wall = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local lease_end = now + tonumber(ARGV[7])
+local caps = {}
+for i = 8, #ARGV, 2 do caps[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local active = {}
+for _, app in ipairs(apps()) do
+  local left = math.min(caps[app] or limit, limit)
+  if app == '' then left = limit end
+  if left > 0 then active[#active + 1] = {app = app, left = left} end
 end
-local entries = {}
--- A dead consumer's entries (idle past claim_idle; live ones heartbeat theirs) become ours.
-local cursor = redis.call('GET', P .. ':cursor') or '0-0'
-local stolen = redis.call('XAUTOCLAIM', STREAM, GROUP, me, ARGV[5], cursor, 'COUNT', limit)
-redis.call('SET', P .. ':cursor', stolen[1])
-for _, e in ipairs(stolen[2]) do if e then entries[#entries + 1] = e end end
-if #entries < limit then
-  local fresh = redis.call('XREADGROUP', 'GROUP', GROUP, me, 'COUNT', limit - #entries, 'STREAMS', STREAM, '>')
-  if fresh then for _, e in ipairs(fresh[1][2]) do entries[#entries + 1] = e end end
-end
-local jobs = {}
-for _, e in ipairs(entries) do
+local jobs, stolen, remaining, first = {}, 0, limit, true
+-- One read entry: a job when it is still its delivery's current entry, else a stale entry to drop.
+local function take(app, e, from_dead)
   local id, seq = e[1], e[2][2]
   local h = key(seq)
-  if redis.call('HGET', h, 'entry') == id then
-    redis.call('HSET', h, 'state', 'inflight')
-    redis.call('ZREM', P .. ':pending', seq)
-    redis.call('ZADD', P .. ':inflight', wall, seq)
-    local f = redis.call('HMGET', h, 'delivery_id', 'token', 'kind', 'data', 'received_at', 'expires_at', 'attempts')
-    jobs[#jobs + 1] = {seq, id, f[1], f[2], f[3], f[4], f[5], f[6], f[7]}
-  else
-    drop(id)  -- stale entry (its delivery moved on): never deliver it
+  if redis.call('HGET', h, 'entry') ~= id then
+    drop(app, id)
+    return 0
   end
+  redis.call('HSET', h, 'state', 'inflight')
+  redis.call('ZREM', P .. ':pending', seq)
+  redis.call('ZADD', P .. ':inflight', wall, seq)
+  redis.call('ZADD', leases(app), lease_end, seq)
+  local f = redis.call('HMGET', h, 'delivery_id', 'token', 'kind', 'data', 'received_at', 'expires_at',
+    'attempts', 'app', 'rid', 'mid')
+  jobs[#jobs + 1] = {seq, id, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
+  if from_dead then stolen = stolen + 1 end
+  return 1
 end
+while remaining > 0 and #active > 0 do
+  local share, again = math.max(1, math.floor(remaining / #active)), {}
+  for _, s in ipairs(active) do
+    local want = math.min(share, s.left, remaining)
+    if want > 0 then
+      local st, got = stream(s.app), 0
+      if first then
+        -- Due schedules into the stream (never more than this claim could take of the app).
+        for _, reason in ipairs(REASONS) do
+          local z = sched(reason, s.app)
+          for _, seq in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, want)) do
+            redis.call('ZREM', z, seq)
+            push(seq, s.app)
+          end
+        end
+        -- A claim past its lease (its holder hung or gone, by the callers' clock) becomes ours ...
+        local lz = leases(s.app)
+        for _, seq in ipairs(redis.call('ZRANGEBYSCORE', lz, '-inf', '(' .. fmt(now), 'LIMIT', 0, want)) do
+          redis.call('ZREM', lz, seq)
+          local entry = redis.call('HGET', key(seq), 'entry')
+          if entry and entry ~= '' then
+            local e = redis.call('XCLAIM', st, GROUP, me, 0, entry)[1]
+            if e and e[2] then got = got + take(s.app, e, true) end
+          end
+        end
+        -- ... and so do a dead consumer's entries (idle past claim_idle; live ones heartbeat theirs).
+        if got < want then
+          local ck = P .. ':cursor' .. sfx(s.app)
+          local cursor = redis.call('GET', ck) or '0-0'
+          local r = redis.call('XAUTOCLAIM', st, GROUP, me, idle, cursor, 'COUNT', want - got)
+          if r[1] ~= cursor then redis.call('SET', ck, r[1]) end
+          for _, e in ipairs(r[2]) do if e and e[2] then got = got + take(s.app, e, true) end end
+        end
+      end
+      local full = got >= want
+      if not full then
+        local asked = want - got
+        local fresh = redis.call('XREADGROUP', 'GROUP', GROUP, me, 'COUNT', asked, 'STREAMS', st, '>')
+        local entries = fresh and fresh[1][2] or {}
+        full = #entries == asked  -- the stream may hold more for a later pass
+        for _, e in ipairs(entries) do got = got + take(s.app, e, false) end
+      end
+      s.left = s.left - got
+      if full and s.left > 0 then again[#again + 1] = s end
+      remaining = remaining - got
+    end
+  end
+  active, first = again, false
+end
+if stolen > 0 then redis.call('HINCRBY', P .. ':counters', 'redelivered', stolen) end
 return jobs
 """
 
 # ARGV: P, me, seq, entry, end, reason, now, keep_seconds
-FINISH = _PRELUDE + """
-local me, seq, entry, done, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[7])
+FINISH = PRELUDE + """
+local me, seq, entry, done, now, keep = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[7]), ARGV[8]
 if not holds(seq, entry, me) then return 0 end
-drop(entry)
 local h = key(seq)
+local app = app_of(h)
+drop(app, entry)
+redis.call('ZREM', leases(app), seq)
 redis.call('HSET', h, 'state', done, 'reason', ARGV[6], 'finished_at', ARGV[7], 'entry', '')
+redis.call('HDEL', h, 'wait')
 redis.call('HINCRBY', h, 'attempts', 1)
 redis.call('ZREM', P .. ':inflight', seq)
 redis.call('HINCRBY', P .. ':counters', done, 1)
-local q = P .. ':q:' .. redis.call('HGET', h, 'token')
+local f = redis.call('HMGET', h, 'token', 'rid', 'mid')
+local q = P .. ':q:' .. f[1]
 if redis.call('LINDEX', q, 0) == seq then
   redis.call('LPOP', q)
   local nxt = redis.call('LINDEX', q, 0)
@@ -147,120 +252,32 @@ if redis.call('LINDEX', q, 0) == seq then
 else
   redis.call('LREM', q, 1, seq)
 end
+trace(seq, f[1], f[2], f[3], tonumber(keep))
 if done == 'dead_letter' then
   redis.call('ZADD', P .. ':dead', tonumber(seq), seq)
 else
   redis.call('HDEL', h, 'data')
-  redis.call('EXPIRE', h, ARGV[8])
+  redis.call('EXPIRE', h, math.max(1, math.ceil(tonumber(keep))))
 end
 return 1
 """
 
-# ARGV: P, me, seq, entry, at, reason, attempts_increment
-RETRY = _PRELUDE + """
-local me, seq, entry, at, reason = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+# ARGV: P, me, seq, entry, at, wait reason, detail, attempts increment, app given ('1' | '0'), app
+RETRY = PRELUDE + """
+local me, seq, entry, at, wait = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if not holds(seq, entry, me) then return 0 end
-drop(entry)
 local h = key(seq)
-redis.call('HSET', h, 'state', 'pending', 'next_at', at, 'reason', reason, 'entry', '')
-redis.call('HINCRBY', h, 'attempts', tonumber(ARGV[7]))
+local app = app_of(h)
+drop(app, entry)
+redis.call('ZREM', leases(app), seq)
+if ARGV[9] == '1' then
+  app = ARGV[10]
+  if app == '' then redis.call('HDEL', h, 'app') else redis.call('HSET', h, 'app', app) end
+end
+redis.call('HSET', h, 'state', 'pending', 'next_at', at, 'wait', wait, 'reason', ARGV[7])
+redis.call('HINCRBY', h, 'attempts', tonumber(ARGV[8]))
 redis.call('ZREM', P .. ':inflight', seq)
 redis.call('ZADD', P .. ':pending', at, seq)
-redis.call('ZADD', zset_for(reason), at, seq)
+park(seq, wait, app, at)
 return 1
-"""
-
-# ARGV: P, now, all ('1' | '0'), tokens...
-WAKE = _PRELUDE + """
-local now, n = ARGV[2], 0
-local function wake(seq)
-  redis.call('ZADD', P .. ':parked', now, seq)
-  redis.call('ZADD', P .. ':pending', now, seq)
-  redis.call('HSET', key(seq), 'next_at', now)
-  n = n + 1
-end
-if ARGV[3] == '1' then
-  for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. ':parked', '(' .. now, '+inf')) do wake(seq) end
-else
-  for i = 4, #ARGV do
-    local head = redis.call('LINDEX', P .. ':q:' .. ARGV[i], 0)
-    local at = head and redis.call('ZSCORE', P .. ':parked', head)
-    if at and tonumber(at) > tonumber(now) then wake(head) end
-  end
-end
-return n
-"""
-
-# ARGV: P, now, all ('1' | '0'), ids...
-RETRY_DEAD = _PRELUDE + """
-local now, n = tonumber(ARGV[2]), 0
-local ids = {}
-if ARGV[3] == '1' then ids = redis.call('ZRANGE', P .. ':dead', 0, -1) else
-  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
-end
-for _, seq in ipairs(ids) do
-  if redis.call('ZREM', P .. ':dead', seq) == 1 then
-    local h = key(seq)
-    local f = redis.call('HMGET', h, 'received_at', 'expires_at', 'token')
-    local received, expires = tonumber(f[1]), tonumber(f[2])
-    -- A retried dead letter is a fresh delivery: a new lifetime, the same apns-id for tracing.
-    redis.call('HSET', h, 'state', 'pending', 'next_at', ARGV[2], 'reason', 'retried',
-      'expires_at', fmt(math.max(expires, now + (expires - received))))
-    redis.call('HDEL', h, 'finished_at')
-    redis.call('ZADD', P .. ':pending', now, seq)
-    redis.call('HINCRBY', P .. ':counters', 'dead_letter', -1)
-    if redis.call('RPUSH', P .. ':q:' .. f[3], seq) == 1 then schedule(seq, now) end
-    n = n + 1
-  end
-end
-return n
-"""
-
-# ARGV: P, me, wall, then pairs seq, entry. Resets the idle time of entries still ours; returns lost seqs.
-HEARTBEAT = _PRELUDE + """
-local me, lost = ARGV[2], {}
-for i = 4, #ARGV, 2 do
-  local seq, entry = ARGV[i], ARGV[i + 1]
-  if holds(seq, entry, me) then
-    redis.call('XCLAIM', STREAM, GROUP, me, 0, entry, 'JUSTID')
-    redis.call('ZADD', P .. ':inflight', 'XX', ARGV[3], seq)
-  else
-    lost[#lost + 1] = seq
-  end
-end
-return lost
-"""
-
-# ARGV: P, me, then pairs seq, entry. A clean shutdown hands its in-flight work back at once.
-RELEASE = _PRELUDE + """
-local me, n = ARGV[2], 0
-for i = 3, #ARGV, 2 do
-  local seq, entry = ARGV[i], ARGV[i + 1]
-  if holds(seq, entry, me) then
-    drop(entry)
-    local h = key(seq)
-    redis.call('HSET', h, 'state', 'pending', 'entry', redis.call('XADD', STREAM, '*', 'seq', seq))
-    redis.call('ZREM', P .. ':inflight', seq)
-    redis.call('ZADD', P .. ':pending', redis.call('HGET', h, 'next_at'), seq)
-    n = n + 1
-  end
-end
-if #redis.call('XPENDING', STREAM, GROUP, '-', '+', 1, me) == 0 then
-  redis.call('XGROUP', 'DELCONSUMER', STREAM, GROUP, me)
-end
-return n
-"""
-
-# ARGV: P, me, gc_ms. Forgets consumers (crashed instances) with nothing pending, idle for gc_ms.
-REAP = _PRELUDE + """
-local n = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', STREAM, GROUP)) do
-  local info = {}
-  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
-  if info['name'] ~= ARGV[2] and info['pending'] == 0 and info['idle'] > tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', STREAM, GROUP, info['name'])
-    n = n + 1
-  end
-end
-return n
 """

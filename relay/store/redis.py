@@ -1,15 +1,19 @@
 """Redis store (scale-out): N relay instances share one queue, device overlay and dedupe keys.
 
-The queue is a Redis Stream with one consumer group; every relay process is a consumer. Only each
-push token's oldest open delivery (its *head*) is ever in the stream or in a retry schedule, so no two
-instances can hold two deliveries of one device: per-device order holds across instances without
-partition leases (see :mod:`relay.store._redis_lua` for the keys and the scripts).
+The queue is one Redis Stream per app hint (plus one for deliveries without a hint), all with the consumer
+group ``relay``; every delivering process is a consumer. Only each push token's oldest open delivery (its
+*head*) is ever in a stream or in a schedule, so no two instances can hold two deliveries of one device:
+per-device order holds across instances without partition leases (see :mod:`relay.store._redis_lua` for the
+keys and the scripts). A claim reads each app's stream apart, so an app at its limit (``app_limits``) is
+skipped without holding any of its entries, and its backlog never fills a claim another app needs.
 
 A claimed entry stays in this consumer's pending list until a script records its end state or its retry
 (``XACK`` and that record are one atomic step). While a delivery is in flight, a heartbeat renews the
-entry's idle time; an instance that dies stops renewing, and after ``store.claim_idle`` seconds any other
-instance takes the entry over with ``XAUTOCLAIM``. Fencing: finish/retry/heartbeat only act while this
-consumer still holds the entry, so a stalled instance that wakes up late cannot disturb the new owner.
+entry's idle time; an instance that dies stops renewing, and after ``store.claim_idle`` seconds another
+instance takes the entry over (``XAUTOCLAIM`` in its claims, or all at once in ``recover`` when it starts).
+Fencing: finish/retry/heartbeat only act while this consumer still holds the entry, so a stalled instance
+that wakes up late cannot disturb the new owner. ``open`` only connects: a store opened by an operator
+command never becomes a consumer, never heartbeats and never takes anything over.
 
 Every redis exception is translated here: unreachable -> :class:`StoreUnavailable`, else :class:`StoreError`.
 """
@@ -23,7 +27,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,16 +43,20 @@ from relay.config import StoreSettings
 from relay.config.model import ApnsEnvironment
 from relay.errors import StoreError, StoreUnavailable
 from relay.observability import event
-from relay.outcome import EndState
+from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device, as_environment
 from relay.store import _redis_lua as lua
-from relay.store.base import DeadLetter, Job, NewDelivery, Stats
+from relay.store import _redis_lua_admin as admin
+from relay.store import _redis_read as read
+from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
 
-KEEP_FINISHED = 3600  # seconds a finished delivery's record stays inspectable (dead letters: until retried)
 SOCKET_TIMEOUT = 5.0  # a webhook waits at most this long for Redis before it is answered 503
 CONNECT_TIMEOUT = 2.0
 MAX_CONNECTIONS = 64
 REAP_AFTER = 3600.0  # a consumer with nothing pending, silent this long, is a dead instance: forget it
+BATCH = 1000  # wake, recovery and migration work in atomic steps of this many deliveries
+_SCRIPTS = {"ENQUEUE": lua, "CLAIM": lua, "FINISH": lua, "RETRY": lua, "WAKE": admin, "RETRY_DEAD": admin,
+            "HEARTBEAT": admin, "RELEASE": admin, "RECOVER": admin, "REAP": admin, "MIGRATE": admin}
 
 
 def _s(value: bytes | str) -> str:
@@ -68,13 +76,14 @@ class RedisStore:
         self._url = settings.url
         self._prefix = settings.prefix
         self._idle = settings.claim_idle
+        self._keep = settings.keep_finished
         # Unique per process: a restarted instance never mistakes a dead one's entries for its own.
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._redis: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._held: dict[str, str] = {}  # seq -> stream entry of the deliveries this instance has in flight
         self._lease_ends: dict[str, float] = {}  # seq -> monotonic time after which its claim is not renewed
-        self._beat: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None  # runs once this store delivers (recover or claim)
 
     def _key(self, name: str) -> str:
         return f"{self._prefix}:{name}"
@@ -97,26 +106,35 @@ class RedisStore:
             raise StoreError(f"redis: {exc}") from exc
 
     async def _script(self, name: str, *args: Any) -> Any:
-        """Run a registered script; recreate the consumer group once if Redis lost it."""
+        """Run a registered script; recreate the consumer groups once if Redis lost one."""
         script = self._scripts[name]
         try:
             return await self._do(script(args=[self._prefix, *args], client=self._client))
         except StoreError as exc:
             if not isinstance(exc.__cause__, ResponseError) or "NOGROUP" not in str(exc):
                 raise
-        await self._ensure_group()
+        await self._ensure_groups()
         return await self._do(script(args=[self._prefix, *args], client=self._client))
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self._do(self._client.xgroup_create(self._key("stream"), lua.GROUP, id="0", mkstream=True))
-        except StoreError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def _apps(self) -> list[str]:
+        """The app hints that have a stream ("" = deliveries without a hint)."""
+        return sorted(_s(app) for app in await self._do(self._client.smembers(self._key("apps"))))
+
+    def _stream(self, app: str) -> str:
+        return self._key("stream") + (f":{app}" if app else "")
+
+    async def _ensure_groups(self) -> None:
+        for app in {"", *await self._apps()}:
+            try:
+                await self._do(self._client.xgroup_create(self._stream(app), lua.GROUP, id="0", mkstream=True))
+            except StoreError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Connect and check that Redis answers; changes nothing (operator commands open the store too)."""
         # One retry on a broken connection (a pooled socket that died with a Redis restart); no retry on
         # timeouts, whose command may have run. Every script is safe to repeat (dedupe keys, fencing).
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -125,16 +143,42 @@ class RedisStore:
             health_check_interval=30,
         )
         self._redis = Redis(connection_pool=pool)
-        self._scripts = {
-            name: self._redis.register_script(getattr(lua, name))
-            for name in ("ENQUEUE", "CLAIM", "FINISH", "RETRY", "WAKE", "RETRY_DEAD", "HEARTBEAT", "RELEASE", "REAP")
-        }
+        self._scripts = {name: self._redis.register_script(getattr(module, name)) for name, module in _SCRIPTS.items()}
         try:
-            await self._ensure_group()
+            await self.ping()
         except StoreError:
             await self._disconnect()
             raise
-        self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop(), name="redis-store-heartbeat")
+
+    async def recover(self, now: float) -> int:
+        """Take back what gone processes held; returns how many deliveries went back into their streams.
+
+        Gone = its claims were not renewed for ``claim_idle`` (a live process heartbeats every third of
+        it), so a live process's work is never touched. Also moves data of the one-stream layout (earlier
+        versions) to this one, and forgets gone consumers that hold nothing.
+        """
+        self._delivering()
+        while int(await self._script("MIGRATE", BATCH)):
+            pass
+        count = 0
+        for app in await self._apps():
+            cursor = "0-0"
+            while True:
+                cursor, moved = await self._script("RECOVER", self.consumer, int(self._idle * 1000), app, cursor,
+                                                   BATCH)
+                count += int(moved)
+                cursor = _s(cursor)
+                if cursor == "0-0":
+                    break
+        await self._script("REAP", self.consumer, int(self._idle * 1000))
+        if count:
+            event(logging.WARNING, "redis store: took back deliveries of a gone instance", count=count)
+        return count
+
+    def _delivering(self) -> None:
+        """This store claims: start renewing its claims (operator stores never get here)."""
+        if self._beat is None:
+            self._beat = asyncio.get_running_loop().create_task(self._heartbeat_loop(), name="redis-store-heartbeat")
 
     async def close(self) -> None:
         if self._redis is None:
@@ -143,13 +187,14 @@ class RedisStore:
             self._beat.cancel()
             await asyncio.gather(self._beat, return_exceptions=True)
             self._beat = None
-        held, self._held = self._held, {}
-        self._lease_ends.clear()
-        try:
-            # Whatever the dispatcher abandoned goes back to the stream now, not after claim_idle.
-            await self._script("RELEASE", self.consumer, *_pairs(held))
-        except StoreError as exc:
-            event(logging.WARNING, "redis store: in-flight work left for reclaim", error=str(exc), count=len(held))
+            held, self._held = self._held, {}
+            self._lease_ends.clear()
+            try:
+                # Whatever the dispatcher abandoned goes back to the stream now, not after claim_idle.
+                await self._script("RELEASE", self.consumer, *_pairs(held))
+            except StoreError as exc:
+                event(logging.WARNING, "redis store: in-flight work left for reclaim", error=str(exc),
+                      count=len(held))
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -171,7 +216,7 @@ class RedisStore:
                 await self.heartbeat()
                 if time.monotonic() - last_reap > max(interval, 60.0):
                     last_reap = time.monotonic()
-                    await self._script("REAP", self.consumer, int(max(REAP_AFTER, self._idle * 10) * 1000))
+                    await self.prune(time.time())
                 if failing:
                     event(logging.INFO, "redis store: heartbeat resumed")
                 failing = False
@@ -202,24 +247,30 @@ class RedisStore:
     async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
         if not items:
             return []
-        args: list[Any] = [repr(now), repr(float(dedupe_window))]
+        args: list[Any] = [repr(now), repr(float(dedupe_window)), repr(float(self._keep))]
         for item in items:
-            args += [item.dedupe_key, item.token, item.kind, item.data, repr(item.expires_at), str(uuid.uuid4())]
+            args += [item.dedupe_key, item.token, item.kind, item.data, repr(item.expires_at), str(uuid.uuid4()),
+                     item.app or "", item.request_id, item.message_id or ""]
         flags = await self._script("ENQUEUE", *args)
         return [bool(flag) for flag in flags]
 
-    async def claim(self, limit: int, now: float, lease: float) -> list[Job]:
-        # A live claim is renewed by the heartbeat (for at most ``lease`` seconds) and a dead one is
-        # reclaimed after ``claim_idle``: the delay after a crash is bounded by that, not by the lease.
+    async def claim(self, limit: int, now: float, lease: float, *,
+                    app_limits: Mapping[str, int] | None = None) -> list[Job]:
+        # Two ways a claim is taken over: past its ``lease`` (by the callers' clock ``now``, as in SQLite),
+        # or once its holder stopped renewing it for ``claim_idle`` (the heartbeat renews it for at most
+        # ``lease`` seconds): the delay after a crash is bounded by claim_idle, not by the lease.
         if limit <= 0:
             return []
+        self._delivering()
+        caps = [item for app, cap in (app_limits or {}).items() for item in (app, max(0, int(cap)))]
         rows = await self._script("CLAIM", self.consumer, repr(now), limit, int(self._idle * 1000),
-                                  repr(time.time()))
+                                  repr(time.time()), repr(float(lease)), *caps)
         jobs = []
         lease_end = time.monotonic() + lease
-        for seq, entry, delivery_id, token, kind, data, received, expires, attempts in rows:
-            job = Job(_s(seq), _s(delivery_id), _s(token), _s(kind), bytes(data), float(received),
-                      float(expires), int(attempts))
+        for seq, entry, delivery_id, token, kind, data, received, expires, attempts, app, rid, mid in rows:
+            job = Job(_s(seq), _s(delivery_id), _s(token), _s(kind), bytes(data), float(received), float(expires),
+                      int(attempts), app=_s(app) if app else None, request_id=_s(rid) if rid else "",
+                      message_id=_s(mid) if mid else None)
             self._held[job.id] = _s(entry)
             self._lease_ends[job.id] = lease_end
             jobs.append(job)
@@ -229,24 +280,52 @@ class RedisStore:
         entry = self._forget(job.id)
         if entry is None:
             return  # not (or no longer) ours: another instance reclaimed it, or it was recorded already
-        await self._script("FINISH", self.consumer, job.id, entry, end.value, reason[:500], repr(now), KEEP_FINISHED)
+        await self._script("FINISH", self.consumer, job.id, entry, end.value, reason[:500], repr(now),
+                           repr(float(self._keep)))
 
-    async def retry(self, job: Job, at: float, reason: str, *, count_attempt: bool = True) -> None:
+    async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
+                    count_attempt: bool = True) -> None:
+        """Put a claimed delivery back on its reason's schedule (``app`` None keeps the stored hint)."""
+        wait = WaitReason(reason)  # a typed reason, never free text: the provider's words go in ``detail``
         entry = self._forget(job.id)
         if entry is None:
             return
-        await self._script("RETRY", self.consumer, job.id, entry, repr(at), reason[:500], 1 if count_attempt else 0)
+        await self._script("RETRY", self.consumer, job.id, entry, repr(at), wait.value, detail[:500],
+                           1 if count_attempt else 0, "0" if app is None else "1", app or "")
 
     def _forget(self, seq: str) -> str | None:
         self._lease_ends.pop(seq, None)
         return self._held.pop(seq, None)
 
-    async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
-        if tokens is None:
-            return int(await self._script("WAKE", repr(now), "1"))
-        if not tokens:
+    async def wake(self, now: float, *, reasons: Collection[WaitReason] | None = None,
+                   tokens: Collection[str] | None = None, apps: Collection[str] | None = None) -> int:
+        """Move waiting heads straight into their streams (claimable at once); in atomic steps of BATCH."""
+        chosen = [r.value for r in WaitReason] if reasons is None else sorted({WaitReason(r).value for r in reasons})
+        if not chosen or (tokens is not None and not tokens) or (apps is not None and not apps):
             return 0
-        return int(await self._script("WAKE", repr(now), "0", *tokens))
+        args: list[Any] = [repr(now), BATCH, len(chosen), *chosen]
+        args += [-1] if apps is None else [len(apps), *apps]
+        woken = 0
+        if tokens is not None:
+            listed = list(tokens)
+            for start in range(0, len(listed), BATCH):
+                chunk = listed[start:start + BATCH]
+                woken += int(await self._script("WAKE", *args, len(chunk), *chunk))
+            return woken
+        while True:
+            count = int(await self._script("WAKE", *args, -1))
+            woken += count
+            if count < BATCH:
+                return woken
+
+    async def prune(self, now: float) -> int:
+        """Forget consumers of gone processes that hold nothing; returns how many.
+
+        Everything else bounds itself: a finished delivery's hash expires ``keep_finished`` after its end
+        (a dead letter's stays until it is retried), dedupe keys expire with their window, tracing indexes
+        are capped and expire, and stream entries are deleted when acknowledged.
+        """
+        return int(await self._script("REAP", self.consumer, int(max(REAP_AFTER, self._idle * 10) * 1000)))
 
     async def next_due(self) -> float | None:
         """Earliest due time of a pending delivery; also when another instance's stalled work is reclaimable."""
@@ -260,6 +339,16 @@ class RedisStore:
         # after claim_idle): waking then makes a survivor pick up a crashed instance's work promptly.
         foreign = [float(score) + self._idle for seq, score in inflight if _s(seq) not in self._held]
         return min(due + foreign[:1]) if due or foreign else None
+
+    # -- tracing ---------------------------------------------------------------------------------
+
+    async def deliveries(self, *, token: str | None = None, request_id: str | None = None,
+                         message_id: str | None = None, limit: int = 50) -> list[DeliveryRecord]:
+        return await read.deliveries(self._client, self._do, self._prefix, token=token, request_id=request_id,
+                                     message_id=message_id, limit=limit)
+
+    async def dead_letter(self, id: str) -> DeadLetter | None:
+        return await read.dead_letter(self._client, self._do, self._prefix, id)
 
     # -- devices and dead tokens -----------------------------------------------------------------
 
@@ -300,51 +389,20 @@ class RedisStore:
     # -- dead letters and stats --------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        if limit <= 0:
-            return []
-        seqs = await self._do(self._client.zrange(self._key("dead"), 0, limit - 1))
-        if not seqs:
-            return []
-        fields = ("token", "kind", "data", "reason", "received_at", "finished_at")
-        async with self._client.pipeline(transaction=False) as pipe:
-            for seq in seqs:
-                pipe.hmget(self._key(f"d:{_s(seq)}"), fields)
-            rows = await self._do(pipe.execute())
-        return [
-            DeadLetter(_s(seq), _s(token), _s(kind), bytes(data or b""), _s(reason or b""), float(received),
-                       float(finished or 0))
-            for seq, (token, kind, data, reason, received, finished) in zip(seqs, rows, strict=True)
-            if token is not None
-        ]
+        return await read.dead_letters(self._client, self._do, self._prefix, limit)
 
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
         if ids is None:
-            return int(await self._script("RETRY_DEAD", repr(now), "1"))
+            return int(await self._script("RETRY_DEAD", repr(now), repr(float(self._keep)), "1"))
         bad = [i for i in ids if not str(i).isdigit()]
         if bad:
             raise StoreError(f"not a dead-letter id: {bad[0]!r}")
         if not ids:
             return 0
-        return int(await self._script("RETRY_DEAD", repr(now), "0", *ids))
+        return int(await self._script("RETRY_DEAD", repr(now), repr(float(self._keep)), "0", *ids))
 
     async def stats(self) -> Stats:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self._key("counters"))
-            pipe.zcard(self._key("pending"))
-            pipe.zcard(self._key("inflight"))
-            pipe.hlen(self._key("deadtok"))
-            pipe.hlen(self._key("devices"))
-            raw, pending, inflight, dead, devices = await self._do(pipe.execute())
-        counters = {_s(name): int(value) for name, value in raw.items()}
-        return Stats(
-            accepted=counters.get("accepted", 0),
-            duplicates=counters.get("duplicates", 0),
-            pending=int(pending),
-            inflight=int(inflight),
-            ended={end: counters.get(end.value, 0) for end in EndState},
-            dead_tokens=int(dead),
-            devices=int(devices),
-        )
+        return await read.stats(self._client, self._do, self._prefix)
 
 
 def _pairs(held: dict[str, str]) -> list[str]:

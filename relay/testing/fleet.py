@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import redis
 
+from relay.testing.process import RelayProcess
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
 
 
@@ -34,12 +34,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _relay_command() -> list[str]:
-    script = Path(sys.executable).with_name("parley-relay")
-    found = str(script) if script.exists() else shutil.which("parley-relay")
-    return [found] if found else [sys.executable, "-c", "import sys; from relay.cli import main; sys.exit(main())"]
 
 
 class RedisServer:
@@ -86,20 +80,26 @@ class RedisServer:
 
 
 @dataclass
-class RelayProcess:
+class FleetRelay:
+    """One relay instance of the fleet (a main process and, multi-process, its role processes)."""
+
     index: int
     port: int
-    process: subprocess.Popen[bytes]
-    log: IO[bytes]
+    launched: RelayProcess
+    pids: tuple[int, ...] = ()  # the main pid and its role processes', once ready
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.launched.proc
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/parley/webhook"
 
     @property
-    def consumer_prefix(self) -> str:
-        """How this process names itself in the Redis consumer group."""
-        return f"{socket.gethostname()}-{self.process.pid}-"
+    def consumer_prefix(self) -> tuple[str, ...]:
+        """How this instance's processes name themselves in the Redis consumer group (``str.startswith``)."""
+        return tuple(f"{socket.gethostname()}-{pid}-" for pid in self.pids)
 
 
 class Fleet:
@@ -112,7 +112,7 @@ class Fleet:
         self.box, self.redis_url, self.prefix, self.claim_idle = box, redis_url, prefix, claim_idle
         self.store = store or {"backend": "redis", "url": redis_url, "prefix": prefix, "claim_idle": claim_idle}
         self.delivery = {"backoff_initial": 0.05, "backoff_max": 0.5, **(delivery or {})}
-        self.relays: list[RelayProcess] = []
+        self.relays: list[FleetRelay] = []
 
     async def start(self, n: int, timeout: float = 30.0) -> Fleet:
         for index in range(n):
@@ -124,14 +124,20 @@ class Fleet:
                 delivery=self.delivery,
                 logging={"level": "WARNING"},
             )
-            log = (self.box.root / f"relay-{index}.log").open("wb")
-            process = subprocess.Popen([*_relay_command(), "serve", "--config", str(config)],  # noqa: ASYNC220
-                                       stdout=log, stderr=subprocess.STDOUT)
-            self.relays.append(RelayProcess(index, port, process, log))
-        await asyncio.gather(*(self._ready(r, timeout) for r in self.relays))
+            launched = RelayProcess(config, log=self.box.root / f"relay-{index}.log", new_session=True)
+            self.relays.append(FleetRelay(index, port, launched))
+        try:
+            await asyncio.gather(*(self._ready(r, timeout) for r in self.relays))
+        except BaseException:
+            self.stop()  # the others are running: a failed start leaves no process behind
+            raise
         return self
 
-    async def _ready(self, relay: RelayProcess, timeout: float) -> None:
+    async def _ready(self, relay: FleetRelay, timeout: float) -> None:
+        await self._readyz(relay, timeout)
+        relay.pids = (relay.launched.pid, *relay.launched.children().values())
+
+    async def _readyz(self, relay: FleetRelay, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{relay.port}/readyz"
         async with aiohttp.ClientSession() as session:
@@ -153,16 +159,14 @@ class Fleet:
         return [r.url for r in self.relays]
 
     def kill(self, index: int) -> None:
-        """SIGKILL one relay: whatever it had in flight stays in its Redis pending list."""
-        self.relays[index].process.send_signal(signal.SIGKILL)
-        self.relays[index].process.wait()
+        """SIGKILL one relay instance, every process of it (a crash): what it had in flight stays pending."""
+        self.relays[index].launched.kill_all()
 
     def alive(self, index: int) -> bool:
         return self.relays[index].process.poll() is None
 
     def log_text(self, index: int) -> str:
-        self.relays[index].log.flush()
-        return (self.box.root / f"relay-{index}.log").read_text(errors="replace")
+        return self.relays[index].launched.log()
 
     def stop(self) -> list[int | None]:
         """SIGTERM every live relay (they drain) and collect the exit codes."""
@@ -172,11 +176,9 @@ class Fleet:
         codes: list[int | None] = []
         for relay in self.relays:
             try:
-                codes.append(relay.process.wait(timeout=20))
+                codes.append(relay.launched.wait(timeout=20))
             except subprocess.TimeoutExpired:
-                relay.process.kill()
-                codes.append(relay.process.wait())
-            relay.log.close()
+                codes.append(relay.process.returncode)
         return codes
 
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -127,12 +129,25 @@ def relay_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "relay.cli"]
 
 
+PROCESSES_ENV = "PARLEY_RELAY_TEST_PROCESSES"  # "1": every launched relay runs as one process (serve --processes 1)
+
+
+def processes_mode() -> str | None:
+    """The ``serve --processes`` value the test run asks for (None: the config's, i.e. the multi-process default)."""
+    return os.environ.get(PROCESSES_ENV) or None
+
+
 class RelayProcess:
-    """``parley-relay serve`` (or another command) as a child, with its stderr kept in a file."""
+    """``parley-relay serve`` (or another command) as a child, with its stderr kept in a file.
+
+    The one launcher of real relays for tests and benchmarks. ``processes`` is passed to ``serve
+    --processes`` (default: ``$PARLEY_RELAY_TEST_PROCESSES``, so a whole test run can use either mode).
+    """
 
     def __init__(self, config: Path, *, notify: NotifySocket | None = None,
                  activation: Sequence[tuple[str, socket.socket]] = (), env: Mapping[str, str] | None = None,
-                 command: Sequence[str] | None = None, log: Path | None = None) -> None:
+                 command: Sequence[str] | None = None, log: Path | None = None, processes: str | None = None,
+                 new_session: bool = False) -> None:
         self.config = config
         self.log_path = log or config.with_name(f"relay-{uuid.uuid4().hex[:6]}.log")
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
@@ -140,14 +155,18 @@ class RelayProcess:
         if notify is not None:
             environ["NOTIFY_SOCKET"] = notify.address
         environ.update(env or {})
-        args = list(command) if command is not None else [*relay_command(), "serve", "--config", str(config)]
+        processes = processes or processes_mode()
+        args = list(command) if command is not None else [*relay_command(), "serve", "--config", str(config),
+                                                          *(["--processes", processes] if processes else [])]
         fds = [s.fileno() for _, s in activation]
         if activation:
             names = ":".join(name for name, _ in activation)
             args = [sys.executable, "-m", "relay.testing.process", names, *map(str, fds), "--", *args]
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # a restart on the same log appends
+        # new_session: the relay and its role processes form one process group, killed together by kill_all()
+        # (a crashed machine or instance, as opposed to a killed main process whose children drain).
         self.proc = subprocess.Popen(args, env=environ, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, pass_fds=fds)
+                                     stderr=subprocess.STDOUT, pass_fds=fds, start_new_session=new_session)
 
     @property
     def pid(self) -> int:
@@ -159,6 +178,42 @@ class RelayProcess:
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
+
+    send_signal = signal  # subprocess.Popen's names, for callers written against it
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def kill_all(self) -> None:
+        """SIGKILL the relay and every process it started (needs ``new_session=True``), then reap it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def children(self) -> dict[str, int]:
+        """The role processes of a multi-process relay by name (``ingest.0``, ``delivery.0``...): pid."""
+        return role_processes(self.pid)
+
+    def wait_ready(self, url: str, timeout: float = 30.0) -> None:
+        """Poll ``url`` (a ``/readyz``) until it answers 200; an error with the log if the relay exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}: {self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"relay not ready within {timeout}s: {self.log()[-3000:]}")
+            time.sleep(0.05)
 
     def wait(self, timeout: float = 30.0) -> int:
         """Exit code (after ``timeout``: killed, and an error)."""
@@ -185,6 +240,24 @@ class RelayProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def role_processes(pid: int) -> dict[str, int]:
+    """Children of ``pid`` started with ``--role NAME``, as ``{NAME: child pid}`` (read from ``/proc``)."""
+    found: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--role" in argv:
+                found[argv[argv.index(b"--role") + 1].decode()] = child
+    return found
 
 
 def _activate(argv: Sequence[str]) -> None:

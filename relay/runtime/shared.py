@@ -1,0 +1,117 @@
+"""State the processes of one relay service share through small files: app alarms and reload outcomes.
+
+The directory is ``$RUNTIME_DIRECTORY`` under systemd (``RuntimeDirectory=parley-relay``: ``/run/parley-relay``,
+private to the service and removed when it stops), else ``$TMPDIR/parley-relay.<main pid>``. The main
+process empties it at start. It holds:
+
+* ``alarms/<n>.json``: the configuration alarms of delivery process ``n`` (``/readyz`` of every webhook
+  process reads them all);
+* ``starting``: the processes not yet up, until the service is ready;
+* ``reload.json``: the outcome of the latest reload, numbered, which ``parley-relay reload`` waits for;
+* ``metrics/``: prometheus_client's multiprocess files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNTIME_ENV = "RUNTIME_DIRECTORY"  # systemd.exec(5), set by RuntimeDirectory=
+
+
+def state_dir(main_pid: int, environ: dict[str, str] | None = None) -> Path:
+    """Where the service whose main process is ``main_pid`` keeps its shared state."""
+    env = os.environ if environ is None else environ
+    runtime = env.get(RUNTIME_ENV, "").split(":")[0]  # several RuntimeDirectory= entries are colon-separated
+    if runtime:
+        return Path(runtime)
+    return Path(tempfile.gettempdir()) / f"parley-relay.{main_pid}"
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """The ``n``-th reload the service finished; ``ok`` False when any process kept its old configuration."""
+
+    generation: int
+    ok: bool
+    status: str
+
+
+class SharedState:
+    """The files in one service's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    def reset(self) -> None:
+        """Start of the service: nothing from an earlier run counts (the metrics files least of all)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in ("alarms", "metrics"):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            (self.root / name).mkdir(mode=0o700)
+        (self.root / "reload.json").unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """End of a service outside systemd (systemd removes its RuntimeDirectory itself)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def write_alarms(self, index: int, alarms: dict[str, str]) -> None:
+        """The alarms of delivery process ``index`` (an empty mapping when it has none)."""
+        _write_atomic(self.root / "alarms" / f"{index}.json", json.dumps(alarms))
+
+    def alarms(self) -> dict[str, str]:
+        """The alarms of every delivery process, by app."""
+        found: dict[str, str] = {}
+        for path in sorted((self.root / "alarms").glob("*.json")):
+            try:
+                found.update(json.loads(path.read_text()))
+            except (OSError, ValueError):  # removed or replaced while read: the next probe sees it
+                continue
+        return found
+
+    def set_starting(self, names: list[str]) -> None:
+        """Until the service is ready, ``/readyz`` of a webhook process that is already up says it starts."""
+        path = self.root / "starting"
+        if names:
+            _write_atomic(path, " ".join(names))
+        else:
+            path.unlink(missing_ok=True)
+
+    def problems(self) -> list[str]:
+        """What ``/readyz`` adds for the other processes: the service still starting, and the delivery
+        processes' alarms (the same text a single-process relay shows)."""
+        try:
+            starting = [f"starting: {(self.root / 'starting').read_text()}"]
+        except OSError:
+            starting = []
+        return starting + [f"app {app}: {reason}" for app, reason in sorted(self.alarms().items())]
+
+    def last_reload(self) -> ReloadOutcome | None:
+        try:
+            doc = json.loads((self.root / "reload.json").read_text())
+            return ReloadOutcome(int(doc["generation"]), bool(doc["ok"]), str(doc["status"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_reload(self, ok: bool, status: str) -> ReloadOutcome:
+        """Record a finished reload under the next generation number."""
+        last = self.last_reload()
+        outcome = ReloadOutcome((last.generation if last else 0) + 1, ok, status)
+        _write_atomic(self.root / "reload.json",
+                      json.dumps({"generation": outcome.generation, "ok": ok, "status": status}))
+        return outcome
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
