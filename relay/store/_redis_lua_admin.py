@@ -93,8 +93,9 @@ HEARTBEAT = PRELUDE + """
 local me, lost = ARGV[2], {}
 for i = 4, #ARGV, 2 do
   local seq, entry = ARGV[i], ARGV[i + 1]
-  if holds(seq, entry, me) then
-    redis.call('XCLAIM', stream(app_of(key(seq))), GROUP, me, 0, entry, 'JUSTID')
+  local app = held(seq, entry, me)
+  if app then
+    redis.call('XCLAIM', stream(app), GROUP, me, 0, entry, 'JUSTID')
     redis.call('ZADD', P .. ':inflight', 'XX', ARGV[3], seq)
   else
     lost[#lost + 1] = seq
@@ -121,8 +122,9 @@ RELEASE = PRELUDE + _GIVE_BACK + """
 local me, n = ARGV[2], 0
 for i = 3, #ARGV, 2 do
   local seq, entry = ARGV[i], ARGV[i + 1]
-  if holds(seq, entry, me) then
-    give_back(seq, app_of(key(seq)), entry)
+  local app = held(seq, entry, me)
+  if app then
+    give_back(seq, app, entry)
     n = n + 1
   end
 end

@@ -164,8 +164,6 @@ class RedisStore:
                 if cursor == "0-0":
                     break
         await self._script("REAP", self.consumer, int(self._idle * 1000))
-        if count:
-            event(logging.WARNING, "redis store: took back deliveries of a gone instance", count=count)
         return count
 
     def _delivering(self) -> None:
