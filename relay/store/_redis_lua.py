@@ -15,7 +15,8 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
     P:inflight            zset: claimed deliveries (score = wall time of the claim or last heartbeat)
     P:lease[:app]         zset: the app's claimed deliveries (score = end of the claim's lease, callers' clock)
     P:dead                zset: dead letters (score = seq)
-    P:t:<token>, P:r:<request id>, P:m:<message id>   zsets: recent seqs, capped, with a TTL (tracing)
+    P:t:<token>           list: the token's recently finished seqs, newest first (its open ones: P:q), capped, TTL
+    P:r:<request id>, P:m:<message id>   zsets: recent seqs of a webhook / a message, capped, with a TTL
     P:dd:<key>            string with TTL: dedupe key (value = end of its window)
     P:devices, P:deadtok, P:counters   hashes
 
@@ -94,24 +95,25 @@ local function drop(app, entry)
 end
 -- Tracing indexes: capped zsets of recent seqs that live at least `ttl` seconds more.
 local function index(k, seq, cap, ttl)
+  ttl = math.ceil(ttl)
   if redis.call('ZADD', k, seq, seq) == 1 and redis.call('ZCARD', k) > cap then
     redis.call('ZREMRANGEBYRANK', k, 0, -(cap + 1))
   end
   if redis.call('TTL', k) < ttl then redis.call('EXPIRE', k, ttl) end
 end
-local function trace_keys(token, rid, mid)
-  local keys = {{{{P .. ':t:' .. token, {TOKEN_CAP}}}}}
-  if rid and rid ~= '' then keys[#keys + 1] = {{P .. ':r:' .. rid, {TRACE_CAP}}} end
-  if mid and mid ~= '' then keys[#keys + 1] = {{P .. ':m:' .. mid, {TRACE_CAP}}} end
-  return keys
+-- At acceptance: the request and message ids (a token's open deliveries are found in its queue P:q).
+local function trace(seq, rid, mid, ttl)
+  if rid and rid ~= '' then index(P .. ':r:' .. rid, seq, {TRACE_CAP}, ttl) end
+  if mid and mid ~= '' then index(P .. ':m:' .. mid, seq, {TRACE_CAP}, ttl) end
 end
-local function trace(seq, token, rid, mid, ttl)
-  for _, k in ipairs(trace_keys(token, rid, mid)) do index(k[1], seq, k[2], math.ceil(ttl)) end
-end
--- At an end: the indexes outlive the record (re-adding the seq if an index expired meanwhile).
-local function linger(seq, token, rid, mid, ttl)
-  for _, k in ipairs(trace_keys(token, rid, mid)) do
-    if redis.call('TTL', k[1]) < ttl then index(k[1], seq, k[2], math.ceil(ttl)) end
+-- At an end: into the token's list of finished deliveries (a token's end in order: the newest is first);
+-- every index outlives the record.
+local function linger(seq, token, rid, mid, keep)
+  local t = P .. ':t:' .. token
+  if redis.call('LPUSH', t, seq) > {TOKEN_CAP} then redis.call('LTRIM', t, 0, {TOKEN_CAP} - 1) end
+  if redis.call('TTL', t) < keep then redis.call('EXPIRE', t, math.ceil(keep)) end
+  for _, k in ipairs({{rid and rid ~= '' and P .. ':r:' .. rid, mid and mid ~= '' and P .. ':m:' .. mid}}) do
+    if k and redis.call('TTL', k) < keep then index(k, seq, {TRACE_CAP}, keep) end
   end
 end
 """
@@ -144,7 +146,7 @@ for i = 5, #ARGV, 9 do
     if rid ~= '' then fields[#fields + 1] = 'rid'; fields[#fields + 1] = rid end
     if mid ~= '' then fields[#fields + 1] = 'mid'; fields[#fields + 1] = mid end
     redis.call('HSET', key(seq), unpack(fields))
-    trace(seq, token, rid, mid, keep + math.max(0, tonumber(ARGV[i + 4]) - now))
+    trace(seq, rid, mid, keep + math.max(0, tonumber(ARGV[i + 4]) - now))
     redis.call('ZADD', P .. ':pending', now, seq)
     accepted = accepted + 1
     out[#out + 1] = 1

@@ -80,7 +80,7 @@ for _, seq in ipairs(ids) do
     redis.call('PERSIST', h)
     redis.call('ZADD', P .. ':pending', now, seq)
     redis.call('HINCRBY', P .. ':counters', 'dead_letter', -1)
-    trace(seq, f[3], f[4], f[5], keep + lifetime - now)
+    trace(seq, f[4], f[5], keep + lifetime - now)
     if redis.call('RPUSH', P .. ':q:' .. f[3], seq) == 1 then schedule(seq, now) end
     n = n + 1
   end
