@@ -5,7 +5,7 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
 
     P:seq                 counter: delivery ids in arrival order (``Job.id``, dead-letter ids)
     P:d:<seq>             hash: one delivery (token, kind, data, app, rid, mid, times, attempts, state,
-                          wait, reason, entry); a finished one expires ``keep_finished`` after its end
+                          wait, reason, entry, owner); a finished one expires ``keep_finished`` after its end
     P:q:<token>           list: the token's open deliveries, oldest first; the first one is the token's *head*
     P:apps                set: app hints seen ("" = none); each has a stream with the consumer group ``relay``
     P:stream[:app]        stream: the app's heads that are due; each delivering process is a consumer
@@ -29,6 +29,8 @@ at its limit without reading (and so holding) any of its entries.
 
 from __future__ import annotations
 
+from relay.outcome import WaitReason
+
 GROUP = "relay"
 TOKEN_CAP = 100  # recent deliveries kept in a token's index
 TRACE_CAP = 1000  # recent deliveries kept in a request id's or message id's index
@@ -36,7 +38,7 @@ TRACE_CAP = 1000  # recent deliveries kept in a request id's or message id's ind
 PRELUDE = f"""
 local P = ARGV[1]
 local GROUP = '{GROUP}'
-local REASONS = {{'retry', 'unroutable', 'config_error', 'circuit_open'}}
+local REASONS = {{{", ".join(repr(reason.value) for reason in WaitReason)}}}
 local function fmt(x) return string.format('%.17g', x) end
 local function key(seq) return P .. ':d:' .. seq end
 local function sfx(app) if not app or app == '' then return '' end return ':' .. app end

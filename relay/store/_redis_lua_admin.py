@@ -183,7 +183,8 @@ MIGRATE = PRELUDE + """
 if redis.call('EXISTS', P .. ':stream') == 1 and redis.call('SADD', P .. ':apps', '') == 1 then
   redis.pcall('XGROUP', 'CREATE', P .. ':stream', GROUP, '0', 'MKSTREAM')
 end
-local typed = {retry = true, unroutable = true, config_error = true, circuit_open = true}
+local typed = {}
+for _, reason in ipairs(REASONS) do typed[reason] = true end
 local n = 0
 for _, z in ipairs({P .. ':retry', P .. ':parked'}) do
   local flat = redis.call('ZRANGE', z, 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
