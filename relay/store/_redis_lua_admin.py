@@ -157,6 +157,24 @@ if n > 0 then redis.call('HINCRBY', P .. ':counters', 'redelivered', n) end
 return {r[1], n}
 """
 
+# ARGV: P, now, app, batch. Claims of one app past their lease (by the callers' clock: a holder that hung or
+# vanished, on any host) go back into the stream; returns how many.
+LAPSED = PRELUDE + _GIVE_BACK + """
+local app, n = ARGV[3], 0
+local lz = leases(app)
+for _, seq in ipairs(redis.call('ZRANGEBYSCORE', lz, '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))) do
+  local entry = redis.call('HGET', key(seq), 'entry')
+  if entry and entry ~= '' then
+    give_back(seq, app, entry)
+    n = n + 1
+  else
+    redis.call('ZREM', lz, seq)
+  end
+end
+if n > 0 then redis.call('HINCRBY', P .. ':counters', 'redelivered', n) end
+return n
+"""
+
 # ARGV: P, me, gc_ms. Forgets consumers (gone processes) with nothing pending, idle for gc_ms.
 REAP = PRELUDE + """
 local n = 0
