@@ -8,6 +8,7 @@ private ``redis-server`` (AOF ``appendfsync always``) in ``tmp_path``, never tou
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import uuid
@@ -17,13 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from relay.testing.fleet import Fleet, RedisServer, device_tokens, send_load, wait_delivered
+from relay.config import StoreSettings
+from relay.store import create_store
+from relay.testing.fleet import Fleet, RedisServer, _relay_command, device_tokens, send_load, wait_delivered
 from relay.testing.sandbox import Sandbox
 from tests.conftest import REDIS_URL, redis_unavailable
 
 CLAIM_IDLE = 2.0
-
-
 
 
 @pytest.fixture
@@ -94,6 +95,70 @@ async def test_three_instances_lose_nothing_when_one_is_killed(box: Sandbox) -> 
         codes = fleet.stop()
         _delete_prefix(REDIS_URL, prefix)
     assert codes[1:] == [0, 0]
+
+
+async def test_operator_commands_mid_run_take_nothing_from_the_live_instances(box: Sandbox) -> None:
+    """Default settings: ``parley-relay stats`` and ``dead-letters list`` run (separate processes opening the
+    same Redis, as an operator would) while two relays hold deliveries in flight, and a store opened the same
+    way reads the deliveries: nothing is taken over, nothing is sent twice or lost, nothing counts as
+    redelivered, and the books balance."""
+    if reason := redis_unavailable():
+        pytest.skip(reason)
+    prefix = f"test-fleet-{uuid.uuid4().hex[:8]}"
+    box.apns.set_delay(0.03)
+    box.fcm.set_delay(0.03)
+    fleet = await Fleet(box, REDIS_URL, prefix, claim_idle=StoreSettings.claim_idle).start(2)
+    config = str(box.root / "relay-0.yaml")
+    settings = StoreSettings(backend="redis", url=REDIS_URL, prefix=prefix)
+    runs: list[tuple[int, int]] = []  # (entries in flight when it ran, exit code of stats)
+    done = asyncio.Event()
+
+    async def operator() -> None:
+        reader = create_store(settings)
+        await reader.open()
+        try:
+            while not done.is_set():
+                held = _pending_of(REDIS_URL, prefix, "")
+                if held:
+                    stats = await asyncio.create_subprocess_exec(*_relay_command(), "stats", "--json", "--config",
+                                                                 config, stdout=asyncio.subprocess.PIPE)
+                    out, _ = await stats.communicate()
+                    letters = await asyncio.create_subprocess_exec(*_relay_command(), "dead-letters", "list",
+                                                                   "--config", config,
+                                                                   stdout=asyncio.subprocess.DEVNULL)
+                    await letters.wait()
+                    assert json.loads(out)["balanced"] is True
+                    await reader.deliveries(token=sorted(box.devices)[0])
+                    await reader.deliveries()
+                    runs.append((held, stats.returncode or 0))
+                await asyncio.sleep(0.05)
+        finally:
+            await reader.close()
+
+    watcher = asyncio.get_running_loop().create_task(operator())
+    try:
+        load = await send_load(lambda: fleet.urls, sorted(box.devices), 20)
+        figures = await wait_delivered(load, box, timeout=30)
+        done.set()
+        await watcher
+        print(f"\noperator commands mid-run: {figures}; {len(runs)} rounds while relays held "
+              f"{[held for held, _ in runs]} in flight")
+        assert runs and all(code == 0 for _, code in runs)
+        assert figures.accepted == 32 * 20
+        assert (figures.lost, figures.duplicated, figures.out_of_order) == (0, 0, 0), figures
+        store = create_store(settings)
+        await store.open()
+        try:
+            stats = await store.stats()
+        finally:
+            await store.close()
+        assert (stats.redelivered, stats.accepted) == (0, 32 * 20) and stats.balanced
+    finally:
+        done.set()
+        await asyncio.gather(watcher, return_exceptions=True)
+        codes = fleet.stop()
+        _delete_prefix(REDIS_URL, prefix)
+    assert codes == [0, 0]
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

@@ -139,7 +139,7 @@ async def test_an_operator_store_changes_nothing_while_a_live_process_holds_work
     await operator.close()
     assert snapshot(raw, settings.prefix) == before
     other = await make_store()
-    assert await other.recover(time.time()) == 0
+    assert await other.recover(NOW) == 0
     assert await other.claim(10, NOW, LEASE) == []
     for job in held:
         await store.finish(job, EndState.SENT, "", NOW)
@@ -156,11 +156,30 @@ async def test_recover_never_takes_work_a_live_process_keeps_renewing(make_store
     jobs = await live.claim(10, NOW, LEASE)
     await asyncio.sleep(IDLE * 3)
     starting = await make_store(claim_idle=IDLE)
-    assert await starting.recover(time.time()) == 0
+    assert await starting.recover(NOW) == 0
     assert await starting.claim(10, NOW, LEASE) == []
     for job in jobs:
         await live.finish(job, EndState.SENT, "", NOW)
     assert (await starting.stats()).ended[EndState.SENT] == 2
+
+
+async def test_recover_gives_back_a_claim_past_its_lease_by_the_callers_clock(
+    store: RedisStore, make_store: MakeStore
+) -> None:
+    """A holder that hung past its lease (still heartbeating): a starting process's recover(now) gives the
+    claim back, counted as redelivered, and the hung holder's late record changes nothing."""
+    await enqueue(store, "a", "a")
+    (job,) = await store.claim(10, NOW, 10)
+    starting = await make_store()
+    assert await starting.recover(NOW + 9) == 0
+    assert await starting.recover(NOW + 11) == 1
+    (again,) = await starting.claim(10, NOW + 11, LEASE)
+    assert (again.id, again.delivery_id) == (job.id, job.delivery_id)
+    await store.finish(job, EndState.DEAD_LETTER, "late", NOW + 12)
+    await starting.finish(again, EndState.SENT, "", NOW + 12)
+    stats = await starting.stats()
+    assert (stats.ended[EndState.SENT], stats.ended[EndState.DEAD_LETTER], stats.pending, stats.redelivered) == (
+        1, 0, 1, 1) and stats.balanced
 
 
 _CRASHER = """
@@ -200,7 +219,7 @@ async def test_recover_puts_a_killed_process_claims_back_in_every_app_stream(
     assert len(claimed) == 3
     await asyncio.sleep(IDLE + 0.2)  # its claims have now gone unrenewed for longer than claim_idle
     starting = await make_store(claim_idle=IDLE)
-    assert await starting.recover(time.time()) == 3
+    assert await starting.recover(NOW) == 3
     stats = await starting.stats()
     assert (stats.redelivered, stats.pending, stats.inflight) == (3, 4, 0) and stats.balanced
     jobs = await store.claim(10, NOW, LEASE)  # any consumer: they are back in their streams
@@ -462,7 +481,7 @@ async def test_data_of_the_one_stream_layout_is_migrated_by_recover(
     _legacy(raw, settings.prefix)
     store = await make_store(claim_idle=IDLE)
     await asyncio.sleep(IDLE + 0.1)
-    assert await store.recover(time.time()) == 1
+    assert await store.recover(NOW) == 1
     prefix = settings.prefix
     assert not raw.exists(f"{prefix}:retry") and not raw.exists(f"{prefix}:parked")
     assert [raw.zcard(f"{prefix}:wait:{r}") for r in ("retry", "unroutable", "config_error")] == [1, 1, 1]

@@ -5,7 +5,7 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
 
     P:seq                 counter: delivery ids in arrival order (``Job.id``, dead-letter ids)
     P:d:<seq>             hash: one delivery (token, kind, data, app, rid, mid, times, attempts, state,
-                          wait, reason, entry); a finished one expires ``keep_finished`` after its end
+                          wait, reason, entry, owner); a finished one expires ``keep_finished`` after its end
     P:q:<token>           list: the token's open deliveries, oldest first; the first one is the token's *head*
     P:apps                set: app hints seen ("" = none); each has a stream with the consumer group ``relay``
     P:stream[:app]        stream: the app's heads that are due; each delivering process is a consumer
@@ -15,7 +15,8 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
     P:inflight            zset: claimed deliveries (score = wall time of the claim or last heartbeat)
     P:lease[:app]         zset: the app's claimed deliveries (score = end of the claim's lease, callers' clock)
     P:dead                zset: dead letters (score = seq)
-    P:t:<token>, P:r:<request id>, P:m:<message id>   zsets: recent seqs, capped, with a TTL (tracing)
+    P:t:<token>           list: the token's recently finished seqs, newest first (its open ones: P:q), capped, TTL
+    P:r:<request id>, P:m:<message id>   zsets: recent seqs of a webhook / a message, capped, with a TTL
     P:dd:<key>            string with TTL: dedupe key (value = end of its window)
     P:devices, P:deadtok, P:counters   hashes
     P:apnsenv             hash: APNs device token -> environment found by a sandbox fallback
@@ -29,6 +30,8 @@ at its limit without reading (and so holding) any of its entries.
 
 from __future__ import annotations
 
+from relay.outcome import WaitReason
+
 GROUP = "relay"
 TOKEN_CAP = 100  # recent deliveries kept in a token's index
 TRACE_CAP = 1000  # recent deliveries kept in a request id's or message id's index
@@ -36,30 +39,36 @@ TRACE_CAP = 1000  # recent deliveries kept in a request id's or message id's ind
 PRELUDE = f"""
 local P = ARGV[1]
 local GROUP = '{GROUP}'
-local REASONS = {{'retry', 'unroutable', 'config_error', 'circuit_open'}}
+local REASONS = {{{", ".join(repr(reason.value) for reason in WaitReason)}}}
 local function fmt(x) return string.format('%.17g', x) end
 local function key(seq) return P .. ':d:' .. seq end
 local function sfx(app) if not app or app == '' then return '' end return ':' .. app end
 local function stream(app) return P .. ':stream' .. sfx(app) end
 local function sched(reason, app) return P .. ':wait:' .. reason .. sfx(app) end
 local function leases(app) return P .. ':lease' .. sfx(app) end
-local function app_of(h) return redis.call('HGET', h, 'app') or '' end
--- The apps whose streams exist; the hint-less stream of the one-stream layout counts as well.
+-- The apps with a stream (P:apps, "" = no hint), sorted so that every claim visits them in one order.
 local function apps()
   local list = redis.call('SMEMBERS', P .. ':apps')
   table.sort(list)
   return list
 end
 -- Claims look at the apps in P:apps: an app's stream and group are made when it is first used.
+local seen = {{}}
 local function known(app)
+  if seen[app] then return end
+  seen[app] = true
   if redis.call('SADD', P .. ':apps', app) == 1 then
     redis.pcall('XGROUP', 'CREATE', stream(app), GROUP, '0', 'MKSTREAM')
   end
 end
--- Make a delivery claimable now: a new entry in its app's stream.
-local function push(seq, app)
+-- A new entry for a delivery in its app's stream; returns the entry id.
+local function append(seq, app)
   known(app)
-  redis.call('HSET', key(seq), 'entry', redis.call('XADD', stream(app), '*', 'seq', seq))
+  return redis.call('XADD', stream(app), '*', 'seq', seq)
+end
+-- Make a delivery claimable now.
+local function push(seq, app)
+  redis.call('HSET', key(seq), 'entry', append(seq, app))
 end
 -- Wait on the schedule of its reason and app until `at`.
 local function park(seq, reason, app, at)
@@ -69,35 +78,46 @@ local function park(seq, reason, app, at)
 end
 -- Make a token's new head claimable: into its app's stream when due, else onto its reason's schedule.
 local function schedule(seq, now)
-  local h = key(seq)
-  local f = redis.call('HMGET', h, 'next_at', 'app', 'wait')
+  local f = redis.call('HMGET', key(seq), 'next_at', 'app', 'wait')
   if tonumber(f[1]) > now then
     park(seq, f[3] or 'retry', f[2] or '', f[1])
   else
     push(seq, f[2] or '')
   end
 end
--- Fencing: true only while `entry` is the delivery's current entry AND consumer `me` holds it.
-local function holds(seq, entry, me)
-  local f = redis.call('HMGET', key(seq), 'entry', 'app')
-  if f[1] ~= entry then return false end
-  return #redis.call('XPENDING', stream(f[2]), GROUP, entry, entry, 1, me) > 0
+-- Fencing: the delivery's current entry is `entry` and consumer `me` holds it (every change of holder, a
+-- claim or a takeover, is made by these scripts, which record it as `owner`). Returns the app, or nil.
+local function held(seq, entry, me)
+  local f = redis.call('HMGET', key(seq), 'entry', 'owner', 'app')
+  if f[1] ~= entry or f[2] ~= me then return nil end
+  return f[3] or ''
 end
 local function drop(app, entry)
   redis.call('XACK', stream(app), GROUP, entry)
   redis.call('XDEL', stream(app), entry)
 end
--- A capped index of recent seqs that lives at least `ttl` seconds more.
+-- Tracing indexes: capped zsets of recent seqs that live at least `ttl` seconds more.
 local function index(k, seq, cap, ttl)
-  redis.call('ZADD', k, tonumber(seq), seq)
-  redis.call('ZREMRANGEBYRANK', k, 0, -(cap + 1))
+  ttl = math.ceil(ttl)
+  if redis.call('ZADD', k, seq, seq) == 1 and redis.call('ZCARD', k) > cap then
+    redis.call('ZREMRANGEBYRANK', k, 0, -(cap + 1))
+  end
   if redis.call('TTL', k) < ttl then redis.call('EXPIRE', k, ttl) end
 end
-local function trace(seq, token, rid, mid, ttl)
-  ttl = math.ceil(ttl)
-  index(P .. ':t:' .. token, seq, {TOKEN_CAP}, ttl)
+-- At acceptance: the request and message ids (a token's open deliveries are found in its queue P:q).
+local function trace(seq, rid, mid, ttl)
   if rid and rid ~= '' then index(P .. ':r:' .. rid, seq, {TRACE_CAP}, ttl) end
   if mid and mid ~= '' then index(P .. ':m:' .. mid, seq, {TRACE_CAP}, ttl) end
+end
+-- At an end: into the token's list of finished deliveries (a token's end in order: the newest is first);
+-- every index outlives the record.
+local function linger(seq, token, rid, mid, keep)
+  local t = P .. ':t:' .. token
+  if redis.call('LPUSH', t, seq) > {TOKEN_CAP} then redis.call('LTRIM', t, 0, {TOKEN_CAP} - 1) end
+  if redis.call('TTL', t) < keep then redis.call('EXPIRE', t, math.ceil(keep)) end
+  for _, k in ipairs({{rid and rid ~= '' and P .. ':r:' .. rid, mid and mid ~= '' and P .. ':m:' .. mid}}) do
+    if k and redis.call('TTL', k) < keep then index(k, seq, {TRACE_CAP}, keep) end
+  end
 end
 """
 
@@ -120,16 +140,17 @@ for i = 5, #ARGV, 9 do
   if fresh then
     local seq = tostring(redis.call('INCR', P .. ':seq'))
     local token, app, rid, mid = ARGV[i + 1], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+    local entry = ''  -- a token's first open delivery is its head: claimable at once
+    if redis.call('RPUSH', P .. ':q:' .. token, seq) == 1 then entry = append(seq, app) end
     local fields = {'delivery_id', ARGV[i + 5], 'token', token, 'kind', ARGV[i + 2], 'data', ARGV[i + 3],
       'received_at', ARGV[2], 'expires_at', ARGV[i + 4], 'next_at', ARGV[2], 'attempts', 0, 'state', 'pending',
-      'entry', ''}
+      'entry', entry}
     if app ~= '' then fields[#fields + 1] = 'app'; fields[#fields + 1] = app end
     if rid ~= '' then fields[#fields + 1] = 'rid'; fields[#fields + 1] = rid end
     if mid ~= '' then fields[#fields + 1] = 'mid'; fields[#fields + 1] = mid end
     redis.call('HSET', key(seq), unpack(fields))
-    trace(seq, token, rid, mid, keep + math.max(0, tonumber(ARGV[i + 4]) - now))
+    trace(seq, rid, mid, keep + math.max(0, tonumber(ARGV[i + 4]) - now))
     redis.call('ZADD', P .. ':pending', now, seq)
-    if redis.call('RPUSH', P .. ':q:' .. token, seq) == 1 then push(seq, app) end
     accepted = accepted + 1
     out[#out + 1] = 1
   else
@@ -163,17 +184,17 @@ local jobs, stolen, remaining, first = {}, 0, limit, true
 local function take(app, e, from_dead)
   local id, seq = e[1], e[2][2]
   local h = key(seq)
-  if redis.call('HGET', h, 'entry') ~= id then
+  local f = redis.call('HMGET', h, 'entry', 'delivery_id', 'token', 'kind', 'data', 'received_at', 'expires_at',
+    'attempts', 'app', 'rid', 'mid')
+  if f[1] ~= id then
     drop(app, id)
     return 0
   end
-  redis.call('HSET', h, 'state', 'inflight')
+  redis.call('HSET', h, 'state', 'inflight', 'owner', me)
   redis.call('ZREM', P .. ':pending', seq)
   redis.call('ZADD', P .. ':inflight', wall, seq)
   redis.call('ZADD', leases(app), lease_end, seq)
-  local f = redis.call('HMGET', h, 'delivery_id', 'token', 'kind', 'data', 'received_at', 'expires_at',
-    'attempts', 'app', 'rid', 'mid')
-  jobs[#jobs + 1] = {seq, id, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10]}
+  jobs[#jobs + 1] = {seq, id, f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]}
   if from_dead then stolen = stolen + 1 end
   return 1
 end
@@ -232,19 +253,18 @@ return jobs
 
 # ARGV: P, me, seq, entry, end, reason, now, keep_seconds
 FINISH = PRELUDE + """
-local me, seq, entry, done, now, keep = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[7]), ARGV[8]
-if not holds(seq, entry, me) then return 0 end
+local me, seq, entry, done, now, keep = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[8])
 local h = key(seq)
-local app = app_of(h)
+local f = redis.call('HMGET', h, 'entry', 'owner', 'app', 'token', 'rid', 'mid', 'attempts')
+if f[1] ~= entry or f[2] ~= me then return 0 end
+local app = f[3] or ''
 drop(app, entry)
 redis.call('ZREM', leases(app), seq)
-redis.call('HSET', h, 'state', done, 'reason', ARGV[6], 'finished_at', ARGV[7], 'entry', '')
-redis.call('HDEL', h, 'wait')
-redis.call('HINCRBY', h, 'attempts', 1)
 redis.call('ZREM', P .. ':inflight', seq)
+redis.call('HSET', h, 'state', done, 'reason', ARGV[6], 'finished_at', ARGV[7], 'entry', '',
+  'attempts', tonumber(f[7]) + 1)
 redis.call('HINCRBY', P .. ':counters', done, 1)
-local f = redis.call('HMGET', h, 'token', 'rid', 'mid')
-local q = P .. ':q:' .. f[1]
+local q = P .. ':q:' .. f[4]
 if redis.call('LINDEX', q, 0) == seq then
   redis.call('LPOP', q)
   local nxt = redis.call('LINDEX', q, 0)
@@ -252,12 +272,13 @@ if redis.call('LINDEX', q, 0) == seq then
 else
   redis.call('LREM', q, 1, seq)
 end
-trace(seq, f[1], f[2], f[3], tonumber(keep))
+linger(seq, f[4], f[5], f[6], keep)
 if done == 'dead_letter' then
   redis.call('ZADD', P .. ':dead', tonumber(seq), seq)
+  redis.call('HDEL', h, 'wait')
 else
-  redis.call('HDEL', h, 'data')
-  redis.call('EXPIRE', h, math.max(1, math.ceil(tonumber(keep))))
+  redis.call('HDEL', h, 'wait', 'data')
+  redis.call('EXPIRE', h, math.max(1, math.ceil(keep)))
 end
 return 1
 """
@@ -265,9 +286,9 @@ return 1
 # ARGV: P, me, seq, entry, at, wait reason, detail, attempts increment, app given ('1' | '0'), app
 RETRY = PRELUDE + """
 local me, seq, entry, at, wait = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-if not holds(seq, entry, me) then return 0 end
+local app = held(seq, entry, me)
+if not app then return 0 end
 local h = key(seq)
-local app = app_of(h)
 drop(app, entry)
 redis.call('ZREM', leases(app), seq)
 if ARGV[9] == '1' then

@@ -80,7 +80,7 @@ for _, seq in ipairs(ids) do
     redis.call('PERSIST', h)
     redis.call('ZADD', P .. ':pending', now, seq)
     redis.call('HINCRBY', P .. ':counters', 'dead_letter', -1)
-    trace(seq, f[3], f[4], f[5], keep + lifetime - now)
+    trace(seq, f[4], f[5], keep + lifetime - now)
     if redis.call('RPUSH', P .. ':q:' .. f[3], seq) == 1 then schedule(seq, now) end
     n = n + 1
   end
@@ -93,8 +93,9 @@ HEARTBEAT = PRELUDE + """
 local me, lost = ARGV[2], {}
 for i = 4, #ARGV, 2 do
   local seq, entry = ARGV[i], ARGV[i + 1]
-  if holds(seq, entry, me) then
-    redis.call('XCLAIM', stream(app_of(key(seq))), GROUP, me, 0, entry, 'JUSTID')
+  local app = held(seq, entry, me)
+  if app then
+    redis.call('XCLAIM', stream(app), GROUP, me, 0, entry, 'JUSTID')
     redis.call('ZADD', P .. ':inflight', 'XX', ARGV[3], seq)
   else
     lost[#lost + 1] = seq
@@ -121,8 +122,9 @@ RELEASE = PRELUDE + _GIVE_BACK + """
 local me, n = ARGV[2], 0
 for i = 3, #ARGV, 2 do
   local seq, entry = ARGV[i], ARGV[i + 1]
-  if holds(seq, entry, me) then
-    give_back(seq, app_of(key(seq)), entry)
+  local app = held(seq, entry, me)
+  if app then
+    give_back(seq, app, entry)
     n = n + 1
   end
 end
@@ -155,6 +157,24 @@ if n > 0 then redis.call('HINCRBY', P .. ':counters', 'redelivered', n) end
 return {r[1], n}
 """
 
+# ARGV: P, now, app, batch. Claims of one app past their lease (by the callers' clock: a holder that hung or
+# vanished, on any host) go back into the stream; returns how many.
+LAPSED = PRELUDE + _GIVE_BACK + """
+local app, n = ARGV[3], 0
+local lz = leases(app)
+for _, seq in ipairs(redis.call('ZRANGEBYSCORE', lz, '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))) do
+  local entry = redis.call('HGET', key(seq), 'entry')
+  if entry and entry ~= '' then
+    give_back(seq, app, entry)
+    n = n + 1
+  else
+    redis.call('ZREM', lz, seq)
+  end
+end
+if n > 0 then redis.call('HINCRBY', P .. ':counters', 'redelivered', n) end
+return n
+"""
+
 # ARGV: P, me, gc_ms. Forgets consumers (gone processes) with nothing pending, idle for gc_ms.
 REAP = PRELUDE + """
 local n = 0
@@ -181,7 +201,8 @@ MIGRATE = PRELUDE + """
 if redis.call('EXISTS', P .. ':stream') == 1 and redis.call('SADD', P .. ':apps', '') == 1 then
   redis.pcall('XGROUP', 'CREATE', P .. ':stream', GROUP, '0', 'MKSTREAM')
 end
-local typed = {retry = true, unroutable = true, config_error = true, circuit_open = true}
+local typed = {}
+for _, reason in ipairs(REASONS) do typed[reason] = true end
 local n = 0
 for _, z in ipairs({P .. ':retry', P .. ':parked'}) do
   local flat = redis.call('ZRANGE', z, 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')

@@ -53,7 +53,7 @@ async def deliveries(client: Redis, do: Do, prefix: str, *, token: str | None, r
     if token is not None:
         # The index, and the token's open queue: open deliveries whose index expired (or that predate it).
         async with client.pipeline(transaction=False) as pipe:
-            pipe.zrevrange(f"{prefix}:t:{token}", 0, TOKEN_CAP - 1)
+            pipe.lrange(f"{prefix}:t:{token}", 0, TOKEN_CAP - 1)
             pipe.lrange(f"{prefix}:q:{token}", 0, -1)
             recent, queued = await do(pipe.execute())
         seqs = sorted({_s(seq) for seq in [*recent, *queued]}, key=int, reverse=True)

@@ -56,7 +56,8 @@ MAX_CONNECTIONS = 64
 REAP_AFTER = 3600.0  # a consumer with nothing pending, silent this long, is a dead instance: forget it
 BATCH = 1000  # wake, recovery and migration work in atomic steps of this many deliveries
 _SCRIPTS = {"ENQUEUE": lua, "CLAIM": lua, "FINISH": lua, "RETRY": lua, "WAKE": admin, "RETRY_DEAD": admin,
-            "HEARTBEAT": admin, "RELEASE": admin, "RECOVER": admin, "REAP": admin, "MIGRATE": admin}
+            "HEARTBEAT": admin, "RELEASE": admin, "RECOVER": admin, "LAPSED": admin, "REAP": admin,
+            "MIGRATE": admin}
 
 
 def _s(value: bytes | str) -> str:
@@ -154,8 +155,9 @@ class RedisStore:
         """Take back what gone processes held; returns how many deliveries went back into their streams.
 
         Gone = its claims were not renewed for ``claim_idle`` (a live process heartbeats every third of
-        it), so a live process's work is never touched. Also moves data of the one-stream layout (earlier
-        versions) to this one, and forgets gone consumers that hold nothing.
+        it), or they are past their lease by ``now``; a live process's work is never touched. Also moves
+        data of the one-stream layout (earlier versions) to this one, and forgets gone consumers that hold
+        nothing.
         """
         self._delivering()
         while int(await self._script("MIGRATE", BATCH)):
@@ -170,9 +172,9 @@ class RedisStore:
                 cursor = _s(cursor)
                 if cursor == "0-0":
                     break
+            while (moved := int(await self._script("LAPSED", repr(now), app, BATCH))):
+                count += moved
         await self._script("REAP", self.consumer, int(self._idle * 1000))
-        if count:
-            event(logging.WARNING, "redis store: took back deliveries of a gone instance", count=count)
         return count
 
     def _delivering(self) -> None:
