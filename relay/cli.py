@@ -18,7 +18,7 @@ from typing import Any
 from relay.config import Config, load_config
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.observability import setup_logging, short_token
-from relay.outcome import EndState, Outcome
+from relay.outcome import EndState, Outcome, WaitReason
 from relay.registry.device import Device
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
@@ -117,7 +117,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 print(f"unknown app {args.app!r}; known: {', '.join(config.apps)}", file=sys.stderr)
                 return 1
             await store.put_device(Device(args.token, args.app, args.device_token or args.token), time.time())
-            print(f"added {short_token(args.token)} -> {args.app} (a running relay picks it up on reload)")
+            # Deliveries parked as unroutable for it are due now: a running relay's dispatcher sends them
+            # within its poll (it finds the device in the store), before any reload.
+            released = await store.wake(time.time(), reasons={WaitReason.UNROUTABLE}, tokens=[args.token])
+            print(f"added {short_token(args.token)} -> {args.app}; {released} waiting deliveries released")
             return 0
         removed = await store.remove_device(args.token)
         print(f"removed {short_token(args.token)}" if removed else f"no run-time device {short_token(args.token)}")

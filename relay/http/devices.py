@@ -27,6 +27,7 @@ from aiohttp import web
 from relay.config import ApiKey, App
 from relay.errors import RelayError, StoreError
 from relay.observability import event, short_token
+from relay.outcome import WaitReason
 from relay.registry.device import APNS_TOKEN_RE, Device
 from relay.running import RELAY_KEY, Relay
 
@@ -203,7 +204,7 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
     try:
         await relay.store.put_device(device, now)
         relay.registry.put(device)
-        woken = await relay.store.wake([token], now)
+        woken = await relay.store.wake(now, reasons={WaitReason.UNROUTABLE}, tokens=[token])
     except StoreError as exc:
         raise _store_down(exc) from exc
     if woken and relay.dispatcher is not None:

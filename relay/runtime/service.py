@@ -3,7 +3,7 @@
 Start: the store is opened and every app's credentials are loaded (``AppRunner.setup``), then the listeners
 come up, then ``READY=1``. ``SIGHUP`` reloads (the old configuration stays on any error). ``SIGTERM`` and
 ``SIGINT`` drain: ``STOPPING=1``, stop accepting (under socket activation the kernel queues new connections
-for the next process), finish in-flight requests and then in-flight sends, each within
+for the next process), finish in-flight requests and then in-flight sends, all within one
 ``shutdown_timeout``, leave everything else stored, return (exit 0).
 """
 
@@ -25,7 +25,7 @@ from relay.http.errors import Handler
 from relay.observability import event
 from relay.outcome import EndState
 from relay.running import RELAY_KEY, Relay
-from relay.runtime.relay import create_app, reload
+from relay.runtime.relay import create_app, reload, remaining
 from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
 # After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
@@ -232,11 +232,12 @@ async def _reload(relay: Relay) -> bool:
 async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> None:
     timeout = relay.config.shutdown_timeout
     event(logging.INFO, "relay stopping: draining in-flight requests and sends", timeout=timeout)
-    notifier.stopping(f"draining (up to {timeout:g}s for requests, then {timeout:g}s for sends)")
+    notifier.stopping(f"draining (up to {timeout:g}s for requests and sends)")
     relay.draining = True  # /readyz answers 503 from now on
+    relay.stop_deadline = asyncio.get_running_loop().time() + timeout  # one budget for every phase below
     await listeners.stop_accepting()
     await asyncio.sleep(ACCEPT_GRACE)
-    if not await listeners.in_flight.wait(timeout):
+    if not await listeners.in_flight.wait(remaining(relay)):
         event(logging.WARNING, "requests still in flight after shutdown_timeout, closing them",
               requests=listeners.in_flight.count)
     # In-flight requests, then the dispatcher's in-flight sends (its cleanup context), then providers, store.
