@@ -125,12 +125,11 @@ class Dispatcher:
             due = await self.store.next_due()
         except StoreError:
             return IDLE_POLL
-        wait = IDLE_POLL * 5 if due is None else due - now
-        # Due but not claimed: blocked behind its token's head, or its app has no free slot (a finish or the
-        # circuit closing wakes us): poll, so that a change made by another process is seen within IDLE_POLL.
-        if wait <= 0:
-            wait = IDLE_POLL
-        return max(0.0, min(wait, IDLE_POLL * 5) if probe is None else min(wait, probe))
+        # Nothing pending: a webhook wakes us. Pending: poll at least every IDLE_POLL, so that a change made by
+        # another process (the CLI adding a device, another instance) is seen within it; due but not claimed
+        # means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
+        wait = IDLE_POLL * 5 if due is None else IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
+        return max(0.0, wait if probe is None else min(wait, probe))
 
     async def _wait(self, seconds: float) -> None:
         try:

@@ -84,9 +84,17 @@ async def reload(relay: Relay) -> bool:
 async def _retire(provider: Bounded) -> None:
     try:
         await provider.retire()
-    except asyncio.CancelledError:  # a drain's deadline came first: close it now
-        await provider.close()
+    except asyncio.CancelledError:  # a drain's deadline came first: close it now, briefly
+        try:
+            await asyncio.wait_for(provider.close(), CLOSE_GRACE)
+        except TimeoutError:
+            pass
         raise
+
+
+def _close_reserve(relay: Relay) -> float:
+    """The part of a drain kept for closing providers after the sends (a hung provider may take it all)."""
+    return min(2 * CLOSE_GRACE, relay.config.shutdown_timeout / 4)
 
 
 def remaining(relay: Relay) -> float:
@@ -148,15 +156,17 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     relay.providers = await create_providers(relay.config.apps, relay.config.delivery.send_timeout)
     yield
-    if relay.retiring:  # old providers still finishing sends after a reload: within the drain's deadline
-        _done, pending = await asyncio.wait(set(relay.retiring), timeout=remaining(relay))
+    # The dispatcher has stopped: no send is in flight. Old providers of a reload and the current ones close
+    # within what is left of the drain's deadline (a hung provider's close is cut short: we are exiting).
+    if relay.retiring:
+        _done, pending = await asyncio.wait(set(relay.retiring), timeout=remaining(relay) / 2)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=CLOSE_GRACE)
     closing = asyncio.gather(*(provider.close() for provider in relay.providers.values()), return_exceptions=True)
     try:
-        await asyncio.wait_for(closing, max(remaining(relay), CLOSE_GRACE))
+        await asyncio.wait_for(closing, max(remaining(relay), 0.1))
     except TimeoutError:
         event(logging.WARNING, "providers did not close within shutdown_timeout; leaving them")
 
@@ -169,7 +179,7 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.get_running_loop().create_task(dispatcher.run(), name="dispatcher")
     yield
     relay.draining = True
-    await dispatcher.stop(remaining(relay))
+    await dispatcher.stop(max(0.0, remaining(relay) - _close_reserve(relay)))
     task.cancel()
     try:
         await task
