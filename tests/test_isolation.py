@@ -36,13 +36,17 @@ async def _post_many(r: RelayUnderTest, tokens: list[str], first_id: int) -> Non
 async def test_hung_fcm_with_a_backlog_never_delays_an_ios_push(make_relay: MakeRelay, sandbox: Sandbox) -> None:
     """FCM accepts but never answers, 400 Android deliveries queued (more than delivery.concurrency): an iOS
     webhook's push reaches APNs at once, long before any hung FCM send could time out."""
-    r = await make_relay(devices={}, routing=ROUTING, delivery={})  # delivery: the defaults
+    # delivery: the defaults; shutdown_timeout only shortens the test's end (sends still hung then)
+    r = await make_relay(devices={}, routing=ROUTING, delivery={}, shutdown_timeout=1)
     settings = r.relay.config.delivery
     assert settings.concurrency == 256 and settings.send_timeout == 15
     sandbox.fcm.hang(True)
     await _post_many(r, [_fcm_token() for _ in range(400)], first_id=1)
     android_slots = r.relay.config.apps["android"].concurrency
-    hung = await sandbox.fcm.wait_for(android_slots, timeout=30)  # Android's own slots are all hung now
+    dispatcher = r.relay.dispatcher
+    assert dispatcher is not None
+    await _wait(lambda: dispatcher.admission.running.get("android", 0) == android_slots)  # all its slots hung
+    hung = await sandbox.fcm.wait_for(1)
     ios = _apns_token()
     posted = time.time()
     status, _ = await r.post(sample("message", to=[ios], id=999))
@@ -68,9 +72,8 @@ async def test_android_push_flows_while_apns_drains_a_large_backlog(make_relay: 
     sandbox.apns.fail_all(503, "ServiceUnavailable")
     await _post_many(r, backlog, first_id=1)
     await _wait(lambda: r.relay.dispatcher is not None and r.relay.dispatcher.breakers["ios"].is_open)
-    sandbox.apns.set_delay(0.02)  # a real APNs answers in tens of ms: the drain takes a while
     sandbox.apns.recover()
-    sandbox.apns.set_delay(0.02)
+    sandbox.apns.set_delay(0.02)  # a real APNs answers in tens of ms: the drain takes a while
     await _wait(lambda: sum(q.status == 200 for q in sandbox.apns.requests) >= 200, timeout=30)
     posted = time.time()
     status, _ = await r.post(sample("message", to=[_fcm_token()], id=9999))

@@ -35,9 +35,14 @@ class Circuits:
         return {app: b.alarm for app, b in self.breakers.items() if b.alarm}
 
     def next_probe(self, now: float) -> float | None:
-        """Seconds until the earliest open circuit may send its probe, or None when none waits for one."""
-        waits = [b.open_until - now for b in self.breakers.values() if b.is_open and b.probe is None]
-        return max(0.0, min(waits)) if waits else None
+        """Seconds until the earliest open circuit may send its probe, or None when none is still to come.
+
+        A probe already due is not counted: its claim finds a delivery or there is nothing to probe with
+        (the next one due, or a webhook, wakes the dispatcher then).
+        """
+        waits = [b.open_until - now for b in self.breakers.values()
+                 if b.is_open and b.probe is None and b.open_until > now]
+        return min(waits) if waits else None
 
     def release(self, job_id: str) -> None:
         """A delivery ended without a provider answer: if it was a probe, another may go at once."""

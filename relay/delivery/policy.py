@@ -124,10 +124,10 @@ class Breaker:
     def failed(self, job_id: str, now: float, probes: ProbePolicy, retry_after: float | None) -> bool:
         """A transient failure; True when this one opened the circuit."""
         if self.is_open:
-            if self.probe == job_id:
+            if self.probe == job_id:  # a send started before it opened changes nothing: only probes count
                 self.probe = None
                 self.failed_probes += 1
-            self.open_until = max(self.open_until, now + probes.delay(self.failed_probes - 1, retry_after))
+                self.open_until = now + probes.delay(self.failed_probes, retry_after)
             return False
         self.failures += 1
         if self.failures < RETRY_TRIP:
