@@ -97,6 +97,7 @@ class StoreSettings:
     commit_interval: float = 0.0  # extra wait to grow a group commit; 0 = commit as soon as the last one ends
     claim_idle: float = 60.0  # redis: a dead instance's in-flight deliveries are reclaimed after this many seconds
     prefix: str = "relay"  # redis: key prefix, so that several relays can share one Redis database
+    keep_finished: float = 3600.0  # finished deliveries (but dead letters) stay inspectable this long, then pruned
 
 
 @dataclass(frozen=True)

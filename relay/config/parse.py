@@ -211,6 +211,7 @@ def parse_config(data: Any, source: Path) -> Config:
         commit_interval=store_r.number("commit_interval", 0.0),
         claim_idle=store_r.number("claim_idle", StoreSettings.claim_idle, minimum=0.1),
         prefix=store_r.text("prefix", StoreSettings.prefix),
+        keep_finished=store_r.number("keep_finished", StoreSettings.keep_finished),
     )
     store_r.finish()
 

@@ -173,6 +173,7 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
+    # Dispatcher.run() recovers what a crashed process left in flight first (never a live process's claims).
     dispatcher = Dispatcher(relay.store, relay.registry, lambda: relay.providers, relay.config.delivery,
                             relay.metrics, relay.clock)
     relay.dispatcher = dispatcher

@@ -1,206 +1,142 @@
-"""SQLite store (embedded default): WAL, ``synchronous=FULL``, and group commit.
+"""SQLite store (embedded default): WAL, ``synchronous=FULL``, and group commit (:mod:`.sqlite_commit`).
 
-All SQL runs on one dedicated thread. Callers queue operations; whatever queued while the previous
-transaction was committing is executed together in the next one (each op in its own SAVEPOINT, so one
-failing op never aborts its neighbours). Under load many webhooks share one fsync; when idle, a single
-webhook is committed at once, without waiting for a timer.
+Several processes may share the file (roles, operator commands): a claim records its owner and a lease, so
+that only a dead owner's deliveries are ever freed (:meth:`SqliteStore.recover`, or a lease run out). Finished
+deliveries drop their payload and are pruned after ``store.keep_finished``; the file gives the space back.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import logging
 import sqlite3
+import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from relay.config import StoreSettings
-from relay.errors import StoreError, StoreUnavailable
-from relay.outcome import EndState
+from relay.errors import StoreError
+from relay.observability import event
+from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device
-from relay.store.base import DeadLetter, Job, NewDelivery, Stats
+from relay.store import sqlite_schema as schema
+from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
+from relay.store.sqlite_commit import GroupCommit
 
-T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order: per-token ordering follows it
-    delivery_id TEXT NOT NULL,                      -- stable id for the delivery's whole life (apns-id)
-    token       TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    data        BLOB NOT NULL,
-    received_at REAL NOT NULL,
-    expires_at  REAL NOT NULL,
-    state       TEXT NOT NULL DEFAULT 'pending',    -- pending | inflight | <EndState>
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    next_at     REAL NOT NULL,
-    lease_until REAL,
-    reason      TEXT,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight');
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_ended ON deliveries (state, finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS devices (
-    token TEXT PRIMARY KEY, app TEXT NOT NULL, device_token TEXT NOT NULL, updated_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_tokens (
-    token TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL
-) WITHOUT ROWID;
--- Totals survive the pruning of old finished rows, so the stats invariant holds forever.
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+_JOB_COLUMNS = "id, delivery_id, token, kind, data, received_at, expires_at, attempts, app, request_id, message_id"
+_RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
+                   "finished_at, request_id, message_id")
+# Heads: the oldest open delivery of each token; only a head that is pending and due can be claimed.
+_HEADS = """
+    SELECT d.id, d.app FROM (
+        SELECT MIN(id) AS id FROM deliveries WHERE state IN ('pending', 'inflight') GROUP BY token
+    ) AS heads JOIN deliveries AS d ON d.id = heads.id
+    WHERE d.state = 'pending' AND d.next_at <= :now
 """
-
-_JOB_COLUMNS = "id, delivery_id, token, kind, data, received_at, expires_at, attempts"
-_WAITING = ("unroutable", "config_error")
-KEEP_FINISHED = 3600.0  # finished rows (but dead letters) are kept this long for inspection
+# With app limits: number each app's due heads oldest first and keep the first ``cap`` of a named app (none at 0),
+# before the claim's own limit, so that one app's backlog never fills the claim another app's head needs.
+_CAPPED_HEADS = f"""
+    SELECT id FROM (
+        SELECT h.id, caps.value AS cap, ROW_NUMBER() OVER (PARTITION BY h.app ORDER BY h.id) AS n
+        FROM ({_HEADS}) AS h LEFT JOIN json_each(:caps) AS caps ON caps.key = h.app
+        WHERE caps.value IS NULL OR caps.value > 0
+    ) WHERE cap IS NULL OR n <= cap
+"""
+_CLAIM = """
+    UPDATE deliveries SET state = 'inflight', owner = :owner, lease_until = :lease, wait_reason = NULL
+    WHERE id IN (SELECT id FROM ({heads}) ORDER BY id LIMIT :limit)
+    RETURNING {columns}
+"""
+_CLAIM_ANY = _CLAIM.format(heads=_HEADS, columns=_JOB_COLUMNS)
+_CLAIM_CAPPED = _CLAIM.format(heads=_CAPPED_HEADS, columns=_JOB_COLUMNS)
+PRUNE_BATCH = 500  # rows per transaction: a prune never holds the write lock (and the webhooks' commit) for long
+VACUUM_PAGES = 1024  # pages given back to the file per transaction (4 MiB)
 
 
 def _job(row: Sequence[Any]) -> Job:
-    return Job(str(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7])
+    return Job(str(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7], row[8], row[9], row[10])
 
 
-_BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?"
+def _record(row: Sequence[Any]) -> DeliveryRecord:
+    pending = row[5] == "pending"
+    return DeliveryRecord(
+        id=str(row[0]), delivery_id=row[1], token=row[2], kind=row[3], app=row[4], state=row[5], attempts=row[6],
+        reason=row[7] or "", wait_reason=WaitReason(row[8]) if pending and row[8] else None, received_at=row[9],
+        next_at=row[10] if pending else None, finished_at=row[11], request_id=row[12], message_id=row[13],
+    )
 
 
-class SqliteStore:
-    """The embedded store; see the module docstring for its commit model."""
+def _in(column: str, name: str) -> str:
+    """``column`` is one of the JSON list bound as ``name`` (a whole collection as one parameter)."""
+    return f"{column} IN (SELECT value FROM json_each(:{name}))"
+
+
+class SqliteStore(GroupCommit):
+    """The embedded store; see the module docstring."""
 
     def __init__(self, settings: StoreSettings) -> None:
-        self._path = settings.path
-        self._commit_interval = settings.commit_interval
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._conn: sqlite3.Connection | None = None
-        self._queue: list[tuple[Op, bool, asyncio.Future[Any]]] = []
-        self._op_counts: Counter[str] = Counter()  # counter changes of the op running on the store thread
-        self._draining = False
-        self._drain_task: asyncio.Task[None] | None = None
-        self._last_prune = 0.0
-        self._opened = False
-        self.commits = 0  # for benchmarks: transactions (fsyncs) so far
-
-    # -- the committer -------------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: the WAL is fsynced at every commit, so an acknowledged webhook survives power loss.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
-        self._conn = conn
-
-    def _count(self, name: str, by: int = 1) -> None:
-        """Change an end-state counter; applied once per transaction, only if the op succeeds."""
-        self._op_counts[name] += by
-
-    def _execute(self, batch: list[tuple[Op, bool]]) -> list[tuple[bool, Any]]:
-        conn = self._conn
-        if conn is None:
-            raise StoreUnavailable("store is closed")
-        results: list[tuple[bool, Any]] = []
-        counts: Counter[str] = Counter()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for op, isolated in batch:
-                self._op_counts = Counter()
-                if not isolated:
-                    # One statement (or statements that cannot fail alone): SQLite undoes a failed statement
-                    # itself, and any other failure aborts the whole transaction below.
-                    results.append((True, op(conn)))
-                    counts.update(self._op_counts)
-                    continue
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op(conn)))
-                    conn.execute("RELEASE op")
-                    counts.update(self._op_counts)
-                except Exception as exc:  # noqa: BLE001 - one op's failure is reported to its caller only
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, exc))
-            if counts:
-                conn.executemany(_BUMP, [(name, by, by) for name, by in counts.items() if by])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.commits += 1
-        return results
-
-    async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> T:
-        """Queue ``op`` for the next transaction; ``isolated`` ops run in a savepoint of their own."""
-        if self._conn is None and self._opened:
-            raise StoreUnavailable("store is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((op, isolated, future))
-        if not self._draining:
-            self._draining = True
-            self._drain_task = loop.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                if self._commit_interval:
-                    await asyncio.sleep(self._commit_interval)
-                batch, self._queue = self._queue, []
-                try:
-                    results = await loop.run_in_executor(
-                        self._executor, self._execute, [(op, isolated) for op, isolated, _ in batch]
-                    )
-                except (sqlite3.Error, OSError, StoreError, RuntimeError) as exc:
-                    error = exc if isinstance(exc, StoreError) else StoreUnavailable(f"sqlite: {exc}")
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (_, _, future), (ok, value) in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value if isinstance(value, StoreError) else StoreError(str(value)))
-        finally:
-            self._draining = False
+        super().__init__(settings.path, settings.commit_interval)
+        self._keep_finished = settings.keep_finished
+        self._owner = schema.new_owner()  # recorded with each claim: recover() tells a dead owner from a live one
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._connect)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnavailable(f"cannot open SQLite store {self._path}: {exc}") from exc
-        self._opened = True
+        """Connect (creating or migrating the schema); changes no delivery state, so any process may open."""
+        await self._open_connection()
+        schema.LIVE.add(self._owner)
 
-        def recover(conn: sqlite3.Connection) -> int:
-            # One process owns an SQLite store: whatever it had in flight when it died is due again.
+    async def recover(self, now: float) -> int:
+        """Free what a dead owner left in flight (a pid gone from this host, or a lease run out), counted as
+        redelivered; then rebuild a file made before incremental auto-vacuum, once."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            owners = [row[0] for row in conn.execute("SELECT DISTINCT owner FROM deliveries WHERE state = 'inflight'")]
+            gone = [owner for owner in owners if owner and schema.owner_gone(owner)]
             count = conn.execute(
-                "UPDATE deliveries SET state = 'pending', lease_until = NULL WHERE state = 'inflight'"
+                "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL WHERE state = 'inflight' "
+                f"AND (owner IS NULL OR lease_until < :now OR {_in('owner', 'gone')})",
+                {"now": now, "gone": json.dumps(gone)},
             ).rowcount
             self._count("redelivered", count)
             return count
 
-        await self._run(recover)
+        count = await self._run(op)
+        if await self._run(schema.needs_vacuum):
+            await self._vacuum_once(now)
+        return count
+
+    async def _vacuum_once(self, now: float) -> None:
+        await self.prune(now)  # the rebuild copies what is left: prune first
+        started = time.monotonic()
+        event(logging.WARNING, "rebuilding the store file once for incremental auto-vacuum", path=str(self._path))
+        try:
+            await self._run_alone(schema.vacuum_into_incremental)
+        except sqlite3.Error as exc:  # e.g. another process kept the file busy: the next start tries again
+            event(logging.WARNING, "store file rebuild failed; it stays as it is for now", error=str(exc))
+            return
+        event(logging.INFO, "store file rebuilt", seconds=round(time.monotonic() - started, 3))
 
     async def close(self) -> None:
+        """Put back what this instance still has in flight (counted as redelivered), flush, and release."""
         if self._conn is None:
             return
-        while self._queue or self._draining:  # noqa: ASYNC110 - a few loop turns at close, not a poll
-            await asyncio.sleep(0.005)
-        conn, self._conn = self._conn, None
-        await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
-        self._executor.shutdown(wait=True)
+        try:
+            await self._run(self._release_own)
+        except StoreError:
+            pass  # left in flight: the next delivering process's recover() frees them (this pid is gone then)
+        schema.LIVE.discard(self._owner)
+        await self._close_connection()
+
+    def _release_own(self, conn: sqlite3.Connection) -> int:
+        count = conn.execute(
+            "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL "
+            "WHERE state = 'inflight' AND owner = ?",
+            (self._owner,),
+        ).rowcount
+        self._count("redelivered", count)
+        return count
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -222,9 +158,10 @@ class SqliteStore:
                         accepted.append(False)
                         continue
                 conn.execute(
-                    "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (str(uuid.uuid4()), item.token, item.kind, item.data, now, item.expires_at, now),
+                    "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, app, "
+                    "request_id, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), item.token, item.kind, item.data, now, item.expires_at, now, item.app,
+                     item.request_id, item.message_id),
                 )
                 accepted.append(True)
             self._count("accepted", sum(accepted))
@@ -233,74 +170,95 @@ class SqliteStore:
 
         return await self._run(op)
 
-    async def claim(self, limit: int, now: float, lease: float) -> list[Job]:
+    async def claim(self, limit: int, now: float, lease: float, *,
+                    app_limits: Mapping[str, int] | None = None) -> list[Job]:
+        sql = _CLAIM_ANY if app_limits is None else _CLAIM_CAPPED
+        params = {"owner": self._owner, "lease": now + lease, "now": now, "limit": limit,
+                  "caps": json.dumps(dict(app_limits or {}))}
+
         def op(conn: sqlite3.Connection) -> list[Job]:
-            rows = conn.execute(
-                f"""
-                UPDATE deliveries SET state = 'inflight', lease_until = :lease
-                WHERE id IN (
-                    SELECT d.id FROM (
-                        SELECT MIN(id) AS id FROM deliveries
-                        WHERE state IN ('pending', 'inflight') GROUP BY token
-                    ) AS heads JOIN deliveries AS d ON d.id = heads.id
-                    WHERE d.state = 'pending' AND d.next_at <= :now
-                    ORDER BY d.id LIMIT :limit
-                )
-                RETURNING {_JOB_COLUMNS}
-                """,
-                {"lease": now + lease, "now": now, "limit": limit},
-            ).fetchall()
+            # A claim whose lease ran out belongs to an owner that hung or vanished (maybe on another host).
+            expired = conn.execute(
+                "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL "
+                "WHERE state = 'inflight' AND lease_until < ?",
+                (now,),
+            ).rowcount
+            self._count("redelivered", expired)
+            rows = conn.execute(sql, params).fetchall()
             return sorted((_job(r) for r in rows), key=lambda j: int(j.id))
 
         return await self._run(op, isolated=False)
 
     async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            # Delivered payloads are dropped; dead letters keep theirs for inspection and retry.
+            # Only the claim's owner records it (a late answer after a takeover changes nothing). Delivered
+            # payloads are dropped; dead letters keep theirs for inspection and retry.
             changed = conn.execute(
-                "UPDATE deliveries SET state = ?, reason = ?, finished_at = ?, lease_until = NULL, "
-                "attempts = attempts + 1 WHERE id = ? AND state = 'inflight'",
-                (end.value, reason[:500], now, int(job.id)),
+                "UPDATE deliveries SET state = :end, reason = :reason, finished_at = :now, lease_until = NULL, "
+                "owner = NULL, wait_reason = NULL, attempts = attempts + 1, "
+                "data = CASE WHEN :end = 'dead_letter' THEN data ELSE x'' END "
+                "WHERE id = :id AND state = 'inflight' AND owner = :owner",
+                {"end": end.value, "reason": reason[:500], "now": now, "id": int(job.id), "owner": self._owner},
             ).rowcount
             if changed:
                 self._count(end.value)
-            self._prune(conn, now)
 
         await self._run(op, isolated=False)
 
-    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
-        if now - self._last_prune < 60:
-            return
-        self._last_prune = now
-        conn.execute(
-            "DELETE FROM deliveries WHERE finished_at IS NOT NULL AND finished_at < ? AND state != 'dead_letter'",
-            (now - KEEP_FINISHED,),
-        )
-        conn.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
-
-    async def retry(self, job: Job, at: float, reason: str, *, count_attempt: bool = True) -> None:
+    async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
+                    count_attempt: bool = True) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE deliveries SET state = 'pending', next_at = ?, reason = ?, lease_until = NULL, "
-                "attempts = attempts + ? WHERE id = ? AND state = 'inflight'",
-                (at, reason[:500], 1 if count_attempt else 0, int(job.id)),
+                "UPDATE deliveries SET state = 'pending', next_at = :at, wait_reason = :wait, reason = :detail, "
+                "app = COALESCE(:app, app), lease_until = NULL, owner = NULL, attempts = attempts + :attempt "
+                "WHERE id = :id AND state = 'inflight' AND owner = :owner",
+                {"at": at, "wait": WaitReason(reason).value, "detail": detail[:500], "app": app,
+                 "attempt": 1 if count_attempt else 0, "id": int(job.id), "owner": self._owner},
             )
 
         await self._run(op, isolated=False)
 
-    async def wake(self, tokens: Sequence[str] | None, now: float) -> int:
-        def op(conn: sqlite3.Connection) -> int:
-            waiting = "state = 'pending' AND reason IN ('unroutable', 'config_error') AND next_at > ?"
-            if tokens is None:
-                return conn.execute(f"UPDATE deliveries SET next_at = ? WHERE {waiting}", (now, now)).rowcount
-            total = 0
-            for token in tokens:
-                total += conn.execute(
-                    f"UPDATE deliveries SET next_at = ? WHERE {waiting} AND token = ?", (now, now, token)
-                ).rowcount
-            return total
+    async def wake(self, now: float, *, reasons: Collection[WaitReason] | None = None,
+                   tokens: Collection[str] | None = None, apps: Collection[str] | None = None) -> int:
+        where = ["state = 'pending'", "next_at > :now", "wait_reason IS NOT NULL"]
+        params: dict[str, object] = {"now": now}
+        for name, column, values in (("reasons", "wait_reason", reasons), ("tokens", "token", tokens),
+                                     ("apps", "app", apps)):
+            if values is not None:
+                where.append(_in(column, name))
+                params[name] = json.dumps([str(v) for v in values])
+        sql = f"UPDATE deliveries SET next_at = :now WHERE {' AND '.join(where)}"
+        return await self._run(lambda conn: conn.execute(sql, params).rowcount)
 
-        return await self._run(op)
+    async def prune(self, now: float) -> int:
+        """Delete finished rows past ``keep_finished`` and expired dedupe keys, and give free pages back to the
+        file, in small transactions: webhooks queued meanwhile commit between them."""
+        cutoff = now - self._keep_finished
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int, bool]:
+            rows = conn.execute(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries "
+                f"WHERE state IN {schema.DONE_STATES} AND finished_at < ? LIMIT ?)",
+                (cutoff, PRUNE_BATCH),
+            ).rowcount
+            keys = conn.execute(
+                "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE expires_at < ? LIMIT ?)",
+                (now, PRUNE_BATCH * 4),
+            ).rowcount
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            left = free
+            if free:  # a no-op on a file made before incremental auto-vacuum (see recover)
+                conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+                left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            more = rows == PRUNE_BATCH or keys == PRUNE_BATCH * 4 or 0 < left < free
+            return rows, keys, more
+
+        total = 0
+        while True:
+            rows, keys, more = await self._run(op)
+            total += rows + keys
+            if not more:
+                return total
 
     async def next_due(self) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
@@ -365,18 +323,41 @@ class SqliteStore:
         )
         return [DeadLetter(str(r[0]), r[1], r[2], bytes(r[3]), r[4] or "", r[5], r[6]) for r in rows]
 
+    async def dead_letter(self, id: str) -> DeadLetter | None:
+        if not id.isdigit():
+            return None
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT id, token, kind, data, reason, received_at, finished_at FROM deliveries "
+                "WHERE id = ? AND state = 'dead_letter'",
+                (int(id),),
+            ).fetchone()
+        )
+        return None if row is None else DeadLetter(str(row[0]), row[1], row[2], bytes(row[3]), row[4] or "",
+                                                   row[5], row[6])
+
+    async def deliveries(self, *, token: str | None = None, request_id: str | None = None,
+                         message_id: str | None = None, limit: int = 50) -> list[DeliveryRecord]:
+        filters = {"token": token, "request_id": request_id, "message_id": message_id}
+        where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
+        sql = (f"SELECT {_RECORD_COLUMNS} FROM deliveries {'WHERE ' + where if where else ''} "
+               "ORDER BY id DESC LIMIT :limit")
+        rows = await self._run(lambda c: c.execute(sql, {**filters, "limit": limit}).fetchall())
+        return [_record(row) for row in rows]
+
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             # A retried dead letter queues behind its token's newer deliveries (a new row id keeps arrival
-            # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) for tracing.
+            # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) and tracing ids.
             where = "state = 'dead_letter'" + ("" if ids is None else " AND id = :id")
             params = [{"now": now}] if ids is None else [{"now": now, "id": int(i)} for i in ids]
             count = 0
             for p in params:
                 count += conn.execute(
-                    "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, reason) "
-                    "SELECT delivery_id, token, kind, data, :now, :now + (expires_at - received_at), :now, 'retried' "
-                    f"FROM deliveries WHERE {where} ORDER BY id",
+                    "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, reason, "
+                    "app, request_id, message_id) "
+                    "SELECT delivery_id, token, kind, data, :now, :now + (expires_at - received_at), :now, 'retried', "
+                    f"app, request_id, message_id FROM deliveries WHERE {where} ORDER BY id",
                     p,
                 ).rowcount
                 conn.execute(f"DELETE FROM deliveries WHERE {where}", p)

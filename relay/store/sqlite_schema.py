@@ -1,0 +1,190 @@
+"""The SQLite store's file: schema, migrations, and who owns a claim.
+
+A store file is opened by every role and every operator command, so opening writes nothing once the schema is
+current (``user_version``). Claims carry an owner, ``host|pid|process start|instance``, so that a delivering
+process starting up can tell a crashed owner from a live one (see :func:`owner_gone`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import uuid
+
+SCHEMA_VERSION = 2
+
+# The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
+_TABLES = (
+    """
+    CREATE TABLE IF NOT EXISTS deliveries (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order: per-token ordering follows it
+        delivery_id TEXT NOT NULL,                      -- stable id for the delivery's whole life (apns-id)
+        token       TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        data        BLOB NOT NULL,                      -- x'' once finished, but for a dead letter
+        received_at REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        state       TEXT NOT NULL DEFAULT 'pending',    -- pending | inflight | <EndState>
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        next_at     REAL NOT NULL,
+        lease_until REAL,                               -- inflight: another process may take it after this
+        reason      TEXT,                               -- the provider's words, or the end reason
+        finished_at REAL,
+        app         TEXT,                               -- the app hint (per-app claim limits)
+        wait_reason TEXT,                               -- pending after a retry: a WaitReason value
+        owner       TEXT,                               -- inflight: host|pid|start|instance of the claimer
+        request_id  TEXT NOT NULL DEFAULT '',
+        message_id  TEXT
+    )
+    """,
+    "CREATE TABLE IF NOT EXISTS dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
+    """
+    CREATE TABLE IF NOT EXISTS devices (
+        token TEXT PRIMARY KEY, app TEXT NOT NULL, device_token TEXT NOT NULL, updated_at REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS dead_tokens (
+        token TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+    # Totals survive the pruning of old finished rows, so the stats invariant holds forever.
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+)
+_ADDED_COLUMNS = {
+    "app": "TEXT", "wait_reason": "TEXT", "owner": "TEXT", "request_id": "TEXT NOT NULL DEFAULT ''",
+    "message_id": "TEXT",
+}
+DONE_STATES = "('sent', 'expired', 'token_dead', 'unroutable')"  # end states that drop payload and get pruned
+_INDEXES = (
+    # Token heads (claim): the oldest open delivery of each token.
+    "CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight')",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending'",
+    # Lease expiry (every claim) and recovery look only at what is in flight.
+    "CREATE INDEX IF NOT EXISTS deliveries_lease ON deliveries (lease_until, owner) WHERE state = 'inflight'",
+    f"CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (finished_at) WHERE state IN {DONE_STATES}",
+    "CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (id) WHERE state = 'dead_letter'",
+    # Tracing (``deliveries``): newest first by token, request or message.
+    "CREATE INDEX IF NOT EXISTS deliveries_token ON deliveries (token)",
+    "CREATE INDEX IF NOT EXISTS deliveries_request ON deliveries (request_id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries (message_id) WHERE message_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at)",
+)
+# Version 1 parked deliveries with a word in ``reason``; version 2 types it in ``wait_reason``.
+_TYPE_OLD_WAITS = """
+    UPDATE deliveries SET wait_reason = CASE reason WHEN 'unroutable' THEN 'unroutable'
+        WHEN 'config_error' THEN 'config_error' WHEN 'circuit_open' THEN 'circuit_open' ELSE 'retry' END
+    WHERE state = 'pending' AND reason IS NOT NULL AND wait_reason IS NULL
+"""
+
+
+def connect(path: os.PathLike[str]) -> sqlite3.Connection:
+    """Open the file (creating it with incremental auto-vacuum) and bring its schema up to date."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        # Several processes (roles, operator commands) share the file: wait for the write lock, do not fail.
+        conn.execute("PRAGMA busy_timeout=5000")
+        # Only takes effect on a file without tables: new files can give space back (see ``prune``).
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged webhook survives power loss.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA journal_size_limit=67108864")  # a WAL grown by a burst is cut back to 64 MiB
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")  # two processes opening an old file at once: one migrates, one sees it done
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            for statement in _TABLES:
+                conn.execute(statement)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    conn.execute(f"ALTER TABLE deliveries ADD COLUMN {column} {kind}")
+            conn.execute("DROP INDEX IF EXISTS deliveries_ended")  # version 1's, replaced by the two below
+            for statement in _INDEXES:
+                conn.execute(statement)
+            conn.execute(_TYPE_OLD_WAITS)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def needs_vacuum(conn: sqlite3.Connection) -> bool:
+    """True for a file made before incremental auto-vacuum (it can only grow until it is rebuilt once)."""
+    return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2  # 2 = INCREMENTAL
+
+
+def vacuum_into_incremental(conn: sqlite3.Connection) -> None:
+    """Rebuild the file once with incremental auto-vacuum (VACUUM runs outside any transaction)."""
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    conn.execute("VACUUM")
+
+
+# -- owners ----------------------------------------------------------------------------------------------
+
+
+def _start_of(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None when there is no such process.
+
+    Comparing start times, not only pids, tells a restarted relay (a container's pid 1 again, a reused pid)
+    from the process that made the claim.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        pass
+    try:  # no /proc (not Linux): the pid alone
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return "-"
+
+
+_HOST = socket.gethostname()
+_STARTS: dict[int, str] = {}  # this process's start time, by pid (a forked child has its own)
+LIVE: set[str] = set()  # owners of the stores open in this process
+
+
+def _me() -> tuple[int, str]:
+    pid = os.getpid()
+    if pid not in _STARTS:
+        _STARTS[pid] = _start_of(pid) or "-"
+    return pid, _STARTS[pid]
+
+
+def new_owner() -> str:
+    """A fresh owner for one store instance of this process."""
+    pid, start = _me()
+    return f"{_HOST}|{pid}|{start}|{uuid.uuid4().hex[:12]}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True when the process that made a claim is certainly gone; False when it lives or cannot be known.
+
+    On another host only the lease can tell (``claim`` takes over expired leases). A claim without an owner
+    was made by version 1, which ran alone: a delivering process starting up means it is gone.
+    """
+    if not owner:
+        return True
+    host, pid, start, _instance = [*owner.split("|"), "", "", "", ""][:4]
+    if host != _HOST or not pid.isdigit():
+        return False
+    if (int(pid), start) == _me():
+        return owner not in LIVE
+    return _start_of(int(pid)) != start
