@@ -87,9 +87,9 @@ class Harness:
     clock: FakeClock
     dispatcher: Dispatcher
 
-    async def accept(self, doc: dict[str, object]) -> list[bool]:
+    async def accept(self, doc: dict[str, object], max_age: float | None = None) -> list[bool]:
         hook = parse_webhook(json.dumps(doc).encode())
-        ttl = self.config.delivery.max_age if hook.type == "message" else 30.0
+        ttl = (max_age or self.config.delivery.max_age) if hook.type == "message" else 30.0
         now = self.clock.now()
         items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, self.hint(t), "req-test")
                  for t in hook.tokens]
@@ -251,9 +251,9 @@ async def test_one_app_failing_does_not_delay_another(harness: Harness) -> None:
     """A broken iOS app opens its own circuit and its deliveries stay unclaimed; Android's go out at once."""
     harness.provider.script[IOS_TOKEN] = [SendResult(Outcome.RETRY, "503", 503)] * 50
     await harness.accept(msg(1))
-    for i in range(5):
+    for i in range(5):  # retried after 1, 2, 4, 8 s; the fifth failure in a row opens the circuit
+        harness.clock.t += 2 ** (i - 1) + 0.1 if i else 0
         await harness.run()
-        harness.clock.t += 2 ** i + 0.1
     assert harness.dispatcher.breakers["ios"].is_open
     ios_sends = len(harness.provider.sent)
     parked = ["c" * 63 + str(i) for i in range(5)]
@@ -442,8 +442,8 @@ async def _trip(harness: Harness, token: str = IOS_TOKEN) -> None:
     harness.provider.script[token] = [SendResult(Outcome.RETRY, "503", 503)] * 5
     await harness.accept(msg(1, to=token))
     for i in range(5):
+        harness.clock.t += 2 ** (i - 1) + 0.01 if i else 0
         await harness.run()
-        harness.clock.t += 2 ** i + 0.01
     assert harness.dispatcher.breakers["ios"].is_open
 
 
@@ -483,7 +483,7 @@ async def test_a_long_outage_costs_few_probes_and_recovery_is_found_within_five_
     sent_at: list[tuple[float, bool]] = []  # (time, was the provider up)
     while harness.clock.t < start + outage + 30:
         if harness.clock.t - start >= n * 300:  # a new message every 5 minutes during the outage
-            await harness.accept(msg(100 + n, to=tokens[n % len(tokens)]))
+            await harness.accept(msg(100 + n, to=tokens[n % len(tokens)]), max_age=DeliverySettings().max_age)
             n += 1
         provider.down = harness.clock.t < start + outage
         before = len(provider.sent)

@@ -336,8 +336,12 @@ class Dispatcher:
                             status=result.status, expires_at=expires_at)
         else:
             self.circuits.failed(app, job, result, now, self.settings)
-            at = now + self.policy.delay(job.attempts, result.retry_after)
-            await self.wait(job, at, WaitReason.RETRY, result.reason, route, count=True, status=result.status,
+            breaker = self.circuits[app]
+            if breaker.is_open:  # parked for the next probe: its own backoff must not hide a recovery
+                wait, at = WaitReason.CIRCUIT_OPEN, breaker.open_until
+            else:
+                wait, at = WaitReason.RETRY, now + self.policy.delay(job.attempts, result.retry_after)
+            await self.wait(job, at, wait, result.reason, route, count=True, status=result.status,
                             expires_at=expires_at)
 
     async def _succeeded(self, app: str) -> None:
