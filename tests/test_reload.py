@@ -4,7 +4,9 @@ releases what waited on the old configuration at once (SPEC §6, §8)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from relay.providers import Bounded
 from relay.runtime.relay import reload
 from relay.testing.keys import make_apns_key
 from relay.testing.sandbox import AUTH_HEADER, IOS_TOKEN, Sandbox, sample
-from tests.conftest import MakeRelay
+from tests.conftest import MakeRelay, RelayUnderTest
 
 NEW_TOKEN = "cd" * 32
 
@@ -76,7 +78,7 @@ async def test_fixed_credentials_and_a_reload_send_the_kept_push_at_once(make_re
     await r.post(sample("message"))
     await _wait(lambda: r.relay.dispatcher is not None and bool(r.relay.dispatcher.alarms))
     assert "InvalidProviderToken" in r.relay.dispatcher.alarms["ios"]  # type: ignore[union-attr]
-    assert (await r.relay.store.stats()).pending == 1
+    await _wait(lambda: _pending(r))  # kept in the store, waiting
     good.write_p8(sandbox.root / "AuthKey.p8")
     reloaded = time.time()
     assert await reload(r.relay)
@@ -89,8 +91,16 @@ async def test_fixed_credentials_and_a_reload_send_the_kept_push_at_once(make_re
     assert (await r.client.get("/readyz")).status == 200
 
 
-async def _wait(condition: Any, timeout: float = 20.0) -> None:
-    """Wait for a condition (checked every 10 ms), failing after ``timeout``."""
+async def _wait(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Wait for a condition (plain or async, checked every 10 ms), failing after ``timeout``."""
     async with asyncio.timeout(timeout):
-        while not condition():
+        while True:
+            met = condition()
+            if await met if inspect.isawaitable(met) else met:
+                return
             await asyncio.sleep(0.01)
+
+
+async def _pending(r: RelayUnderTest) -> bool:
+    stats = await r.relay.store.stats()
+    return stats.pending == 1 and stats.inflight == 0
