@@ -105,9 +105,14 @@ class Admission:
         return True
 
     def release(self, slot: Slot) -> bool:
-        """A delivery ended; True when its pool has gathered enough free slots to claim again."""
+        """A delivery ended; True when a claim is worth it now.
+
+        Its token's next delivery may be due now (per-device order holds it back until this one ends), so an
+        app with room claims at once; an app with a backlog (its last claim took all it was allowed) claims
+        when a batch of its slots is free, not once per finished send: each claim scans the due heads.
+        """
         self._add(slot.pool, -1)
-        return self.hungry.get(slot.pool, False) and self.free(slot.pool) >= self.claim_min(slot.pool)
+        return not self.hungry.get(slot.pool, False) or self.free(slot.pool) >= self.claim_min(slot.pool)
 
     def total(self) -> int:
         return sum(self.running.values())

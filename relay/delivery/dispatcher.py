@@ -125,10 +125,13 @@ class Dispatcher:
             due = await self.store.next_due()
         except StoreError:
             return IDLE_POLL
-        # Nothing pending: a webhook wakes us. Pending: poll at least every IDLE_POLL, so that a change made by
-        # another process (the CLI adding a device, another instance) is seen within it; due but not claimed
-        # means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
-        wait = IDLE_POLL * 5 if due is None else IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
+        # Nothing pending or in flight: a webhook wakes us. Otherwise poll at least every IDLE_POLL, so that a
+        # change made by another process (the CLI adding a device, another instance) is seen within it; due but
+        # not claimed means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
+        if due is None:
+            wait = IDLE_POLL if self._tasks else IDLE_POLL * 5
+        else:
+            wait = IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
         return max(0.0, wait if probe is None else min(wait, probe))
 
     async def _wait(self, seconds: float) -> None:
