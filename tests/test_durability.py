@@ -13,6 +13,10 @@ from pathlib import Path
 
 import aiohttp
 
+from relay.cli import main as cli_main
+from relay.config import load_config
+from relay.outcome import EndState
+from relay.store import create_store
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
 
 
@@ -92,3 +96,39 @@ async def test_sigkill_after_acknowledgements_loses_nothing(sandbox: Sandbox, tm
                  if r.device_token == token and r.status == 200]
         assert order == sorted(order)
     assert len(received) >= 200
+
+
+async def test_operator_commands_beside_a_live_relay_send_nothing_twice(sandbox: Sandbox, tmp_path: Path) -> None:
+    """`stats`, `devices list` and `dead-letters list` open the store while a live relay has pushes in flight:
+    nothing is reset or counted as redelivered, and each push reaches APNs exactly once."""
+    port = free_port()
+    tokens = [f"{i:064x}" for i in range(1, 7)]
+    config = sandbox.write(listen={"host": "127.0.0.1", "port": port}, devices={t: {"app": "ios"} for t in tokens})
+    sandbox.apns.set_delay(5.0)  # each push stays in flight while the operator works
+    relay = start_relay(config, tmp_path / "relay.log")
+    try:
+        await wait_ready(port)
+        async with aiohttp.ClientSession(headers={AUTH_HEADER: AUTH_VALUE}) as session:
+            for i, token in enumerate(tokens):
+                doc = sample("message", to=[token], id=20_000 + i, message=f"m{i}")
+                async with session.post(f"http://127.0.0.1:{port}/parley/webhook", json=doc) as response:
+                    assert response.status == 200
+        await sandbox.apns.wait_for(6, timeout=30)  # all six are in flight now
+        for command in (["stats"], ["devices", "list"], ["dead-letters", "list"]):
+            await asyncio.to_thread(cli_main, [*command, "--config", str(config)])
+        store = create_store(load_config(config).store)
+        await store.open()
+        try:
+            stats = await store.stats()
+            assert (stats.inflight, stats.pending, stats.redelivered) == (6, 0, 0)
+            deadline = time.monotonic() + 30
+            while (await store.stats()).ended[EndState.SENT] < 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # the relay records each answer when the fake gives it
+            stats = await store.stats()
+        finally:
+            await store.close()
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(15) == 0
+    assert (stats.ended[EndState.SENT], stats.redelivered) == (6, 0)
+    assert sorted(r.device_token for r in sandbox.apns.requests) == tokens  # each sent once
