@@ -91,6 +91,31 @@ async def test_fixed_credentials_and_a_reload_send_the_kept_push_at_once(make_re
     assert (await r.client.get("/readyz")).status == 200
 
 
+async def test_a_refusal_of_replaced_credentials_after_a_reload_neither_alarms_nor_parks(
+        make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """Default settings: a push with a refused key is still waiting for APNs' answer when the operator reloads a
+    working key. The late InvalidProviderToken is about the replaced key: no alarm, and the push goes out with
+    the new key at once instead of being parked for config_error_retry (60 s)."""
+    good = sandbox.apns_key
+    make_apns_key(key_id=good.key_id, team_id=good.team_id).write_p8(sandbox.root / "AuthKey.p8")
+    sandbox.apns.set_delay(2.0)  # APNs answers late: the refusal arrives after the reload
+    r = await make_relay(delivery={})
+    await r.post(sample("message"))
+    await sandbox.apns.wait_for(1)
+    good.write_p8(sandbox.root / "AuthKey.p8")
+    reloaded = time.time()
+    assert await reload(r.relay)
+    assert sandbox.apns.requests[0].status == 403  # the old key's answer, still on its way
+    await _wait(lambda: any(q.status == 200 for q in sandbox.apns.requests), timeout=30)
+    sent = next(q for q in sandbox.apns.requests if q.status == 200)
+    print(f"after a late refusal of the old key, the push reached APNs {sent.received_at - reloaded:.2f} s "
+          "after the reload")
+    assert sent.received_at - reloaded < 2.0 + 3.0  # one delayed answer, not the 60 s of a new alarm
+    assert r.relay.dispatcher is not None and r.relay.dispatcher.alarms == {}
+    await r.settle()
+    assert (await r.client.get("/readyz")).status == 200
+
+
 async def _wait(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
     """Wait for a condition (plain or async, checked every 10 ms), failing after ``timeout``."""
     async with asyncio.timeout(timeout):

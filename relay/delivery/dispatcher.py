@@ -275,7 +275,8 @@ class Dispatcher:
             self.metrics.child(self.metrics.provider_latency, route.app.platform).observe(time.perf_counter() - started)
         # Each store write in record() is shielded on its own; a cancellation (stop() past its timeout) between
         # two of them leaves the job claimed, to be delivered again after the restart: at least once.
-        await self.record(job, route, result, expires_at)
+        await self.record(job, route, result, expires_at,
+                          replaced=self._providers().get(route.app.name) is not provider)
 
     async def _route(self, job: Job) -> Route | None:
         route = self.registry.lookup(job.token)
@@ -312,8 +313,13 @@ class Dispatcher:
             # Parked until the grace period ends; a registry reload or a device added releases it sooner.
             await self.wait(job, deadline, WaitReason.UNROUTABLE, "no registry entry yet", None, count=False)
 
-    async def record(self, job: Job, route: Route, result: SendResult, expires_at: float) -> None:
-        """Turn a provider answer into a stored end state or a scheduled wait."""
+    async def record(self, job: Job, route: Route, result: SendResult, expires_at: float, *,
+                     replaced: bool = False) -> None:
+        """Turn a provider answer into a stored end state or a scheduled wait.
+
+        ``replaced``: a reload swapped the app's provider while this send was in flight. Its config error is
+        about credentials no longer in use: no alarm, the delivery is tried again at once with the new ones.
+        """
         app, platform = route.app.name, route.app.platform
         self.metrics.child(self.metrics.sends, platform, app, job.kind, result.outcome.value).inc()
         now = self.clock.now()
@@ -333,6 +339,10 @@ class Dispatcher:
         elif result.outcome is Outcome.PERMANENT:
             await self._succeeded(app)
             await self.record_end(job, EndState.DEAD_LETTER, result.reason, route, result.status)
+        elif result.outcome is Outcome.CONFIG_ERROR and replaced:
+            self.circuits.release(job.id)
+            await self.wait(job, now, WaitReason.CONFIG_ERROR, f"{result.reason} (replaced credentials)", route,
+                            count=False, status=result.status, expires_at=expires_at)
         elif result.outcome is Outcome.CONFIG_ERROR:
             at = self.circuits.misconfigured(app, job, result, now, self.settings)
             await self.wait(job, at, WaitReason.CONFIG_ERROR, result.reason, route, count=False,
