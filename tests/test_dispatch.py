@@ -19,8 +19,9 @@ import pytest
 
 from relay.config import Config, DeliverySettings, load_config
 from relay.delivery.admission import UNROUTED, Admission, Slot
-from relay.delivery.dispatcher import PRUNE_EVERY, Dispatcher
+from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.policy import Breaker, ProbePolicy, RetryPolicy
+from relay.delivery.upkeep import PRUNE_EVERY
 from relay.inbound.parse import dedupe_key, parse_webhook
 from relay.observability import LOGGER_NAME, Metrics
 from relay.outcome import EndState, Outcome, SendResult, WaitReason

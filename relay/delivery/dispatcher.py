@@ -23,7 +23,8 @@ from relay.delivery.admission import Admission, Slot
 from relay.delivery.circuits import Circuits
 from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, SystemClock
 from relay.delivery.translate import translate
-from relay.errors import InvalidWebhook, StoreError, StoreUnavailable
+from relay.delivery.upkeep import Upkeep, persist
+from relay.errors import InvalidWebhook, StoreError
 from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
@@ -37,7 +38,6 @@ T = TypeVar("T")
 LEASE = 300.0
 START_SLICE = 16  # claimed jobs started per event-loop turn
 IDLE_POLL = 1.0  # the longest a due delivery (or a store change by another process) waits for a claim
-PRUNE_EVERY = 60.0  # seconds between store.prune() calls of a delivering process
 CANCEL_GRACE = 0.5  # at most this part of stop()'s timeout goes to recording the sends it had to cancel
 
 
@@ -63,7 +63,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._next_prune = 0.0
+        self.upkeep = Upkeep(store, self.clock)
         self.circuits = Circuits(metrics, probes or ProbePolicy())
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -89,9 +89,9 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Recover what a dead process left claimed, then claim and deliver until :meth:`stop`."""
-        await self._recover()
+        await self.upkeep.recover(lambda: self._stopping)
         while not self._stopping:
-            await self._housekeeping()
+            await self.upkeep.prune_if_due()
             self._wake.clear()
             if not await self._claim_round():
                 await self._wait(await self._idle_wait())
@@ -139,29 +139,6 @@ class Dispatcher:
             await asyncio.wait_for(self._wake.wait(), seconds)
         except TimeoutError:
             pass
-
-    async def _recover(self) -> None:
-        try:
-            recovered = await self._persist(lambda: self.store.recover(self.clock.now()))
-        except StoreError as exc:  # stopped while the store was down: nothing was changed
-            event(logging.WARNING, "could not recover deliveries of a previous run", error=str(exc))
-            return
-        if recovered:
-            event(logging.INFO, "deliveries left in flight by a stopped process are due again", count=recovered)
-
-    async def _housekeeping(self) -> None:
-        """Drop finished deliveries past their retention, every PRUNE_EVERY seconds (cheap, bounded)."""
-        loop_now = asyncio.get_running_loop().time()
-        if loop_now < self._next_prune:
-            return
-        self._next_prune = loop_now + PRUNE_EVERY
-        try:
-            pruned = await self.store.prune(self.clock.now())
-        except StoreError as exc:
-            event(logging.WARNING, "store prune failed, retried at the next interval", error=str(exc))
-            return
-        if pruned:
-            event(logging.DEBUG, "store pruned", rows=pruned)
 
     async def run_until_idle(self, max_rounds: int = 10_000) -> None:
         """Test helper: deliver everything due now (following the fake clock), then return."""
@@ -394,20 +371,4 @@ class Dispatcher:
         await self._persist(lambda: self.store.finish(job, end, reason, now))
 
     async def _persist(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a store write to completion: shielded from cancellation, retried while the store is down.
-
-        Giving up would leave the job claimed until its lease ends and then send it again; waiting for
-        the store costs nothing, since nothing else can progress without it either.
-        """
-        delay, warned = 0.2, False
-        while True:
-            try:
-                return await asyncio.shield(op())
-            except StoreUnavailable as exc:  # a logic error (other StoreError) is not retried
-                if self._stopping:
-                    raise
-                if not warned:
-                    event(logging.WARNING, "store unavailable while recording an outcome, retrying", error=str(exc))
-                    warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await persist(op, lambda: self._stopping)
