@@ -544,3 +544,36 @@ async def test_run_recovers_at_start_and_prunes_on_a_timer(harness: Harness) -> 
     finally:
         await dispatcher.stop(1.0)
         await task
+
+
+class FlakyClaims(CountingStore):
+    """The real store whose first claim raises something unforeseen (a store bug, not StoreError)."""
+
+    failed = False
+
+    async def claim(self, *args: Any, **kwargs: Any) -> list[Job]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unforeseen")
+        return await self.inner.claim(*args, **kwargs)
+
+
+async def test_an_unforeseen_error_in_the_claim_loop_never_stops_delivery(harness: Harness,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The loop logs an unexpected exception (its type) and claims again after a pause: the push still goes out."""
+    store = FlakyClaims(harness.store)
+    providers: Mapping[str, Provider] = {"ios": harness.provider}
+    dispatcher = Dispatcher(store, harness.registry, lambda: providers, harness.config.delivery,  # type: ignore[arg-type]
+                            Metrics(), harness.clock)
+    await harness.accept(msg(1))
+    task = asyncio.get_running_loop().create_task(dispatcher.run())
+    try:
+        with caplog.at_level(logging.ERROR, logger=LOGGER_NAME):
+            async with asyncio.timeout(10):
+                while not harness.provider.sent:
+                    await asyncio.sleep(0.01)
+    finally:
+        await dispatcher.stop(1.0)
+        await task
+    assert store.failed and harness.bodies() == ["m1"]
+    assert [f["error_type"] for f in _records(caplog, "dispatcher loop error, retrying")] == ["RuntimeError"]

@@ -91,10 +91,14 @@ class Dispatcher:
         """Recover what a dead process left claimed, then claim and deliver until :meth:`stop`."""
         await self.upkeep.recover(lambda: self._stopping)
         while not self._stopping:
-            await self.upkeep.prune_if_due()
-            self._wake.clear()
-            if not await self._claim_round():
-                await self._wait(await self._idle_wait())
+            try:
+                await self.upkeep.prune_if_due()
+                self._wake.clear()
+                if not await self._claim_round():
+                    await self._wait(await self._idle_wait())
+            except Exception as exc:  # noqa: BLE001 - a dead loop would wedge every delivery: log, pause, go on
+                event(logging.ERROR, "dispatcher loop error, retrying", error_type=type(exc).__name__)
+                await self._wait(IDLE_POLL)
 
     async def _claim_round(self) -> bool:
         """Claim within each app's free slots and start the jobs; True when the claim was full (more may wait)."""
