@@ -762,7 +762,8 @@ async def test_finish_drops_the_payload_of_every_end_but_a_dead_letter(settings:
     jobs = await store.claim(10, NOW, LEASE)
     for job, end in zip(jobs, EndState, strict=True):
         await store.finish(job, end, "", NOW)
-    sizes = dict(query(settings, "SELECT state, length(data) FROM deliveries"))
+    sizes = dict(query(settings, "SELECT d.state, length(d.data) + COALESCE(length(p.data), 0) "
+                                 "FROM deliveries AS d LEFT JOIN payloads AS p ON p.id = d.id"))
     assert sizes == {end.value: (700 if end is EndState.DEAD_LETTER else 0) for end in EndState}
 
 
@@ -830,8 +831,8 @@ async def test_a_file_of_the_previous_version_is_migrated(settings: StoreSetting
     assert await store.recover(NOW) == 1
     assert query(settings, "PRAGMA auto_vacuum") == [(2,)]
     jobs = await store.claim(10, NOW, LEASE)
-    assert sorted((j.token, j.delivery_id, j.app, j.request_id) for j in jobs) == [("a", "d1", None, ""),
-                                                                                  ("b", "d2", None, "")]
+    assert sorted((j.token, j.delivery_id, j.data, j.app, j.request_id) for j in jobs) == [
+        ("a", "d1", b"{}", None, ""), ("b", "d2", b"{}", None, "")]
     for job in jobs:
         await store.finish(job, EndState.SENT, "", NOW)
     stats = await store.stats()
@@ -882,3 +883,21 @@ async def test_processes_delivering_from_one_file_claim_each_delivery_once(
     assert sorted(claimed, key=int) == [str(n) for n in range(1, 601)]
     stats = await store.stats()
     assert (stats.ended[EndState.SENT], stats.redelivered, stats.pending, stats.inflight) == (600, 0, 0, 0)
+
+
+@sqlite_only
+async def test_reads_take_no_write_lock(settings: StoreSettings, store: Store, make_store: MakeStore) -> None:
+    """Operator reads (stats, lists, tracing) answer while another process holds the file's write lock: they
+    never wait for, nor hold up, a live relay's commits."""
+    await enqueue(store, "a")
+    operator = await make_store()
+    with closing(sqlite3.connect(settings.path, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # a live relay in the middle of a group commit
+        try:
+            stats = await operator.stats()
+            assert (stats.pending, await operator.next_due()) == (1, NOW)
+            assert [r.token for r in await operator.deliveries(token="a")] == ["a"]
+            assert await operator.list_devices() == [] and await operator.dead_tokens() == {}
+            assert await operator.dead_letters() == [] and await operator.dead_letter("1") is None
+        finally:
+            writer.execute("ROLLBACK")

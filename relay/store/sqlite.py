@@ -24,7 +24,11 @@ from relay.store import sqlite_schema as schema
 from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
 from relay.store.sqlite_commit import GroupCommit
 
-_JOB_COLUMNS = "id, delivery_id, token, kind, data, received_at, expires_at, attempts, app, request_id, message_id"
+# A payload is in ``payloads`` (or, for a row of version 1, still in ``deliveries.data``).
+_DATA = "COALESCE((SELECT p.data FROM payloads AS p WHERE p.id = deliveries.id), deliveries.data)"
+_JOB_COLUMNS = ("id, delivery_id, token, kind, " + _DATA + ", received_at, expires_at, attempts, app, request_id, "
+                "message_id")
+_LETTER = "SELECT id, token, kind, " + _DATA + ", reason, received_at, finished_at FROM deliveries"
 _RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
                    "finished_at, request_id, message_id")
 # Heads: the oldest open delivery of each token; only a head that is pending and due can be claimed.
@@ -52,6 +56,7 @@ _CLAIM_ANY = _CLAIM.format(heads=_HEADS, columns=_JOB_COLUMNS)
 _CLAIM_CAPPED = _CLAIM.format(heads=_CAPPED_HEADS, columns=_JOB_COLUMNS)
 PRUNE_BATCH = 500  # rows per transaction: a prune never holds the write lock (and the webhooks' commit) for long
 VACUUM_PAGES = 1024  # pages given back to the file per transaction (4 MiB)
+VACUUM_MAX_BYTES = 256 * 2**20  # an older file is rebuilt at start-up only up to this size (a few seconds)
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -103,12 +108,18 @@ class SqliteStore(GroupCommit):
             return count
 
         count = await self._run(op)
-        if await self._run(schema.needs_vacuum):
+        if await self._read(schema.needs_vacuum):
             await self._vacuum_once(now)
         return count
 
     async def _vacuum_once(self, now: float) -> None:
         await self.prune(now)  # the rebuild copies what is left: prune first
+        used = await self._read(schema.used_bytes)
+        if used > VACUUM_MAX_BYTES:  # a long rebuild would hold up start-up (and the other roles' writes)
+            event(logging.WARNING, "store file made before incremental auto-vacuum: it does not shrink; rebuild it "
+                  "once while the relay is stopped (sqlite3 FILE 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;')",
+                  path=str(self._path), megabytes=used // 1_000_000)
+            return
         started = time.monotonic()
         event(logging.WARNING, "rebuilding the store file once for incremental auto-vacuum", path=str(self._path))
         try:
@@ -157,12 +168,13 @@ class SqliteStore(GroupCommit):
                     if row is None:
                         accepted.append(False)
                         continue
-                conn.execute(
+                row_id = conn.execute(
                     "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, app, "
-                    "request_id, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (str(uuid.uuid4()), item.token, item.kind, item.data, now, item.expires_at, now, item.app,
+                    "request_id, message_id) VALUES (?, ?, ?, x'', ?, ?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), item.token, item.kind, now, item.expires_at, now, item.app,
                      item.request_id, item.message_id),
-                )
+                ).lastrowid
+                conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (row_id, item.data))
                 accepted.append(True)
             self._count("accepted", sum(accepted))
             self._count("duplicates", len(accepted) - sum(accepted))
@@ -202,17 +214,21 @@ class SqliteStore(GroupCommit):
             ).rowcount
             if changed:
                 self._count(end.value)
+                if end is not EndState.DEAD_LETTER:
+                    conn.execute("DELETE FROM payloads WHERE id = ?", (int(job.id),))
 
         await self._run(op, isolated=False)
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
                     count_attempt: bool = True) -> None:
+        wait = WaitReason(reason).value  # checked here: a bad value must not abort the batch it would run in
+
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE deliveries SET state = 'pending', next_at = :at, wait_reason = :wait, reason = :detail, "
                 "app = COALESCE(:app, app), lease_until = NULL, owner = NULL, attempts = attempts + :attempt "
                 "WHERE id = :id AND state = 'inflight' AND owner = :owner",
-                {"at": at, "wait": WaitReason(reason).value, "detail": detail[:500], "app": app,
+                {"at": at, "wait": wait, "detail": detail[:500], "app": app,
                  "attempt": 1 if count_attempt else 0, "id": int(job.id), "owner": self._owner},
             )
 
@@ -265,7 +281,7 @@ class SqliteStore(GroupCommit):
             row = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()
             return None if row is None else row[0]
 
-        return await self._run(op)
+        return await self._read(op)
 
     # -- devices and dead tokens -----------------------------------------------------------------
 
@@ -285,13 +301,13 @@ class SqliteStore(GroupCommit):
         return bool(await self._run(lambda c: c.execute("DELETE FROM devices WHERE token = ?", (token,)).rowcount))
 
     async def get_device(self, token: str) -> Device | None:
-        row = await self._run(
+        row = await self._read(
             lambda c: c.execute("SELECT token, app, device_token FROM devices WHERE token = ?", (token,)).fetchone()
         )
         return None if row is None else Device(*row)
 
     async def list_devices(self) -> list[Device]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute("SELECT token, app, device_token FROM devices ORDER BY token").fetchall()
         )
         return [Device(t, a, d) for t, a, d in rows]
@@ -308,30 +324,22 @@ class SqliteStore(GroupCommit):
         return await self._run(op)
 
     async def dead_tokens(self) -> dict[str, str]:
-        rows = await self._run(lambda c: c.execute("SELECT token, reason FROM dead_tokens").fetchall())
+        rows = await self._read(lambda c: c.execute("SELECT token, reason FROM dead_tokens").fetchall())
         return dict(rows)
 
     # -- dead letters and stats ------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = await self._run(
-            lambda c: c.execute(
-                "SELECT id, token, kind, data, reason, received_at, finished_at FROM deliveries "
-                "WHERE state = 'dead_letter' ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall()
+        rows = await self._read(
+            lambda c: c.execute(f"{_LETTER} WHERE state = 'dead_letter' ORDER BY id LIMIT ?", (limit,)).fetchall()
         )
         return [DeadLetter(str(r[0]), r[1], r[2], bytes(r[3]), r[4] or "", r[5], r[6]) for r in rows]
 
     async def dead_letter(self, id: str) -> DeadLetter | None:
         if not id.isdigit():
             return None
-        row = await self._run(
-            lambda c: c.execute(
-                "SELECT id, token, kind, data, reason, received_at, finished_at FROM deliveries "
-                "WHERE id = ? AND state = 'dead_letter'",
-                (int(id),),
-            ).fetchone()
+        row = await self._read(
+            lambda c: c.execute(f"{_LETTER} WHERE id = ? AND state = 'dead_letter'", (int(id),)).fetchone()
         )
         return None if row is None else DeadLetter(str(row[0]), row[1], row[2], bytes(row[3]), row[4] or "",
                                                    row[5], row[6])
@@ -342,25 +350,35 @@ class SqliteStore(GroupCommit):
         where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
         sql = (f"SELECT {_RECORD_COLUMNS} FROM deliveries {'WHERE ' + where if where else ''} "
                "ORDER BY id DESC LIMIT :limit")
-        rows = await self._run(lambda c: c.execute(sql, {**filters, "limit": limit}).fetchall())
+        rows = await self._read(lambda c: c.execute(sql, {**filters, "limit": limit}).fetchall())
         return [_record(row) for row in rows]
 
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            # A retried dead letter queues behind its token's newer deliveries (a new row id keeps arrival
-            # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) and tracing ids.
-            where = "state = 'dead_letter'" + ("" if ids is None else " AND id = :id")
-            params = [{"now": now}] if ids is None else [{"now": now, "id": int(i)} for i in ids]
+            if ids is None:
+                old_ids = [row[0] for row in conn.execute("SELECT id FROM deliveries WHERE state = 'dead_letter' "
+                                                          "ORDER BY id")]
+            else:
+                old_ids = [int(i) for i in ids]
             count = 0
-            for p in params:
-                count += conn.execute(
+            for old in old_ids:
+                # A retried dead letter queues behind its token's newer deliveries (a new row id keeps arrival
+                # order), gets a fresh lifetime, and keeps its delivery id (the apns-id) and tracing ids.
+                new = conn.execute(
                     "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, reason, "
                     "app, request_id, message_id) "
-                    "SELECT delivery_id, token, kind, data, :now, :now + (expires_at - received_at), :now, 'retried', "
-                    f"app, request_id, message_id FROM deliveries WHERE {where} ORDER BY id",
-                    p,
-                ).rowcount
-                conn.execute(f"DELETE FROM deliveries WHERE {where}", p)
+                    "SELECT delivery_id, token, kind, x'', :now, :now + (expires_at - received_at), :now, 'retried', "
+                    "app, request_id, message_id FROM deliveries WHERE id = :old AND state = 'dead_letter' "
+                    "RETURNING id",
+                    {"now": now, "old": old},
+                ).fetchone()
+                if new is None:
+                    continue
+                conn.execute(f"INSERT INTO payloads (id, data) SELECT ?, {_DATA} FROM deliveries WHERE id = ?",
+                             (new[0], old))
+                conn.execute("DELETE FROM payloads WHERE id = ?", (old,))
+                conn.execute("DELETE FROM deliveries WHERE id = ?", (old,))
+                count += 1
             self._count(EndState.DEAD_LETTER.value, -count)
             return count
 
@@ -387,5 +405,5 @@ class SqliteStore(GroupCommit):
                 redelivered=counters.get("redelivered", 0),
             )
 
-        return await self._run(op)
+        return await self._read(op)
 

@@ -72,6 +72,27 @@ class GroupCommit:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``op`` in a transaction of its own that takes no write lock: an operator command
+        reading the file never holds up the writes (and the webhooks' commits) of a live relay."""
+        if self._conn is None:
+            raise StoreUnavailable("store is closed")
+
+        def call() -> T:
+            conn = self._conn
+            if conn is None:
+                raise StoreUnavailable("store is closed")
+            conn.execute("BEGIN")  # deferred: a WAL snapshot, no lock against writers
+            try:
+                return op(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
     def _count(self, name: str, by: int = 1) -> None:
         """Change an end-state counter; applied once per transaction, only if the op succeeds."""
         self._op_counts[name] += by

@@ -22,7 +22,7 @@ _TABLES = (
         delivery_id TEXT NOT NULL,                      -- stable id for the delivery's whole life (apns-id)
         token       TEXT NOT NULL,
         kind        TEXT NOT NULL,
-        data        BLOB NOT NULL,                      -- x'' once finished, but for a dead letter
+        data        BLOB NOT NULL,                      -- version 1's payload; x'' since (see payloads)
         received_at REAL NOT NULL,
         expires_at  REAL NOT NULL,
         state       TEXT NOT NULL DEFAULT 'pending',    -- pending | inflight | <EndState>
@@ -38,6 +38,9 @@ _TABLES = (
         message_id  TEXT
     )
     """,
+    # Payloads apart from the rows: a delivery's row shrinks little when it ends, but its payload (most of its
+    # bytes) goes whole, so pages empty out and are reused (or given back) instead of staying two-thirds holes.
+    "CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
     """
     CREATE TABLE IF NOT EXISTS devices (
@@ -123,6 +126,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
 def needs_vacuum(conn: sqlite3.Connection) -> bool:
     """True for a file made before incremental auto-vacuum (it can only grow until it is rebuilt once)."""
     return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2  # 2 = INCREMENTAL
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the file in use (what a VACUUM copies)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(pages) * int(conn.execute("PRAGMA page_size").fetchone()[0])
 
 
 def vacuum_into_incremental(conn: sqlite3.Connection) -> None:
