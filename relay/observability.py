@@ -79,6 +79,16 @@ class Metrics:
         self.reloads = Counter("parley_relay_reloads", "Configuration reloads by result", ["result"], registry=r)
         self.api_requests = Counter("parley_relay_api_requests", "Device API requests by operation and status",
                                     ["operation", "status"], registry=r)
+        self.circuit_open = Gauge("parley_relay_app_circuit_open",
+                                  "1 while an app's circuit is open (deliveries parked, probing)", ["app"], registry=r)
+        self.probes = Counter("parley_relay_circuit_probes", "Probes of an open circuit by result", ["app", "result"],
+                              registry=r)
+        self.delivery_errors = Counter("parley_relay_delivery_errors",
+                                       "Unexpected exceptions while delivering (each retried with backoff)",
+                                       ["app", "error"], registry=r)
+        self.slots_in_use = Gauge("parley_relay_delivery_slots_in_use",
+                                  "Deliveries in flight per app (admission pool; 'unrouted' for no app yet)", ["app"],
+                                  registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def exposition(self) -> bytes:

@@ -36,6 +36,7 @@ class Relay:
     dispatcher: Dispatcher | None = None
     started: bool = False
     draining: bool = False
+    stop_deadline: float | None = None  # loop time by which a drain ends: one shutdown_timeout for every phase
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property

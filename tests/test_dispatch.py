@@ -6,24 +6,31 @@ end-to-end and fault tests).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.config import Config, load_config
-from relay.delivery.dispatcher import Dispatcher, RetryPolicy
+from relay.config import Config, DeliverySettings, load_config
+from relay.delivery.admission import UNROUTED, Admission, Slot
+from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.policy import Breaker, ProbePolicy, RetryPolicy
+from relay.delivery.upkeep import PRUNE_EVERY
 from relay.inbound.parse import dedupe_key, parse_webhook
-from relay.observability import Metrics
+from relay.observability import LOGGER_NAME, Metrics
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
 from relay.providers import Provider
 from relay.push import ApnsPush, Push
 from relay.registry.device import Device
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
-from relay.store.base import NewDelivery
+from relay.store.base import Job, NewDelivery
 from relay.store.sqlite import SqliteStore
 from relay.testing.sandbox import IOS_TOKEN, Sandbox, sample
 
@@ -39,24 +46,37 @@ class FakeClock:
         self.t += seconds
 
 
+class ProviderBug(Exception):
+    """What a provider's own bug looks like to the dispatcher: not a classified answer, an exception."""
+
+
 @dataclass
 class Scripted:
-    """A provider answering from a per-token script (default: sent)."""
+    """A provider answering from a per-token script (default: sent); a scripted exception is raised."""
 
-    script: dict[str, list[SendResult]] = field(default_factory=dict)
+    script: dict[str, list[SendResult | Exception]] = field(default_factory=dict)
     sent: list[Push] = field(default_factory=list)
+    down: bool = False  # while set, every send is answered 503 (an outage)
 
     async def send(self, push: Push) -> SendResult:
         self.sent.append(push)
-        token = push.device_token if isinstance(push, ApnsPush) else push.token
-        queue = self.script.get(token)
-        return queue.pop(0) if queue else SendResult.sent()
+        if self.down:
+            return SendResult(Outcome.RETRY, "503 ServiceUnavailable", 503)
+        queue = self.script.get(token_of(push))
+        answer = queue.pop(0) if queue else SendResult.sent()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     async def close(self) -> None:
         return None
 
     async def retire(self) -> None:
         return None
+
+
+def token_of(push: Push) -> str:
+    return push.device_token if isinstance(push, ApnsPush) else push.token
 
 
 @dataclass
@@ -68,12 +88,18 @@ class Harness:
     clock: FakeClock
     dispatcher: Dispatcher
 
-    async def accept(self, doc: dict[str, object]) -> list[bool]:
+    async def accept(self, doc: dict[str, object], max_age: float | None = None) -> list[bool]:
         hook = parse_webhook(json.dumps(doc).encode())
-        ttl = self.config.delivery.max_age if hook.type == "message" else 30.0
+        ttl = (max_age or self.config.delivery.max_age) if hook.type == "message" else 30.0
         now = self.clock.now()
-        items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl) for t in hook.tokens]
+        items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, self.hint(t), "req-test")
+                 for t in hook.tokens]
         return await self.store.enqueue(items, now, self.config.webhook.dedupe_window)
+
+    def hint(self, token: str) -> str | None:
+        """The app hint the webhook stores with a delivery."""
+        route = self.registry.lookup(token)
+        return route.app.name if route is not None else None
 
     async def run(self) -> None:
         await self.dispatcher.run_until_idle()
@@ -198,7 +224,8 @@ async def test_permanent_refusal_is_dead_lettered_with_reason_and_can_be_retried
 
 
 async def test_config_error_keeps_deliveries_raises_alarm_and_probes(harness: Harness) -> None:
-    """A refused credential alarms the app, keeps every delivery, and one probe per interval resumes them."""
+    """A refused credential alarms the app and parks it: nothing else is claimed until one probe per interval
+    succeeds, which clears the alarm and releases every kept delivery at once."""
     harness.provider.script[IOS_TOKEN] = [SendResult(Outcome.CONFIG_ERROR, "403 InvalidProviderToken", 403)]
     others = ["f" * 63 + str(i) for i in range(3)]
     for token in others:
@@ -208,28 +235,39 @@ async def test_config_error_keeps_deliveries_raises_alarm_and_probes(harness: Ha
     assert harness.dispatcher.alarms == {"ios": "403 InvalidProviderToken"}
     for i, token in enumerate(others):
         await harness.accept(msg(10 + i, to=token))
+    harness.clock.t += 59
     await harness.run()
     assert len(harness.provider.sent) == 1  # circuit open: nothing else is attempted
-    harness.clock.t += 61
-    await harness.run()  # one probe goes out; deliveries claimed alongside it wait a second
+    stats = await harness.store.stats()
+    assert stats.pending == 4 and stats.inflight == 0  # kept in the store, not claimed and put back
+    harness.clock.t += 2
+    await harness.run()  # one probe goes out; its success releases the others in the same round
     assert harness.dispatcher.alarms == {}
-    harness.clock.t += 1.1
-    await harness.run()
     stats = await harness.store.stats()
     assert stats.ended[EndState.SENT] == 4 and stats.balanced
+    assert sorted(harness.bodies()) == ["m1", "m1", "m10", "m11", "m12"]
 
 
 async def test_one_app_failing_does_not_delay_another(harness: Harness) -> None:
-    """A broken iOS app opens its own circuit; Android deliveries keep flowing."""
+    """A broken iOS app opens its own circuit and its deliveries stay unclaimed; Android's go out at once."""
     harness.provider.script[IOS_TOKEN] = [SendResult(Outcome.RETRY, "503", 503)] * 50
     await harness.accept(msg(1))
-    for i in range(6):
+    for i in range(5):  # retried after 1, 2, 4, 8 s; the fifth failure in a row opens the circuit
+        harness.clock.t += 2 ** (i - 1) + 0.1 if i else 0
         await harness.run()
-        harness.clock.t += 2 ** i + 0.1
+    assert harness.dispatcher.breakers["ios"].is_open
+    ios_sends = len(harness.provider.sent)
+    parked = ["c" * 63 + str(i) for i in range(5)]
+    for i, token in enumerate(parked):
+        harness.registry.put(Device(token, "ios", token))
+        await harness.accept(msg(20 + i, to=token))
     await harness.accept(sample("message", to=["eJ9xQ2-fcm-registration-token:APA91bH_demo_android_device"]))
     await harness.run()
     fcm = [p for p in harness.provider.sent if not isinstance(p, ApnsPush)]
     assert len(fcm) == 1
+    assert len(harness.provider.sent) - len(fcm) == ios_sends  # no iOS send while its circuit is open
+    records = [r for t in parked for r in await harness.store.deliveries(token=t)]
+    assert [(r.state, r.attempts) for r in records] == [("pending", 0)] * len(parked)  # never claimed
 
 
 async def test_per_device_order_holds_across_retries_while_other_devices_proceed(harness: Harness) -> None:
@@ -275,15 +313,57 @@ async def test_retries_keep_the_same_apns_id(harness: Harness) -> None:
     assert len(harness.provider.sent) == 2 and len(ids) == 1
 
 
-def test_retry_policy_is_full_jitter_within_bounds() -> None:
-    """Delays stay between half the initial delay and the exponential ceiling, capped at the maximum."""
-    policy = RetryPolicy(1, 60)
-    for attempts in range(12):
-        delay = policy.delay(attempts)
-        assert 0.5 <= delay <= min(60, 2 ** attempts)
+def test_retry_policy_draws_full_jitter_between_half_the_initial_delay_and_the_capped_ceiling() -> None:
+    """Each delay is drawn between initial/2 and min(maximum, initial * 2**attempts); Retry-After is a floor."""
+    drawn: list[tuple[float, float]] = []
+
+    def record(lo: float, hi: float) -> float:
+        drawn.append((lo, hi))
+        return lo
+
+    policy = RetryPolicy(1, 60, rng=record)
+    assert [policy.delay(a) for a in range(8)] == [0.5] * 8
+    assert drawn == [(0.5, 1), (0.5, 2), (0.5, 4), (0.5, 8), (0.5, 16), (0.5, 32), (0.5, 60), (0.5, 60)]
     assert policy.delay(0, retry_after=120) == 120
+    assert RetryPolicy(1, 60, rng=lambda lo, hi: hi).delay(40) == 60
     with pytest.raises(ValueError):
         RetryPolicy(0, 10)
+
+
+def test_probe_interval_doubles_to_a_small_cap_whatever_the_backoff() -> None:
+    """Probes of an open circuit come 1, 2, 4, 4, ... s apart (jittered down to 3/4), never the 300 s backoff."""
+    upper = ProbePolicy(rng=lambda lo, hi: hi)
+    lower = ProbePolicy(rng=lambda lo, hi: lo)
+    assert [upper.delay(n) for n in range(6)] == [1, 2, 4, 4, 4, 4]
+    assert [lower.delay(n) for n in range(4)] == [0.75, 1.5, 3, 3]
+    assert upper.delay(50, retry_after=30) == 30  # the provider asked for quiet
+
+
+async def test_each_app_is_admitted_within_its_own_slots(harness: Harness) -> None:
+    """Per-app slots (the app's concurrency, capped by delivery.concurrency), a small unrouted share, none for
+    an open circuit and one probe once it is due; a full app takes nothing of another's."""
+    apps = harness.config.apps
+    settings = dataclasses.replace(harness.config.delivery, concurrency=64, batch_size=256)
+    admission = Admission(apps, settings)
+    assert admission.limits == {"ios": 64, "android": 64, UNROUTED: 4}
+    android = [Job(str(i), str(i), f"t{i}", "message", b"{}", 0.0, 1e9, 0, app="android") for i in range(64)]
+    plan = admission.plan({}, 0.0)
+    assert plan.app_limits == {"ios": 64, "android": 64} and plan.limit == 132
+    slots = admission.claimed(android, plan)
+    plan = admission.plan({}, 0.0)
+    assert plan.app_limits == {"ios": 64, "android": 0} and plan.limit == 68  # hung Android holds only its own
+    breakers = {"ios": Breaker(open_until=10.0)}
+    assert admission.plan(breakers, 5.0).app_limits["ios"] == 0  # open: parked deliveries stay unclaimed
+    assert admission.plan(breakers, 10.0).app_limits["ios"] == 1  # half-open: one probe
+    assert admission.release(slots[0]) is False  # one freed slot is not worth a claim of its own ...
+    for slot in slots[1:8]:
+        admission.release(slot)
+    assert admission.release(slots[8]) is True  # ... a batch of them is (the last claim was full)
+    unrouted = Slot(UNROUTED)
+    admission.running[UNROUTED] = 1
+    assert admission.move(unrouted, "ios") and unrouted.pool == "ios"  # routed: it moves to its app's slots
+    assert admission.running[UNROUTED] == 0 and admission.running["ios"] == 1
+    assert dict(Admission(apps, harness.config.delivery).limits) == {"ios": 100, "android": 100, UNROUTED: 16}
 
 
 async def test_device_registered_by_another_instance_is_found_in_the_store(harness: Harness) -> None:
@@ -297,11 +377,203 @@ async def test_device_registered_by_another_instance_is_found_in_the_store(harne
 
 async def test_reloaded_delivery_settings_apply_to_waiting_deliveries(harness: Harness) -> None:
     """configure() (what a reload calls) takes new delivery settings: here a shorter unroutable grace period."""
-    import dataclasses
-
     harness.dispatcher.configure(dataclasses.replace(harness.config.delivery, unroutable_grace=5))
     await harness.accept(msg(1, to="unknown-token-2"))
     await harness.run()
     harness.clock.t += 6
     await harness.run()
     assert (await harness.store.stats()).ended[EndState.UNROUTABLE] == 1
+
+
+def _records(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    """The fields of every relay log line named ``name``."""
+    return [dict(getattr(r, "fields", {})) for r in caplog.records if r.getMessage() == name]
+
+
+async def test_provider_exception_is_a_logged_retry_and_the_devices_later_pushes_flow(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider that raises (a bug, not an answer) leaves a recorded wait with backoff and a log line naming
+    the exception; the device's next push waits behind it (order) and both go out once the backoff passes."""
+    harness.provider.script[IOS_TOKEN] = [ProviderBug("unexpected")]
+    await harness.accept(msg(1))
+    await harness.accept(msg(2))
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        await harness.run()
+    assert harness.bodies() == ["m1"]
+    (line,) = _records(caplog, "delivery failed unexpectedly, retrying")
+    assert line["error_type"] == "ProviderBug" and line["wait"] == "retry" and line["attempt"] == 1
+    first = [r for r in await harness.store.deliveries(token=IOS_TOKEN) if r.attempts == 1]
+    assert [(r.state, r.wait_reason) for r in first] == [("pending", WaitReason.RETRY)]
+    stats = await harness.store.stats()
+    assert stats.inflight == 0 and stats.pending == 2 and stats.balanced  # nothing lost, nothing wedged
+    harness.clock.t += 1.01  # delay(0) is at most 1 s
+    await harness.run()
+    assert harness.bodies() == ["m1", "m1", "m2"]
+    stats = await harness.store.stats()
+    assert stats.ended[EndState.SENT] == 2 and stats.balanced
+
+
+async def test_translate_exception_is_retried_with_backoff_not_lost(harness: Harness,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception while building the push (before any send) is a counted retry; the push goes out after."""
+    import relay.delivery.dispatcher as dispatcher_module
+
+    real, calls = dispatcher_module.translate, []
+
+    def failing_once(*args: Any) -> Push:
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyError("a translate bug")
+        return real(*args)
+
+    monkeypatch.setattr(dispatcher_module, "translate", failing_once)
+    await harness.accept(msg(1))
+    await harness.run()
+    assert harness.provider.sent == []
+    assert (await harness.store.stats()).pending == 1
+    harness.clock.t += 1.01
+    await harness.run()
+    assert harness.bodies() == ["m1"]
+    stats = await harness.store.stats()
+    assert stats.ended[EndState.SENT] == 1 and stats.balanced
+
+
+async def _trip(harness: Harness, token: str = IOS_TOKEN) -> None:
+    """Five transient failures in a row for ``token``: the iOS circuit opens."""
+    harness.provider.script[token] = [SendResult(Outcome.RETRY, "503", 503)] * 5
+    await harness.accept(msg(1, to=token))
+    for i in range(5):
+        harness.clock.t += 2 ** (i - 1) + 0.01 if i else 0
+        await harness.run()
+    assert harness.dispatcher.breakers["ios"].is_open
+
+
+async def test_a_probe_that_raises_does_not_leave_its_app_parked(harness: Harness) -> None:
+    """The half-open probe raising (a provider bug) releases the probe: the next due delivery probes at once,
+    its success closes the circuit and everything parked goes out."""
+    await _trip(harness)
+    buggy, fine = "9" * 64, "8" * 64
+    for token in (buggy, fine):
+        harness.registry.put(Device(token, "ios", token))
+    harness.provider.script[buggy] = [ProviderBug("probe bug")]
+    await harness.accept(msg(7, to=buggy))
+    await harness.accept(msg(8, to=fine))
+    harness.clock.t = harness.dispatcher.breakers["ios"].open_until
+    await harness.run()
+    assert not harness.dispatcher.breakers["ios"].is_open
+    assert "m8" in harness.bodies()
+    harness.clock.t += 1.01
+    await harness.run()
+    stats = await harness.store.stats()
+    assert stats.ended[EndState.SENT] == 3 and stats.pending == 0 and stats.balanced
+
+
+async def test_a_long_outage_costs_few_probes_and_recovery_is_found_within_five_seconds(harness: Harness) -> None:
+    """At default settings (backoff up to 300 s), an hour-long APNs outage: the open circuit probes about once
+    every 3-4 s (a few dozen requests per 2 minutes, never more), and the first push after APNs answers again
+    leaves within 5 s, followed by everything kept meanwhile."""
+    provider = Scripted(down=True)
+    providers: Mapping[str, Provider] = {"ios": provider, "android": provider}
+    dispatcher = Dispatcher(harness.store, harness.registry, lambda: providers, DeliverySettings(), Metrics(),
+                            harness.clock)
+    tokens = [f"{i:064x}" for i in range(1, 4)]
+    for token in tokens:
+        harness.registry.put(Device(token, "ios", token))
+    start = harness.clock.now()
+    outage, n = 3600.0, 0
+    sent_at: list[tuple[float, bool]] = []  # (time, was the provider up)
+    while harness.clock.t < start + outage + 30:
+        if harness.clock.t - start >= n * 300:  # a new message every 5 minutes during the outage
+            await harness.accept(msg(100 + n, to=tokens[n % len(tokens)]), max_age=DeliverySettings().max_age)
+            n += 1
+        provider.down = harness.clock.t < start + outage
+        before = len(provider.sent)
+        await dispatcher.run_until_idle()
+        sent_at += [(harness.clock.t, not provider.down)] * (len(provider.sent) - before)
+        harness.clock.t += await _next_event(harness, dispatcher, start + outage)
+    during = [t for t, up in sent_at if not up]
+    first_after = min(t for t, up in sent_at if up)
+    per_two_minutes = len(during) / (outage / 120)
+    print(f"outage {outage:.0f} s: {len(during)} requests ({per_two_minutes:.1f} per 2 min); "
+          f"first push {first_after - (start + outage):.2f} s after recovery")
+    assert len(during) <= outage / 3 + 10  # at most one probe per 3 s (the jittered 4 s cap)
+    assert first_after - (start + outage) <= 5.0
+    stats = await harness.store.stats()
+    assert stats.ended[EndState.SENT] == n and stats.pending == 0 and stats.balanced
+
+
+async def _next_event(harness: Harness, dispatcher: Dispatcher, recovery: float) -> float:
+    """How far the fake clock moves: to the next probe, due delivery or the recovery, as run() would wait."""
+    now = harness.clock.now()
+    due = await harness.store.next_due()
+    candidates = [dispatcher.circuits.next_probe(now), (due - now) if due is not None else None,
+                  recovery - now, 300 - (now % 300) + 0.001]
+    return max(0.001, min(c for c in candidates if c is not None and c > 0))
+
+
+class CountingStore:
+    """The real store, counting the housekeeping calls a delivering process makes."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner, self.recovered, self.pruned = inner, 0, 0
+
+    async def recover(self, now: float) -> int:
+        self.recovered += 1
+        return await self.inner.recover(now)
+
+    async def prune(self, now: float) -> int:
+        self.pruned += 1
+        return await self.inner.prune(now)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_run_recovers_at_start_and_prunes_on_a_timer(harness: Harness) -> None:
+    """run() calls store.recover() once when it starts and store.prune() at once and then every minute."""
+    store = CountingStore(harness.store)
+    dispatcher = Dispatcher(store, harness.registry, lambda: {}, harness.config.delivery, Metrics(),  # type: ignore[arg-type]
+                            harness.clock)
+    task = asyncio.get_running_loop().create_task(dispatcher.run())
+    try:
+        async with asyncio.timeout(5):
+            while store.pruned == 0:
+                await asyncio.sleep(0.01)
+        assert store.recovered == 1 and store.pruned == 1
+        assert PRUNE_EVERY == 60.0
+    finally:
+        await dispatcher.stop(1.0)
+        await task
+
+
+class FlakyClaims(CountingStore):
+    """The real store whose first claim raises something unforeseen (a store bug, not StoreError)."""
+
+    failed = False
+
+    async def claim(self, *args: Any, **kwargs: Any) -> list[Job]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unforeseen")
+        return await self.inner.claim(*args, **kwargs)
+
+
+async def test_an_unforeseen_error_in_the_claim_loop_never_stops_delivery(harness: Harness,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The loop logs an unexpected exception (its type) and claims again after a pause: the push still goes out."""
+    store = FlakyClaims(harness.store)
+    providers: Mapping[str, Provider] = {"ios": harness.provider}
+    dispatcher = Dispatcher(store, harness.registry, lambda: providers, harness.config.delivery,  # type: ignore[arg-type]
+                            Metrics(), harness.clock)
+    await harness.accept(msg(1))
+    task = asyncio.get_running_loop().create_task(dispatcher.run())
+    try:
+        with caplog.at_level(logging.ERROR, logger=LOGGER_NAME):
+            async with asyncio.timeout(10):
+                while not harness.provider.sent:
+                    await asyncio.sleep(0.01)
+    finally:
+        await dispatcher.stop(1.0)
+        await task
+    assert store.failed and harness.bodies() == ["m1"]
+    assert [f["error_type"] for f in _records(caplog, "dispatcher loop error, retrying")] == ["RuntimeError"]

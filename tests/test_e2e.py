@@ -237,3 +237,61 @@ async def test_demo_prints_what_each_provider_received(capsys: pytest.CaptureFix
 def test_apns_hex_constant_is_a_device_token() -> None:
     """Sanity for the fixtures: APNs tokens in tests are 64 hex characters."""
     assert len(APNS_HEX) == 64
+
+
+async def test_device_added_by_the_cli_is_sent_by_the_running_relay_within_its_poll(make_relay: MakeRelay,
+                                                                                   sandbox: Sandbox) -> None:
+    """Default settings: a webhook for an unknown token waits (grace 10 min); ``parley-relay devices add``, which
+    only talks to the store, releases it and the running relay sends it within its poll (about a second)."""
+    import asyncio
+
+    from relay.cli import main
+    from relay.delivery.dispatcher import IDLE_POLL
+    from relay.outcome import WaitReason
+
+    r = await make_relay(delivery={})
+    token = "ef" * 32
+    assert (await r.post(sample("message", to=[token])))[0] == 200
+
+    async def waiting() -> bool:
+        return [d.wait_reason for d in await r.relay.store.deliveries(token=token)] == [WaitReason.UNROUTABLE]
+
+    async with asyncio.timeout(10):
+        while not await waiting():
+            await asyncio.sleep(0.01)
+    added = time.time()
+    command = ["devices", "add", token, "--app", "ios", "--config", str(r.relay.config.source)]
+    assert await asyncio.to_thread(main, command) == 0
+    (push,) = await sandbox.apns.wait_for(1, timeout=10)
+    print(f"CLI-added device: push reached APNs {1000 * (push.received_at - added):.0f} ms after the command")
+    assert push.device_token == token and push.status == 200
+    assert push.received_at - added < IDLE_POLL + 2  # the dispatcher's poll, not the 10 min grace period
+
+
+async def test_trace_lines_follow_one_request_id_from_webhook_to_delivery_end(
+        make_relay: MakeRelay, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    """At INFO, a webhook's request id appears on its ``webhook accepted`` line, on each ``delivery waits`` line
+    (a 503 retried) and on its ``delivery ended`` line, with app, shortened token, attempt, status, latency."""
+    import logging
+
+    from relay.observability import LOGGER_NAME, short_token
+
+    r = await make_relay()
+    sandbox.apns.respond(IOS_TOKEN, 503, "ServiceUnavailable", times=1)
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        response = await r.client.post(r.relay.config.webhook.path, json=sample("message"),
+                                       headers={"X-Parley-Relay-Key": "demo-shared-secret-3f9a"})
+        assert response.status == 200
+        rid = response.headers["X-Request-Id"]
+        await sandbox.apns.wait_for(2)
+        await r.settle()
+    lines = [(rec.getMessage(), dict(getattr(rec, "fields", {}))) for rec in caplog.records]
+    mine = [(name, fields) for name, fields in lines if fields.get("request_id") == rid]
+    assert [name for name, _ in mine] == ["webhook accepted", "delivery waits", "delivery ended"]
+    accepted, waits, ended = (fields for _, fields in mine)
+    assert accepted["tokens"] == short_token(IOS_TOKEN) and accepted["accepted"] == 1
+    assert accepted["message_id"] == "3224"
+    assert (waits["app"], waits["attempt"], waits["status"], waits["wait"]) == ("ios", 1, 503, "retry")
+    assert waits["token"] == short_token(IOS_TOKEN) and "ServiceUnavailable" in waits["reason"]
+    assert (ended["state"], ended["attempt"], ended["status"]) == ("sent", 2, 200)
+    assert ended["latency"] >= waits["latency"] >= 0

@@ -197,7 +197,22 @@ async def test_no_secret_token_signature_or_message_text_in_debug_logs(
     # The scan had something to scan: DEBUG lines with shortened tokens, refusals, issued tokens.
     assert short_token(IOS_TOKEN) in logs.logfmt.getvalue()
     assert short_token(ANDROID_TOKEN) in logs.json.getvalue()
-    for needle in ("level=debug", "webhook refused", "oauth token issued", "oauth token refused", "status=429"):
+    for needle in ("level=debug", "webhook refused", "oauth token issued", "oauth token refused", "status=429",
+                   "webhook accepted", "delivery waits", "delivery ended", "message_id="):
         assert needle in logs.logfmt.getvalue(), needle
     relay_lines = [line for line in logs.logfmt.getvalue().splitlines() if " logger=" not in line]
     assert len(relay_lines) >= 15
+
+
+def test_an_unexpected_delivery_error_logs_its_type_never_its_message(logs: Logs,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An exception raised while delivering may quote a token or a body: its log line keeps only the type."""
+    from relay.delivery.trace import delivery_error
+    from relay.store.base import Job
+
+    body = "private message text in an exception 🤫"
+    job = Job("1", "d1", IOS_TOKEN, "message", body.encode(), 100.0, 1e12, 0, app="ios", request_id="r1")
+    delivery_error(job, KeyError(f"{IOS_TOKEN} {body}"), "ios", 101.0, 100.5)
+    text = logs.text(caplog)
+    assert "error_type=KeyError" in text and short_token(IOS_TOKEN) in text
+    assert IOS_TOKEN not in text and body not in text

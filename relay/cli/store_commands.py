@@ -14,7 +14,7 @@ from relay.cli.common import _load_for_store, _run, _utc, _with_store
 from relay.config import Config
 from relay.errors import StoreError
 from relay.observability import short_token
-from relay.outcome import EndState
+from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
 from relay.registry.file import load_registry
 from relay.store import Store
@@ -90,7 +90,10 @@ async def _add_device(config: Config, store: Store, args: argparse.Namespace) ->
               file=sys.stderr)
         return 1
     await store.put_device(Device(args.token, app.name, device_token, as_environment(args.environment)), time.time())
-    print(f"added {short_token(args.token)} -> {app.name} (a running relay picks it up on reload)")
+    # Deliveries parked as unroutable for it are due now: a running relay's dispatcher sends them within its
+    # poll (it finds the device in the store), before any reload.
+    released = await store.wake(time.time(), reasons={WaitReason.UNROUTABLE}, tokens=[args.token])
+    print(f"added {short_token(args.token)} -> {app.name}; {released} waiting deliveries released")
     return 0
 
 

@@ -1,10 +1,12 @@
 """Delivery stage: claim -> route -> translate -> send -> classify -> record.
 
 The loop has arq's shape, cut small: :meth:`Dispatcher.run` claims due deliveries (at most the oldest open
-one per token, which is what keeps per-device order, also across retries), :meth:`Dispatcher.deliver` runs
-one under the provider's limits, and :meth:`Dispatcher.record` writes the outcome under ``asyncio.shield``
-so that a cancelled task never leaves a send unrecorded. Time is injected (:class:`Clock`) so that tests
-of backoff and expiry run in milliseconds.
+one per token, which is what keeps per-device order, also across retries) within each app's free slots
+(:mod:`relay.delivery.admission`), :meth:`Dispatcher.deliver` runs one, and :meth:`Dispatcher.record` writes
+the outcome under ``asyncio.shield`` so that a cancelled task never leaves a send unrecorded. Every claimed
+delivery ends in exactly one recorded decision: an end state, or a wait until a time for a typed reason
+(:class:`~relay.outcome.WaitReason`), also when something unexpected raised. Time is injected
+(:class:`Clock`) so that tests of backoff, expiry and probing run in milliseconds.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from relay.config import DeliverySettings
-from relay.delivery.policy import Breaker, Clock, RetryPolicy, SystemClock
+from relay.delivery import trace
+from relay.delivery.admission import Admission, Slot
+from relay.delivery.circuits import Circuits
+from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, SystemClock
 from relay.delivery.translate import translate
-from relay.errors import InvalidWebhook, StoreError, StoreUnavailable
+from relay.delivery.upkeep import Upkeep, persist
+from relay.errors import InvalidWebhook, StoreError
 from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
@@ -31,10 +37,8 @@ T = TypeVar("T")
 
 LEASE = 300.0
 START_SLICE = 16  # claimed jobs started per event-loop turn
-IDLE_POLL = 1.0
-
-
-RETRY_TRIP = 5  # consecutive transient failures that open an app's circuit
+IDLE_POLL = 1.0  # the longest a due delivery (or a store change by another process) waits for a claim
+CANCEL_GRACE = 0.5  # at most this part of stop()'s timeout goes to recording the sends it had to cancel
 
 
 class Dispatcher:
@@ -49,77 +53,90 @@ class Dispatcher:
         metrics: Metrics,
         clock: Clock | None = None,
         policy: RetryPolicy | None = None,
+        probes: ProbePolicy | None = None,
     ) -> None:
         self.store, self.registry, self._providers = store, registry, providers
         self.settings, self.metrics = settings, metrics
         self.clock = clock or SystemClock()
         self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
+        self.admission = Admission(registry.apps, settings, self._slots_changed)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._concurrency = settings.concurrency
-        self._running = 0  # deliveries started and not yet recorded
-        self._claim_min = max(1, min(settings.batch_size, settings.concurrency) // 8)
         self._stopping = False
-        self.breakers: dict[str, Breaker] = {}
-        self.on_alarm: Callable[[str, str | None], Awaitable[None] | None] | None = None
+        self.upkeep = Upkeep(store, self.clock)
+        self.circuits = Circuits(metrics, probes or ProbePolicy())
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def configure(self, settings: DeliverySettings) -> None:
-        """Take reloaded delivery settings (backoff, ages, timeouts); ``concurrency`` applies after a restart."""
+        """Take reloaded delivery settings and the registry's (reloaded) apps: backoff, ages, timeouts, slots."""
         self.settings = settings
         self.policy = RetryPolicy(settings.backoff_initial, settings.backoff_max, rng=self.policy.rng)
+        self.admission.configure(self.registry.apps, settings)
 
     def wake(self) -> None:
-        """Something became due (a webhook, a registry change): claim now instead of at the next poll."""
+        """Something became due (a webhook, a registry change, a reload): claim now instead of at the next poll."""
         self._wake.set()
 
     @property
     def alarms(self) -> dict[str, str]:
-        return {app: b.alarm for app, b in self.breakers.items() if b.alarm}
+        """App -> reason of every configuration alarm (``/readyz`` lists them)."""
+        return self.circuits.alarms
+
+    @property
+    def breakers(self) -> dict[str, Breaker]:
+        return self.circuits.breakers
 
     async def run(self) -> None:
-        """Claim and deliver until :meth:`stop`."""
+        """Recover what a dead process left claimed, then claim and deliver until :meth:`stop`."""
+        await self.upkeep.recover(lambda: self._stopping)
         while not self._stopping:
-            free = self._concurrency - self._running
-            if free == 0 or (free < self._claim_min and free < self._concurrency):
-                # Busy: claim in batches, not one job per finished send (each claim scans the token heads,
-                # inside the store's group commit that webhooks wait on). A finished send wakes us.
-                self._wake.clear()
-                await self._wait(IDLE_POLL)
-                continue
-            self._wake.clear()
             try:
-                jobs = await self.store.claim(min(free, self.settings.batch_size), self.clock.now(), LEASE)
-            except StoreError as exc:
-                event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
-                await self._wait(1.0)
-                continue
-            for n, job in enumerate(jobs, 1):
-                await self._start(job)
-                if n % START_SLICE == 0:
-                    await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
-            if not jobs:
-                await self._wait(await self._idle_wait())
+                await self.upkeep.prune_if_due()
+                self._wake.clear()
+                if not await self._claim_round():
+                    await self._wait(await self._idle_wait())
+            except Exception as exc:  # noqa: BLE001 - a dead loop would wedge every delivery: log, pause, go on
+                event(logging.ERROR, "dispatcher loop error, retrying", error_type=type(exc).__name__)
+                await self._wait(IDLE_POLL)
 
-    async def _start(self, job: Job) -> None:
-        await self._slots.acquire()  # released by _guarded when the delivery is recorded
-        self._running += 1
-        task = asyncio.get_running_loop().create_task(self._guarded(job))
+    async def _claim_round(self) -> bool:
+        """Claim within each app's free slots and start the jobs; True when the claim was full (more may wait)."""
+        now = self.clock.now()
+        plan = self.admission.plan(self.breakers, now)
+        if plan.limit == 0:
+            return False
+        try:
+            jobs = await self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits)
+        except StoreError as exc:
+            event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
+            return False
+        for n, (job, slot) in enumerate(zip(jobs, self.admission.claimed(jobs, plan), strict=True), 1):
+            self._start(job, slot)
+            if n % START_SLICE == 0:
+                await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
+        return len(jobs) >= plan.limit
+
+    def _start(self, job: Job, slot: Slot) -> None:
+        task = asyncio.get_running_loop().create_task(self._guarded(job, slot))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _idle_wait(self) -> float:
+        now = self.clock.now()
+        probe = self.circuits.next_probe(now)  # an open circuit's probe is claimed on time, not at the next poll
         try:
             due = await self.store.next_due()
         except StoreError:
             return IDLE_POLL
+        # Nothing pending or in flight: a webhook wakes us. Otherwise poll at least every IDLE_POLL, so that a
+        # change made by another process (the CLI adding a device, another instance) is seen within it; due but
+        # not claimed means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
         if due is None:
-            return IDLE_POLL * 5
-        wait = due - self.clock.now()
-        # Due but not claimed means blocked behind its token's in-flight head: that finish wakes us.
-        return IDLE_POLL if wait <= 0 else min(wait, IDLE_POLL)
+            wait = IDLE_POLL if self._tasks else IDLE_POLL * 5
+        else:
+            wait = IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
+        return max(0.0, wait if probe is None else min(wait, probe))
 
     async def _wait(self, seconds: float) -> None:
         try:
@@ -130,55 +147,85 @@ class Dispatcher:
     async def run_until_idle(self, max_rounds: int = 10_000) -> None:
         """Test helper: deliver everything due now (following the fake clock), then return."""
         for _ in range(max_rounds):
-            jobs = await self.store.claim(self.settings.batch_size, self.clock.now(), LEASE)
+            now = self.clock.now()
+            plan = self.admission.plan(self.breakers, now)
+            jobs = await self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits) if plan.limit else []
             if not jobs and not self._tasks:
                 return
-            for job in jobs:
-                await self._start(job)
+            for job, slot in zip(jobs, self.admission.claimed(jobs, plan), strict=True):
+                self._start(job, slot)
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
 
     async def stop(self, timeout: float) -> None:
-        """Stop claiming; let in-flight sends finish within ``timeout``; the rest stays stored."""
+        """Stop claiming; let in-flight sends finish within ``timeout`` overall; the rest stays stored."""
         self._stopping = True
         self._wake.set()
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1)
+        if not self._tasks:
+            return
+        grace = min(CANCEL_GRACE, timeout / 4)
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout - grace))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
 
-    async def _guarded(self, job: Job) -> None:
+    async def _guarded(self, job: Job, slot: Slot) -> None:
         try:
-            await self.deliver(job)
+            await self.deliver(job, slot)
         except asyncio.CancelledError:
+            await self._interrupted(job, slot)
             raise
-        except Exception:
-            event(logging.ERROR, "delivery failed unexpectedly", job=job.id, token=short_token(job.token))
-            logging.getLogger(__name__).debug("delivery failure", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the delivery gets a recorded decision
+            try:
+                await self._failed(job, slot, exc)
+            except Exception as second:  # noqa: BLE001 - the store refused even that: the lease brings it back
+                event(logging.ERROR, "could not record a failed delivery; it stays claimed until recovered",
+                      token=short_token(job.token), error_type=type(second).__name__)
         finally:
-            self._running -= 1
-            self._slots.release()
-            self._wake.set()
+            if self.admission.release(slot):
+                self._wake.set()
+
+    async def _failed(self, job: Job, slot: Slot, exc: Exception) -> None:
+        """An unexpected exception (a translate or provider bug): a logged wait with backoff, counted attempt."""
+        now = self.clock.now()
+        app = slot.pool or job.app
+        self.circuits.release(job.id)  # a probe that raised must not leave its app parked
+        self.metrics.delivery_errors.labels(app or "none", type(exc).__name__[:40]).inc()
+        at = now + self.policy.delay(job.attempts)
+        trace.delivery_error(job, exc, app, at, now)
+        self._wake.set()
+        if at >= job.expires_at:
+            await self._persist(lambda: self.store.finish(job, EndState.EXPIRED, "expired after errors", now))
+            return
+        await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY, f"unexpected {type(exc).__name__}",
+                                                     app=app, count_attempt=True))
+
+    async def _interrupted(self, job: Job, slot: Slot) -> None:
+        """Cancelled by stop() past its timeout: put the delivery back, due now, within the stop's grace."""
+        self.circuits.release(job.id)
+        put_back = self.store.retry(job, self.clock.now(), WaitReason.RETRY, "interrupted by shutdown",
+                                    app=slot.pool or job.app, count_attempt=False)
+        try:  # not recorded in time: it stays claimed, and store.recover() makes it due at the next start
+            await asyncio.wait_for(asyncio.shield(put_back), CANCEL_GRACE)
+        except (TimeoutError, StoreError, asyncio.CancelledError):
+            pass
+
+    def _slots_changed(self, pool: str, value: int) -> None:
+        self.metrics.child(self.metrics.slots_in_use, pool or "unrouted").set(value)
 
     # -- one delivery --------------------------------------------------------------------------------
 
-    async def deliver(self, job: Job) -> None:
-        """Route, translate, send and record one claimed delivery."""
+    async def deliver(self, job: Job, slot: Slot | None = None) -> None:
+        """Route, translate, send and record one claimed delivery (counted in ``slot``'s pool)."""
+        slot = slot or Slot(self.admission.pool_of(job.app))
         now = self.clock.now()
         try:
             notification = load_notification(job.data)
         except (InvalidWebhook, ValueError) as exc:
             await self.record_end(job, EndState.DEAD_LETTER, f"unreadable stored notification: {exc}", None)
             return
-        route = self.registry.lookup(job.token)
-        if route is None and not self.registry.is_dead(job.token):
-            # Another instance (or the CLI) may have registered it since our overlay was loaded.
-            device = await self._persist(lambda: self.store.get_device(job.token))
-            if device is not None:
-                self.registry.put(device)
-                route = self.registry.lookup(job.token)
+        route = await self._route(job)
         expires_at = job.expires_at
         if route is not None and isinstance(notification, Event):
             expires_at = min(expires_at, job.received_at + route.app.policy.event_ttl)
@@ -191,17 +238,13 @@ class Dispatcher:
         if route is None:
             await self._unroutable(job, now)
             return
-        breaker = self.breakers.setdefault(route.app.name, Breaker())
-        if not breaker.allows(now):
-            at = max(breaker.open_until, now + 1.0)
-            wait = WaitReason.CONFIG_ERROR if breaker.alarm else WaitReason.CIRCUIT_OPEN
-            await self._persist(lambda: self.store.retry(job, at, wait, breaker.alarm or "", count_attempt=False))
+        if not await self._admit(job, slot, route, now, expires_at):
             return
         provider = self._providers().get(route.app.name)
         if provider is None:
-            at = now + self.settings.config_error_retry
-            await self._persist(lambda: self.store.retry(job, at, WaitReason.CONFIG_ERROR, "no provider for the app",
-                                                         count_attempt=False))
+            self.circuits.release(job.id)
+            await self.wait(job, now + self.settings.config_error_retry, WaitReason.CONFIG_ERROR,
+                            "no provider for this app", route, count=False, expires_at=expires_at)
             return
         push = translate(notification, route, job.delivery_id, now, expires_at)
         self.metrics.inflight.inc()
@@ -213,56 +256,87 @@ class Dispatcher:
             self.metrics.child(self.metrics.provider_latency, route.app.platform).observe(time.perf_counter() - started)
         # Each store write in record() is shielded on its own; a cancellation (stop() past its timeout) between
         # two of them leaves the job claimed, to be delivered again after the restart: at least once.
-        await self.record(job, route, result, expires_at)
+        await self.record(job, route, result, expires_at,
+                          replaced=self._providers().get(route.app.name) is not provider)
+
+    async def _route(self, job: Job) -> Route | None:
+        route = self.registry.lookup(job.token)
+        if route is None and not self.registry.is_dead(job.token):
+            # Another instance (or the CLI) may have registered it since our overlay was loaded.
+            device = await self._persist(lambda: self.store.get_device(job.token))
+            if device is not None:
+                self.registry.put(device)
+                route = self.registry.lookup(job.token)
+        return route
+
+    async def _admit(self, job: Job, slot: Slot, route: Route, now: float, expires_at: float) -> bool:
+        """The app's circuit and slots: False when the delivery was put back to wait instead."""
+        app = route.app.name
+        breaker = self.circuits[app]
+        if not breaker.admit(job.id, now):
+            reason = WaitReason.CONFIG_ERROR if breaker.alarm else WaitReason.CIRCUIT_OPEN
+            await self.wait(job, max(breaker.open_until, now), reason, breaker.alarm or "circuit open", route,
+                            count=False, expires_at=expires_at)
+            return False
+        if not self.admission.move(slot, app):
+            # Claimed under another pool (no hint, or the device moved): it waits, due now, in its app's queue.
+            breaker.release(job.id)
+            await self.wait(job, now, WaitReason.RETRY, "waiting for a free slot of its app", route, count=False,
+                            expires_at=expires_at)
+            return False
+        return True
 
     async def _unroutable(self, job: Job, now: float) -> None:
         deadline = job.received_at + self.settings.unroutable_grace
         if now >= deadline:
             await self.record_end(job, EndState.UNROUTABLE, "no registry entry for this token", None)
         else:
-            # Parked until the grace period ends; a registry reload or a new device wakes it sooner.
-            await self._persist(lambda: self.store.retry(job, deadline, WaitReason.UNROUTABLE, count_attempt=False))
+            # Parked until the grace period ends; a registry reload or a device added releases it sooner.
+            await self.wait(job, deadline, WaitReason.UNROUTABLE, "no registry entry yet", None, count=False)
 
-    async def record(self, job: Job, route: Route, result: SendResult, expires_at: float) -> None:
-        """Turn a provider answer into a stored end state or a scheduled retry."""
+    async def record(self, job: Job, route: Route, result: SendResult, expires_at: float, *,
+                     replaced: bool = False) -> None:
+        """Turn a provider answer into a stored end state or a scheduled wait.
+
+        ``replaced``: a reload swapped the app's provider while this send was in flight. Its config error is
+        about credentials no longer in use: no alarm, the delivery is tried again at once with the new ones.
+        """
         app, platform = route.app.name, route.app.platform
         self.metrics.child(self.metrics.sends, platform, app, job.kind, result.outcome.value).inc()
-        breaker = self.breakers.setdefault(app, Breaker())
         now = self.clock.now()
         if result.outcome is Outcome.SENT:
             await self._remember_environment(route, result)
-            await self._close_breaker(app, breaker)
+            await self._succeeded(app)
             self.metrics.child(self.metrics.delivery_latency, platform).observe(max(0.0, now - job.received_at))
-            await self.record_end(job, EndState.SENT, "", route)
+            await self.record_end(job, EndState.SENT, "", route, result.status)
         elif result.outcome is Outcome.TOKEN_DEAD:
-            await self._close_breaker(app, breaker)
+            await self._succeeded(app)
             if await self._persist(lambda: self.store.mark_dead(job.token, result.reason, now)):
                 self.metrics.dead_tokens.labels(platform, app).inc()
                 event(logging.WARNING, "push token is dead", app=app, token=short_token(job.token),
                       reason=result.reason)
             self.registry.mark_dead(job.token)
-            await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route)
+            await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route, result.status)
         elif result.outcome is Outcome.PERMANENT:
-            await self._close_breaker(app, breaker)
-            await self.record_end(job, EndState.DEAD_LETTER, result.reason, route)
+            await self._succeeded(app)
+            await self.record_end(job, EndState.DEAD_LETTER, result.reason, route, result.status)
+        elif result.outcome is Outcome.CONFIG_ERROR and replaced:
+            self.circuits.release(job.id)
+            await self.wait(job, now, WaitReason.CONFIG_ERROR, f"{result.reason} (replaced credentials)", route,
+                            count=False, status=result.status, expires_at=expires_at)
         elif result.outcome is Outcome.CONFIG_ERROR:
-            breaker.probing = False
-            breaker.open_until = now + self.settings.config_error_retry
-            if breaker.alarm != result.reason:
-                breaker.alarm = result.reason
-                self.metrics.alarms.labels(app).set(1)
-                event(logging.ERROR, "app configuration alarm: deliveries kept until it is fixed", app=app,
-                      reason=result.reason)
-                await self._notify_alarm(app, result.reason)
-            await self._retry(job, route, breaker.open_until, result.reason, count=False, expires_at=expires_at,
-                              wait=WaitReason.CONFIG_ERROR)
+            at = self.circuits.misconfigured(app, job, result, now, self.settings)
+            await self.wait(job, at, WaitReason.CONFIG_ERROR, result.reason, route, count=False,
+                            status=result.status, expires_at=expires_at)
         else:
-            breaker.probing = False
-            breaker.failures += 1
-            if breaker.failures >= RETRY_TRIP:
-                breaker.open_until = now + self.policy.delay(breaker.failures - RETRY_TRIP, result.retry_after)
-            at = now + self.policy.delay(job.attempts, result.retry_after)
-            await self._retry(job, route, at, result.reason, count=True, expires_at=expires_at, wait=WaitReason.RETRY)
+            self.circuits.failed(app, job, result, now, self.settings)
+            breaker = self.circuits[app]
+            if breaker.is_open:  # parked for the next probe: its own backoff must not hide a recovery
+                wait, at = WaitReason.CIRCUIT_OPEN, breaker.open_until
+            else:
+                wait, at = WaitReason.RETRY, now + self.policy.delay(job.attempts, result.retry_after)
+            await self.wait(job, at, wait, result.reason, route, count=True, status=result.status,
+                            expires_at=expires_at)
 
     async def _remember_environment(self, route: Route, result: SendResult) -> None:
         """An APNs sandbox fallback found the device token's host: keep it (store: restarts and other instances;
@@ -275,60 +349,41 @@ class Dispatcher:
             event(logging.INFO, "APNs environment of a device token learned and remembered", app=route.app.name,
                   token=short_token(route.device_token), environment=environment)
 
-    async def _retry(self, job: Job, route: Route, at: float, reason: str, *, count: bool, expires_at: float,
-                     wait: WaitReason) -> None:
-        if at >= expires_at:
-            await self.record_end(job, EndState.EXPIRED, f"expired while retrying ({reason})", route)
+    async def _succeeded(self, app: str) -> None:
+        """The provider answered: when that closes the app's circuit, release what it parked."""
+        if not self.circuits.succeeded(app):
             return
-        self.metrics.retries.labels(route.app.platform, route.app.name, reason.split(" ")[0][:40]).inc()
-        await self._persist(lambda: self.store.retry(job, at, wait, reason, count_attempt=count))
+        released = await self._persist(lambda: self.store.wake(self.clock.now(), apps={app}))
+        event(logging.INFO, "app circuit closed, parked deliveries released", app=app, released=released)
+        self._wake.set()
 
-    async def _close_breaker(self, app: str, breaker: Breaker) -> None:
-        breaker.failures, breaker.open_until, breaker.probing = 0, 0.0, False
-        if breaker.alarm is not None:
-            breaker.alarm = None
-            self.metrics.alarms.labels(app).set(0)
-            event(logging.INFO, "app configuration alarm cleared", app=app)
-            await self._notify_alarm(app, None)
-            await self._persist(lambda: self.store.wake(
-                self.clock.now(), reasons={WaitReason.CONFIG_ERROR, WaitReason.CIRCUIT_OPEN}))
-
-    async def _notify_alarm(self, app: str, reason: str | None) -> None:
-        if self.on_alarm is not None:
-            maybe = self.on_alarm(app, reason)
-            if maybe is not None:
-                await maybe
+    async def wait(self, job: Job, at: float, reason: WaitReason, detail: str, route: Route | None, *,
+                   count: bool, status: int | None = None, expires_at: float | None = None) -> None:
+        """Put a claimed delivery back until ``at`` for a typed reason (or end it expired if that is too late)."""
+        if at >= (job.expires_at if expires_at is None else expires_at):
+            await self.record_end(job, EndState.EXPIRED, f"expired while waiting ({detail})"[:200], route, status)
+            return
+        app = route.app.name if route else None
+        platform = route.app.platform if route else "none"
+        now = self.clock.now()
+        self.metrics.child(self.metrics.retries, platform, app or "none", reason.value).inc()
+        trace.delivery_waits(job, reason, at, app, now, status, detail)
+        await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app, count_attempt=count))
 
     def clear_alarms(self) -> None:
-        """After a reload: let every app probe again at once."""
-        for app, breaker in self.breakers.items():
-            if breaker.alarm:
-                self.metrics.alarms.labels(app).set(0)
-            breaker.failures, breaker.open_until, breaker.probing, breaker.alarm = 0, 0.0, False, None
+        """After a reload: every app closed, no alarm (its deliveries are released by the reload's wake)."""
+        self.circuits.clear()
+        self._wake.set()
 
-    async def record_end(self, job: Job, end: EndState, reason: str, route: Route | None) -> None:
-        """Store an end state and count it."""
+    async def record_end(self, job: Job, end: EndState, reason: str, route: Route | None,
+                         status: int | None = None) -> None:
+        """Store an end state, count it and trace it."""
         platform = route.app.platform if route else "none"
-        app = route.app.name if route else "none"
-        self.metrics.child(self.metrics.ended, platform, app, job.kind, end.value).inc()
+        app = route.app.name if route else None
+        self.metrics.child(self.metrics.ended, platform, app or "none", job.kind, end.value).inc()
         now = self.clock.now()
+        trace.delivery_ended(job, end, app, now, status, reason)
         await self._persist(lambda: self.store.finish(job, end, reason, now))
 
     async def _persist(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a store write to completion: shielded from cancellation, retried while the store is down.
-
-        Giving up would leave the job claimed until its lease ends and then send it again; waiting for
-        the store costs nothing, since nothing else can progress without it either.
-        """
-        delay, warned = 0.2, False
-        while True:
-            try:
-                return await asyncio.shield(op())
-            except StoreUnavailable as exc:  # a logic error (other StoreError) is not retried
-                if self._stopping:
-                    raise
-                if not warned:
-                    event(logging.WARNING, "store unavailable while recording an outcome, retrying", error=str(exc))
-                    warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await persist(op, lambda: self._stopping)

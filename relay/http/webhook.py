@@ -76,8 +76,8 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
     now = relay.clock.now()
     ttl = relay.config.delivery.max_age if hook.type == "message" else _event_ttl(relay)
     message_id = str(hook.notification.id) if isinstance(hook.notification, Message) else None
-    items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, request_id=rid,
-                         message_id=message_id) for t in hook.tokens]
+    items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, _app_hint(relay, t), rid,
+                         message_id) for t in hook.tokens]
     try:
         accepted = await relay.store.enqueue(items, now, settings.dedupe_window)
     except StoreError as exc:
@@ -89,8 +89,10 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
             relay.metrics.accepted.labels(item.kind).inc()
     if relay.dispatcher is not None and fresh:
         relay.dispatcher.wake()
-    if log.isEnabledFor(logging.DEBUG):  # the hot path: build the fields only when they are written
-        event(logging.DEBUG, "webhook accepted", request_id=rid, type=hook.type, accepted=fresh,
+    if log.isEnabledFor(logging.INFO):  # the hot path: build the fields only when they are written
+        # The first line of a request's trace (SPEC §8): the delivery lines repeat its request_id.
+        extra = {"message_id": message_id} if message_id is not None else {}
+        event(logging.INFO, "webhook accepted", request_id=rid, type=hook.type, **extra, accepted=fresh,
               duplicates=len(items) - fresh, tokens=",".join(short_token(t) for t in hook.tokens[:5]))
     status = "accepted" if fresh else "duplicate"
     return status, _accepted_answer(status, fresh, len(items) - fresh)
@@ -111,6 +113,12 @@ async def oauth_token(request: web.Request) -> web.Response:
     relay = request.app[RELAY_KEY]
     return await relay.auth.token_endpoint(request, read_timeout=relay.config.webhook.read_timeout,
                                            request_id=request.get(REQUEST_ID_KEY, "-"))
+
+
+def _app_hint(relay: Relay, token: str) -> str | None:
+    """The app a token routes to now: the store admits deliveries per app by it (delivery routes again)."""
+    route = relay.registry.lookup(token)
+    return route.app.name if route is not None else None
 
 
 def _event_ttl(relay: Relay) -> float:

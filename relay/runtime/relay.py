@@ -27,7 +27,10 @@ from relay.registry.routing import Registry
 from relay.running import RELAY_KEY, Relay
 from relay.store import Store, create_store
 
-# What a reload can fix: new credentials (config errors, open circuits) and new registry entries (unroutable).
+CLOSE_GRACE = 0.5  # past the drain's deadline, the most given to closing connections (never to sends)
+
+# What a reload can fix: credentials or topics (config errors), an app parked by its circuit (new credentials,
+# new endpoint), a token without a registry entry. Deliveries waiting out a transient failure keep their backoff.
 RELOAD_RELEASES = frozenset({WaitReason.CONFIG_ERROR, WaitReason.CIRCUIT_OPEN, WaitReason.UNROUTABLE})
 
 
@@ -60,20 +63,47 @@ async def reload(relay: Relay) -> bool:
     relay.config = config
     relay.auth = auth
     for provider in old.values():  # in-flight sends finish on the old credentials, then it closes
-        task = asyncio.get_running_loop().create_task(provider.retire())
+        task = asyncio.get_running_loop().create_task(_retire(provider))
         relay.retiring.add(task)
         task.add_done_callback(relay.retiring.discard)
     if relay.dispatcher is not None:
         relay.dispatcher.configure(config.delivery)
         relay.dispatcher.clear_alarms()
+    try:  # releases what waited on the old configuration (credentials, parked apps, registry entries)
+        released = await relay.store.wake(relay.clock.now(), reasons=RELOAD_RELEASES)
+    except StoreError as exc:  # they still leave at their own time (config_error_retry, the grace period)
+        released = 0
+        event(logging.WARNING, "reload applied; releasing waiting deliveries failed", error=str(exc))
+    if relay.dispatcher is not None:
         relay.dispatcher.wake()
-        try:  # releases what waited on the old configuration; the dispatcher's own wake covers a failure here
-            await relay.store.wake(relay.clock.now(), reasons=RELOAD_RELEASES)
-        except StoreError as exc:
-            event(logging.WARNING, "reload applied; waking parked deliveries failed", error=str(exc))
     relay.metrics.reloads.labels("ok").inc()
-    event(logging.INFO, "configuration reloaded", apps=len(config.apps), devices=len(relay.registry))
+    event(logging.INFO, "configuration reloaded", apps=len(config.apps), devices=len(relay.registry),
+          released=released)
     return True
+
+
+async def _retire(provider: Bounded) -> None:
+    try:
+        await provider.retire()
+    except asyncio.CancelledError:  # a drain's deadline came first: close it now, briefly
+        try:
+            await asyncio.wait_for(provider.close(), CLOSE_GRACE)
+        except TimeoutError:
+            pass
+        raise
+
+
+def _close_reserve(relay: Relay) -> float:
+    """The part of a drain kept for closing providers after the sends (a hung provider may take it all)."""
+    return min(2 * CLOSE_GRACE, relay.config.shutdown_timeout / 4)
+
+
+def remaining(relay: Relay) -> float:
+    """Seconds left of a drain: the first phase to ask starts one ``shutdown_timeout`` for all of them."""
+    now = asyncio.get_running_loop().time()
+    if relay.stop_deadline is None:
+        relay.stop_deadline = now + relay.config.shutdown_timeout
+    return max(0.0, relay.stop_deadline - now)
 
 
 async def create_providers(apps: Mapping[str, App], timeout: float) -> dict[str, Bounded]:
@@ -128,25 +158,31 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     relay.providers = await create_providers(relay.config.apps, relay.config.delivery.send_timeout)
     yield
+    # The dispatcher has stopped: no send is in flight. Old providers of a reload and the current ones close
+    # within what is left of the drain's deadline (a hung provider's close is cut short: we are exiting).
     if relay.retiring:
-        await asyncio.wait(set(relay.retiring))
-    for provider in relay.providers.values():
-        await provider.close()
+        _done, pending = await asyncio.wait(set(relay.retiring), timeout=remaining(relay) / 2)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_GRACE)
+    closing = asyncio.gather(*(provider.close() for provider in relay.providers.values()), return_exceptions=True)
+    try:
+        await asyncio.wait_for(closing, max(remaining(relay), 0.1))
+    except TimeoutError:
+        event(logging.WARNING, "providers did not close within shutdown_timeout; leaving them")
 
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
-    # This process delivers: what a crashed one left in flight is due again (never a live process's claims).
-    recovered = await relay.store.recover(relay.clock.now())
-    if recovered:
-        event(logging.WARNING, "deliveries left in flight by a stopped process are due again", count=recovered)
+    # Dispatcher.run() recovers what a crashed process left in flight first (never a live process's claims).
     dispatcher = Dispatcher(relay.store, relay.registry, lambda: relay.providers, relay.config.delivery,
                             relay.metrics, relay.clock)
     relay.dispatcher = dispatcher
     task = asyncio.get_running_loop().create_task(dispatcher.run(), name="dispatcher")
     yield
     relay.draining = True
-    await dispatcher.stop(relay.config.shutdown_timeout)
+    await dispatcher.stop(max(0.0, remaining(relay) - _close_reserve(relay)))
     task.cancel()
     try:
         await task

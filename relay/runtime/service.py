@@ -3,7 +3,7 @@
 Start: the store is opened and every app's credentials are loaded (``AppRunner.setup``), then the listeners
 come up, then ``READY=1``. ``SIGHUP`` reloads (the old configuration stays on any error). ``SIGTERM`` and
 ``SIGINT`` drain: ``STOPPING=1``, stop accepting (under socket activation the kernel queues new connections
-for the next process), finish in-flight requests and then in-flight sends, each within
+for the next process), finish in-flight requests and then in-flight sends, all within one
 ``shutdown_timeout``, leave everything else stored, return (exit 0).
 """
 
@@ -27,7 +27,7 @@ from relay.http.ops import SHARED_PROBLEMS_KEY
 from relay.observability import event
 from relay.outcome import EndState
 from relay.running import RELAY_KEY, Relay
-from relay.runtime.relay import create_app, reload
+from relay.runtime.relay import create_app, reload, remaining
 from relay.runtime.shared import RUNTIME_ENV, SharedState, state_dir
 from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
@@ -268,13 +268,14 @@ async def _reload(relay: Relay) -> bool:
 async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> None:
     timeout = relay.config.shutdown_timeout
     event(logging.INFO, "relay stopping: draining in-flight requests and sends", timeout=timeout)
-    notifier.stopping(f"draining (up to {timeout:g}s for requests, then {timeout:g}s for sends)")
+    notifier.stopping(f"draining (up to {timeout:g}s for requests and sends)")
     relay.draining = True  # /readyz answers 503 from now on
+    relay.stop_deadline = asyncio.get_running_loop().time() + timeout  # one budget for every phase below
     accepting = bool(listeners.sites)  # a delivery process has no listener: nothing can be arriving
     await listeners.stop_accepting()
     if accepting:
         await asyncio.sleep(ACCEPT_GRACE)
-    if not await listeners.in_flight.wait(timeout):
+    if not await listeners.in_flight.wait(remaining(relay)):
         event(logging.WARNING, "requests still in flight after shutdown_timeout, closing them",
               requests=listeners.in_flight.count)
     # In-flight requests, then the dispatcher's in-flight sends (its cleanup context), then providers, store.

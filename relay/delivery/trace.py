@@ -1,0 +1,49 @@
+"""The delivery side of tracing (SPEC §8): one INFO line per retry or wait and per delivery end.
+
+Each line carries what an operator needs to follow one webhook (its ``request_id``, logged again by the webhook
+line that accepted it) through every attempt: app, shortened token, attempt, the provider's status and reason,
+and the latency since acceptance. Never a whole token, never a payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from relay.observability import event, log, short_token
+from relay.outcome import EndState, WaitReason
+from relay.store.base import Job
+
+
+def _fields(job: Job, app: str | None, now: float, status: int | None, reason: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"request_id": job.request_id or "-"}
+    if job.message_id is not None:
+        fields["message_id"] = job.message_id
+    fields.update(app=app or "-", token=short_token(job.token), attempt=job.attempts + 1,
+                  status=status if status is not None else "-", reason=reason[:200] or "-",
+                  latency=round(max(0.0, now - job.received_at), 3))
+    return fields
+
+
+def delivery_ended(job: Job, end: EndState, app: str | None, now: float, status: int | None, reason: str) -> None:
+    """``delivery ended state=...``: the one line that closes a delivery's trace."""
+    if log.isEnabledFor(logging.INFO):  # per push: build the fields only when they are written
+        event(logging.INFO, "delivery ended", state=end.value, **_fields(job, app, now, status, reason))
+
+
+def delivery_waits(job: Job, wait: WaitReason, at: float, app: str | None, now: float, status: int | None,
+                   reason: str) -> None:
+    """``delivery waits wait=retry retry_in=...``: put back until ``at`` for a typed reason."""
+    if log.isEnabledFor(logging.INFO):
+        event(logging.INFO, "delivery waits", wait=wait.value, retry_in=round(max(0.0, at - now), 3),
+              **_fields(job, app, now, status, reason))
+
+
+def delivery_error(job: Job, exc: BaseException, app: str | None, at: float, now: float) -> None:
+    """An unexpected exception in delivery: logged with its type, the delivery retried with backoff.
+
+    Only the type: an exception's message may quote a token or a payload, which never reach the log.
+    """
+    event(logging.ERROR, "delivery failed unexpectedly, retrying", error_type=type(exc).__name__,
+          wait=WaitReason.RETRY.value, retry_in=round(max(0.0, at - now), 3),
+          **_fields(job, app, now, None, "unexpected error"))
