@@ -20,7 +20,8 @@ import redis
 
 from relay.config import StoreSettings
 from relay.store import create_store
-from relay.testing.fleet import Fleet, RedisServer, _relay_command, device_tokens, send_load, wait_delivered
+from relay.testing.fleet import Fleet, RedisServer, device_tokens, send_load, wait_delivered
+from relay.testing.process import relay_command
 from relay.testing.sandbox import Sandbox
 from tests.conftest import REDIS_URL, redis_unavailable
 
@@ -39,11 +40,18 @@ def box(tmp_path: Path) -> Iterator[Sandbox]:
 
 
 def _pending_of(url: str, prefix: str, consumer_prefix: str | tuple[str, ...]) -> int:
-    """Entries a consumer (one relay process) still holds in the stream's pending list."""
+    """Entries a consumer (one relay process) still holds in the pending lists of every app's stream."""
     client = redis.Redis.from_url(url)
     try:
-        summary = client.xpending(f"{prefix}:stream", "relay")
-        return sum(c["pending"] for c in summary["consumers"] if c["name"].decode().startswith(consumer_prefix))
+        apps = {member.decode() for member in client.smembers(f"{prefix}:apps")} | {""}
+        held = 0
+        for app in apps:
+            stream = f"{prefix}:stream:{app}" if app else f"{prefix}:stream"
+            if not client.exists(stream):
+                continue
+            summary = client.xpending(stream, "relay")
+            held += sum(c["pending"] for c in summary["consumers"] if c["name"].decode().startswith(consumer_prefix))
+        return held
     finally:
         client.close()
 
@@ -120,10 +128,10 @@ async def test_operator_commands_mid_run_take_nothing_from_the_live_instances(bo
             while not done.is_set():
                 held = _pending_of(REDIS_URL, prefix, "")
                 if held:
-                    stats = await asyncio.create_subprocess_exec(*_relay_command(), "stats", "--json", "--config",
+                    stats = await asyncio.create_subprocess_exec(*relay_command(), "stats", "--json", "--config",
                                                                  config, stdout=asyncio.subprocess.PIPE)
                     out, _ = await stats.communicate()
-                    letters = await asyncio.create_subprocess_exec(*_relay_command(), "dead-letters", "list",
+                    letters = await asyncio.create_subprocess_exec(*relay_command(), "dead-letters", "list",
                                                                    "--config", config,
                                                                    stdout=asyncio.subprocess.DEVNULL)
                     await letters.wait()
