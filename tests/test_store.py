@@ -32,6 +32,7 @@ from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device
 from relay.store import NewDelivery, Store, create_store
 from relay.store.base import DeliveryRecord
+from relay.store.sqlite import SqliteStore
 from relay.testing.fleet import RedisServer
 from tests.conftest import REDIS_URL, redis_unavailable
 
@@ -871,3 +872,39 @@ async def test_reads_take_no_write_lock(settings: StoreSettings, store: Store, m
             assert await operator.dead_letters() == [] and await operator.dead_letter("1") is None
         finally:
             writer.execute("ROLLBACK")
+
+
+@sqlite_only
+async def test_only_a_store_that_acknowledges_webhooks_fsyncs_each_commit(settings: StoreSettings) -> None:
+    """The webhook role's commits are what a 200 promises (synchronous=FULL); a delivery process's claims and
+    outcomes skip the fsync (NORMAL): losing them to a power cut only sends a push again."""
+    modes = []
+    for acknowledges in (True, False):
+        store = create_store(settings, acknowledges=acknowledges)
+        await store.open()
+        try:
+            assert isinstance(store, SqliteStore)
+            modes.append(await store._read(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]))
+        finally:
+            await store.close()
+    assert modes == [2, 1]  # FULL, NORMAL
+
+
+@sqlite_only
+async def test_writers_queue_on_the_side_lock_and_go_as_soon_as_it_is_free(settings: StoreSettings,
+                                                                          store: Store) -> None:
+    """Processes sharing the file take turns on an flock of ``<file>-writer`` before BEGIN IMMEDIATE, so the
+    kernel hands the write lock over at once instead of SQLite's busy handler polling with sleeps."""
+    import fcntl
+
+    fd = os.open(f"{settings.path}-writer", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process in the middle of its group commit
+        pending = asyncio.ensure_future(enqueue(store, "a"))
+        done, _ = await asyncio.wait({pending}, timeout=0.3)
+        assert not done, "the commit did not wait for the writer lock"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        await asyncio.wait_for(pending, timeout=5)
+    finally:
+        os.close(fd)
+    assert (await store.stats()).pending == 1

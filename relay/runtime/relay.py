@@ -120,12 +120,16 @@ async def create_providers(apps: Mapping[str, App], timeout: float) -> dict[str,
 
 
 def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock: Clock | None = None,
-               store: Store | None = None, run_dispatcher: bool = True) -> web.Application:
-    """The relay's aiohttp application; resources open and close with it."""
+               store: Store | None = None, run_dispatcher: bool = True,
+               accepts_webhooks: bool = True) -> web.Application:
+    """The relay's aiohttp application; resources open and close with it.
+
+    ``accepts_webhooks=False`` (a delivery process): the store's own commits need not be fsynced.
+    """
     app = web.Application(client_max_size=config.webhook.max_body_bytes, middlewares=[errors_middleware])
     relay = Relay(
         config=config,
-        store=store or create_store(config.store),
+        store=store or create_store(config.store, acknowledges=accepts_webhooks),
         registry=Registry(config.apps, load_registry(config.registry, config.apps)),
         metrics=metrics_registry or Metrics(),
         clock=clock or SystemClock(),

@@ -127,7 +127,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asy
 async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None, stop: asyncio.Event | None,
                  plan: Plan) -> None:
     inherited = plan.sockets if plan.sockets is not None else inherited_sockets() if plan.listen else []
-    app = create_app(config, run_dispatcher=plan.deliver)
+    app = create_app(config, run_dispatcher=plan.deliver, accepts_webhooks=plan.listen)
     for prepare in plan.prepare:
         prepare(app)
     relay = app[RELAY_KEY]

@@ -10,15 +10,19 @@ from relay.config import StoreSettings
 from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats, Store
 
 
-def create_store(settings: StoreSettings) -> Store:
-    """The store the settings name (not yet opened)."""
+def create_store(settings: StoreSettings, *, acknowledges: bool = True) -> Store:
+    """The store the settings name (not yet opened).
+
+    ``acknowledges=False``: for a process that never answers a webhook (a delivery process), whose writes
+    need not be durable on their own (see :func:`relay.store.sqlite_schema.connect`).
+    """
     if settings.backend == "redis":
         from relay.store.redis import RedisStore
 
         return RedisStore(settings)
     from relay.store.sqlite import SqliteStore
 
-    return SqliteStore(settings)
+    return SqliteStore(settings, acknowledges=acknowledges)
 
 
 __all__ = ["DeadLetter", "DeliveryRecord", "Job", "NewDelivery", "Stats", "Store", "create_store"]

@@ -80,8 +80,8 @@ def _in(column: str, name: str) -> str:
 class SqliteStore(GroupCommit, SqliteDevices):
     """The embedded store; see the module docstring."""
 
-    def __init__(self, settings: StoreSettings) -> None:
-        super().__init__(settings.path, settings.commit_interval)
+    def __init__(self, settings: StoreSettings, *, acknowledges: bool = True) -> None:
+        super().__init__(settings.path, settings.commit_interval, acknowledges=acknowledges)
         self._keep_finished = settings.keep_finished
         self._owner = schema.new_owner()  # recorded with each claim: recover() tells a dead owner from a live one
 

@@ -5,11 +5,18 @@ in the next one (each op in its own SAVEPOINT, so one failing op never aborts it
 webhooks share one fsync; when idle, a single webhook is committed at once, without waiting for a timer. Each
 transaction starts with ``BEGIN IMMEDIATE``: it holds the file's write lock from its first read, so what it
 reads (the token heads a claim picks) cannot change under it, whichever process writes next.
+
+Processes that share the file (webhook and delivery roles) queue for the write lock on an ``flock`` of a
+side file first. SQLite's own busy handler polls a taken lock with sleeps growing to 100 ms, so two busy
+writers would hand the lock over late and unfairly; the kernel wakes the next waiter as soon as it is free.
+The busy timeout stays for writers that do not take the side lock (an operator command).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import Callable
@@ -29,8 +36,9 @@ _BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO U
 class GroupCommit:
     """One connection on one thread; ops queued from the event loop are committed together."""
 
-    def __init__(self, path: Path, commit_interval: float) -> None:
+    def __init__(self, path: Path, commit_interval: float, *, acknowledges: bool = True) -> None:
         self._path = path
+        self._acknowledges = acknowledges
         self._commit_interval = commit_interval
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._conn: sqlite3.Connection | None = None
@@ -40,10 +48,12 @@ class GroupCommit:
         self._drain_task: asyncio.Task[None] | None = None
         self._opened = False
         self.commits = 0  # for benchmarks: transactions (fsyncs) so far
+        self._writer_lock: int | None = None  # descriptor of the side file writers queue on (see module doc)
 
     def _connect(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = schema.connect(self._path)
+        self._conn = schema.connect(self._path, acknowledges=self._acknowledges)
+        self._writer_lock = os.open(f"{self._path}-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     async def _open_connection(self) -> None:
         try:
@@ -60,6 +70,9 @@ class GroupCommit:
         conn, self._conn = self._conn, None
         await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
         self._executor.shutdown(wait=True)
+        if self._writer_lock is not None:
+            os.close(self._writer_lock)
+            self._writer_lock = None
 
     async def _run_alone(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the store thread outside any transaction (e.g. VACUUM), once queued ops are done."""
@@ -103,6 +116,16 @@ class GroupCommit:
             raise StoreUnavailable("store is closed")
         results: list[tuple[bool, Any]] = []
         counts: Counter[str] = Counter()
+        if self._writer_lock is not None:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX)  # released after COMMIT/ROLLBACK, below
+        try:
+            return self._execute_locked(conn, batch, results, counts)
+        finally:
+            if self._writer_lock is not None:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    def _execute_locked(self, conn: sqlite3.Connection, batch: list[tuple[Op, bool]],
+                        results: list[tuple[bool, Any]], counts: Counter[str]) -> list[tuple[bool, Any]]:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op, isolated in batch:

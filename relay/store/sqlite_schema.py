@@ -84,8 +84,15 @@ _TYPE_OLD_WAITS = """
 """
 
 
-def connect(path: os.PathLike[str]) -> sqlite3.Connection:
-    """Open the file (creating it with incremental auto-vacuum) and bring its schema up to date."""
+def connect(path: os.PathLike[str], *, acknowledges: bool = True) -> sqlite3.Connection:
+    """Open the file (creating it with incremental auto-vacuum) and bring its schema up to date.
+
+    ``acknowledges``: this connection's commits are what a webhook's ``200`` promises, so each one is fsynced.
+    A delivery process's commits (claims, outcomes) promise nothing to Parley: losing the last of them to a
+    power cut only sends a push again (at least once), so they skip the fsync. The WAL is one file, so the
+    next acknowledging commit's fsync makes them durable too; and the write lock, which the webhooks' group
+    commit waits for, is no longer held across a delivery process's fsync.
+    """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         # Several processes (roles, operator commands) share the file: wait for the write lock, do not fail.
@@ -94,7 +101,7 @@ def connect(path: os.PathLike[str]) -> sqlite3.Connection:
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsynced at every commit, so an acknowledged webhook survives power loss.
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA synchronous=FULL" if acknowledges else "PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA journal_size_limit=67108864")  # a WAL grown by a burst is cut back to 64 MiB
         if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             _migrate(conn)
