@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,23 @@ def redis_unavailable() -> str | None:
     except redis.RedisError as exc:
         return f"no Redis answers at REDIS_URL={REDIS_URL}: {exc}"
     return None
+
+
+@contextlib.contextmanager
+def redis_keyspace(name: str) -> Iterator[str]:
+    """A fresh key prefix on the Redis at ``REDIS_URL`` (the test skips, or fails under CI, when none answers);
+    every key under it is deleted afterwards."""
+    if reason := redis_unavailable():
+        pytest.skip(reason)
+    prefix = f"test-{name}-{uuid.uuid4().hex[:12]}"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 @pytest.fixture

@@ -9,21 +9,18 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from relay.cli.deliveries import age
 from relay.outcome import WaitReason
 from relay.store.base import DeliveryRecord
-from relay.store.redis import RedisStore
 from relay.testing.process import relay_command
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
-from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
+from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_keyspace
 
 REFUSED_TOKEN = "a1b2c3d4e5f60718293a4b5c6d7e8f90"  # a registered iPhone whose pushes APNs refuses for good
 PHONE_TOKEN = "c0ffee0123456789abcdef0123456789"  # an iPhone's APNs token, registered under another Parley token
@@ -38,19 +35,8 @@ def store_section(request: pytest.FixtureRequest, sandbox: Sandbox) -> Iterator[
     if request.param == "sqlite":
         yield {"backend": "sqlite", "path": str(sandbox.root / "relay.db")}
         return
-    reason = redis_unavailable()
-    if reason:
-        pytest.skip(reason)
-    # The lead removes this skip once relay/store/redis.py implements Store.deliveries (the new interface).
-    if not hasattr(RedisStore, "deliveries"):
-        pytest.skip("redis store not yet on the new interface (no Store.deliveries)")
-    prefix = f"test-deliveries-{uuid.uuid4().hex[:12]}"
-    yield {"backend": "redis", "url": REDIS_URL, "prefix": prefix}
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis_keyspace("deliveries") as prefix:
+        yield {"backend": "redis", "url": REDIS_URL, "prefix": prefix}
 
 
 @pytest.fixture

@@ -18,13 +18,11 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-import redis
 
 from relay.config import StoreSettings
 from relay.errors import StoreError, StoreUnavailable
@@ -34,7 +32,7 @@ from relay.store import NewDelivery, Store, create_store
 from relay.store.base import DeliveryRecord
 from relay.store.sqlite import SqliteStore
 from relay.testing.fleet import RedisServer
-from tests.conftest import REDIS_URL, redis_unavailable
+from tests.conftest import REDIS_URL, redis_keyspace
 
 NOW = 1_000_000.0
 IDLE = 0.5  # claim_idle for these tests: a dead consumer's work is reclaimed after half a second
@@ -53,16 +51,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSe
     if request.param == "sqlite":
         yield StoreSettings(backend="sqlite", path=tmp_path / "relay.db")
         return
-    reason = redis_unavailable()
-    if reason:
-        pytest.skip(reason)
-    prefix = f"test-store-{uuid.uuid4().hex[:12]}"
-    yield StoreSettings(backend="redis", url=REDIS_URL, claim_idle=IDLE, prefix=prefix)
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis_keyspace("store") as prefix:
+        yield StoreSettings(backend="redis", url=REDIS_URL, claim_idle=IDLE, prefix=prefix)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from relay.config import StoreSettings
 from relay.outcome import EndState, WaitReason
 from relay.store import NewDelivery, create_store
 from relay.store.redis import RedisStore
-from tests.conftest import REDIS_URL, redis_unavailable
+from tests.conftest import REDIS_URL, redis_keyspace
 
 NOW = 1_000_000.0
 LEASE = 300.0
@@ -41,15 +40,8 @@ MakeStore = Callable[..., Awaitable[RedisStore]]
 @pytest.fixture
 def settings() -> Iterator[StoreSettings]:
     """Default Redis store settings on a fresh key prefix."""
-    if reason := redis_unavailable():
-        pytest.skip(reason)
-    prefix = f"test-redis-{uuid.uuid4().hex[:12]}"
-    yield StoreSettings(backend="redis", url=REDIS_URL, prefix=prefix)
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis_keyspace("redis") as prefix:
+        yield StoreSettings(backend="redis", url=REDIS_URL, prefix=prefix)
 
 
 @pytest.fixture
