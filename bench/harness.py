@@ -181,8 +181,12 @@ class Relay:
         return {"main": self.proc.pid, **self.launched.children()}
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds so far: the whole process, and its main thread (the event loop that also acks webhooks)."""
-        return cpu_seconds(self.proc.pid), cpu_seconds(self.proc.pid, self.proc.pid)
+        """CPU seconds so far: every process of the relay, and the main thread of the one that delivers (the
+        only process in ``--processes 1``, where its event loop also acknowledges webhooks)."""
+        children = self.launched.children()
+        pids = [self.proc.pid, *children.values()]
+        deliverer = next((pid for name, pid in children.items() if name.startswith("delivery")), self.proc.pid)
+        return sum(cpu_seconds(pid) for pid in pids), cpu_seconds(deliverer, deliverer)
 
     def stop(self) -> None:
         stop(self.proc)

@@ -23,9 +23,14 @@ UNROUTED_SHARE = 16  # the unrouted pool gets delivery.concurrency / 16 slots (a
 
 @dataclass
 class Slot:
-    """The pool one running delivery is counted in; it moves when routing finds another app."""
+    """The pool one running delivery is counted in; it moves when routing finds another app.
+
+    A slot is given back once the provider has answered (``released``): recording the outcome is store work,
+    and holding the app's slot through it would cap the sends in flight below the app's ``concurrency``.
+    """
 
     pool: str
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,21 @@ class Admission:
         return True
 
     def release(self, slot: Slot) -> bool:
-        """A delivery ended; True when a claim is worth it now.
+        """Give the slot back (once: after the send, or when the delivery ends without one); True when a claim
+        is worth it now.
 
         Its token's next delivery may be due now (per-device order holds it back until this one ends), so an
         app with room claims at once; an app with a backlog (its last claim took all it was allowed) claims
         when a batch of its slots is free, not once per finished send: each claim scans the due heads.
         """
-        self._add(slot.pool, -1)
-        return not self.hungry.get(slot.pool, False) or self.free(slot.pool) >= self.claim_min(slot.pool)
+        if not slot.released:
+            slot.released = True
+            self._add(slot.pool, -1)
+        return self.worth_claiming(slot.pool)
+
+    def worth_claiming(self, pool: str) -> bool:
+        """Whether ``pool`` should claim now: it has no backlog, or a batch of its slots is free."""
+        return not self.hungry.get(pool, False) or self.free(pool) >= self.claim_min(pool)
 
     def total(self) -> int:
         return sum(self.running.values())

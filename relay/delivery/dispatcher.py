@@ -254,6 +254,8 @@ class Dispatcher:
         finally:
             self.metrics.inflight.dec()
             self.metrics.child(self.metrics.provider_latency, route.app.platform).observe(time.perf_counter() - started)
+            if self.admission.release(slot):  # the send is over: the app's slot serves its next delivery
+                self._wake.set()
         # Each store write in record() is shielded on its own; a cancellation (stop() past its timeout) between
         # two of them leaves the job claimed, to be delivered again after the restart: at least once.
         await self.record(job, route, result, expires_at,
