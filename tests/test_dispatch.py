@@ -577,3 +577,35 @@ async def test_an_unforeseen_error_in_the_claim_loop_never_stops_delivery(harnes
         await task
     assert store.failed and harness.bodies() == ["m1"]
     assert [f["error_type"] for f in _records(caplog, "dispatcher loop error, retrying")] == ["RuntimeError"]
+
+
+class GatedFinish(CountingStore):
+    """The real store, whose recording of an end waits until the test opens the gate (a slow commit)."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        super().__init__(inner)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def finish(self, *args: Any, **kwargs: Any) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await self.inner.finish(*args, **kwargs)
+
+
+async def test_an_apps_slot_serves_its_next_send_while_the_last_outcome_is_still_being_recorded(
+        harness: Harness) -> None:
+    """``apps.NAME.concurrency`` bounds sends in flight: a slot is given back when the provider has answered,
+    not once the outcome is committed (which capped a single app's drain at half its rate), and only once."""
+    store = GatedFinish(harness.store)
+    providers: Mapping[str, Provider] = {"ios": harness.provider, "android": harness.provider}
+    dispatcher = Dispatcher(store, harness.registry, lambda: providers, harness.config.delivery, Metrics(),  # type: ignore[arg-type]
+                            harness.clock)
+    await harness.accept(msg(1))
+    running = asyncio.ensure_future(dispatcher.run_until_idle())
+    await asyncio.wait_for(store.entered.wait(), 5)
+    assert len(harness.provider.sent) == 1
+    assert dispatcher.admission.running["ios"] == 0  # answered: the slot is free while the commit runs
+    store.gate.set()
+    await asyncio.wait_for(running, 5)
+    assert dispatcher.admission.running["ios"] == 0  # the end of the delivery did not give it back twice
+    assert (await harness.store.stats()).ended[EndState.SENT] == 1
