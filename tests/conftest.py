@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import os
 import time
 import uuid
@@ -65,11 +66,26 @@ def redis_keyspace(name: str) -> Iterator[str]:
     try:
         yield prefix
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(f"{prefix}:")
+
+
+def delete_redis_keys(prefix: str) -> None:
+    """Delete every key of the Redis at ``REDIS_URL`` that starts with ``prefix``."""
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Wait for a condition (plain or async, checked every 10 ms), failing after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            met = condition()
+            if await met if inspect.isawaitable(met) else met:
+                return
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

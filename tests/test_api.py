@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -21,7 +20,7 @@ from relay.errors import ConfigError
 from relay.running import RELAY_KEY
 from relay.runtime.relay import create_app, reload
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
-from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
+from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, delete_redis_keys, redis_unavailable
 
 IOS_KEY = "ios-backend-key-5b1e0c7d9a2f4e61"
 APP_KEY = "shipped-in-the-ios-app-3c8e1f0a9b7d"
@@ -458,11 +457,7 @@ async def restartable(sandbox: Sandbox, aiohttp_client: Any) -> AsyncIterator[Ca
 
     yield start
     if clients and clients[-1].app[RELAY_KEY].config.store.backend == "redis":
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(prefix)
 
 
 @pytest.mark.parametrize("backend", _backends())

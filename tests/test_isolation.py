@@ -7,15 +7,12 @@ of APNs sends are still queued), and the measured times are printed.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 from relay.outcome import EndState
 from relay.testing.sandbox import Sandbox, sample
-from tests.conftest import MakeRelay, RelayUnderTest
+from tests.conftest import MakeRelay, RelayUnderTest, wait_until
 
 ROUTING = [{"match": "apns-hex", "app": "ios"}, {"match": "any", "app": "android"}]
 
@@ -45,7 +42,7 @@ async def test_hung_fcm_with_a_backlog_never_delays_an_ios_push(make_relay: Make
     sandbox.fcm.hang(True)
     await _post_many(r, [_fcm_token() for _ in range(400)], first_id=1)
     android_slots = r.relay.config.apps["android"].concurrency
-    await _wait(lambda: _inflight(r, android_slots))  # Android's own slots are all taken by hung sends
+    await wait_until(lambda: _inflight(r, android_slots))  # Android's own slots are all taken by hung sends
     hung = await sandbox.fcm.wait_for(1)
     ios = _apns_token()
     posted = time.time()
@@ -59,7 +56,7 @@ async def test_hung_fcm_with_a_backlog_never_delays_an_ios_push(make_relay: Make
     assert push.received_at < first_hung + settings.send_timeout  # no FCM timeout had freed anything
     assert all(q.status == 0 for q in sandbox.fcm.requests)  # ... and FCM never answered
     assert len(sandbox.fcm.requests) <= android_slots  # the hung app holds only its own slots
-    await _wait(lambda: _sent(r, 1))  # recorded as sent while FCM still hangs
+    await wait_until(lambda: _sent(r, 1))  # recorded as sent while FCM still hangs
     assert (await r.relay.store.stats()).balanced
 
 
@@ -70,10 +67,10 @@ async def test_android_push_flows_while_apns_drains_a_large_backlog(make_relay: 
     backlog = [_apns_token() for _ in range(3000)]
     sandbox.apns.fail_all(503, "ServiceUnavailable")
     await _post_many(r, backlog, first_id=1)
-    await _wait(lambda: sum(q.status == 503 for q in sandbox.apns.requests) >= 5)  # enough to open the circuit
+    await wait_until(lambda: sum(q.status == 503 for q in sandbox.apns.requests) >= 5)  # enough to open the circuit
     sandbox.apns.recover()
     sandbox.apns.set_delay(0.02)  # a real APNs answers in tens of ms: the drain takes a while
-    await _wait(lambda: sum(q.status == 200 for q in sandbox.apns.requests) >= 200, timeout=30)
+    await wait_until(lambda: sum(q.status == 200 for q in sandbox.apns.requests) >= 200, timeout=30)
     posted = time.time()
     status, _ = await r.post(sample("message", to=[_fcm_token()], id=9999))
     assert status == 200
@@ -87,15 +84,6 @@ async def test_android_push_flows_while_apns_drains_a_large_backlog(make_relay: 
     stats = await r.relay.store.stats()
     assert stats.ended[EndState.SENT] == len(backlog) + 1 and stats.balanced
 
-
-async def _wait(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Wait for a condition (plain or async, checked every 10 ms), failing after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while True:
-            met = condition()
-            if await met if inspect.isawaitable(met) else met:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def _sent(r: RelayUnderTest, n: int) -> bool:

@@ -3,10 +3,7 @@ releases what waited on the old configuration at once (SPEC §6, §8)."""
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,7 +14,7 @@ from relay.providers import Bounded
 from relay.runtime.relay import reload
 from relay.testing.keys import make_apns_key
 from relay.testing.sandbox import AUTH_HEADER, IOS_TOKEN, Sandbox, sample
-from tests.conftest import MakeRelay, RelayUnderTest
+from tests.conftest import MakeRelay, RelayUnderTest, wait_until
 
 NEW_TOKEN = "cd" * 32
 
@@ -76,14 +73,14 @@ async def test_fixed_credentials_and_a_reload_send_the_kept_push_at_once(make_re
     r = await make_relay(delivery={})
     assert r.relay.config.delivery.config_error_retry == 60
     await r.post(sample("message"))
-    await _wait(lambda: r.relay.dispatcher is not None and bool(r.relay.dispatcher.alarms))
+    await wait_until(lambda: r.relay.dispatcher is not None and bool(r.relay.dispatcher.alarms))
     assert "InvalidProviderToken" in r.relay.dispatcher.alarms["ios"]  # type: ignore[union-attr]
-    await _wait(lambda: _pending(r))  # kept in the store, waiting
+    await wait_until(lambda: _pending(r))  # kept in the store, waiting
     good.write_p8(sandbox.root / "AuthKey.p8")
     started = time.time()
     assert await reload(r.relay)
     reloaded = time.time()  # the new credentials are in use from here
-    await _wait(lambda: any(q.status == 200 for q in sandbox.apns.requests), timeout=30)
+    await wait_until(lambda: any(q.status == 200 for q in sandbox.apns.requests), timeout=30)
     sent = next(q for q in sandbox.apns.requests if q.status == 200)
     print(f"kept push reached APNs {1000 * (sent.received_at - reloaded):.0f} ms after the reload returned "
           f"({1000 * (sent.received_at - started):.0f} ms after it began)")
@@ -108,7 +105,7 @@ async def test_a_refusal_of_replaced_credentials_after_a_reload_neither_alarms_n
     reloaded = time.time()
     assert await reload(r.relay)
     assert sandbox.apns.requests[0].status == 403  # the old key's answer, still on its way
-    await _wait(lambda: any(q.status == 200 for q in sandbox.apns.requests), timeout=30)
+    await wait_until(lambda: any(q.status == 200 for q in sandbox.apns.requests), timeout=30)
     sent = next(q for q in sandbox.apns.requests if q.status == 200)
     print(f"after a late refusal of the old key, the push reached APNs {sent.received_at - reloaded:.2f} s "
           "after the reload")
@@ -117,15 +114,6 @@ async def test_a_refusal_of_replaced_credentials_after_a_reload_neither_alarms_n
     await r.settle()
     assert (await r.client.get("/readyz")).status == 200
 
-
-async def _wait(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Wait for a condition (plain or async, checked every 10 ms), failing after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while True:
-            met = condition()
-            if await met if inspect.isawaitable(met) else met:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def _pending(r: RelayUnderTest) -> bool:

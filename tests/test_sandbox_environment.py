@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -27,7 +26,7 @@ from relay.runtime.relay import create_app, reload
 from relay.store import create_store
 from relay.testing.fake_apns import FakeApns
 from relay.testing.sandbox import Sandbox, sample
-from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_unavailable
+from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, delete_redis_keys, redis_unavailable
 
 
 def _apns_hex() -> str:
@@ -200,11 +199,7 @@ async def instances(sandbox: Sandbox, aiohttp_client: Any) -> AsyncIterator[Call
 
     yield start
     if clients and clients[-1].app[RELAY_KEY].config.store.backend == "redis":
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(prefix)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -260,11 +255,7 @@ async def test_stores_keep_declared_and_learned_environments(sandbox: Sandbox, b
         assert await store.learned_environments() == {"c" * 64: "sandbox"}
     finally:
         if backend == "redis":
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(f"{prefix}*"))
-            if keys:
-                client.delete(*keys)
-            client.close()
+            delete_redis_keys(prefix)
         await store.close()
 
 
