@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from relay import __version__
 from relay.cli import deliveries
 from relay.cli.common import DEFAULT_CONFIG, _load, _load_for_store, _run, _utc, _with_store
 from relay.cli.deliveries import cmd_deliveries
@@ -31,6 +32,7 @@ __all__ = ["DEFAULT_CONFIG", "RETRY_BATCH", "_load", "_load_for_store", "_run", 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help``)."""
     parser = argparse.ArgumentParser(prog="parley-relay", description="Parley push webhooks -> APNs and FCM.")
+    parser.add_argument("--version", action="version", version=f"parley-relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay import __version__
 from relay.config import Config, Listen
 from relay.errors import ConfigError, ConfigProblem, StoreError
 from relay.http.app import create_ops_app, runner_options
@@ -141,7 +142,7 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
     supervisor = _Supervisor(relay, notifier, stop or asyncio.Event(), plan.reloads)
     supervisor.install()
     addresses = listeners.addresses()
-    event(logging.INFO, "relay ready", listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
+    event(logging.INFO, "relay ready", version=__version__, listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
           store=config.store.backend, socket_activation=bool(inherited),
           watchdog=notifier.watchdog_interval() is not None)
     notifier.ready(f"ready on {addresses}; {await _status(relay)}")

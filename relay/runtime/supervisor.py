@@ -30,6 +30,7 @@ from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from relay import __version__
 from relay.config import Config
 from relay.config.model import Processes
 from relay.errors import ConfigError, ConfigProblem
@@ -155,7 +156,7 @@ class _Supervisor:
             self._spawn(self._watchdog())
             self._spawn(self._status_loop())
             addresses = ", ".join(describe(s.sock) for s in self.sockets) or "-"
-            event(logging.INFO, "relay ready", listen=addresses, ingest=self.counts.ingest,
+            event(logging.INFO, "relay ready", version=__version__, listen=addresses, ingest=self.counts.ingest,
                   delivery=self.counts.delivery, watchdog=self.notifier.watchdog_interval() is not None)
             self.notifier.ready(f"ready on {addresses}; {self._summary()}")
             await self.stop.wait()

@@ -283,6 +283,18 @@ class SqliteStore(GroupCommit, SqliteDevices):
 
         return await self._read(op)
 
+    async def oldest_waiting(self, apps: Collection[str]) -> dict[str, float]:
+        def op(conn: sqlite3.Connection) -> dict[str, float]:
+            found: dict[str, float] = {}
+            for app in apps:  # one seek each in deliveries_app_open (arrival order = id order)
+                row = conn.execute("SELECT received_at FROM deliveries WHERE app = ? AND state IN ('pending', "
+                                   "'inflight') ORDER BY id LIMIT 1", (app,)).fetchone()
+                if row is not None:
+                    found[app] = float(row[0])
+            return found
+
+        return await self._read(op)
+
     # -- devices and dead tokens -----------------------------------------------------------------
 
     async def mark_dead(self, token: str, reason: str, now: float) -> bool:

@@ -14,7 +14,7 @@ import uuid
 
 from relay.store._sqlite_devices import migrate_devices
 
-SCHEMA_VERSION = 3  # 3: devices.environment and apns_environments (relay.store._sqlite_devices)
+SCHEMA_VERSION = 4  # 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open
 
 # The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
 _TABLES = (
@@ -66,6 +66,8 @@ _INDEXES = (
     # Token heads (claim): the oldest open delivery of each token.
     "CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight')",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending'",
+    # Each app's oldest waiting delivery (the status endpoint, `stats`): one seek per app.
+    "CREATE INDEX IF NOT EXISTS deliveries_app_open ON deliveries (app, id) WHERE state IN ('pending', 'inflight')",
     # Lease expiry (every claim) and recovery look only at what is in flight.
     "CREATE INDEX IF NOT EXISTS deliveries_lease ON deliveries (lease_until, owner) WHERE state = 'inflight'",
     f"CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (finished_at) WHERE state IN {DONE_STATES}",
