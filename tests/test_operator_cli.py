@@ -207,6 +207,6 @@ async def test_metrics_scrape_has_no_created_series(make_relay: MakeRelay) -> No
     r = await make_relay()
     r.relay.metrics.webhooks.labels("ok").inc()
     r.relay.metrics.ack_latency.observe(0.01)
-    text = await (await r.client.get("/metrics")).text()
+    text = await (await r.ops.get("/metrics")).text()
     assert "parley_relay_webhooks_total{result=\"ok\"} 1.0" in text and "parley_relay_ack_seconds_count" in text
     assert "_created" not in text
