@@ -89,7 +89,7 @@ def merge(parts: Iterable[Mapping[str, AppHealth]]) -> dict[str, AppHealth]:
 
 
 def for_apps(apps: Iterable[str], known: Mapping[str, AppHealth],
-             oldest: Mapping[str | None, float]) -> dict[str, AppHealth]:
+             oldest: Mapping[str, float]) -> dict[str, AppHealth]:
     """Every configured app (closed when nobody saw it yet), with its oldest waiting delivery from the store."""
     return {app: replace(known.get(app) or AppHealth(app), oldest_waiting=oldest.get(app)) for app in sorted(apps)}
 

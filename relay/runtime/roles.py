@@ -99,7 +99,8 @@ async def run_role(config: Config, args: RoleArgs) -> None:
             app.cleanup_ctx.append(_woken_ctx(args))
             app.cleanup_ctx.append(_publishing(shared, args.index))
 
-        await serve(config, plan=Plan(listen=False, deliver=True, sockets=[], prepare=[woken, merged_health, *counting]))
+        await serve(config, plan=Plan(listen=False, deliver=True, sockets=[],
+                                      prepare=[woken, merged_health, *counting]))
 
 
 class _Uncounted:

@@ -145,7 +145,8 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
     supervisor = _Supervisor(relay, notifier, stop or asyncio.Event(), plan.reloads)
     supervisor.install()
     addresses = listeners.addresses()
-    event(logging.INFO, "relay ready", version=__version__, listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
+    event(logging.INFO, "relay ready", version=__version__, listen=addresses, apps=len(relay.config.apps),
+          devices=len(relay.registry),
           store=config.store.backend, socket_activation=bool(inherited),
           watchdog=notifier.watchdog_interval() is not None)
     notifier.ready(f"ready on {addresses}; {await _status(relay)}")
@@ -234,7 +235,9 @@ async def _start(config: Config, app: web.Application, relay: Relay, inherited: 
     else:
         planned.append((web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True,
                                     backlog=config.listen.backlog), "listen", config.listen))
-    if metrics_socks or config.metrics.listen is not None:
+    # A supervisor's child (sockets handed over) serves the operations listener only if it was handed its
+    # socket (ingest.0): one process answers /metrics and /status.
+    if metrics_socks or (config.metrics.listen is not None and plan.sockets is None):
         ops_app = create_ops_app(relay)
         if plan.ready_problems is not None:
             ops_app[SHARED_PROBLEMS_KEY] = plan.ready_problems

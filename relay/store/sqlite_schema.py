@@ -11,7 +11,9 @@ import os
 import socket
 import sqlite3
 import uuid
+from pathlib import Path
 
+from relay.errors import StoreUnavailable
 from relay.store._sqlite_devices import migrate_devices
 
 SCHEMA_VERSION = 4  # 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open
@@ -110,6 +112,30 @@ def connect(path: os.PathLike[str], *, acknowledges: bool = True) -> sqlite3.Con
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open an existing file for reading only (``mode=ro``): an operator command that only reads never
+    creates a store where a path was mistyped, nor migrates one. Raises :class:`StoreUnavailable` when
+    there is no file (or no relay schema in it)."""
+    if not path.is_file():
+        raise StoreUnavailable(f"no store at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except BaseException:
+        conn.close()
+        raise
+    if version == 0:
+        conn.close()
+        raise StoreUnavailable(f"no store at {path} (a file, but no parley-relay tables in it)")
+    if version < SCHEMA_VERSION:
+        conn.close()
+        raise StoreUnavailable(f"the store at {path} has schema version {version}: start the relay (or any "
+                               f"command that writes) once to upgrade it to {SCHEMA_VERSION}")
     return conn
 
 
