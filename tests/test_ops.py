@@ -256,3 +256,37 @@ def test_read_only_commands_read_a_live_store_without_changing_it(sandbox: Sandb
     assert code == 0 and json.loads(out)["accepted"] == 1
     assert _cli("devices", "list", "--config", str(relay.config))[0] == 0
     assert db.read_bytes() == before
+
+
+# -- check-config --online ------------------------------------------------------------------------------------
+
+
+def test_check_config_online_reports_each_app_ok_against_the_fakes(sandbox: Sandbox) -> None:
+    """Against the fakes: an FCM token is fetched, APNs and FCM each answer a push to a test token: exit 0."""
+    code, out, err = _cli("check-config", "--online", "--config", str(sandbox.write()))
+    assert code == 0, (out, err)
+    assert re.search(r"online: app ios: ok: .*reached, credentials accepted", out), out
+    assert re.search(r"online: app android: ok: .*reached, credentials accepted", out), out
+    assert sandbox.fcm.token_requests >= 1 and len(sandbox.fcm.requests) == 1 and len(sandbox.apns.requests) == 1
+
+
+def test_check_config_online_names_each_app_that_cannot_reach_its_provider_and_exits_1(sandbox: Sandbox) -> None:
+    """APNs and FCM on a closed port: each app FAILED with the provider's reason, exit 1; plain check-config
+    (offline) still says ok."""
+    closed = free_port()
+    config = sandbox.write(delivery={"send_timeout": 5},
+                           apps={"ios": {"endpoint": f"https://127.0.0.1:{closed}"},
+                                 "android": {"endpoint": f"http://127.0.0.1:{closed}"}})
+    assert _cli("check-config", "--config", str(config))[0] == 0
+    code, out, err = _cli("check-config", "--online", "--config", str(config))
+    assert code == 1, (out, err)
+    for app in ("ios", "android"):
+        line = next(line for line in err.splitlines() if line.startswith(f"online: app {app}: FAILED: "))
+        assert f"127.0.0.1:{closed}" in line and not line.endswith(":"), line
+
+
+def test_check_config_online_reports_a_refused_credential(sandbox: Sandbox) -> None:
+    """APNs refuses the key (403 InvalidProviderToken): the app FAILED naming Apple's reason."""
+    sandbox.apns.fail_all(403, "InvalidProviderToken")
+    code, _out, err = _cli("check-config", "--online", "--config", str(sandbox.write()))
+    assert code == 1 and re.search(r"online: app ios: FAILED: .*InvalidProviderToken", err), err

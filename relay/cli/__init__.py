@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--pid", type=int, required=True, help="the relay's main pid (systemd: $MAINPID)")
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome (default 60)")
     reload.set_defaults(func=cmd_reload)
-    with_config(sub.add_parser("check-config", help="validate config, registry and credentials")).set_defaults(
-        func=cmd_check_config)
+    check = with_config(sub.add_parser("check-config", help="validate config, registry and credentials"))
+    check.add_argument("--online", action="store_true",
+                       help="also prove each app's path: fetch an FCM token, push APNs/FCM to a test token "
+                            "(exit 1 if any app fails)")
+    check.set_defaults(func=cmd_check_config)
     stats = with_config(sub.add_parser("stats", help="deliveries by state (exit 1 if the books do not balance)"))
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
