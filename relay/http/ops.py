@@ -47,6 +47,10 @@ async def metrics(request: web.Request) -> web.Response:
     try:
         stats = await relay.store.stats()
         relay.metrics.queue_depth.set(stats.pending + stats.inflight)
+        oldest = await relay.store.oldest_waiting(list(relay.config.apps))
+        now = time.time()
+        for app in relay.config.apps:
+            relay.metrics.oldest_waiting.labels(app).set(round(max(0.0, now - oldest[app]), 3) if app in oldest else 0)
     except StoreError:
         pass
     commits = getattr(relay.store, "commits", None)
