@@ -176,7 +176,7 @@ def test_output_into_a_closed_pipe_exits_quietly(sandbox: Sandbox) -> None:
     """`parley-relay stats | head` and the like: when the reader has gone, the command exits like a tool
     killed by SIGPIPE (141) without a traceback."""
     config = str(sandbox.write())
-    assert main(["devices", "add", IOS_TOKEN, "--app", "ios", "--config", config]) == 0  # a store to read
+    assert main(["devices", "add", ANDROID_TOKEN, "--app", "android", "--config", config]) == 0  # a store to read
     for command in (["stats"], ["devices", "list"]):
         with subprocess.Popen([*relay_command(), *command, "--config", config], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) as child:
