@@ -22,7 +22,8 @@ from relay.cli import main
 from relay.config import load_config
 from relay.observability import Metrics
 from relay.testing.fleet import free_port
-from relay.testing.process import NotifySocket, RelayProcess, relay_command
+from relay.runtime.supervisor import STATUS_EVERY
+from relay.testing.process import Datagram, NotifySocket, RelayProcess, relay_command
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
 HOOK = "/parley/webhook"
@@ -107,11 +108,12 @@ def test_with_apple_and_google_unreachable_status_stats_and_systemd_status_name_
             assert any(p.startswith(f"app {app}: circuit") for p in doc["problems"]), doc["problems"]
         assert _get(hook + "/readyz")[0] == 200
 
-        status = notify.wait_for("STATUS", timeout=1)  # any; then the newest one naming both apps
-        _wait(lambda: re.search(r"ios (OPEN|HALF-OPEN) \(.+\) waiting", _last_status(notify))
-              and re.search(r"android (OPEN|HALF-OPEN) \(.+\) waiting", _last_status(notify)),
-              timeout=10, what="a STATUS= line naming both apps")
-        assert status is not None
+        ready = notify.wait_for("READY=1", timeout=1)
+        _wait(lambda: _naming_both(notify) is not None, timeout=STATUS_EVERY + 5, what="STATUS= naming both apps")
+        # Sent when the circuits changed, not by the periodic refresh (whose first line comes STATUS_EVERY
+        # seconds after READY=1): the circuits open within about two seconds of the webhooks.
+        named = _naming_both(notify)
+        assert named is not None and named.at - ready.at < STATUS_EVERY, named
 
         code, out, _ = _cli("stats", "--json", "--config", str(relay.config))
         stats = json.loads(out)
@@ -127,9 +129,13 @@ def test_with_apple_and_google_unreachable_status_stats_and_systemd_status_name_
         assert relay.stop() == 0
 
 
-def _last_status(notify: NotifySocket) -> str:
-    said = [m.fields["STATUS"] for m in notify.messages if "STATUS" in m.fields]
-    return said[-1] if said else ""
+def _naming_both(notify: NotifySocket) -> Datagram | None:
+    """The first STATUS= line that names ios and android as not delivering, with a reason and a wait."""
+    for message in notify.messages:
+        said = message.fields.get("STATUS", "")
+        if all(re.search(rf"{app} (OPEN|HALF-OPEN) \(.+?\) waiting \d", said) for app in ("ios", "android")):
+            return message
+    return None
 
 
 def test_status_shows_a_delivering_app_with_its_last_success(sandbox: Sandbox) -> None:
