@@ -146,8 +146,7 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
     supervisor.install()
     addresses = listeners.addresses()
     event(logging.INFO, "relay ready", version=__version__, listen=addresses, apps=len(relay.config.apps),
-          devices=len(relay.registry),
-          store=config.store.backend, socket_activation=bool(inherited),
+          devices=len(relay.registry), store=config.store.backend, socket_activation=bool(inherited),
           watchdog=notifier.watchdog_interval() is not None)
     notifier.ready(f"ready on {addresses}; {await _status(relay)}")
     if ready is not None:
