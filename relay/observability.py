@@ -19,6 +19,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from relay import __version__
+
 LOGGER_NAME = "parley_relay"
 log = logging.getLogger(LOGGER_NAME)
 
@@ -89,6 +91,13 @@ class Metrics:
         self.slots_in_use = Gauge("parley_relay_delivery_slots_in_use",
                                   "Deliveries in flight per app (admission pool; 'unrouted' for no app yet)", ["app"],
                                   registry=r)
+        self.oldest_waiting = Gauge("parley_relay_app_oldest_waiting_seconds",
+                                    "Age of the app's oldest delivery still waiting to leave (0: none), read from "
+                                    "the store at each scrape", ["app"], registry=r, multiprocess_mode="livemostrecent")
+        # Constant 1; the label says which release runs (alerts and dashboards join on it across an upgrade).
+        self.build_info = Gauge("parley_relay_build_info", "The running release: always 1, version in the label",
+                                ["version"], registry=r, multiprocess_mode="livemax")
+        self.build_info.labels(__version__).set(1)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def exposition(self) -> bytes:

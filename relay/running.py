@@ -8,12 +8,14 @@ importing ``runtime``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from relay.config import Config
 from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.health import AppHealth, for_apps
 from relay.delivery.policy import Clock
 from relay.inbound.auth import Authenticator
 from relay.observability import Metrics
@@ -38,6 +40,20 @@ class Relay:
     draining: bool = False
     stop_deadline: float | None = None  # loop time by which a drain ends: one shutdown_timeout for every phase
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    # A multi-process relay: the delivery processes' merged view of their apps (relay.runtime.shared).
+    peer_health: Callable[[], dict[str, AppHealth]] | None = None
+
+    def own_health(self) -> dict[str, AppHealth]:
+        """What this process's dispatcher knows of each app (nothing when it delivers nothing)."""
+        if self.dispatcher is None:
+            return {}
+        return self.dispatcher.circuits.health(self.dispatcher.clock.now())
+
+    async def app_health(self) -> dict[str, AppHealth]:
+        """Every configured app's delivery state, with its oldest waiting delivery (StoreError propagates)."""
+        known = self.peer_health() if self.peer_health is not None else self.own_health()
+        oldest = await self.store.oldest_waiting(list(self.config.apps))
+        return for_apps(self.config.apps, known, oldest)
 
     @property
     def ready_problems(self) -> list[str]:

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relay.config import load_config
+from relay.http.app import create_ops_app
 from relay.running import RELAY_KEY, Relay
 from relay.runtime.relay import create_app
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox
@@ -104,6 +105,7 @@ class RelayUnderTest:
 
     client: TestClient[web.Request, web.Application]
     app: web.Application
+    ops: TestClient[web.Request, web.Application]  # the operations listener: /metrics, /status, health
 
     @property
     def relay(self) -> Relay:
@@ -144,6 +146,7 @@ async def make_relay(sandbox: Sandbox, aiohttp_client: Any) -> AsyncIterator[Mak
         path = sandbox.write(name, devices=devices, routing=routing, **overrides)
         app = create_app(load_config(path))
         client = await aiohttp_client(app)
-        return RelayUnderTest(client, app)
+        ops = await aiohttp_client(create_ops_app(app[RELAY_KEY]))
+        return RelayUnderTest(client, app, ops)
 
     yield make

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from relay.cli import main
 from relay.config import load_config
 from relay.errors import ConfigError
+from relay.http.app import create_ops_app
 from relay.running import RELAY_KEY
 from relay.runtime.relay import create_app, reload
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
@@ -453,7 +454,7 @@ async def restartable(sandbox: Sandbox, aiohttp_client: Any) -> AsyncIterator[Ca
         app = create_app(load_config(path))
         client = await aiohttp_client(app)
         clients.append(client)
-        return RelayUnderTest(client, app)
+        return RelayUnderTest(client, app, await aiohttp_client(create_ops_app(app[RELAY_KEY])))
 
     yield start
     if clients and clients[-1].app[RELAY_KEY].config.store.backend == "redis":

@@ -115,7 +115,7 @@ async def test_dead_token_is_not_sent_again_and_later_webhooks_get_410(make_rela
     assert len(sandbox.apns.requests) == 1
     stats = await r.relay.store.stats()
     assert stats.ended[EndState.TOKEN_DEAD] == 1 and stats.dead_tokens == 1
-    text = await (await r.client.get("/metrics")).text()
+    text = await (await r.ops.get("/metrics")).text()
     assert 'parley_relay_dead_tokens_total{app="ios",platform="apns"} 1.0' in text
 
 
@@ -132,7 +132,7 @@ async def test_bad_credentials_alarm_readyz_and_resume_after_fix_and_reload(make
     await _until(lambda: r.relay.dispatcher is not None and bool(r.relay.dispatcher.alarms))
     ready = await r.client.get("/readyz")
     assert ready.status == 503 and "InvalidProviderToken" in (await ready.text())
-    assert 'parley_relay_app_alarm{app="ios"} 1.0' in await (await r.client.get("/metrics")).text()
+    assert 'parley_relay_app_alarm{app="ios"} 1.0' in await (await r.ops.get("/metrics")).text()
     assert (await r.relay.store.stats()).pending == 1  # kept, not dropped
     good.write_p8(sandbox.root / "AuthKey.p8")  # the operator fixes the key ...
     assert await reload(r.relay)  # ... and reloads
@@ -214,9 +214,9 @@ async def test_shutdown_with_hung_providers_ends_within_one_shutdown_timeout(san
     from relay.config import load_config
     from relay.runtime.service import serve
 
-    port = free_port()
+    port, ops = free_port(), free_port()
     config = load_config(sandbox.write(listen={"host": "127.0.0.1", "port": port}, devices=_devices(),
-                                       shutdown_timeout=3))
+                                       metrics={"listen": {"host": "127.0.0.1", "port": ops}}, shutdown_timeout=3))
     sandbox.apns.hang(True)
     sandbox.fcm.hang(True)
     ready, stop = asyncio.Event(), asyncio.Event()
@@ -232,7 +232,7 @@ async def test_shutdown_with_hung_providers_ends_within_one_shutdown_timeout(san
             await sandbox.apns.wait_for(len(IOS))
             await sandbox.fcm.wait_for(len(ANDROID))
             signal.raise_signal(signal.SIGHUP)  # the service's own handler reloads: old providers retire
-            await _until_async(lambda: _reloads(session, port), timeout=20)
+            await _until_async(lambda: _reloads(session, ops), timeout=20)
         started = time.monotonic()
         stop.set()
         async with asyncio.timeout(60):

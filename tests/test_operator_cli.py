@@ -149,8 +149,8 @@ def test_store_commands_work_without_the_credential_files(
         api={"keys": {"backend": {"key_file": "cred:api.key", "apps": ["ios"]}}},
     ))
     token = "eJ9x-added-without-credentials:APA91b"
+    assert main(["devices", "add", token, "--app", "android", "--config", config]) == 0  # creates the store
     assert main(["stats", "--config", config]) == 0
-    assert main(["devices", "add", token, "--app", "android", "--config", config]) == 0
     assert main(["devices", "list", "--config", config]) == 0
     assert main(["devices", "remove", token, "--config", config]) == 0
     assert main(["dead-letters", "list", "--config", config]) == 0
@@ -176,6 +176,7 @@ def test_output_into_a_closed_pipe_exits_quietly(sandbox: Sandbox) -> None:
     """`parley-relay stats | head` and the like: when the reader has gone, the command exits like a tool
     killed by SIGPIPE (141) without a traceback."""
     config = str(sandbox.write())
+    assert main(["devices", "add", ANDROID_TOKEN, "--app", "android", "--config", config]) == 0  # a store to read
     for command in (["stats"], ["devices", "list"]):
         with subprocess.Popen([*relay_command(), *command, "--config", config], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) as child:
@@ -207,6 +208,6 @@ async def test_metrics_scrape_has_no_created_series(make_relay: MakeRelay) -> No
     r = await make_relay()
     r.relay.metrics.webhooks.labels("ok").inc()
     r.relay.metrics.ack_latency.observe(0.01)
-    text = await (await r.client.get("/metrics")).text()
+    text = await (await r.ops.get("/metrics")).text()
     assert "parley_relay_webhooks_total{result=\"ok\"} 1.0" in text and "parley_relay_ack_seconds_count" in text
     assert "_created" not in text

@@ -58,7 +58,7 @@ async def test_reload_whose_store_read_fails_changes_nothing_and_closes_what_it_
     assert relay.config.delivery.backoff_initial != 2
     assert sorted(id(p) for p in closed) == sorted(id(p) for p in fresh.values())  # every new one closed
     assert not set(map(id, relay.providers.values())) & set(map(id, fresh.values()))
-    assert 'parley_relay_reloads_total{result="rejected"} 1.0' in await (await r.client.get("/metrics")).text()
+    assert 'parley_relay_reloads_total{result="rejected"} 1.0' in await (await r.ops.get("/metrics")).text()
     status, _ = await r.post(sample("message"))  # the old auth still admits Parley
     assert status == 200
 

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from relay.config import load_config
 from relay.config.model import StoreSettings
+from relay.http.app import create_ops_app
 from relay.outcome import EndState
 from relay.registry.device import Device
 from relay.running import RELAY_KEY
@@ -195,7 +196,7 @@ async def instances(sandbox: Sandbox, aiohttp_client: Any) -> AsyncIterator[Call
                  else {"backend": "sqlite", "path": str(sandbox.root / "relay.db")})
         client = await aiohttp_client(create_app(load_config(sandbox.write(devices=devices, store=store))))
         clients.append(client)
-        return RelayUnderTest(client, client.app)
+        return RelayUnderTest(client, client.app, await aiohttp_client(create_ops_app(client.app[RELAY_KEY])))
 
     yield start
     if clients and clients[-1].app[RELAY_KEY].config.store.backend == "redis":

@@ -27,6 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli import main
+from relay.testing.fleet import free_port
 from relay.testing.process import NotifySocket, RelayProcess, listening_socket, relay_command
 from relay.testing.sandbox import (
     ANDROID_TOKEN,
@@ -183,7 +184,8 @@ def test_reload_keeps_the_old_config_on_a_bad_file_and_routes_parked_deliveries_
     """SIGHUP: a bad main file and a bad registry are each rejected with one log line, the relay keeps
     serving; then a good registry with a new device delivers the notification parked as unroutable."""
     newcomer = "eJ9x-new-android-device-token:APA91b_added_by_reload"
-    relay = _start(sandbox, notify, webhook_socket)
+    ops = free_port()
+    relay = _start(sandbox, notify, webhook_socket, metrics={"listen": {"host": "127.0.0.1", "port": ops}})
     with relay:
         assert _request(_url(webhook_socket), sample("message", to=[newcomer], id=501))[0] == 200
         time.sleep(0.3)
@@ -210,7 +212,7 @@ def test_reload_keeps_the_old_config_on_a_bad_file_and_routes_parked_deliveries_
         relay.signal(signal.SIGHUP)
         assert not notify.wait_for("READY=1", start=mark).fields["STATUS"].startswith("reload rejected")
         _wait(lambda: 501 in _fcm_ids(sandbox), timeout=5, what="the parked delivery after the reload")
-        metrics = _request(_url(webhook_socket, "/metrics"))[1]
+        metrics = _request(f"http://127.0.0.1:{ops}/metrics")[1]
         assert 'parley_relay_reloads_total{result="rejected"} 2.0' in metrics
         assert 'parley_relay_reloads_total{result="ok"} 1.0' in metrics
         assert relay.stop() == 0
@@ -485,8 +487,9 @@ def test_ready_only_once_every_role_is_up_and_the_main_process_speaks_for_all(
         sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
     """processes {ingest: 2, delivery: 2}: READY=1 comes from the main pid after each of the four processes
     logged its own readiness; no child's datagram reaches systemd; /metrics counts across processes."""
-    relay = _start(sandbox, notify, webhook_socket, mode="auto",
-                   processes={"ingest": 2, "delivery": 2})
+    ops = free_port()
+    relay = _start(sandbox, notify, webhook_socket, mode="auto", processes={"ingest": 2, "delivery": 2},
+                   metrics={"listen": {"host": "127.0.0.1", "port": ops}})
     with relay:
         ready = notify.wait_for("READY=1")
         logged = relay.log()  # as it was when READY=1 arrived
@@ -497,7 +500,7 @@ def test_ready_only_once_every_role_is_up_and_the_main_process_speaks_for_all(
         for i in range(20):
             assert _request(_url(webhook_socket), sample("message", to=[ANDROID_TOKEN], id=900 + i))[0] == 200
         _wait(lambda: set(range(900, 920)) <= set(_fcm_ids(sandbox)), what="every push")
-        metrics = _request(_url(webhook_socket, "/metrics"))[1]
+        metrics = _request(f"http://127.0.0.1:{ops}/metrics")[1]
         assert 'parley_relay_webhooks_total{result="accepted"} 20.0' in metrics
         assert relay.stop() == 0
     stats = _stats(relay.config)
@@ -575,13 +578,14 @@ def test_readyz_reflects_an_alarm_raised_in_a_delivery_process(
     """APNs refuses the key: the delivery process's config alarm turns /readyz of the webhook process 503
     naming the app; a reload with the problem gone clears it."""
     sandbox.apns.fail_all(403, "InvalidProviderToken")
-    relay = _start(sandbox, notify, webhook_socket, mode="auto")
+    ops = free_port()
+    relay = _start(sandbox, notify, webhook_socket, mode="auto", metrics={"listen": {"host": "127.0.0.1", "port": ops}})
     with relay:
         assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=1200))[0] == 200
         _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 503, what="the alarm in /readyz")
         doc = _request(_url(webhook_socket, "/readyz"))[1]
         assert any(p.startswith("app ios:") and "InvalidProviderToken" in p for p in doc["problems"]), doc
-        assert 'parley_relay_app_alarm{app="ios"} 1.0' in _request(_url(webhook_socket, "/metrics"))[1]
+        assert 'parley_relay_app_alarm{app="ios"} 1.0' in _request(f"http://127.0.0.1:{ops}/metrics")[1]
         sandbox.apns.recover()
         assert _reload_command(relay).returncode == 0
         _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 200, what="the alarm to clear")

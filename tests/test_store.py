@@ -195,6 +195,26 @@ async def test_next_due_reports_the_earliest_pending_delivery(store: Store) -> N
     assert await store.next_due() is None
 
 
+async def test_oldest_waiting_is_each_apps_oldest_open_delivery_whether_due_parked_or_claimed(store: Store) -> None:
+    """Per app: the arrival of its oldest pending or in-flight delivery (due, parked or claimed alike);
+    an app with nothing open, and finished deliveries, do not count."""
+    assert await store.oldest_waiting(["ios", "android"]) == {}
+    await enqueue(store, "a", at=NOW, app="ios")
+    await enqueue(store, "b", at=NOW + 5, app="ios")
+    await enqueue(store, "c", at=NOW + 7, app="android")
+    assert await store.oldest_waiting(["ios", "android", "web"]) == {"ios": NOW, "android": NOW + 7}
+    jobs = {job.token: job for job in await store.claim(10, NOW + 10, LEASE)}
+    assert await store.oldest_waiting(["ios"]) == {"ios": NOW}  # claimed: still waiting to leave
+    await store.retry(jobs["a"], NOW + 600, WaitReason.CIRCUIT_OPEN, "circuit open", app="ios",
+                      count_attempt=False)
+    assert await store.oldest_waiting(["ios"]) == {"ios": NOW}  # parked behind an open circuit
+    await store.finish(jobs["c"], EndState.SENT, "", NOW + 10)
+    await store.retry(jobs["b"], NOW + 900, WaitReason.RETRY, "429", app="ios")
+    (job,) = await store.claim(10, NOW + 600, LEASE)  # "a" leaves; "b" waits for its retry
+    await store.finish(job, EndState.SENT, "", NOW + 600)
+    assert await store.oldest_waiting(["ios", "android"]) == {"ios": NOW + 5}
+
+
 # -- wake: typed wait reasons -----------------------------------------------------------------------
 
 

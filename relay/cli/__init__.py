@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from relay import __version__
 from relay.cli import deliveries
 from relay.cli.common import DEFAULT_CONFIG, _load, _load_for_store, _run, _utc, _with_store
 from relay.cli.deliveries import cmd_deliveries
@@ -31,6 +32,7 @@ __all__ = ["DEFAULT_CONFIG", "RETRY_BATCH", "_load", "_load_for_store", "_run", 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help``)."""
     parser = argparse.ArgumentParser(prog="parley-relay", description="Parley push webhooks -> APNs and FCM.")
+    parser.add_argument("--version", action="version", version=f"parley-relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -55,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--pid", type=int, required=True, help="the relay's main pid (systemd: $MAINPID)")
     reload.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the outcome (default 60)")
     reload.set_defaults(func=cmd_reload)
-    with_config(sub.add_parser("check-config", help="validate config, registry and credentials")).set_defaults(
-        func=cmd_check_config)
+    check = with_config(sub.add_parser("check-config", help="validate config, registry and credentials"))
+    check.add_argument("--online", action="store_true",
+                       help="also prove each app's path: fetch an FCM token, push APNs/FCM to a test token "
+                            "(exit 1 if any app fails)")
+    check.set_defaults(func=cmd_check_config)
     stats = with_config(sub.add_parser("stats", help="deliveries by state (exit 1 if the books do not balance)"))
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)

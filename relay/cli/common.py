@@ -25,8 +25,10 @@ def _load_for_store(path: str) -> Config:
     return load_config(path, credentials=False)
 
 
-async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -> int:
-    store = create_store(config.store)
+async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]], *, read_only: bool = False) -> int:
+    """Open the store for ``work`` and close it after; ``read_only`` for commands that only read (a mistyped
+    path then exits 1 with "no store at PATH" instead of creating an empty store and reporting zeros)."""
+    store = create_store(config.store, read_only=read_only)
     await store.open()
     try:
         return await work(store)

@@ -93,7 +93,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         print(f"{count} for {asked}, newest first ({kept}){more}", file=sys.stderr)
         return 0
 
-    return int(_run(_with_store(config, work)))
+    return int(_run(_with_store(config, work, read_only=True)))
 
 
 async def by_device_token(store: Store, parley_tokens: Sequence[str], args: argparse.Namespace) -> list[DeliveryRecord]:

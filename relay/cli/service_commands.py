@@ -77,7 +77,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     print(f"{config.source}: ok ({len(config.apps)} apps, {len(registry.devices)} devices, "
           f"{len(registry.rules)} routing rules)")
-    return 0
+    if not args.online:
+        return 0
+    from relay.cli.online import check_online
+
+    results = _asyncio.run(check_online(config))
+    for result in results:
+        print(f"online: app {result.app}: {'ok' if result.ok else 'FAILED'}: {result.detail}",
+              file=sys.stdout if result.ok else sys.stderr)
+    return 0 if all(result.ok for result in results) else 1
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:

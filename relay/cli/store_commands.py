@@ -10,6 +10,7 @@ import json
 import sys
 import time
 
+from relay.cli.app_status import app_rows, live_status, print_app_table
 from relay.cli.common import _load_for_store, _run, _utc, _with_store
 from relay.config import Config
 from relay.errors import StoreError
@@ -25,6 +26,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     async def work(store: Store) -> int:
         stats = await store.stats()
+        oldest = await store.oldest_waiting(list(config.apps))
+        live, source = live_status(config)
         doc = {
             "accepted": stats.accepted,
             "duplicates": stats.duplicates,
@@ -36,8 +39,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "redelivered_after_crash": stats.redelivered,
             "balanced": stats.balanced,
         }
+        apps = app_rows(config, oldest, live, time.time())
         if args.json:
-            print(json.dumps(doc))
+            print(json.dumps({**doc, "apps": apps, "delivery_state_from": source}))
         else:
             for key, value in doc.items():
                 if isinstance(value, dict):
@@ -45,9 +49,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
                         print(f"{key + '.' + sub:<24} {count}")
                 else:
                     print(f"{key:<24} {value}")
+            print()
+            print_app_table(apps, source)
         return 0 if stats.balanced else 1
 
-    return int(_run(_with_store(config, work)))
+    return int(_run(_with_store(config, work, read_only=True)))
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -70,7 +76,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"removed {short_token(args.token)}" if removed else f"no run-time device {short_token(args.token)}")
         return 0 if removed else 1
 
-    return int(_run(_with_store(config, work)))
+    return int(_run(_with_store(config, work, read_only=args.action == "list")))
 
 
 async def _add_device(config: Config, store: Store, args: argparse.Namespace) -> int:
@@ -123,7 +129,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         print(f"queued {count} dead letter(s) again")
         return 0 if count or args.all else 1
 
-    return int(_run(_with_store(config, work)))
+    return int(_run(_with_store(config, work, read_only=args.action in ("list", "show"))))
 
 
 

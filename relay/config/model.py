@@ -21,6 +21,9 @@ ApiScope = Literal["register", "manage"]
 
 
 
+OPS_PORT = 9464  # metrics.listen's default port: /metrics and /status, on localhost
+
+
 @dataclass(frozen=True)
 class Listen:
     host: str = "127.0.0.1"
@@ -134,9 +137,11 @@ class DeliverySettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """``metrics.listen``: a separate listener for ``/metrics`` (and health); None = the webhook listener."""
+    """``metrics.listen``: the operations listener for ``/metrics`` and ``/status`` (and health), on localhost by
+    default so that a reverse proxy in front of the webhook port never publishes them; None (``listen: null``)
+    = the webhook listener serves them too."""
 
-    listen: Listen | None = None
+    listen: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", OPS_PORT))
 
 
 @dataclass(frozen=True)

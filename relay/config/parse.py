@@ -20,6 +20,7 @@ from typing import Any
 from relay.config.auth import parse_auth_layers
 from relay.config.model import (
     APNS_ENVIRONMENTS,
+    OPS_PORT,
     ApiKey,
     ApiSettings,
     ApnsApp,
@@ -176,11 +177,14 @@ def _api(reader: Reader, base: Path, app_names: Mapping[Any, Any]) -> ApiSetting
 
 
 def _metrics(reader: Reader) -> MetricsSettings:
-    """``metrics: {listen: {host, port}}``; without ``listen`` the webhook listener serves ``/metrics``."""
-    listen = None
-    if reader.data.get("listen") is not None:
+    """``metrics: {listen: {host, port}}``: the operations listener (default ``127.0.0.1:9464``);
+    ``listen: null`` puts ``/metrics`` and ``/status`` on the webhook listener instead."""
+    listen: Listen | None = MetricsSettings().listen
+    if "listen" in reader.data and reader.data["listen"] is None:
+        listen = None
+    elif reader.data.get("listen") is not None:
         listen_r = reader.section("listen")
-        listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", 9464, integer=True))
+        listen = Listen(listen_r.text("host", Listen.host), listen_r.number("port", OPS_PORT, integer=True))
         listen_r.finish()
     reader.used.add("listen")
     reader.finish()

@@ -8,8 +8,10 @@ dispatcher does the store writes that follow (releasing an app's parked deliveri
 from __future__ import annotations
 
 import logging
+import time
 
 from relay.config import DeliverySettings
+from relay.delivery.health import AppHealth, from_breakers
 from relay.delivery.policy import Breaker, ProbePolicy
 from relay.observability import Metrics, event
 from relay.outcome import SendResult
@@ -22,6 +24,10 @@ class Circuits:
     def __init__(self, metrics: Metrics, probes: ProbePolicy) -> None:
         self.metrics, self.probes = metrics, probes
         self.breakers: dict[str, Breaker] = {}
+        # For the status endpoint (relay.delivery.health): the latest failure's reason and the wall time a
+        # provider last answered, per app.
+        self.reasons: dict[str, str] = {}
+        self.successes: dict[str, float] = {}
 
     def __getitem__(self, app: str) -> Breaker:
         found = self.breakers.get(app)
@@ -33,6 +39,10 @@ class Circuits:
     def alarms(self) -> dict[str, str]:
         """App -> the provider's reason, for every app with a configuration alarm."""
         return {app: b.alarm for app, b in self.breakers.items() if b.alarm}
+
+    def health(self, now: float) -> dict[str, AppHealth]:
+        """Each app's circuit, alarm, reason and last success as this dispatcher sees them."""
+        return from_breakers(self.breakers, self.reasons, self.successes, now)
 
     def next_probe(self, now: float) -> float | None:
         """Seconds until the earliest open circuit may send its probe, or None when none is still to come.
@@ -52,6 +62,7 @@ class Circuits:
     def succeeded(self, app: str) -> bool:
         """The provider answered; True when this closed the circuit (its parked deliveries can be released)."""
         breaker = self[app]
+        self.successes[app] = time.time()
         if not breaker.is_open:
             breaker.failures = 0
             return False
@@ -79,6 +90,7 @@ class Circuits:
     def failed(self, app: str, job: Job, result: SendResult, now: float, settings: DeliverySettings) -> None:
         """A transient failure: counts towards opening the circuit, or sets an open one's next probe."""
         breaker = self[app]
+        self.reasons[app] = result.reason
         if breaker.probe == job.id:
             self.metrics.probes.labels(app, "failed").inc()
         # Retry-After bounds the probe too (the provider asked for quiet), never past the backoff maximum.

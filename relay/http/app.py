@@ -13,31 +13,35 @@ from aiohttp import web
 from relay.config import Config, OAuthSettings
 from relay.http.devices import add_api_routes
 from relay.http.errors import errors_middleware
-from relay.http.ops import healthz, metrics, readyz
+from relay.http.ops import healthz, metrics, readyz, status
 from relay.http.webhook import oauth_token, webhook
 from relay.running import RELAY_KEY, Relay
 
 
 def add_routes(app: web.Application, config: Config) -> None:
-    """The webhook listener's routes: webhook, OAuth token, health, and (by config) metrics and ``/v1``."""
+    """The webhook listener's routes: webhook, OAuth token, health (load balancers probe it here), and by
+    config ``/v1`` and (``metrics.listen: null``) metrics and status."""
     app.router.add_post(config.webhook.path, webhook)
     # Always routed (404 JSON while OAuth is off), so a reload can enable OAuth; moving its path takes a restart.
     app.router.add_post(config.auth.oauth.path if config.auth.oauth else OAuthSettings.path, oauth_token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if config.metrics.listen is None:  # else only the operator's separate listener serves it (create_ops_app)
+    if config.metrics.listen is None:  # else only the operations listener serves them (create_ops_app)
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/status", status)
     if config.api.listener == "webhook":
         add_api_routes(app)  # even without keys: they are read per request, so a reload can enable or rotate them
 
 
 def create_ops_app(relay: Relay) -> web.Application:
-    """``/metrics``, ``/healthz`` and ``/readyz`` for a separate listener; ``relay`` is owned by the main app."""
+    """The operations listener (``metrics.listen``): ``/metrics``, ``/status``, ``/healthz`` and ``/readyz``;
+    ``relay`` is owned by the main app."""
     app = web.Application(middlewares=[errors_middleware])
     app[RELAY_KEY] = relay
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
     if relay.config.api.listener == "metrics":
         add_api_routes(app)
     return app

@@ -27,6 +27,7 @@ from typing import Literal
 from aiohttp import web
 
 from relay.config import Config
+from relay.delivery.health import AppHealth
 from relay.observability import LOGGER_NAME
 from relay.running import RELAY_KEY, Relay
 from relay.runtime.service import Plan, serve
@@ -74,6 +75,10 @@ async def run_role(config: Config, args: RoleArgs) -> None:
     _die_with_parent(args.parent)
     _name_log_lines(f"{args.role}.{args.index}")
     shared = SharedState(args.state)
+
+    def merged_health(app: web.Application) -> None:  # /status and STATUS=: every delivery process's view
+        app[RELAY_KEY].peer_health = shared.app_health
+
     counting = [] if (args.role, args.index) == ("ingest", 0) else [_reloads_uncounted]
     if args.role == "ingest":
         sender = WakeSender(args.wake, args.deliveries)
@@ -83,7 +88,7 @@ async def run_role(config: Config, args: RoleArgs) -> None:
             app.middlewares.append(sender.middleware(config.webhook.path))
             app.cleanup_ctx.append(_publishing(shared, None))
 
-        plan = Plan(listen=True, deliver=False, sockets=sockets, prepare=[wake_on_accept, *counting],
+        plan = Plan(listen=True, deliver=False, sockets=sockets, prepare=[wake_on_accept, merged_health, *counting],
                     ready_problems=shared.problems)
         try:
             await serve(config, plan=plan)
@@ -94,7 +99,8 @@ async def run_role(config: Config, args: RoleArgs) -> None:
             app.cleanup_ctx.append(_woken_ctx(args))
             app.cleanup_ctx.append(_publishing(shared, args.index))
 
-        await serve(config, plan=Plan(listen=False, deliver=True, sockets=[], prepare=[woken, *counting]))
+        await serve(config, plan=Plan(listen=False, deliver=True, sockets=[],
+                                      prepare=[woken, merged_health, *counting]))
 
 
 class _Uncounted:
@@ -166,18 +172,24 @@ def _publishing(shared: SharedState, index: int | None) -> Callable[[web.Applica
         await asyncio.gather(task, return_exceptions=True)
         if index is not None:
             shared.write_alarms(index, {})  # this process stops: its alarms go with it
+            shared.write_health(index, {})
 
     return ctx
 
 
 async def _publish(relay: Relay, shared: SharedState, index: int | None) -> None:
     written: dict[str, str] | None = None
+    published: dict[str, AppHealth] | None = None
     while True:
         if index is not None:
             alarms = dict(relay.dispatcher.alarms) if relay.dispatcher is not None else {}
             if alarms != written:
                 shared.write_alarms(index, alarms)
                 written = alarms
+            states = relay.own_health()
+            if states != published:
+                shared.write_health(index, states)
+                published = states
         commits = getattr(relay.store, "commits", None)
         if commits is not None:
             relay.metrics.store_commits.set(commits)

@@ -13,13 +13,16 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from relay import __version__
 from relay.config import Config, Listen
+from relay.delivery.health import summary_line
 from relay.errors import ConfigError, ConfigProblem, StoreError
 from relay.http.app import create_ops_app, runner_options
 from relay.http.errors import Handler
@@ -34,6 +37,7 @@ from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_so
 # After the listeners close, a connection accepted a moment earlier may not have sent its request yet:
 # give it this long to arrive (and so count as in flight) before idle connections are closed.
 ACCEPT_GRACE = 0.2
+HEALTH_LOOK_EVERY = 0.5  # seconds between looks at the apps' circuits for a changed STATUS= line
 METRICS_FD_NAME = "metrics"  # FileDescriptorName= of an optional second .socket for /metrics
 
 
@@ -141,8 +145,8 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
     supervisor = _Supervisor(relay, notifier, stop or asyncio.Event(), plan.reloads)
     supervisor.install()
     addresses = listeners.addresses()
-    event(logging.INFO, "relay ready", listen=addresses, apps=len(relay.config.apps), devices=len(relay.registry),
-          store=config.store.backend, socket_activation=bool(inherited),
+    event(logging.INFO, "relay ready", version=__version__, listen=addresses, apps=len(relay.config.apps),
+          devices=len(relay.registry), store=config.store.backend, socket_activation=bool(inherited),
           watchdog=notifier.watchdog_interval() is not None)
     notifier.ready(f"ready on {addresses}; {await _status(relay)}")
     if ready is not None:
@@ -168,6 +172,7 @@ class _Supervisor:
         self._loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         self._spawn(self.notifier.watchdog_loop())
         self._spawn(self.notifier.status_loop(lambda: _status(self.relay)))
+        self._spawn(_status_on_change(self.relay, self.notifier))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
@@ -229,7 +234,9 @@ async def _start(config: Config, app: web.Application, relay: Relay, inherited: 
     else:
         planned.append((web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True,
                                     backlog=config.listen.backlog), "listen", config.listen))
-    if metrics_socks or config.metrics.listen is not None:
+    # A supervisor's child (sockets handed over) serves the operations listener only if it was handed its
+    # socket (ingest.0): one process answers /metrics and /status.
+    if metrics_socks or (config.metrics.listen is not None and plan.sockets is None):
         ops_app = create_ops_app(relay)
         if plan.ready_problems is not None:
             ops_app[SHARED_PROBLEMS_KEY] = plan.ready_problems
@@ -285,12 +292,28 @@ async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> Non
 
 
 async def _status(relay: Relay) -> str:
-    """The ``STATUS=`` text: queue depth and counts by end state."""
+    """The ``STATUS=`` text: queue depth, counts by end state, then each app's delivery state."""
     try:
         stats = await relay.store.stats()
+        apps = await relay.app_health()
     except (StoreError, OSError) as exc:
         return f"store unavailable: {exc}"
     ended = ", ".join(f"{end.value} {stats.ended.get(end, 0)}" for end in EndState)
-    alarms = sorted(relay.dispatcher.alarms) if relay.dispatcher is not None else []
     text = f"queue {stats.pending + stats.inflight} ({stats.inflight} in flight); accepted {stats.accepted}; {ended}"
-    return text + (f"; ALARM: {', '.join(alarms)}" if alarms else "")
+    line = summary_line(apps, time.time())
+    return f"{text}; {line}" if line else text
+
+
+async def _status_on_change(relay: Relay, notifier: Notifier) -> None:
+    """A new ``STATUS=`` as soon as an app's circuit or alarm changes, not only at the next status interval:
+    ``systemctl status`` names an app that stopped delivering within a probe interval."""
+    if not notifier.enabled:
+        return
+    said = None
+    while True:
+        await asyncio.sleep(HEALTH_LOOK_EVERY)
+        known = relay.peer_health() if relay.peer_health is not None else relay.own_health()
+        states = {app: (h.circuit, h.alarm) for app, h in known.items()}
+        if said is not None and states != said:
+            notifier.status(await _status(relay))
+        said = states

@@ -6,6 +6,8 @@ process empties it at start. It holds:
 
 * ``alarms/<n>.json``: the configuration alarms of delivery process ``n`` (``/readyz`` of every webhook
   process reads them all);
+* ``health/<n>.json``: each app's circuit, alarm, reason and last success as delivery process ``n`` sees them
+  (``/status`` and the ``STATUS=`` line merge them, :mod:`relay.delivery.health`);
 * ``starting``: the processes not yet up, until the service is ready;
 * ``reload.json``: the outcome of the latest reload, numbered, which ``parley-relay reload`` waits for;
 * ``metrics/``: prometheus_client's multiprocess files.
@@ -19,6 +21,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from relay.delivery import health
+from relay.delivery.health import AppHealth
 
 RUNTIME_ENV = "RUNTIME_DIRECTORY"  # systemd.exec(5), set by RuntimeDirectory=
 
@@ -54,7 +59,7 @@ class SharedState:
     def reset(self) -> None:
         """Start of the service: nothing from an earlier run counts (the metrics files least of all)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for name in ("alarms", "metrics"):
+        for name in ("alarms", "health", "metrics"):
             shutil.rmtree(self.root / name, ignore_errors=True)
             (self.root / name).mkdir(mode=0o700)
         (self.root / "reload.json").unlink(missing_ok=True)
@@ -76,6 +81,21 @@ class SharedState:
             except (OSError, ValueError):  # removed or replaced while read: the next probe sees it
                 continue
         return found
+
+    def write_health(self, index: int, healths: dict[str, AppHealth]) -> None:
+        """Delivery process ``index``'s view of its apps (an empty mapping when it stops)."""
+        (self.root / "health").mkdir(mode=0o700, exist_ok=True)
+        _write_atomic(self.root / "health" / f"{index}.json", json.dumps(health.to_json(healths)))
+
+    def app_health(self) -> dict[str, AppHealth]:
+        """Every delivery process's view merged: the worst circuit, any alarm, the latest success."""
+        parts = []
+        for path in sorted((self.root / "health").glob("*.json")):
+            try:
+                parts.append(health.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError):  # removed or replaced while read: the next look sees it
+                continue
+        return health.merge(parts)
 
     def set_starting(self, names: list[str]) -> None:
         """Until the service is ready, ``/readyz`` of a webhook process that is already up says it starts."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from relay import __version__
 from relay.config import Config
 from relay.config.model import Processes
 from relay.errors import ConfigError, ConfigProblem
@@ -155,7 +156,7 @@ class _Supervisor:
             self._spawn(self._watchdog())
             self._spawn(self._status_loop())
             addresses = ", ".join(describe(s.sock) for s in self.sockets) or "-"
-            event(logging.INFO, "relay ready", listen=addresses, ingest=self.counts.ingest,
+            event(logging.INFO, "relay ready", version=__version__, listen=addresses, ingest=self.counts.ingest,
                   delivery=self.counts.delivery, watchdog=self.notifier.watchdog_interval() is not None)
             self.notifier.ready(f"ready on {addresses}; {self._summary()}")
             await self.stop.wait()
@@ -224,7 +225,10 @@ class _Supervisor:
                 delay = min(delay * 2, RESTART_MAX)
 
     async def _spawn_child(self, child: _Child) -> asyncio.subprocess.Process:
-        fds = tuple((s.name, s.sock.fileno()) for s in self.sockets) if child.role == "ingest" else ()
+        # The operations listener (/metrics, /status) goes to ingest.0 alone: one process answers it, with
+        # every process's metrics merged (prometheus_client's multiprocess files).
+        fds = tuple((s.name, s.sock.fileno()) for s in self.sockets
+                    if child.role == "ingest" and (s.name != METRICS_FD_NAME or child.index == 0))
         args = RoleArgs(child.role, child.index, self.shared.root, self.wake, self.counts.delivery, os.getpid(), fds)
         command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config.source), *args.argv()]
         child.ready.clear()
@@ -242,7 +246,11 @@ class _Supervisor:
             return
         status = fields.get("STATUS")
         if status is not None:
-            child.status = status.split("; ", 1)[1] if status.startswith("ready on ") and "; " in status else status
+            said = status.split("; ", 1)[1] if status.startswith("ready on ") and "; " in status else status
+            if said != child.status and child.role == "delivery" and self.serving and self.notifier.enabled:
+                child.status = said  # an app's delivery state changed: systemd hears it now, not at the next loop
+                self.notifier.status(self._summary())
+            child.status = said
         if "WATCHDOG" in fields:
             child.last_ping = time.monotonic()
         if fields.get("READY") == "1":

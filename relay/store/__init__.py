@@ -10,11 +10,13 @@ from relay.config import StoreSettings
 from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats, Store
 
 
-def create_store(settings: StoreSettings, *, acknowledges: bool = True) -> Store:
+def create_store(settings: StoreSettings, *, acknowledges: bool = True, read_only: bool = False) -> Store:
     """The store the settings name (not yet opened).
 
     ``acknowledges=False``: for a process that never answers a webhook (a delivery process), whose writes
-    need not be durable on their own (see :func:`relay.store.sqlite_schema.connect`).
+    need not be durable on their own (see :func:`relay.store.sqlite_schema.connect`). ``read_only``: for an
+    operator command that only reads; opening fails with "no store at PATH" instead of creating one (a Redis
+    store's ``open`` only connects anyway).
     """
     if settings.backend == "redis":
         from relay.store.redis import RedisStore
@@ -22,7 +24,7 @@ def create_store(settings: StoreSettings, *, acknowledges: bool = True) -> Store
         return RedisStore(settings)
     from relay.store.sqlite import SqliteStore
 
-    return SqliteStore(settings, acknowledges=acknowledges)
+    return SqliteStore(settings, acknowledges=acknowledges, read_only=read_only)
 
 
 __all__ = ["DeadLetter", "DeliveryRecord", "Job", "NewDelivery", "Stats", "Store", "create_store"]

@@ -6,7 +6,7 @@ the store a live relay is using. The keys are described in :mod:`relay.store._re
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from redis.asyncio.client import Redis
@@ -138,3 +138,34 @@ async def stats(client: Redis, do: Do, prefix: str) -> Stats:
         devices=int(devices),
         redelivered=counters.get("redelivered", 0),
     )
+
+
+async def oldest_waiting(client: Redis, do: Do, prefix: str, apps: Collection[str]) -> dict[str, float]:
+    """Arrival time of each app's oldest open delivery.
+
+    A token's head is its oldest open delivery, and every head is in exactly one of its app's stream (due),
+    schedules (waiting for a reason) or leases (claimed), so the lowest sequence number among them is the
+    app's oldest; one round trip for every app's heads (O(waiting tokens)), one for their arrival times.
+    """
+    apps = list(apps)
+    async with client.pipeline(transaction=False) as pipe:
+        for app in apps:
+            for reason in WaitReason:
+                pipe.zrange(f"{prefix}:wait:{reason.value}:{app}", 0, -1)
+            pipe.zrange(f"{prefix}:lease:{app}", 0, -1)
+            pipe.xrange(f"{prefix}:stream:{app}")
+        replies = await do(pipe.execute())
+    per_app = len(WaitReason) + 2
+    oldest: dict[str, str] = {}
+    for n, app in enumerate(apps):
+        seqs = [int(_s(m)) for reply in replies[n * per_app:(n + 1) * per_app - 1] for m in reply]
+        seqs += [int(_s(fields[b"seq"])) for _entry, fields in replies[(n + 1) * per_app - 1] if b"seq" in fields]
+        if seqs:
+            oldest[app] = str(min(seqs))
+    if not oldest:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for seq in oldest.values():
+            pipe.hget(f"{prefix}:d:{seq}", "received_at")
+        times = await do(pipe.execute())
+    return {app: float(at) for app, at in zip(oldest, times, strict=True) if at is not None}

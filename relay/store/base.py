@@ -185,5 +185,10 @@ class Store(Protocol):
     async def retry_dead_letters(self, ids: Sequence[str] | None, now: float) -> int:
         """Queue dead letters again (all when ``ids`` is None); returns how many."""
 
+    async def oldest_waiting(self, apps: Collection[str]) -> dict[str, float]:
+        """Arrival time of each app's oldest delivery still pending or in flight (apps with none are absent).
+
+        Cheap enough for every status request: an index seek per app (SQLite), the app's heads (Redis)."""
+
     async def stats(self) -> Stats:
         """Counts by state."""

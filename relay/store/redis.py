@@ -403,6 +403,9 @@ class RedisStore:
             return 0
         return int(await self._script("RETRY_DEAD", repr(now), repr(float(self._keep)), "0", *ids))
 
+    async def oldest_waiting(self, apps: Collection[str]) -> dict[str, float]:
+        return await read.oldest_waiting(self._client, self._do, self._prefix, apps)
+
     async def stats(self) -> Stats:
         return await read.stats(self._client, self._do, self._prefix)
 

@@ -80,12 +80,19 @@ def _in(column: str, name: str) -> str:
 class SqliteStore(GroupCommit, SqliteDevices):
     """The embedded store; see the module docstring."""
 
-    def __init__(self, settings: StoreSettings, *, acknowledges: bool = True) -> None:
+    def __init__(self, settings: StoreSettings, *, acknowledges: bool = True, read_only: bool = False) -> None:
         super().__init__(settings.path, settings.commit_interval, acknowledges=acknowledges)
+        self._read_only = read_only  # an operator command that only reads: never creates nor migrates the file
         self._keep_finished = settings.keep_finished
         self._owner = schema.new_owner()  # recorded with each claim: recover() tells a dead owner from a live one
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._read_only:
+            self._conn = schema.connect_read_only(self._path)
+        else:
+            super()._connect()
 
     async def open(self) -> None:
         """Connect (creating or migrating the schema); changes no delivery state, so any process may open."""
@@ -280,6 +287,18 @@ class SqliteStore(GroupCommit, SqliteDevices):
         def op(conn: sqlite3.Connection) -> float | None:
             row = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()
             return None if row is None else row[0]
+
+        return await self._read(op)
+
+    async def oldest_waiting(self, apps: Collection[str]) -> dict[str, float]:
+        def op(conn: sqlite3.Connection) -> dict[str, float]:
+            found: dict[str, float] = {}
+            for app in apps:  # one seek each in deliveries_app_open (arrival order = id order)
+                row = conn.execute("SELECT received_at FROM deliveries WHERE app = ? AND state IN ('pending', "
+                                   "'inflight') ORDER BY id LIMIT 1", (app,)).fetchone()
+                if row is not None:
+                    found[app] = float(row[0])
+            return found
 
         return await self._read(op)
 

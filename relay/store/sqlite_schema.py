@@ -11,10 +11,12 @@ import os
 import socket
 import sqlite3
 import uuid
+from pathlib import Path
 
+from relay.errors import StoreUnavailable
 from relay.store._sqlite_devices import migrate_devices
 
-SCHEMA_VERSION = 3  # 3: devices.environment and apns_environments (relay.store._sqlite_devices)
+SCHEMA_VERSION = 4  # 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open
 
 # The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
 _TABLES = (
@@ -66,6 +68,8 @@ _INDEXES = (
     # Token heads (claim): the oldest open delivery of each token.
     "CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight')",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending'",
+    # Each app's oldest waiting delivery (the status endpoint, `stats`): one seek per app.
+    "CREATE INDEX IF NOT EXISTS deliveries_app_open ON deliveries (app, id) WHERE state IN ('pending', 'inflight')",
     # Lease expiry (every claim) and recovery look only at what is in flight.
     "CREATE INDEX IF NOT EXISTS deliveries_lease ON deliveries (lease_until, owner) WHERE state = 'inflight'",
     f"CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (finished_at) WHERE state IN {DONE_STATES}",
@@ -108,6 +112,30 @@ def connect(path: os.PathLike[str], *, acknowledges: bool = True) -> sqlite3.Con
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open an existing file for reading only (``mode=ro``): an operator command that only reads never
+    creates a store where a path was mistyped, nor migrates one. Raises :class:`StoreUnavailable` when
+    there is no file (or no relay schema in it)."""
+    if not path.is_file():
+        raise StoreUnavailable(f"no store at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except BaseException:
+        conn.close()
+        raise
+    if version == 0:
+        conn.close()
+        raise StoreUnavailable(f"no store at {path} (a file, but no parley-relay tables in it)")
+    if version < SCHEMA_VERSION:
+        conn.close()
+        raise StoreUnavailable(f"the store at {path} has schema version {version}: start the relay (or any "
+                               f"command that writes) once to upgrade it to {SCHEMA_VERSION}")
     return conn
 
 

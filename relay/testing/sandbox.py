@@ -103,6 +103,8 @@ class Sandbox:
         """The main config as a dict; ``overrides`` replace top-level sections (apps are merged)."""
         config: dict[str, Any] = {
             "listen": {"host": "127.0.0.1", "port": 0},
+            # The operations listener (/metrics, /status) as by default, but on a free port: tests run side by side.
+            "metrics": {"listen": {"host": "127.0.0.1", "port": 0}},
             "webhook": {"path": "/parley/webhook"},
             "auth": {"headers": {AUTH_HEADER: AUTH_VALUE}},
             "store": {"backend": "sqlite", "path": str(self.root / "relay.db")},
