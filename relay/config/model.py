@@ -143,6 +143,7 @@ class MetricsSettings:
 class LoggingSettings:
     format: Literal["logfmt", "json"] = "logfmt"
     level: str = "INFO"
+    trace_lines_per_second: float = 50.0  # routine trace lines per process per second (0: all); see LineBudget
 
 
 @dataclass(frozen=True)

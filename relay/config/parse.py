@@ -281,6 +281,7 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
     logging_settings = LoggingSettings(
         format=log_r.choice("format", ("logfmt", "json"), "logfmt"),
         level=log_r.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        trace_lines_per_second=log_r.number("trace_lines_per_second", 50.0, minimum=0),
     )
     log_r.finish()
 
