@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -38,6 +39,7 @@ class Relay:
     draining: bool = False
     stop_deadline: float | None = None  # loop time by which a drain ends: one shutdown_timeout for every phase
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    credentials: dict[Path, str] = field(default_factory=dict)  # SHA-256 of each systemd credential file read
 
     @property
     def ready_problems(self) -> list[str]:

@@ -102,7 +102,7 @@ class RateLimitSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # each header's accepted values
     signature: SignatureSettings | None = None
     oauth: OAuthSettings | None = None
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)

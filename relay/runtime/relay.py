@@ -25,6 +25,7 @@ from relay.providers import Bounded, create_provider
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
 from relay.running import RELAY_KEY, Relay
+from relay.runtime.credentials import credential_digests, report_unchanged
 from relay.store import Store, create_store
 
 CLOSE_GRACE = 0.5  # past the drain's deadline, the most given to closing connections (never to sends)
@@ -62,6 +63,8 @@ async def reload(relay: Relay) -> bool:
     relay.registry.load_overlay(devices, dead, learned)
     relay.config = config
     configure_trace(config.logging.trace_lines_per_second)
+    relay.credentials, before = credential_digests(config), relay.credentials
+    report_unchanged(before, relay.credentials)
     relay.auth = auth
     for provider in old.values():  # in-flight sends finish on the old credentials, then it closes
         task = asyncio.get_running_loop().create_task(_retire(provider))
@@ -137,6 +140,7 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
         clock=clock or SystemClock(),
         auth=build_authenticator(config.auth),
     )
+    relay.credentials = credential_digests(config)
     app[RELAY_KEY] = relay
     add_routes(app, config)
     app.cleanup_ctx.append(_store_ctx)
