@@ -152,6 +152,34 @@ class Suite:
         self.rows.append(Row("sustained delivered/s: multi-process default / --processes 1", f"{ratio:.2f}",
                              target=">= 1.4", ok=ratio >= 1.4))
 
+    def cpu_per_notification(self) -> None:
+        """CPU (whole process tree) per notification at everyday rates (200/s, 500/s open loop) and saturated
+        (closed loop, 64 clients), on one relay in the same run: issue 18's target is 500/s <= 1.5 x saturated.
+
+        Each figure counts the relay's CPU from the load's start until every acknowledged notification reached
+        the fakes (so the delivery work of the last ones is in), divided by the notifications acknowledged.
+        """
+        relay = self.relay("cpu")
+        figures: dict[str, float] = {}
+        try:
+            for label, spec in (("200/s", {"mode": "open", "rate": 200.0}), ("500/s", {"mode": "open", "rate": 500.0}),
+                                ("saturated", {"mode": "closed"})):
+                mark = self.fakes.mark()
+                before = relay.cpu()[0]
+                result = self.load(relay.url, self.ios, connections=64, warmup=0, **spec)
+                acked = int(result["ok"])
+                self.fakes.wait_count(mark, "apns", acked, timeout=60)
+                used = relay.cpu()[0] - before
+                figures[label] = used * 1000 / max(1, acked)
+                self.figures[f"cpu_ms_{label}"] = figures[label]
+                self.rows.append(Row(f"CPU per notification @ {label} (whole process tree, APNs)",
+                                     f"{figures[label]:.2f} ms ({acked:,} notifications, {used:.1f} s CPU)"))
+        finally:
+            relay.stop()
+        ratio = figures["500/s"] / figures["saturated"] if figures.get("saturated") else 0.0
+        self.rows.append(Row("CPU per notification: 500/s ÷ saturated", f"{ratio:.2f}", target="<= 1.5",
+                             ok=ratio <= 1.5))
+
     def ingest_redis(self) -> None:
         if not _redis_available():
             self.rows.append(Row("ingest, Redis store", "n/a (redis backend not available)"))
@@ -382,6 +410,7 @@ ROWS: dict[str, Callable[[Suite, argparse.Namespace], None]] = {
     "fcm_vs_apns": lambda s, a: s.fcm_vs_apns(),
     "ceiling_fcm_admin": lambda s, a: s.ceiling_fcm_admin(),
     "e2e": lambda s, a: s.end_to_end(),
+    "cpu": lambda s, a: s.cpu_per_notification(),
     "registry": lambda s, a: s.registry([10_000, 100_000] + ([1_000_000] if a.million else [])),
 }
 

@@ -1,4 +1,4 @@
-"""Metrics (Prometheus) and logs (one event per line, logfmt or JSON) for the whole relay.
+"""Metrics (Prometheus) and logs (one event per line, logfmt or JSON, rendered by structlog) for the whole relay.
 
 All metrics live here, in one :class:`Metrics` object per process (tests make their own registry). Log
 lines carry fields, never message bodies, secrets or whole push tokens (:func:`short_token`).
@@ -6,18 +6,21 @@ lines carry fields, never message bodies, secrets or whole push tokens (:func:`s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from structlog.typing import EventDict, Processor
 
 from relay import __version__
 
@@ -140,15 +143,32 @@ def short_token(token: str) -> str:
     return token if len(token) <= 12 else f"{token[:6]}…{token[-4:]}"
 
 
-def _logfmt_value(value: Any) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\\\n\t'):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+# Characters that could end a line, rewrite the terminal or reorder what a reader sees: C0/C1 controls (newline,
+# carriage return, ESC...), DEL, lone surrogates, the Unicode line/paragraph separators and the bidi overrides,
+# and Unicode spaces (a reader splitting logfmt on whitespace would see a new key where the renderer quoted none).
+# Anyone who can reach the webhook controls some logged text (an unknown ``data.type``, X-Request-Id), so every
+# value is cleaned before rendering: a log line can never be forged or split.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000"
+                     "\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean(value: Any) -> Any:
+    """``value`` with every unsafe character of its text escaped (``\\x1b``); numbers and booleans as they are."""
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 # sd-daemon(3): a "<N>" line prefix gives journald the syslog priority (journalctl -p works).
-_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_RESERVED = ("ts", "level", "event", "logger")  # the line's own keys: a field of the same name is renamed
+_process_name: str | None = None
 
 
 def journald_reads(fd: int = 2, environ: MutableMapping[str, str] | None = None) -> bool:
@@ -168,39 +188,102 @@ def journald_reads(fd: int = 2, environ: MutableMapping[str, str] | None = None)
     return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
-class _Formatter(logging.Formatter):
-    def __init__(self, fmt: str, timestamps: bool, priority_prefix: bool = False) -> None:
-        super().__init__()
-        self.fmt, self.timestamps, self.priority_prefix = fmt, timestamps, priority_prefix
+def name_process(name: str | None) -> None:
+    """Every later log line of this process says which process wrote it (``process=delivery.0``).
 
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {}
-        if self.timestamps:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            fields["ts"] = f"{stamp}.{int(record.msecs):03d}Z"
-        fields["level"] = record.levelname.lower()
-        fields["event"] = record.getMessage()
-        if record.name != LOGGER_NAME:
-            fields["logger"] = record.name  # a library's record (aiohttp, asyncio), same one-line shape
-        extra = getattr(record, "fields", None)
-        if isinstance(extra, Mapping):
-            fields.update(extra)
-        if record.exc_info and record.exc_info[1] is not None:
-            fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-        if self.fmt == "json":
-            line = json.dumps(fields, ensure_ascii=False, default=str)
-        else:
-            line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
-        if self.priority_prefix:
-            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
-        return line
+    A process-wide value, not a context variable: lines written from executor threads (the store's) must
+    carry it too, and ``run_in_executor`` does not copy the caller's context.
+    """
+    global _process_name
+    _process_name = name
+
+
+def bound_request(request_id: str) -> AbstractContextManager[None]:
+    """While open, every line logged in this context (one aiohttp request) carries ``request_id``."""
+    return structlog.contextvars.bound_contextvars(request_id=request_id)
+
+
+def _from_record(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    """A stdlib record (the relay's :func:`event`, aiohttp's, aioapns') as this relay's fields."""
+    record: logging.LogRecord = event_dict["_record"]
+    fields = getattr(record, "fields", None)
+    if record.name != LOGGER_NAME:
+        event_dict["logger"] = record.name  # a library's record, same one-line shape
+    if isinstance(fields, Mapping):
+        for key, value in fields.items():
+            event_dict[f"{key}_" if key in _RESERVED else key] = value
+    if _process_name is not None:
+        event_dict.setdefault("process", _process_name)
+    if record.exc_info and record.exc_info[1] is not None:  # one line: the exception's type and words
+        event_dict["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+    return event_dict
+
+
+def _stamped(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    created = event_dict["_record"].created
+    event_dict["ts"] = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(created))}.{int(created % 1 * 1000):03d}Z"
+    return event_dict
+
+
+def _cleaned(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    event_dict.pop("exc_info", None)
+    head = {key: clean(event_dict.pop(key)) for key in _RESERVED if key in event_dict}  # today's key order
+    return head | {key: clean(value) for key, value in event_dict.items()}
+
+
+class _Prefixed:
+    """A renderer that puts journald's ``<N>`` priority in front of each line."""
+
+    def __init__(self, render: Callable[[Any, str, EventDict], str | bytes]) -> None:
+        self.render = render
+
+    def __call__(self, logger: Any, name: str, event_dict: EventDict) -> str:
+        priority = _SYSLOG_PRIORITY.get(str(event_dict.get("level")), 6)
+        line = self.render(logger, name, event_dict)
+        return f"<{priority}>{line.decode() if isinstance(line, bytes) else line}"
+
+
+def _renderer(fmt: str, journald: bool) -> Callable[[Any, str, EventDict], str | bytes]:
+    render: Callable[[Any, str, EventDict], str | bytes]
+    if fmt == "json":
+        render = structlog.processors.JSONRenderer(ensure_ascii=False, default=str)
+    else:
+        render = structlog.processors.LogfmtRenderer(key_order=["ts", *_RESERVED[1:]], drop_missing=True,
+                                                     bool_as_flag=False)
+    return _Prefixed(render) if journald else render
+
+
+def formatter(fmt: str = "logfmt", *, journald: bool = False) -> logging.Formatter:
+    """The formatter of every line: structlog renders the relay's records and every library's alike."""
+    chain: list[Processor] = [structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
+                              _from_record]
+    if not journald:  # journald stamps lines itself
+        chain.append(_stamped)
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=chain,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _cleaned, _renderer(fmt, journald)],
+        pass_foreign_args=False,
+    )
+
+
+class _Demoted(logging.Filter):
+    """A chatty library's records at DEBUG: the relay's own line says the cause once, with the app and host."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(LOGGER_NAME).isEnabledFor(logging.DEBUG)
+
+
+# aioapns logs every failed connection attempt at ERROR with neither app nor host (about 18 a minute during an
+# outage); the relay's retry and circuit lines carry the cause instead.
+_DEMOTED_LIBRARIES = ("aioapns",)
 
 
 def setup_logging(fmt: str = "logfmt", level: str = "INFO") -> None:
     """Logs to stderr, one event per line.
 
     When ``$JOURNAL_STREAM`` names our stderr, journald is the reader: it adds its own timestamps, so the
-    lines carry none, and a ``<N>`` prefix gives it each line's priority. Libraries' warnings (aiohttp,
+    lines carry none, and a ``<N>`` prefix gives it each line's priority. Libraries' records (aiohttp,
     asyncio) go through the same formatter, so that a traceback never spreads over several lines.
     """
     try:
@@ -208,11 +291,15 @@ def setup_logging(fmt: str = "logfmt", level: str = "INFO") -> None:
     except (AttributeError, OSError, ValueError):  # stderr replaced by something without a descriptor
         journald = False
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(fmt, timestamps=not journald, priority_prefix=journald))
+    handler.setFormatter(formatter(fmt, journald=journald))
     ours = logging.getLogger(LOGGER_NAME)
     ours.handlers[:] = [handler]
     ours.setLevel(level)
     ours.propagate = False
+    for name in _DEMOTED_LIBRARIES:
+        library = logging.getLogger(name)
+        if not any(isinstance(f, _Demoted) for f in library.filters):
+            library.addFilter(_Demoted())
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig: a host's (or pytest's) handlers are left alone
         root.addHandler(handler)
@@ -221,3 +308,52 @@ def setup_logging(fmt: str = "logfmt", level: str = "INFO") -> None:
 def event(level: int, name: str, **fields: Any) -> None:
     """Log one event with fields (``log`` helper used across the relay)."""
     log.log(level, name, extra={"fields": fields})
+
+
+class LineBudget:
+    """How many routine trace lines (accepted, sent, waits) this process writes per second, the rest counted.
+
+    At volume one line per webhook and per push would outrun journald's rate limit (10,000 lines per 30 s per
+    service by default), which then drops lines silently, the important ones too. Routine lines pass while the
+    budget lasts (a token bucket: ``per_second``, bursts of as many); past it they are counted, and one summary
+    line every ``SUMMARY_EVERY`` seconds says how many of each were left out. Lines that call for action
+    (failures, dead tokens, expiries, dead letters) never ask the budget. 0 writes every line.
+    """
+
+    SUMMARY_EVERY = 10.0
+
+    def __init__(self, per_second: float = 50.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second, self.clock = per_second, clock
+        self.tokens, self.stamp = per_second, clock()
+        self.skipped: dict[str, int] = {}
+        self.summarized = self.stamp
+
+    def allow(self, name: str) -> bool:
+        """True when a routine line ``name`` may be written now; else it is counted for the next summary."""
+        if self.per_second <= 0:
+            return True
+        now = self.clock()
+        self.tokens = min(self.per_second, self.tokens + (now - self.stamp) * self.per_second)
+        self.stamp = now
+        if self.skipped and now - self.summarized >= self.SUMMARY_EVERY:
+            self._summarize(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.skipped[name] = self.skipped.get(name, 0) + 1
+        return False
+
+    def _summarize(self, now: float) -> None:
+        skipped, self.skipped, self.summarized = self.skipped, {}, now
+        event(logging.INFO, "trace lines sampled", budget_per_second=self.per_second,
+              **{name.replace(" ", "_"): count for name, count in sorted(skipped.items())},
+              hint="parley-relay deliveries shows every delivery")
+
+
+trace_budget = LineBudget()
+
+
+def configure_trace(per_second: float, *, fresh: bool = False) -> None:
+    """Set this process's routine-line budget (``logging.trace_lines_per_second``); ``fresh``: a full bucket."""
+    trace_budget.per_second = per_second
+    trace_budget.tokens = per_second if fresh else min(trace_budget.tokens, per_second)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -54,6 +55,7 @@ class Relay:
         known = self.peer_health() if self.peer_health is not None else self.own_health()
         oldest = await self.store.oldest_waiting(list(self.config.apps))
         return for_apps(self.config.apps, known, oldest)
+    credentials: dict[Path, str] = field(default_factory=dict)  # SHA-256 of each systemd credential file read
 
     @property
     def ready_problems(self) -> list[str]:

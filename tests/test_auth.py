@@ -64,7 +64,7 @@ class Clock:
 
 def test_static_header_must_match_exactly() -> None:
     """A missing header, a wrong value and a prefix of the right value are all refused."""
-    layer = StaticHeaders({AUTH_HEADER: AUTH_VALUE})
+    layer = StaticHeaders({AUTH_HEADER: (AUTH_VALUE,)})
     layer.verify({AUTH_HEADER: AUTH_VALUE}, b"")
     for headers in ({}, {AUTH_HEADER: "wrong"}, {AUTH_HEADER: AUTH_VALUE[:-1]}, {AUTH_HEADER: AUTH_VALUE + "x"}):
         with pytest.raises(AuthFailed) as info:
@@ -74,7 +74,7 @@ def test_static_header_must_match_exactly() -> None:
 
 def test_all_configured_layers_must_pass() -> None:
     """With static headers and a signature configured, either one alone is refused."""
-    auth = build_authenticator(AuthSettings({AUTH_HEADER: AUTH_VALUE}, hmac_settings()))
+    auth = build_authenticator(AuthSettings({AUTH_HEADER: (AUTH_VALUE,)}, hmac_settings()))
     good_sig = {"X-Signature": hmac_hex(SECRET, BODY)}
     auth.verify({AUTH_HEADER: AUTH_VALUE, **good_sig}, BODY)
     with pytest.raises(AuthFailed):
@@ -439,7 +439,7 @@ def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None
 
 def test_authenticator_limits_failures_but_never_authenticated_requests() -> None:
     """Past the limit failures raise status 429, while a correct request from the same address passes."""
-    auth = Authenticator([StaticHeaders({AUTH_HEADER: AUTH_VALUE})], limiter=FailureLimiter(2, 60.0))
+    auth = Authenticator([StaticHeaders({AUTH_HEADER: (AUTH_VALUE,)})], limiter=FailureLimiter(2, 60.0))
     for _ in range(2):
         with pytest.raises(AuthFailed) as info:
             auth.authenticate({}, b"", "192.0.2.1")

@@ -130,7 +130,7 @@ def test_env_vars_are_substituted_and_missing_ones_named(sandbox: Sandbox, monke
     """`${VAR}` inside values comes from the environment; an unset variable is an error naming the key."""
     monkeypatch.setenv("RELAY_TEST_SECRET", "s3cret")
     config = load_config(sandbox.write(auth={"headers": {"X-Key": "${RELAY_TEST_SECRET}"}}))
-    assert config.auth.headers == {"X-Key": "s3cret"}
+    assert config.auth.headers == {"X-Key": ("s3cret",)}
     monkeypatch.delenv("RELAY_TEST_SECRET")
     with pytest.raises(ConfigError, match=r"auth\.headers\.X-Key: environment variable RELAY_TEST_SECRET is not set"):
         load_config(sandbox.write(auth={"headers": {"X-Key": "${RELAY_TEST_SECRET}"}}))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import yaml
 from relay.config import load_config
 from relay.registry.file import load_registry
 from relay.testing.demo import LIVE_SETUP, curl_line, run_demo
-from relay.testing.sandbox import Sandbox
+from relay.testing.sandbox import AUTH_VALUE, IOS_TOKEN, Sandbox
 from tests.conftest import MakeRelay
 
 ROOT = Path(__file__).parent.parent
@@ -106,3 +109,28 @@ async def test_the_demo_curl_line_is_accepted_by_the_relay(make_relay: MakeRelay
     body = words[words.index("-d") + 1]
     response = await r.client.post(r.relay.config.webhook.path, data=body.encode(), headers=headers)
     assert response.status == 200 and (await response.json())["status"] == "accepted"
+
+
+def _smoke_test_commands() -> str:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("### Smoke test", 1)[1]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_documented_smoke_test_is_accepted_and_a_rerun_is_new(make_relay: MakeRelay) -> None:
+    """docs/operations.md's smoke test (a message and a typing event, by curl) is accepted by the relay; run
+    again a little later, its message is a new one (a fresh id), not a duplicate."""
+    r = await make_relay()
+    script = _smoke_test_commands().replace(
+        "URL=http://127.0.0.1:8080/parley/webhook", f"URL={r.client.make_url(r.relay.config.webhook.path)}"
+    ).replace('KEY="$PARLEY_RELAY_KEY"', f"KEY={AUTH_VALUE}").replace(
+        "TOKEN=a-registered-parley-push-token", f"TOKEN={IOS_TOKEN}")
+    answers = []
+    for _ in range(2):
+        result = await asyncio.to_thread(subprocess.run, ["bash", "-c", script], capture_output=True, text=True,
+                                         timeout=30)
+        assert result.returncode == 0, result.stderr
+        answers.append([json.loads(line) for line in result.stdout.splitlines()])
+        await asyncio.sleep(0.01)
+    assert answers[0] == [{"status": "accepted", "accepted": 1, "duplicates": 0}] * 2
+    assert answers[1][0] == {"status": "accepted", "accepted": 1, "duplicates": 0}

@@ -22,7 +22,7 @@ from tests.conftest import MakeRelay
 COMMANDS = [
     [], ["serve"], ["check-config"], ["stats"], ["devices"], ["devices", "list"], ["devices", "add"],
     ["devices", "remove"], ["send-test"], ["dead-letters"], ["dead-letters", "list"], ["dead-letters", "show"],
-    ["dead-letters", "retry"], ["deliveries"],
+    ["dead-letters", "retry"], ["deliveries"], ["backup"], ["restore"],
 ]
 
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
-from relay.cli import deliveries
+from relay.cli import backup, deliveries
 from relay.cli.common import DEFAULT_CONFIG, _load, _load_for_store, _run, _utc, _with_store
 from relay.cli.deliveries import cmd_deliveries
 from relay.cli.service_commands import cmd_check_config, cmd_demo, cmd_reload, cmd_send_test, cmd_serve, cmd_sign
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all", action="store_true", help="every dead letter, with progress on stderr")
     letters.set_defaults(func=cmd_dead_letters)
     deliveries.add_parser(sub, with_config)
+    backup.add_parsers(sub, with_config)
 
     send = with_config(sub.add_parser("send-test", help="send one alert to a token through the real provider"))
     send.add_argument("--token", required=True)

@@ -105,7 +105,7 @@ class RateLimitSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # each header's accepted values
     signature: SignatureSettings | None = None
     oauth: OAuthSettings | None = None
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
@@ -148,6 +148,7 @@ class MetricsSettings:
 class LoggingSettings:
     format: Literal["logfmt", "json"] = "logfmt"
     level: str = "INFO"
+    trace_lines_per_second: float = 50.0  # routine trace lines per process per second (0: all); see LineBudget
 
 
 @dataclass(frozen=True)

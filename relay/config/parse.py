@@ -39,7 +39,7 @@ from relay.config.model import (
     StoreSettings,
     WebhookSettings,
 )
-from relay.config.reader import MISSING, Reader, load_yaml, read_file, resolve_file
+from relay.config.reader import MISSING, Reader, expand_env, load_yaml, read_file, read_secret, resolve_file
 from relay.errors import ConfigError, ConfigProblem
 
 
@@ -194,12 +194,7 @@ def _metrics(reader: Reader) -> MetricsSettings:
 def _auth(reader: Reader, base: Path, webhook_path: str) -> AuthSettings:
     """``auth``: the layers Parley must pass; none at all is a problem unless ``allow_unauthenticated``."""
     headers_r = reader.section("headers")
-    headers = {}
-    for header in headers_r.data:
-        value = headers_r.text(str(header))
-        if not value:
-            headers_r.problem(str(header), "must not be empty")
-        headers[str(header)] = value
+    headers = {str(name): _header_secrets(headers_r, str(name), base) for name in headers_r.data}
     headers_r.finish()
     allow_unauthenticated = reader.bool("allow_unauthenticated", False)
     # Only when no layer was even attempted: a broken layer has its own problem line already.
@@ -211,6 +206,28 @@ def _auth(reader: Reader, base: Path, webhook_path: str) -> AuthSettings:
                         allow_unauthenticated=allow_unauthenticated)
     reader.finish()
     return auth
+
+
+def _header_secrets(reader: Reader, name: str, base: Path) -> tuple[str, ...]:
+    """One header's accepted values: a secret, or a list of them while a rotation is under way; each may be
+    read from a file (``cred:NAME``, ``file:PATH``) so that no secret need sit in the YAML."""
+    raw = reader.raw(name)
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        reader.problem(name, "must name at least one value")
+    secrets: list[str] = []
+    for i, item in enumerate(items):
+        key = name if not isinstance(raw, list) else f"{name}[{i}]"
+        if not isinstance(item, str) or not item:
+            reader.problem(key, "must be a non-empty string (a number must be put in quotes)"
+                           if isinstance(item, int | float) else "must be a non-empty string")
+            continue
+        value = expand_env(item, reader, key) if isinstance(raw, list) else item  # raw() expanded a lone one
+        if value.startswith(("cred:", "file:")):
+            value = read_secret(reader, key, value, base) if reader.files else value
+        if value:
+            secrets.append(value)
+    return tuple(secrets)
 
 
 def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config:
@@ -285,6 +302,7 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
     logging_settings = LoggingSettings(
         format=log_r.choice("format", ("logfmt", "json"), "logfmt"),
         level=log_r.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        trace_lines_per_second=log_r.number("trace_lines_per_second", 50.0, minimum=0),
     )
     log_r.finish()
 

@@ -45,7 +45,7 @@ class Reader:
     def raw(self, name: str) -> Any:
         self.used.add(name)
         value = self.data.get(name, MISSING)
-        return _expand_env(value, self, name) if value is not MISSING else MISSING
+        return expand_env(value, self, name) if value is not MISSING else MISSING
 
     def text(self, name: str, default: Any = MISSING) -> Any:
         value = self.raw(name)
@@ -107,7 +107,21 @@ class Reader:
             self.problem(str(extra), "unknown key")
 
 
-def _expand_env(value: Any, reader: Reader, name: str) -> Any:
+def read_secret(reader: Reader, name: str, value: str, base: Path) -> str:
+    """The secret a ``cred:NAME`` (systemd credential) or ``file:PATH`` value names: the file's text without its
+    final newline. A value that starts so is never taken literally: a missing file is a problem."""
+    path = resolve_file(value.removeprefix("file:"), base)
+    try:
+        text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reader.problem(name, f"cannot read the secret {value!r} from {path}: {getattr(exc, 'strerror', None) or exc}")
+        return ""
+    if not text:
+        reader.problem(name, f"the secret file {path} is empty")
+    return text
+
+
+def expand_env(value: Any, reader: Reader, name: str) -> Any:
     if not isinstance(value, str) or "${" not in value:
         return value
 

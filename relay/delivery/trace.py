@@ -2,7 +2,8 @@
 
 Each line carries what an operator needs to follow one webhook (its ``request_id``, logged again by the webhook
 line that accepted it) through every attempt: app, shortened token, attempt, the provider's status and reason,
-and the latency since acceptance. Never a whole token, never a payload.
+and the latency since acceptance. Never a whole token, never a payload. Routine lines (sent, waits) share the
+process's line budget (:class:`~relay.observability.LineBudget`); every other end is always written.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from relay.observability import event, log, short_token
+from relay.observability import event, log, short_token, trace_budget
 from relay.outcome import EndState, WaitReason
 from relay.store.base import Job
 
@@ -27,14 +28,15 @@ def _fields(job: Job, app: str | None, now: float, status: int | None, reason: s
 
 def delivery_ended(job: Job, end: EndState, app: str | None, now: float, status: int | None, reason: str) -> None:
     """``delivery ended state=...``: the one line that closes a delivery's trace."""
-    if log.isEnabledFor(logging.INFO):  # per push: build the fields only when they are written
+    # per push: build the fields only when they are written; a routine end (sent) asks the line budget
+    if log.isEnabledFor(logging.INFO) and (end is not EndState.SENT or trace_budget.allow("delivery sent")):
         event(logging.INFO, "delivery ended", state=end.value, **_fields(job, app, now, status, reason))
 
 
 def delivery_waits(job: Job, wait: WaitReason, at: float, app: str | None, now: float, status: int | None,
                    reason: str) -> None:
     """``delivery waits wait=retry retry_in=...``: put back until ``at`` for a typed reason."""
-    if log.isEnabledFor(logging.INFO):
+    if log.isEnabledFor(logging.INFO) and trace_budget.allow("delivery waits"):
         event(logging.INFO, "delivery waits", wait=wait.value, retry_in=round(max(0.0, at - now), 3),
               **_fields(job, app, now, status, reason))
 

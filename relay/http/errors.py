@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from relay.observability import event
+from relay.observability import bound_request, event
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
@@ -28,7 +28,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Request ids, JSON errors for everything, and never a stack trace to the client."""
     request[REQUEST_ID_KEY] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     try:
-        response = await handler(request)
+        with bound_request(request[REQUEST_ID_KEY]):
+            response = await handler(request)
     except web.HTTPException as exc:
         if exc.status == 413:
             return error_response(413, "body too large")

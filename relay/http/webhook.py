@@ -17,7 +17,7 @@ from relay.errors import InvalidWebhook, StoreError
 from relay.http.errors import REQUEST_ID_KEY, error_response
 from relay.inbound.auth import AuthFailed
 from relay.inbound.parse import KNOWN_EVENTS, Event, Message, dedupe_key, parse_webhook
-from relay.observability import event, log, short_token
+from relay.observability import event, log, short_token, trace_budget
 from relay.running import RELAY_KEY, Relay
 from relay.store.base import NewDelivery
 
@@ -68,7 +68,7 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
         return "ignored", web.json_response({"status": "ignored", "type": hook.type})
     if (settings.unknown_events == "ignore" and isinstance(hook.notification, Event)
             and hook.notification.name not in KNOWN_EVENTS):
-        event(logging.INFO, "webhook ignored", request_id=rid, type="event", event=hook.notification.name[:40])
+        event(logging.INFO, "webhook ignored", request_id=rid, type="event", event_name=hook.notification.name[:40])
         return "ignored", web.json_response({"status": "ignored", "type": "event", "event": hook.notification.name})
     if settings.reject_dead_tokens and all(relay.registry.is_dead(t) for t in hook.tokens):
         event(logging.INFO, "webhook for dead token refused", request_id=rid, tokens=len(hook.tokens))
@@ -89,7 +89,8 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
             relay.metrics.accepted.labels(item.kind).inc()
     if relay.dispatcher is not None and fresh:
         relay.dispatcher.wake()
-    if log.isEnabledFor(logging.INFO):  # the hot path: build the fields only when they are written
+    # The hot path: build the fields only when they are written, within the routine-line budget.
+    if log.isEnabledFor(logging.INFO) and trace_budget.allow("webhook accepted"):
         # The first line of a request's trace (SPEC §8): the delivery lines repeat its request_id.
         extra = {"message_id": message_id} if message_id is not None else {}
         event(logging.INFO, "webhook accepted", request_id=rid, type=hook.type, **extra, accepted=fresh,

@@ -47,16 +47,24 @@ class Verifier(Protocol):
 
 
 class StaticHeaders:
-    """Parley's "header(s)" option: each configured header must match exactly (constant time)."""
+    """Parley's "header(s)" option: each configured header must match one of its values (constant time).
 
-    def __init__(self, expected: Mapping[str, str]) -> None:
-        self._expected = [(name, value.encode()) for name, value in expected.items()]
+    Several values per header serve a rotation: the old and the new secret both pass until the old is removed,
+    so Parley never gets a non-200 (three of which delete users' push tokens) while its setting changes.
+    """
+
+    def __init__(self, expected: Mapping[str, tuple[str, ...]]) -> None:
+        self._expected = [(name, tuple(v.encode() for v in values)) for name, values in expected.items()]
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
-        for name, value in self._expected:
+        for name, values in self._expected:
             presented = headers.get(name)
-            # compare_digest on bytes of any length: timing does not reveal the matching prefix.
-            if presented is None or not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), value):
+            if presented is None:
+                raise AuthFailed(f"header {name} missing or wrong")
+            given = presented.encode("utf-8", "surrogateescape")
+            # compare_digest on bytes of any length: timing reveals no matching prefix; every value is compared,
+            # so it does not reveal which one matched either.
+            if not any([hmac.compare_digest(given, value) for value in values]):
                 raise AuthFailed(f"header {name} missing or wrong")
 
 

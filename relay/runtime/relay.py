@@ -19,12 +19,13 @@ from relay.errors import ConfigError, StoreError
 from relay.http.app import add_routes
 from relay.http.errors import errors_middleware
 from relay.inbound.auth import build_authenticator
-from relay.observability import Metrics, event
+from relay.observability import Metrics, configure_trace, event
 from relay.outcome import WaitReason
 from relay.providers import Bounded, create_provider
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
 from relay.running import RELAY_KEY, Relay
+from relay.runtime.credentials import credential_digests, report_unchanged
 from relay.store import Store, create_store
 
 CLOSE_GRACE = 0.5  # past the drain's deadline, the most given to closing connections (never to sends)
@@ -61,6 +62,9 @@ async def reload(relay: Relay) -> bool:
     relay.registry.replace(config.apps, base)
     relay.registry.load_overlay(devices, dead, learned)
     relay.config = config
+    configure_trace(config.logging.trace_lines_per_second)
+    relay.credentials, before = credential_digests(config), relay.credentials
+    report_unchanged(before, relay.credentials)
     relay.auth = auth
     for provider in old.values():  # in-flight sends finish on the old credentials, then it closes
         task = asyncio.get_running_loop().create_task(_retire(provider))
@@ -127,6 +131,7 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     ``accepts_webhooks=False`` (a delivery process): the store's own commits need not be fsynced.
     """
     app = web.Application(client_max_size=config.webhook.max_body_bytes, middlewares=[errors_middleware])
+    configure_trace(config.logging.trace_lines_per_second, fresh=True)
     relay = Relay(
         config=config,
         store=store or create_store(config.store, acknowledges=accepts_webhooks),
@@ -135,6 +140,7 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
         clock=clock or SystemClock(),
         auth=build_authenticator(config.auth),
     )
+    relay.credentials = credential_digests(config)
     app[RELAY_KEY] = relay
     add_routes(app, config)
     app.cleanup_ctx.append(_store_ctx)

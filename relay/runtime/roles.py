@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +27,7 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.delivery.health import AppHealth
-from relay.observability import LOGGER_NAME
+from relay.observability import name_process
 from relay.running import RELAY_KEY, Relay
 from relay.runtime.service import Plan, serve
 from relay.runtime.shared import SharedState
@@ -73,7 +72,7 @@ def parse_role(role: str, state: str, wake: str, deliveries: int, parent: int, f
 async def run_role(config: Config, args: RoleArgs) -> None:
     """Serve one role until ``SIGTERM`` (the supervisor forwards it), then drain and return."""
     _die_with_parent(args.parent)
-    _name_log_lines(f"{args.role}.{args.index}")
+    name_process(f"{args.role}.{args.index}")
     shared = SharedState(args.state)
 
     def merged_health(app: web.Application) -> None:  # /status and STATUS=: every delivery process's view
@@ -116,18 +115,6 @@ class _Uncounted:
 
 def _reloads_uncounted(app: web.Application) -> None:
     app[RELAY_KEY].metrics.reloads = _Uncounted()  # type: ignore[assignment]
-
-
-def _name_log_lines(name: str) -> None:
-    """Every log line of this process says which process wrote it (``process=delivery.0``)."""
-
-    def add_name(record: logging.LogRecord) -> bool:
-        fields = getattr(record, "fields", None)
-        record.fields = {**(fields if isinstance(fields, Mapping) else {}), "process": name}
-        return True
-
-    for handler in logging.getLogger(LOGGER_NAME).handlers:
-        handler.addFilter(add_name)
 
 
 def _adopt(name: str, fd: int) -> ListenSocket:
