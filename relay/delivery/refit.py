@@ -24,7 +24,7 @@ class Refitter:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._logged: set[str] = set()
+        self.logged: set[str] = set()
 
     async def send(self, provider: Provider, notification: Notification, route: Route, delivery_id: str,
                    now: float, expires_at: float) -> SendResult:
@@ -45,7 +45,7 @@ class Refitter:
     def _refitted(self, route: Route, result: SendResult, size: int, smaller: int) -> None:
         app = route.app.name
         self.metrics.child(self.metrics.refits, route.app.platform, app).inc()
-        if app not in self._logged:
-            self._logged.add(app)
+        if app not in self.logged:
+            self.logged.add(app)
             event(logging.WARNING, "provider counted a push too big: fitted again smaller and resent (logged once "
                   "per app)", app=app, reason=result.reason, counted=size, refit_to=smaller)
