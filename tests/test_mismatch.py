@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from relay.cli import main
+from relay.delivery.mismatch import Mismatches, Verdict
 from relay.testing.process import NotifySocket, RelayProcess, listening_socket
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
@@ -192,7 +193,46 @@ def test_a_reload_during_an_outage_keeps_the_circuit_and_the_backoff_counts_from
 
         before = len(_waits(relay.log()))
         _reload(relay, notify)
-        _wait(lambda: len(_waits(relay.log())) > before, what="the delivery's next wait after the reload")
-        assert _waits(relay.log())[before] == ("circuit_open", opened[1])
+        after, sends = len(_waits(relay.log())), len(sandbox.apns.requests)
+        _wait(lambda: len(sandbox.apns.requests) > sends, what="a send after the reload")
+        _wait(lambda: len(_waits(relay.log())) > after, what="the delivery's next wait after the reload")
+        assert set(_waits(relay.log())[before:]) == {("circuit_open", opened[1])}
         assert "app circuit opened" in relay.log() and relay.log().count("app circuit opened") == 1
         assert relay.stop() == 0
+
+
+# -- the judge alone ----------------------------------------------------------------------------------------------
+
+
+def test_one_mismatch_answer_is_evidence_held_never_a_verdict() -> None:
+    """A token's first mismatch holds it, even right after successes of the app; only a success after that answer,
+    then another mismatch, ends it."""
+    evidence = Mismatches()
+    evidence.succeeded("other")
+    assert evidence.judge("t1") is Verdict.HELD
+    assert evidence.judge("t1") is Verdict.HELD  # no success in between: still only evidence
+    evidence.succeeded("other")
+    assert evidence.judge("t1") is Verdict.TOKEN_DEAD
+    assert "t1" not in evidence.suspects
+
+
+def test_mismatches_of_two_devices_with_no_success_between_are_the_apps_alarm_until_a_success() -> None:
+    """Two different tokens answering a mismatch with no success in between: alarm; a later success shows the
+    credentials work, after which a suspect that still mismatches is dead (a false alarm clears itself)."""
+    evidence = Mismatches()
+    assert evidence.judge("t1") is Verdict.HELD
+    assert evidence.judge("t2") is Verdict.APP_ALARM
+    assert evidence.judge("t1") is Verdict.APP_ALARM
+    evidence.succeeded("t3")
+    assert evidence.run() == 0
+    assert evidence.judge("t2") is Verdict.TOKEN_DEAD
+    assert evidence.judge("t4") is Verdict.HELD
+
+
+def test_a_suspect_that_is_delivered_to_is_no_longer_suspected() -> None:
+    """A held token that later succeeds (a transient mismatch) leaves the suspects."""
+    evidence = Mismatches()
+    evidence.judge("t1")
+    evidence.succeeded("t1")
+    assert evidence.suspects == {}
+    assert evidence.judge("t1") is Verdict.HELD
