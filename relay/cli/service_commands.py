@@ -92,7 +92,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_send_test(args: argparse.Namespace) -> int:
     from relay.delivery.translate import translate
     from relay.inbound.parse import Agent, Message
-    from relay.delivery.fits import check_fits
     from relay.providers import create_provider
 
     config = _load(args.config)

@@ -356,16 +356,9 @@ class FakeApns:
         header_error = _check_headers(headers, token, cert_auth)
         if header_error is not None:
             return _Answer(400, header_error)
-        if len(raw) > self.max_payload:
-            return _Answer(413, "PayloadTooLarge")
-        if self._too_big > 0:
-            self._too_big -= 1
-            return _Answer(413, "PayloadTooLarge")
-        if not raw:
-            return _Answer(400, "PayloadEmpty")
-        if payload is None:
-            # Apple documents no reason for malformed JSON; the fake names it BadPayload.
-            return _Answer(400, "BadPayload")
+        body_error = self._check_body(raw, payload)
+        if body_error is not None:
+            return body_error
         rule = self._rules.get(token)
         if rule is not None:
             if rule.remaining is not None:
@@ -378,6 +371,19 @@ class FakeApns:
         if self._valid_tokens is not None and token not in self._valid_tokens:
             return _Answer(400, "BadDeviceToken")
         return _Answer(200, None)
+
+    def _check_body(self, raw: bytes, payload: dict[str, Any] | None) -> _Answer | None:
+        if len(raw) > self.max_payload:
+            return _Answer(413, "PayloadTooLarge")
+        if self._too_big > 0:
+            self._too_big -= 1
+            return _Answer(413, "PayloadTooLarge")
+        if not raw:
+            return _Answer(400, "PayloadEmpty")
+        if payload is None:
+            # Apple documents no reason for malformed JSON; the fake names it BadPayload.
+            return _Answer(400, "BadPayload")
+        return None
 
     def _check_provider_token(self, authorization: str | None, cert_auth: bool) -> str | None:
         """Return Apple's 403 reason for a bad provider token, or None when it is acceptable."""
