@@ -22,7 +22,7 @@ from relay.outcome import EndState, Outcome
 from relay.providers.fcm import build_message
 from relay.push import ApnsPush, FcmPush
 from relay.registry.device import Route
-from relay.runtime.relay import create_app
+from relay.runtime.relay import create_app, reload
 from relay.testing.fake_fcm import payload_size
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
@@ -400,6 +400,15 @@ def test_operator_settings_that_leave_no_room_for_the_smallest_push_are_refused_
     assert "thread_id" in str(refused.value) and "channel_id" in str(refused.value)
     fine = sandbox.write(apps={"ios": {"thread_id": "t" * 2000, "sound": "s" * 300}})
     assert check_fits(load_config(fine).apps, fine) == []
+
+
+async def test_a_reload_to_operator_settings_that_leave_no_room_is_rejected(make_relay: MakeRelay,
+                                                                          sandbox: Sandbox) -> None:
+    """A reload whose thread_id leaves the smallest push no room is rejected; the running settings stay."""
+    r = await make_relay()
+    sandbox.write(apps={"ios": {"thread_id": "t" * 4000}})
+    assert await reload(r.relay) is False
+    assert r.relay.config.apps["ios"].policy.thread_id is None
 
 
 _OPERATOR_TEXT = st.one_of(st.text(_CHARS, max_size=30), st.builds(lambda u, n: u * n, st.sampled_from(
