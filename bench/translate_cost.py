@@ -2,9 +2,9 @@
 
     python bench/translate_cost.py [--seconds 1.0]
 
-Prints the fastest of several timed runs (the least disturbed by other work on a shared machine) for a small alert (Parley's documented sample message) on APNs and on
-FCM, and for a typing event. Compare two trees by running it with each on ``PYTHONPATH``; on a shared machine
-compare figures of the same run only.
+Prints the fastest of several timed runs (the least disturbed by other work on a shared machine) for a small
+alert (Parley's documented sample message) on APNs and on FCM, and for a typing event. Compare two trees by
+running it with each on ``PYTHONPATH``, alternating, in the same session.
 """
 
 from __future__ import annotations
