@@ -21,6 +21,7 @@ import pytest
 
 from relay.cli import main
 from relay.delivery.mismatch import Mismatches, Verdict
+from relay.testing.fleet import free_port
 from relay.testing.process import NotifySocket, RelayProcess, listening_socket
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
@@ -52,8 +53,10 @@ def _post(sock: socket.socket, doc: Any, path: str = HOOK) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _metrics(sock: socket.socket) -> str:
-    return _post(sock, None, "/metrics")[1]
+def _metrics(ops: int) -> str:
+    """The merged /metrics of every process, from the operations listener."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ops}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -65,8 +68,9 @@ def _wait(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "con
 
 
 def _start(sandbox: Sandbox, notify: NotifySocket, sock: socket.socket, devices: dict[str, dict[str, str]],
-           **overrides: Any) -> RelayProcess:
-    config = sandbox.write(devices=devices, **overrides)
+           ops: int = 0, **overrides: Any) -> RelayProcess:
+    """The relay, its operations listener (/metrics) on ``ops``."""
+    config = sandbox.write(devices=devices, metrics={"listen": {"host": "127.0.0.1", "port": ops}}, **overrides)
     relay = RelayProcess(config, notify=notify, activation=[("webhook", sock)])
     try:
         notify.wait_for("READY=1", timeout=30)
@@ -122,25 +126,26 @@ def test_a_mismatch_across_devices_is_the_apps_alarm_kills_no_token_and_the_fixi
     app, tokens = ("ios", APNS_TOKENS) if platform == "apns" else ("android", FCM_TOKENS)
     mistake, fix = _mismatch_everywhere(sandbox, platform)
     devices = {token: {"app": app} for token in tokens}
-    with _start(sandbox, notify, webhook_socket, devices, **mistake) as relay:
+    ops = free_port()
+    with _start(sandbox, notify, webhook_socket, devices, ops, **mistake) as relay:
         for i, token in enumerate(tokens, 1):
             assert _post(webhook_socket, sample("message", to=[token], id=i))[0] == 200
         reason = "DeviceTokenNotForTopic" if platform == "apns" else "SENDER_ID_MISMATCH"
-        _wait(lambda: f'parley_relay_app_alarm_reason{{app="{app}",reason="{reason}"}} 1.0' in _metrics(webhook_socket),
+        _wait(lambda: f'parley_relay_app_alarm_reason{{app="{app}",reason="{reason}"}} 1.0' in _metrics(ops),
               what="the app's alarm with its reason")
-        assert f'parley_relay_app_alarm{{app="{app}"}} 1.0' in _metrics(webhook_socket)
+        assert f'parley_relay_app_alarm{{app="{app}"}} 1.0' in _metrics(ops)
         assert "app configuration alarm" in relay.log() and reason in relay.log()
         assert "push token is dead" not in relay.log()
         assert _dead_tokens(relay.config) == 0
         assert _sent_ids(sandbox, platform) == set()
 
-        sandbox.write(devices=devices, **fix)
+        sandbox.write(devices=devices, metrics={"listen": {"host": "127.0.0.1", "port": ops}}, **fix)
         reloaded = _reload(relay, notify)
         _wait(lambda: _sent_ids(sandbox, platform) == set(range(1, 9)), timeout=5,
               what="every kept notification within 5 s of the fixing reload")
         assert time.monotonic() - reloaded < 5
         assert _dead_tokens(relay.config) == 0
-        assert f'parley_relay_app_alarm{{app="{app}"}} 0.0' in _metrics(webhook_socket)
+        assert f'parley_relay_app_alarm{{app="{app}"}} 0.0' in _metrics(ops)
         assert relay.stop() == 0
 
 
@@ -160,7 +165,8 @@ def test_one_devices_mismatch_while_the_app_delivers_to_others_ends_that_token(
             return [q.device_token for q in sandbox.apns.requests]
         return [str(q.message.get("token")) for q in sandbox.fcm.requests]
 
-    with _start(sandbox, notify, webhook_socket, {bad: {"app": app}, good: {"app": app}}) as relay:
+    ops = free_port()
+    with _start(sandbox, notify, webhook_socket, {bad: {"app": app}, good: {"app": app}}, ops) as relay:
         assert _post(webhook_socket, sample("message", to=[bad], id=1))[0] == 200
         _wait(lambda: bad in requests(), what="the first mismatch answer")
         # The app goes on delivering to another device (one push at a time: with several delivery processes,
@@ -177,7 +183,7 @@ def test_one_devices_mismatch_while_the_app_delivers_to_others_ends_that_token(
             next_id += 1
         assert _dead_tokens(relay.config) == 1
         assert requests().count(bad) >= 2  # never on one answer
-        metrics = _metrics(webhook_socket)
+        metrics = _metrics(ops)
         assert f'parley_relay_app_alarm{{app="{app}"}} 1.0' not in metrics
         dead = f'parley_relay_token_mismatches_total{{app="{app}",judged="token_dead",platform="{platform}"}} 1.0'
         assert dead in metrics
