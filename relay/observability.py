@@ -73,6 +73,16 @@ class Metrics:
                               multiprocess_mode="livesum")
         self.alarms = Gauge("parley_relay_app_alarm", "1 while an app has a configuration alarm", ["app"],
                             registry=r, multiprocess_mode="livemax")
+        self.alarm_reason = Gauge("parley_relay_app_alarm_reason",
+                                  "1 while an app's configuration alarm has this reason (the provider's code)",
+                                  ["app", "reason"], registry=r, multiprocess_mode="livemax")
+        self.mismatches = Counter("parley_relay_token_mismatches",
+                                  "Topic/sender mismatch answers (APNs DeviceTokenNotForTopic, FCM SENDER_ID_MISMATCH)"
+                                  " by what they were judged: held, token_dead, app_alarm",
+                                  ["platform", "app", "judged"], registry=r)
+        self.refits = Counter("parley_relay_payload_refits",
+                              "Pushes the provider counted too big, fitted again to a smaller budget and resent",
+                              ["platform", "app"], registry=r)
         self.ack_latency = Histogram("parley_relay_ack_seconds", "Webhook arrival to answer", registry=r,
                                      buckets=_LATENCY_BUCKETS)
         self.delivery_latency = Histogram("parley_relay_delivery_seconds", "Webhook arrival to provider accept",

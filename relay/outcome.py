@@ -21,6 +21,13 @@ class Outcome(StrEnum):
     TOKEN_DEAD = "token_dead"  # noqa: S105 - the provider says this device token will never work again
     CONFIG_ERROR = "config_error"  # our credentials/topic are wrong: keep the push, alarm the operator
     PERMANENT = "permanent"  # any other refusal: dead-letter with the provider's reason
+    # The token belongs to another topic or sender (APNs DeviceTokenNotForTopic, FCM SENDER_ID_MISMATCH): a dead
+    # token, or the app's own topic/key/service account is wrong. One answer cannot tell: the dispatcher judges it
+    # against the app's other deliveries (relay.delivery.mismatch).
+    MISMATCH = "mismatch"
+    # The provider counted the payload over its limit (APNs 413 PayloadTooLarge, FCM "Message is too big"): the
+    # dispatcher fits it again to a smaller budget and sends it again.
+    TOO_BIG = "too_big"
 
 
 @dataclass(frozen=True, slots=True)

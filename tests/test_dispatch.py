@@ -416,9 +416,9 @@ async def test_provider_exception_is_a_logged_retry_and_the_devices_later_pushes
 async def test_translate_exception_is_retried_with_backoff_not_lost(harness: Harness,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception while building the push (before any send) is a counted retry; the push goes out after."""
-    import relay.delivery.dispatcher as dispatcher_module
+    import relay.delivery.refit as refit_module
 
-    real, calls = dispatcher_module.translate, []
+    real, calls = refit_module.translate, []
 
     def failing_once(*args: Any) -> Push:
         calls.append(args)
@@ -426,7 +426,7 @@ async def test_translate_exception_is_retried_with_backoff_not_lost(harness: Har
             raise KeyError("a translate bug")
         return real(*args)
 
-    monkeypatch.setattr(dispatcher_module, "translate", failing_once)
+    monkeypatch.setattr(refit_module, "translate", failing_once)
     await harness.accept(msg(1))
     await harness.run()
     assert harness.provider.sent == []

@@ -12,14 +12,17 @@ from firebase_admin import messaging
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from relay.config import ApnsApp, FcmApp, Policy
-from relay.delivery.budget import APNS_MAX_PAYLOAD, ELLIPSIS, FCM_MAX_PAYLOAD, Draft, fit, is_url
+from relay.config import ApnsApp, FcmApp, Policy, load_config
+from relay.delivery.budget import APNS_MAX_PAYLOAD, ELLIPSIS, FCM_MAX_PAYLOAD, DoesNotFit, Draft, fit, is_url
+from relay.delivery.fits import check_fits
 from relay.delivery.translate import translate
+from relay.errors import ConfigError
 from relay.inbound.parse import MAX_STRING, Notification, load_notification, parse_webhook
 from relay.outcome import EndState, Outcome
 from relay.providers.fcm import build_message
 from relay.push import ApnsPush, FcmPush
 from relay.registry.device import Route
+from relay.runtime.relay import create_app, reload
 from relay.testing.fake_fcm import payload_size
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
@@ -57,9 +60,10 @@ def apns_size(push: ApnsPush) -> int:
     return len(push.body)
 
 
-def fcm_size(push: FcmPush) -> int:
-    """Google's count, as the fake applies it, over the message exactly as firebase-admin encodes it."""
-    return payload_size(messaging._MessagingService.encode_message(build_message(push)))
+def fcm_size(push: FcmPush, *, count_json: bool = True) -> int:
+    """Google's count at its most conservative (the JSON form, as the fake's ``count_json`` applies it; else keys
+    and values), over the message exactly as firebase-admin encodes it."""
+    return payload_size(messaging._MessagingService.encode_message(build_message(push)), count_json=count_json)
 
 
 def _parley(push: ApnsPush | FcmPush) -> dict[str, Any]:
@@ -270,15 +274,15 @@ async def test_the_fakes_refuse_one_byte_over_4096_as_the_providers_do(make_rela
         data = {"parley": "{}", "message": ""}
         data["message"] = "x" * (size - len("title" + "Ann" + "body" + "Hi") - len("parley{}message"))
         push = FcmPush("android", ANDROID_TOKEN, "m-1", "Ann", "Hi", None, data, "high", None, None, None)
-        assert fcm_size(push) == size
+        assert fcm_size(push, count_json=False) == size
         return push
 
     assert (await apns.send(apns_push(4096))).outcome is Outcome.SENT
     over = await apns.send(apns_push(4097))
-    assert (over.outcome, over.status, over.reason) == (Outcome.PERMANENT, 413, "413 PayloadTooLarge")
+    assert (over.outcome, over.status, over.reason) == (Outcome.TOO_BIG, 413, "413 PayloadTooLarge")
     assert (await fcm.send(fcm_push(4096))).outcome is Outcome.SENT
     over = await fcm.send(fcm_push(4097))
-    assert (over.outcome, over.status) == (Outcome.PERMANENT, 400)
+    assert (over.outcome, over.status) == (Outcome.TOO_BIG, 400)
 
 
 async def test_long_fields_webhook_is_delivered_on_both_platforms(make_relay: MakeRelay, sandbox: Sandbox) -> None:
@@ -298,7 +302,7 @@ async def test_long_fields_webhook_is_delivered_on_both_platforms(make_relay: Ma
     assert apns.payload["aps"]["alert"]["title"] == "N" * 255 + ELLIPSIS
     assert apns.payload["aps"]["alert"]["body"].endswith(ELLIPSIS)
     assert fcm.message["notification"]["title"] == "N" * 255 + ELLIPSIS
-    assert payload_size(fcm.message) <= FCM_MAX_PAYLOAD
+    assert payload_size(fcm.message, count_json=True) <= FCM_MAX_PAYLOAD
     for parley in (json.loads(apns.payload["parley"]), json.loads(fcm.message["data"]["parley"])):
         assert (parley["object"]["id"], parley["object"]["typeId"]) == (3224, 2)
         assert parley["object"]["agent"]["avatar"] is None  # a URL that cannot fit is dropped, not cut
@@ -327,3 +331,113 @@ def test_long_text_of_any_character_fills_the_push_without_passing_it(unit: str)
     assert FCM_MAX_PAYLOAD - 16 < fcm_size(fcm) <= FCM_MAX_PAYLOAD
     for body in (apns.payload["aps"]["alert"]["body"], fcm.body):
         assert body is not None and body.endswith(ELLIPSIS) and set(body[:-1]) == {unit}
+
+
+# -- however the provider counts (issue 19.1) ------------------------------------------------------------------
+
+NINE_THOUSAND = ("Your order 📦 is on its way — «tracking» \"inside\" \\ ✓ " * 200)[:9000]
+
+
+async def test_a_json_counting_fcm_gets_the_9000_character_message_and_the_long_fields_webhook(
+        make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """Against an FCM that counts the notification and data in JSON form (quotes and escapes included), a
+    9,000-character message with emoji and the long-fields webhook reach both platforms, each on the first try."""
+    sandbox.fcm.count_json = True
+    r = await make_relay()
+    long_fields = sample("message", to=[IOS_TOKEN, ANDROID_TOKEN], id=2, image=IMAGE, message=LONG_TEXT,
+                         agent={"id": 1, "name": "N" * 1500, "avatar": AVATAR})
+    for doc in (sample("message", to=[IOS_TOKEN, ANDROID_TOKEN], id=1, message=NINE_THOUSAND), long_fields):
+        assert (await r.post(doc))[0] == 200
+    await sandbox.apns.wait_for(2)
+    await sandbox.fcm.wait_for(2)
+    await r.settle()
+    assert [q.status for q in sandbox.apns.requests] == [200, 200]
+    assert [q.status for q in sandbox.fcm.requests] == [200, 200]
+    assert all(payload_size(q.message, count_json=True) <= FCM_MAX_PAYLOAD for q in sandbox.fcm.requests)
+    ended = (await r.relay.store.stats()).ended
+    assert {state: count for state, count in ended.items() if count} == {EndState.SENT: 4}
+
+
+async def test_a_push_the_provider_calls_too_big_once_is_refitted_smaller_and_sent_on_the_second_try(
+        make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """APNs 413 PayloadTooLarge and FCM "Message is too big" once each: the push is fitted again to a smaller
+    budget and sent (no dead letter), the refit counted per app and logged once per app."""
+    r = await make_relay()
+    for i in (1, 2):  # the second push meets "too big" too: counted again, not logged again
+        sandbox.apns.too_big(times=1)
+        sandbox.fcm.too_big(times=1)
+        assert (await r.post(sample("message", to=[IOS_TOKEN, ANDROID_TOKEN], id=i, message="m" * 5000)))[0] == 200
+        await sandbox.apns.wait_for(2 * i)
+        await sandbox.fcm.wait_for(2 * i)
+        await r.settle()
+    apns, fcm = sandbox.apns.requests, sandbox.fcm.requests
+    assert [q.status for q in apns] == [413, 200, 413, 200] and [q.status for q in fcm] == [400, 200, 400, 200]
+    assert len(apns[1].raw) <= len(apns[0].raw) // 2
+    assert payload_size(fcm[1].message, count_json=True) <= payload_size(fcm[0].message, count_json=True) // 2
+    ended = (await r.relay.store.stats()).ended
+    assert {state: count for state, count in ended.items() if count} == {EndState.SENT: 4}
+    metrics = r.relay.metrics.exposition().decode()
+    assert 'parley_relay_payload_refits_total{app="ios",platform="apns"} 2.0' in metrics
+    assert 'parley_relay_payload_refits_total{app="android",platform="fcm"} 2.0' in metrics
+    assert r.relay.dispatcher is not None and r.relay.dispatcher.refitter.logged == {"ios", "android"}
+
+
+def test_fit_raises_instead_of_returning_an_oversize() -> None:
+    """When even the skeleton is over the limit, fit() raises DoesNotFit (strict), never hands back an oversize."""
+    draft = Draft("message", {"id": 1, "typeId": 2}, frozenset({"id", "typeId"}), frozenset(), "Hi", "Ann", None)
+    with pytest.raises(DoesNotFit):
+        fit(draft, lambda d: (d.parley_string(), 5000), 4096)
+    assert fit(draft, lambda d: (d.parley_string(), 5000), 4096, strict=False)  # a refit: the skeleton
+
+
+def test_operator_settings_that_leave_no_room_for_the_smallest_push_are_refused_at_config_load(
+        sandbox: Sandbox) -> None:
+    """A 4,000-character thread_id or channel_id: the config is refused (start and reload), naming the app."""
+    path = sandbox.write(apps={"ios": {"thread_id": "t" * 4000}, "android": {"channel_id": "c" * 4000}})
+    with pytest.raises(ConfigError) as refused:
+        create_app(load_config(path))
+    assert {p.key for p in refused.value.problems} == {"apps.ios", "apps.android"}
+    assert "thread_id" in str(refused.value) and "channel_id" in str(refused.value)
+    fine = sandbox.write(apps={"ios": {"thread_id": "t" * 2000, "sound": "s" * 300}})
+    assert check_fits(load_config(fine).apps, fine) == []
+
+
+async def test_a_reload_to_operator_settings_that_leave_no_room_is_rejected(make_relay: MakeRelay,
+                                                                          sandbox: Sandbox) -> None:
+    """A reload whose thread_id leaves the smallest push no room is rejected; the running settings stay."""
+    r = await make_relay()
+    sandbox.write(apps={"ios": {"thread_id": "t" * 4000}})
+    assert await reload(r.relay) is False
+    assert r.relay.config.apps["ios"].policy.thread_id is None
+
+
+_OPERATOR_TEXT = st.one_of(st.text(_CHARS, max_size=30), st.builds(lambda u, n: u * n, st.sampled_from(
+    ["a", "é", "📷", '"', "\x01"]), st.integers(0, 700)))
+_OPERATOR_POLICIES = st.builds(
+    lambda sound, thread, channel, title, body, default, silent: Policy(
+        sound=sound, thread_id=thread, channel_id=channel, title_template=title, body_template=body,
+        default_title=default, type_policy={2: "silent" if silent else "alert", 3: "alert", 5: "silent"}),
+    _OPERATOR_TEXT, st.one_of(st.none(), _OPERATOR_TEXT), st.one_of(st.none(), _OPERATOR_TEXT),
+    st.one_of(st.just("{agent}"), _OPERATOR_TEXT.map(lambda t: t + "{agent}")),
+    st.one_of(st.just("{message}"), _OPERATOR_TEXT.map(lambda t: "{message}" + t)), _OPERATOR_TEXT, st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.filter_too_much,
+                                                                  HealthCheck.data_too_large])
+@given(st.one_of(_MESSAGES.map(lambda o: ("message", o)), _EVENTS.map(lambda o: ("event", o))), _OPERATOR_POLICIES)
+def test_any_parley_object_under_any_accepted_operator_settings_fits_the_conservative_count(
+        case: tuple[str, dict[str, Any]], policy: Policy) -> None:
+    """Any object the webhook accepts, under any operator settings the config-load check accepts (sound, thread id,
+    channel id, templates, default title), gives an APNs body and an FCM message (counted in JSON form, escapes
+    included) within 4096 bytes."""
+    kind, obj = case
+    body = json.dumps({"data": {"type": kind, "object": obj}, "to": ["t"]}, ensure_ascii=False).encode()
+    assume(len(body) <= MAX_BODY)
+    n = load_notification(parse_webhook(body).data)
+    apps = {"ios": ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1,
+                           policy),
+            "android": FcmApp("android", Path("sa.json"), None, None, 10, policy)}
+    assume(not check_fits(apps, "relay.yaml"))
+    assert apns_size(_apns(n, policy)) <= APNS_MAX_PAYLOAD
+    assert fcm_size(_fcm(n, policy)) <= FCM_MAX_PAYLOAD

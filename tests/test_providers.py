@@ -135,7 +135,6 @@ async def test_apns_dropped_connection_is_a_retry_and_the_next_send_reconnects(s
     ("status", "reason", "outcome"),
     [(200, None, Outcome.SENT)] + [(s, r, o) for (s, r), o in APNS_REASONS.items()] + [
         (400, "BadCollapseId", Outcome.PERMANENT),
-        (413, "PayloadTooLarge", Outcome.PERMANENT),
         (403, "SomethingNew", Outcome.CONFIG_ERROR),
         (502, None, Outcome.RETRY),
     ],
@@ -204,7 +203,7 @@ async def test_fcm_sends_reuse_the_providers_pooled_connections(sandbox: Sandbox
     ("error_code", "outcome"),
     [
         ("UNREGISTERED", Outcome.TOKEN_DEAD),
-        ("SENDER_ID_MISMATCH", Outcome.TOKEN_DEAD),
+        ("SENDER_ID_MISMATCH", Outcome.MISMATCH),
         ("INVALID_ARGUMENT", Outcome.TOKEN_DEAD),  # the fake's INVALID_ARGUMENT names message.token
         ("QUOTA_EXCEEDED", Outcome.RETRY),
         ("UNAVAILABLE", Outcome.RETRY),
@@ -248,8 +247,8 @@ FCM_TABLE: list[tuple[str, int, bytes, dict[str, str], Outcome, float | None]] =
     ("UnregisteredError", 404, _rpc(404, "NOT_FOUND", fcm="UNREGISTERED"), {}, Outcome.TOKEN_DEAD, None),
     ("UnregisteredError (code wins)", 400, _rpc(400, "INVALID_ARGUMENT", fcm="UNREGISTERED"), {},
      Outcome.TOKEN_DEAD, None),
-    ("SenderIdMismatchError", 403, _rpc(403, "PERMISSION_DENIED", fcm="SENDER_ID_MISMATCH"), {},
-     Outcome.TOKEN_DEAD, None),
+    ("SenderIdMismatchError (judged in context)", 403, _rpc(403, "PERMISSION_DENIED", fcm="SENDER_ID_MISMATCH"),
+     {}, Outcome.MISMATCH, None),
     ("ThirdPartyAuthError", 401, _rpc(401, "UNAUTHENTICATED", fcm="THIRD_PARTY_AUTH_ERROR"), {},
      Outcome.CONFIG_ERROR, None),
     ("ThirdPartyAuthError (APNS_AUTH_ERROR)", 403, _rpc(403, "PERMISSION_DENIED", fcm="APNS_AUTH_ERROR"), {},

@@ -54,10 +54,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     import asyncio as _asyncio
 
+    from relay.delivery.fits import check_fits
     from relay.providers import create_provider
 
     config = _load(args.config)
-    problems: list[ConfigProblem] = []
+    problems: list[ConfigProblem] = check_fits(config.apps, config.source)
     try:
         registry = load_registry(config.registry, config.apps)
     except ConfigError as exc:

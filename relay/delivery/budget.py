@@ -6,6 +6,9 @@ unchanged when it fits (the common case: one render), else walks :data:`STEPS` i
 while the push still does not fit, and within a step the largest setting that fits is kept, so a push loses no
 more than it must. The last steps leave only the fixed skeleton (ids, type id, event name), which always fits.
 
+Sizes are counted the most conservative way each provider might count them (FCM's JSON form, see
+:func:`fcm_size`); a provider that still answers "too big" gets the push fitted again to a smaller budget.
+
 The order, as the operator docs state it. "Other strings" are the strings anywhere in the ``parley`` object
 except a message's ``body``/``title``/``image`` and an event's ``name``; other strings are shortened the longest
 first, and one that is a URL (``scheme://`` or ``data:``) is never cut: it becomes ``null`` instead.
@@ -30,6 +33,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any, NamedTuple, TypeVar
 
 ELLIPSIS = "…"
@@ -60,13 +64,54 @@ def is_url(text: str) -> bool:
     return _URL.match(text) is not None
 
 
-def fcm_size(title: str | None, body: str | None, image: str | None, data: Mapping[str, str]) -> int:
-    """FCM's count: UTF-8 bytes of the data keys and values plus the notification's keys and values."""
-    size = sum(len(key.encode()) + len(value.encode()) for key, value in data.items())
-    for key, value in (("title", title), ("body", body), ("image", image)):
-        if value is not None:
-            size += len(key) + len(value.encode())
-    return size
+_CONTROL = bytes(range(32))  # JSON escapes these as \n or \u00XX (bytes.translate deletes them: a fast test)
+_FCM_FRAME = len('{"notification":{},"data":{}}')
+
+
+def fcm_size(title: str | None, body: str | None, image: str | None, data: Mapping[str, str],
+             channel_id: str | None = None) -> int:
+    """FCM's count, the most conservative plausible one (Google does not publish its own): the UTF-8 bytes of
+    ``{"notification": {...}, "data": {...}}`` as compact JSON, braces, quotes and escapes included. The
+    ``parley`` value is JSON inside a JSON string, so each of its quotes counts twice. The channel id is counted
+    with the notification.
+
+    Computed rather than encoded, for a small push's sake: JSON escapes character by character, so the values'
+    escaped length is that of their concatenation; without a control character that is its UTF-8 length plus one
+    byte per quote and backslash. The keys are the relay's own (plain ASCII).
+    """
+    values = []
+    keys = 0
+    if title is not None:
+        values.append(title)
+        keys += 5
+    if body is not None:
+        values.append(body)
+        keys += 4
+    if image is not None:
+        values.append(image)
+        keys += 5
+    if channel_id is not None:
+        values.append(channel_id)
+        keys += 10
+    note = len(values)
+    values.extend(data.values())
+    keys += sum(map(len, data))
+    joined = "".join(values)
+    raw = joined.encode()
+    if len(raw.translate(None, _CONTROL)) == len(raw):  # no control character: quotes and backslashes get a "\\"
+        content = len(raw) + raw.count(b'"') + raw.count(b"\\")
+    else:
+        content = len(encode_basestring(joined).encode()) - 2
+    commas = max(0, note - 1) + max(0, len(data) - 1)
+    return _FCM_FRAME + keys + 5 * len(values) + content + commas
+
+
+class DoesNotFit(ValueError):
+    """Even the smallest push (the skeleton: ids, type id, event name, operator settings) is over the limit.
+
+    Anything Parley can send fits once the operator settings pass the check made at config load
+    (:func:`relay.delivery.translate.check_fits`); this is raised instead of handing a provider an oversize.
+    """
 
 
 class Draft(NamedTuple):
@@ -258,8 +303,11 @@ STEPS: tuple[Step, ...] = (  # the order of the module docstring
 )
 
 
-def fit(draft: Draft, render: Callable[[Draft], tuple[T, int]], limit: int) -> T:
+def fit(draft: Draft, render: Callable[[Draft], tuple[T, int]], limit: int, *, strict: bool = True) -> T:
     """``render(draft)`` when its size is within ``limit``; else the render of the draft shrunk by :data:`STEPS`.
+
+    When even the skeleton is over ``limit``: :class:`DoesNotFit` (``strict``), or the skeleton itself (a refit
+    to a budget below the provider's limit, which the skeleton is known to meet).
 
     ``render`` returns the push and its size as the provider counts it; the common case renders once. Within
     the step that makes the push fit, the largest setting that fits is found by bisection (a cut adds a
@@ -287,4 +335,6 @@ def fit(draft: Draft, render: Callable[[Draft], tuple[T, int]], limit: int) -> T
             else:
                 high = mid - 1
         return best
-    return result  # only the skeleton is left, which fits (tests/test_payload_limits.py proves it)
+    if strict:
+        raise DoesNotFit(f"the smallest push is {size} bytes, over the limit of {limit}")
+    return result  # only the skeleton is left

@@ -14,15 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TypeVar
 
 from relay.config import DeliverySettings
 from relay.delivery import trace
 from relay.delivery.admission import Admission, Slot
 from relay.delivery.circuits import Circuits
+from relay.delivery.mismatch import Verdict
 from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, SystemClock
-from relay.delivery.translate import translate
+from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
 from relay.errors import InvalidWebhook, StoreError
 from relay.inbound.parse import Event, load_notification
@@ -65,6 +66,7 @@ class Dispatcher:
         self._stopping = False
         self.upkeep = Upkeep(store, self.clock)
         self.circuits = Circuits(metrics, probes or ProbePolicy())
+        self.refitter = Refitter(metrics)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -246,11 +248,10 @@ class Dispatcher:
             await self.wait(job, now + self.settings.config_error_retry, WaitReason.CONFIG_ERROR,
                             "no provider for this app", route, count=False, expires_at=expires_at)
             return
-        push = translate(notification, route, job.delivery_id, now, expires_at)
         self.metrics.inflight.inc()
         started = time.perf_counter()
         try:
-            result = await provider.send(push)
+            result = await self.refitter.send(provider, notification, route, job.delivery_id, now, expires_at)
         finally:
             self.metrics.inflight.dec()
             self.metrics.child(self.metrics.provider_latency, route.app.platform).observe(time.perf_counter() - started)
@@ -307,38 +308,52 @@ class Dispatcher:
         self.metrics.child(self.metrics.sends, platform, app, job.kind, result.outcome.value).inc()
         now = self.clock.now()
         if result.outcome is Outcome.SENT:
+            self.circuits.delivered(app, job.token)
             await self._remember_environment(route, result)
             await self._succeeded(app)
             self.metrics.child(self.metrics.delivery_latency, platform).observe(max(0.0, now - job.received_at))
             await self.record_end(job, EndState.SENT, "", route, result.status)
         elif result.outcome is Outcome.TOKEN_DEAD:
             await self._succeeded(app)
-            if await self._persist(lambda: self.store.mark_dead(job.token, result.reason, now)):
-                self.metrics.dead_tokens.labels(platform, app).inc()
-                event(logging.WARNING, "push token is dead", app=app, token=short_token(job.token),
-                      reason=result.reason)
-            self.registry.mark_dead(job.token)
-            await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route, result.status)
-        elif result.outcome is Outcome.PERMANENT:
+            await self._token_dead(job, route, result, now)
+        elif result.outcome in (Outcome.PERMANENT, Outcome.TOO_BIG):  # TOO_BIG here: refitting gave up
             await self._succeeded(app)
             await self.record_end(job, EndState.DEAD_LETTER, result.reason, route, result.status)
-        elif result.outcome is Outcome.CONFIG_ERROR and replaced:
+        elif result.outcome in (Outcome.CONFIG_ERROR, Outcome.MISMATCH) and replaced:
             self.circuits.release(job.id)
             await self.wait(job, now, WaitReason.CONFIG_ERROR, f"{result.reason} (replaced credentials)", route,
                             count=False, status=result.status, expires_at=expires_at)
+        elif result.outcome is Outcome.MISMATCH:  # dead token or the app's mistake: judged in context
+            verdict, at, reason = self.circuits.mismatch(route, job, result, now, self.settings, self.policy)
+            if verdict is Verdict.TOKEN_DEAD:
+                await self._token_dead(job, route, result, now)
+            else:
+                await self.wait(job, at, WaitReason.CONFIG_ERROR if verdict is Verdict.APP_ALARM else WaitReason.RETRY,
+                                reason, route, count=True, status=result.status, expires_at=expires_at)
         elif result.outcome is Outcome.CONFIG_ERROR:
             at = self.circuits.misconfigured(app, job, result, now, self.settings)
             await self.wait(job, at, WaitReason.CONFIG_ERROR, result.reason, route, count=False,
                             status=result.status, expires_at=expires_at)
         else:
-            self.circuits.failed(app, job, result, now, self.settings)
             breaker = self.circuits[app]
+            # A failure while the circuit was already open (its probe, or a send that overlapped the opening) is
+            # the circuit's, not the delivery's: the delivery's backoff counts from the circuit's opening.
+            counts = not breaker.is_open
+            self.circuits.failed(app, job, result, now, self.settings)
             if breaker.is_open:  # parked for the next probe: its own backoff must not hide a recovery
                 wait, at = WaitReason.CIRCUIT_OPEN, breaker.open_until
             else:
                 wait, at = WaitReason.RETRY, now + self.policy.delay(job.attempts, result.retry_after)
-            await self.wait(job, at, wait, result.reason, route, count=True, status=result.status,
+            await self.wait(job, at, wait, result.reason, route, count=counts, status=result.status,
                             expires_at=expires_at)
+
+    async def _token_dead(self, job: Job, route: Route, result: SendResult, now: float) -> None:
+        if await self._persist(lambda: self.store.mark_dead(job.token, result.reason, now)):
+            self.metrics.dead_tokens.labels(route.app.platform, route.app.name).inc()
+            event(logging.WARNING, "push token is dead", app=route.app.name, token=short_token(job.token),
+                  reason=result.reason)
+        self.registry.mark_dead(job.token)
+        await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route, result.status)
 
     async def _remember_environment(self, route: Route, result: SendResult) -> None:
         """An APNs sandbox fallback found the device token's host: keep it (store: restarts and other instances;
@@ -372,9 +387,10 @@ class Dispatcher:
         trace.delivery_waits(job, reason, at, app, now, status, detail)
         await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app, count_attempt=count))
 
-    def clear_alarms(self) -> None:
-        """After a reload: every app closed, no alarm (its deliveries are released by the reload's wake)."""
-        self.circuits.clear()
+    def clear_alarms(self, changed: Collection[str] | None = None) -> None:
+        """After a reload: every alarm cleared; the circuits of ``changed`` apps (default: all) closed, the others
+        kept (an outage goes on whatever the reload; its deliveries are released by the reload's wake)."""
+        self.circuits.clear(changed)
         self._wake.set()
 
     async def record_end(self, job: Job, end: EndState, reason: str, route: Route | None,

@@ -18,6 +18,7 @@ from relay.delivery.budget import (
     ELLIPSIS,
     FCM_MAX_PAYLOAD,
     MAX_TITLE,
+    DoesNotFit,
     Draft,
     fcm_size,
     fit,
@@ -28,8 +29,8 @@ from relay.push import ApnsPush, FcmPush, Push
 from relay.registry.device import Route
 
 __all__ = [
-    "APNS_MAX_PAYLOAD", "ELLIPSIS", "FCM_MAX_PAYLOAD", "MAX_TITLE", "draft", "parley_object", "render", "shorten",
-    "to_apns", "to_fcm", "translate",
+    "APNS_MAX_PAYLOAD", "ELLIPSIS", "FCM_MAX_PAYLOAD", "MAX_TITLE", "DoesNotFit", "counted_size", "draft",
+    "parley_object", "render", "shorten", "to_apns", "to_fcm", "translate",
 ]
 
 # Members of the ``parley`` object the budget manages itself (never cut as "other strings") and those it never
@@ -103,10 +104,13 @@ def _collapse(agent_id: int | None) -> str:
 
 
 def to_apns(
-    notification: Notification, app: ApnsApp, device_token: str, delivery_id: str, expires_at: float
+    notification: Notification, app: ApnsApp, device_token: str, delivery_id: str, expires_at: float,
+    budget: int | None = None,
 ) -> ApnsPush:
-    """Build the APNs request for one delivery (SPEC §5 table), its JSON body within 4096 bytes."""
+    """Build the APNs request for one delivery (SPEC §5 table), its JSON body within 4096 bytes (or ``budget``,
+    a refit after APNs counted it too big: the skeleton at least)."""
     policy = app.policy
+    limit, strict = (APNS_MAX_PAYLOAD, True) if budget is None else (budget, False)
     if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
@@ -123,7 +127,7 @@ def to_apns(
             push = ApnsPush(app.name, device_token, delivery_id, "alert", 10, None, None, payload, encoded)
             return push, len(encoded)
 
-        return fit(draft(notification, title, body), alert, APNS_MAX_PAYLOAD)
+        return fit(draft(notification, title, body), alert, limit, strict=strict)
 
     # Silent: events and messages whose typeId the policy marks silent.
     if isinstance(notification, Event):
@@ -139,12 +143,15 @@ def to_apns(
         push = ApnsPush(app.name, device_token, delivery_id, "background", 5, expiration, collapse, payload, encoded)
         return push, len(encoded)
 
-    return fit(draft(notification, None, text), silent, APNS_MAX_PAYLOAD)
+    return fit(draft(notification, None, text), silent, limit, strict=strict)
 
 
-def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str, ttl: int | None) -> FcmPush:
-    """Build the FCM HTTP v1 message for one delivery (SPEC §5 table); ``ttl`` bounds events."""
+def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str, ttl: int | None,
+           budget: int | None = None) -> FcmPush:
+    """Build the FCM HTTP v1 message for one delivery (SPEC §5 table); ``ttl`` bounds events, ``budget`` as
+    :func:`to_apns`."""
     policy = app.policy
+    limit, strict = (FCM_MAX_PAYLOAD, True) if budget is None else (budget, False)
     if isinstance(notification, Message) and policy.delivery_for(notification.type_id) == "alert":
         title, body = _texts(notification, policy)
 
@@ -153,9 +160,9 @@ def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str
             data = {"parley": d.parley_string(), "message": text}
             push = FcmPush(app.name, token, delivery_id, d.shown_title, text, d.shown_image, data, "high", None, None,
                            policy.channel_id)
-            return push, fcm_size(d.shown_title, text, d.shown_image, data)
+            return push, fcm_size(d.shown_title, text, d.shown_image, data, policy.channel_id)
 
-        return fit(draft(notification, title, body), alert, FCM_MAX_PAYLOAD)
+        return fit(draft(notification, title, body), alert, limit, strict=strict)
 
     is_event = isinstance(notification, Event)
     collapse = _collapse(notification.agent.id if notification.agent else None) if is_event else None
@@ -169,16 +176,26 @@ def to_fcm(notification: Notification, app: FcmApp, token: str, delivery_id: str
         return push, fcm_size(None, None, None, data)
 
     text = notification.text if isinstance(notification, Message) else None
-    return fit(draft(notification, None, text), silent, FCM_MAX_PAYLOAD)
+    return fit(draft(notification, None, text), silent, limit, strict=strict)
 
 
-def translate(notification: Notification, route: Route, delivery_id: str, now: float, expires_at: float) -> Push:
-    """Dispatch to the platform's builder; ``expires_at`` bounds silent events' lifetime."""
+def translate(notification: Notification, route: Route, delivery_id: str, now: float, expires_at: float,
+              budget: int | None = None) -> Push:
+    """Dispatch to the platform's builder; ``expires_at`` bounds silent events' lifetime; ``budget`` (a refit)
+    replaces the provider's limit."""
     app = route.app
     if isinstance(app, ApnsApp):
-        return to_apns(notification, app, route.device_token, delivery_id, expires_at).to_environment(route.environment)
+        push = to_apns(notification, app, route.device_token, delivery_id, expires_at, budget)
+        return push.to_environment(route.environment)
     ttl = max(1, int(expires_at - now)) if isinstance(notification, Event) else None
-    return to_fcm(notification, app, route.device_token, delivery_id, ttl)
+    return to_fcm(notification, app, route.device_token, delivery_id, ttl, budget)
+
+
+def counted_size(push: Push) -> int:
+    """The size of a built push as the budget counted it."""
+    if isinstance(push, ApnsPush):
+        return len(push.body)
+    return fcm_size(push.title, push.body, push.image, push.data, push.channel_id)
 
 
 _APNS_JSON = json.JSONEncoder(ensure_ascii=False)  # built once (json.dumps with options builds one per call)

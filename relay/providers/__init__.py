@@ -8,6 +8,8 @@ base class.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from pathlib import Path
 from typing import Protocol
 
 from relay.config import ApnsApp, App, FcmApp
@@ -25,11 +27,25 @@ class Provider(Protocol):
         """Release connections."""
 
 
+def fingerprint(app: App) -> str:
+    """What a provider of ``app`` was built from: its settings and the bytes of every file it names (a rotated key
+    keeps its path). Equal fingerprints: a reload changed nothing this app's sends depend on."""
+    digest = hashlib.sha256(repr(app).encode())
+    for value in vars(app).values():
+        if isinstance(value, Path):
+            try:
+                digest.update(value.read_bytes())
+            except OSError:
+                digest.update(b"unreadable")
+    return digest.hexdigest()
+
+
 class Bounded:
     """A provider wrapped with a concurrency limit and a per-send timeout."""
 
-    def __init__(self, inner: Provider, concurrency: int, timeout: float) -> None:
+    def __init__(self, inner: Provider, concurrency: int, timeout: float, built_from: str = "") -> None:
         self.inner = inner
+        self.built_from = built_from  # the app's fingerprint when it was built
         self._slots = asyncio.Semaphore(concurrency)
         self._timeout = timeout
         self._in_flight = 0
@@ -64,6 +80,7 @@ class Bounded:
 
 async def create_provider(app: App, timeout: float) -> Bounded:
     """The provider for one app, built inside the running loop (aioapns requires it)."""
+    built_from = fingerprint(app)  # before the provider reads its files: a rotation meanwhile is seen next time
     if isinstance(app, ApnsApp):
         from relay.providers.apns import ApnsProvider
 
@@ -73,4 +90,4 @@ async def create_provider(app: App, timeout: float) -> Bounded:
         from relay.providers.fcm import FcmProvider
 
         provider = await FcmProvider.create(app, timeout)
-    return Bounded(provider, app.concurrency, timeout)
+    return Bounded(provider, app.concurrency, timeout, built_from)

@@ -53,7 +53,8 @@ from relay.push import ApnsPush, Push
 # handling-notification-responses-from-apns): status and reason -> what the relay does.
 APNS_REASONS: Mapping[tuple[int, str], Outcome] = {
     (400, "BadDeviceToken"): Outcome.TOKEN_DEAD,
-    (400, "DeviceTokenNotForTopic"): Outcome.TOKEN_DEAD,
+    # Another app's token, or our topic/key belongs to another bundle: judged in context (SPEC §4).
+    (400, "DeviceTokenNotForTopic"): Outcome.MISMATCH,
     (400, "TopicDisallowed"): Outcome.CONFIG_ERROR,
     (400, "BadTopic"): Outcome.CONFIG_ERROR,
     (400, "MissingTopic"): Outcome.CONFIG_ERROR,
@@ -65,6 +66,7 @@ APNS_REASONS: Mapping[tuple[int, str], Outcome] = {
     (403, "MissingProviderToken"): Outcome.CONFIG_ERROR,
     (403, "Forbidden"): Outcome.CONFIG_ERROR,
     (410, "Unregistered"): Outcome.TOKEN_DEAD,
+    (413, "PayloadTooLarge"): Outcome.TOO_BIG,  # counted otherwise than we did: fitted again, smaller (SPEC §5)
     (410, "ExpiredToken"): Outcome.TOKEN_DEAD,
     (429, "TooManyProviderTokenUpdates"): Outcome.RETRY,
     (429, "TooManyRequests"): Outcome.RETRY,

@@ -27,7 +27,8 @@ FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 # (the others, e.g. INVALID_ARGUMENT or UNAVAILABLE, are read from the rpc status below).
 FCM_ERROR_CODES: Mapping[str, Outcome] = {
     "UNREGISTERED": Outcome.TOKEN_DEAD,  # 404: the app was uninstalled or the token expired
-    "SENDER_ID_MISMATCH": Outcome.TOKEN_DEAD,  # 403: the token belongs to another sender
+    # 403: the token belongs to another sender, or our service account to another project: judged in context
+    "SENDER_ID_MISMATCH": Outcome.MISMATCH,
     "THIRD_PARTY_AUTH_ERROR": Outcome.CONFIG_ERROR,  # 401: the APNs certificate / web push key in Firebase
     "APNS_AUTH_ERROR": Outcome.CONFIG_ERROR,  # the legacy name of the same error
     "QUOTA_EXCEEDED": Outcome.RETRY,  # 429: per-device or per-project rate
@@ -53,6 +54,9 @@ RPC_STATUS: Mapping[str, Outcome] = {
     "CONFLICT": Outcome.PERMANENT,
     "DATA_LOSS": Outcome.PERMANENT,
 }
+
+# FCM's words for a payload over its limit (it documents no code of its own): fitted again, smaller (SPEC §5).
+TOO_BIG = "message is too big"
 
 # HTTP status -> rpc name when the body names none (firebase-admin's own mapping; others are UNKNOWN).
 HTTP_STATUS: Mapping[int, str] = {
@@ -121,6 +125,8 @@ def classify_fcm(status: int, body: bytes, headers: Mapping[str, str]) -> SendRe
     reason = f"{fcm_code or name}: {text}"[:300]
     if name == "INVALID_ARGUMENT" and _about_token(error, text):
         return SendResult(Outcome.TOKEN_DEAD, reason, status)
+    if name == "INVALID_ARGUMENT" and TOO_BIG in text.lower():
+        return SendResult(Outcome.TOO_BIG, reason, status)
     return SendResult(RPC_STATUS.get(name, Outcome.RETRY), reason, status, _retry_after(headers))
 
 

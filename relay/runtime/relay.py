@@ -14,6 +14,7 @@ from aiohttp import web
 
 from relay.config import App, Config, load_config
 from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.fits import check_fits
 from relay.delivery.policy import Clock, SystemClock
 from relay.errors import ConfigError, StoreError
 from relay.http.app import add_routes
@@ -44,6 +45,7 @@ async def reload(relay: Relay) -> bool:
     fresh: dict[str, Bounded] = {}
     try:
         config = load_config(relay.config.source)
+        fits(config)
         base = load_registry(config.registry, config.apps)
         # Every app gets a fresh provider: a rotated key file keeps its path but not its contents.
         fresh = await create_providers(config.apps, config.delivery.send_timeout)
@@ -72,7 +74,10 @@ async def reload(relay: Relay) -> bool:
         task.add_done_callback(relay.retiring.discard)
     if relay.dispatcher is not None:
         relay.dispatcher.configure(config.delivery)
-        relay.dispatcher.clear_alarms()
+        # Apps whose credentials, endpoint and settings are unchanged keep their circuit (an outage goes on).
+        relay.dispatcher.clear_alarms({name for name in old.keys() | fresh.keys()
+                                       if name not in old or name not in fresh
+                                       or old[name].built_from != fresh[name].built_from})
     try:  # releases what waited on the old configuration (credentials, parked apps, registry entries)
         released = await relay.store.wake(relay.clock.now(), reasons=RELOAD_RELEASES)
     except StoreError as exc:  # they still leave at their own time (config_error_retry, the grace period)
@@ -84,6 +89,13 @@ async def reload(relay: Relay) -> bool:
     event(logging.INFO, "configuration reloaded", apps=len(config.apps), devices=len(relay.registry),
           released=released)
     return True
+
+
+def fits(config: Config) -> None:
+    """SPEC §5: the smallest push of every app fits its provider's limit (operator settings), else ConfigError."""
+    problems = check_fits(config.apps, config.source)
+    if problems:
+        raise ConfigError(problems)
 
 
 async def _retire(provider: Bounded) -> None:
@@ -130,6 +142,7 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
 
     ``accepts_webhooks=False`` (a delivery process): the store's own commits need not be fsynced.
     """
+    fits(config)
     app = web.Application(client_max_size=config.webhook.max_body_bytes, middlewares=[errors_middleware])
     configure_trace(config.logging.trace_lines_per_second, fresh=True)
     relay = Relay(

@@ -123,6 +123,8 @@ class FakeApns:
         self._verified: dict[str, tuple[str, float]] = {}  # jwt -> (kid, iat): skip re-verifying
         self._rules: dict[str, _Answer] = {}
         self._valid_tokens: set[str] | None = None  # None: every token is valid here
+        self._too_big = 0  # the next requests answered 413 whatever their size
+        self._topic: str | None = None  # the one bundle its tokens belong to (None: any)
         self._fail: _Answer | None = None
         self._hang = False
         self._delay = 0.0
@@ -209,6 +211,18 @@ class FakeApns:
         until = None if seconds is None else time.monotonic() + seconds
         with self._lock:
             self._fail = _Answer(status, reason, retry_after, until=until)
+
+    def bind_topic(self, topic: str | None) -> None:
+        """From now on every token here belongs to the app `topic`: a request naming another `apns-topic` is
+        answered `400 DeviceTokenNotForTopic`, as Apple answers a relay configured with another app's topic."""
+        with self._lock:
+            self._topic = topic
+
+    def too_big(self, times: int = 1) -> None:
+        """Answer the next `times` requests that pass every other check `413 PayloadTooLarge`, whatever their
+        size: a count the relay's budget did not foresee."""
+        with self._lock:
+            self._too_big = times
 
     def recover(self) -> None:
         """Undo `fail_all`, `hang` and `set_delay`; per-token answers stay."""
@@ -342,13 +356,9 @@ class FakeApns:
         header_error = _check_headers(headers, token, cert_auth)
         if header_error is not None:
             return _Answer(400, header_error)
-        if len(raw) > self.max_payload:
-            return _Answer(413, "PayloadTooLarge")
-        if not raw:
-            return _Answer(400, "PayloadEmpty")
-        if payload is None:
-            # Apple documents no reason for malformed JSON; the fake names it BadPayload.
-            return _Answer(400, "BadPayload")
+        body_error = self._check_body(raw, payload)
+        if body_error is not None:
+            return body_error
         rule = self._rules.get(token)
         if rule is not None:
             if rule.remaining is not None:
@@ -356,9 +366,24 @@ class FakeApns:
                 if rule.remaining <= 0:
                     del self._rules[token]
             return rule
+        if self._topic is not None and headers.get("apns-topic", self._topic) != self._topic:
+            return _Answer(400, "DeviceTokenNotForTopic")
         if self._valid_tokens is not None and token not in self._valid_tokens:
             return _Answer(400, "BadDeviceToken")
         return _Answer(200, None)
+
+    def _check_body(self, raw: bytes, payload: dict[str, Any] | None) -> _Answer | None:
+        if len(raw) > self.max_payload:
+            return _Answer(413, "PayloadTooLarge")
+        if self._too_big > 0:
+            self._too_big -= 1
+            return _Answer(413, "PayloadTooLarge")
+        if not raw:
+            return _Answer(400, "PayloadEmpty")
+        if payload is None:
+            # Apple documents no reason for malformed JSON; the fake names it BadPayload.
+            return _Answer(400, "BadPayload")
+        return None
 
     def _check_provider_token(self, authorization: str | None, cert_auth: bool) -> str | None:
         """Return Apple's 403 reason for a bad provider token, or None when it is acceptable."""

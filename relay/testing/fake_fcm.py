@@ -96,11 +96,16 @@ class FakeFcm:
 
     def __init__(
         self, *, token_lifetime: int = 3600, token_delay: float = 0.0,
-        max_data_bytes: int = MAX_DATA_BYTES, tls: TestCA | None = None,
+        max_data_bytes: int = MAX_DATA_BYTES, tls: TestCA | None = None, count_json: bool = False,
     ) -> None:
         """`token_lifetime`: `expires_in` of issued tokens; `token_delay`: `/token` latency;
-        `tls`: serve HTTPS with this CA's `127.0.0.1` certificate (Google's endpoints are HTTPS)."""
+        `tls`: serve HTTPS with this CA's `127.0.0.1` certificate (Google's endpoints are HTTPS);
+        `count_json`: count the limit over the notification and data in JSON form (braces, quotes and escapes
+        included), one way Google might count it, instead of keys and values."""
         self.tls = tls
+        self.count_json = count_json
+        self._too_big = 0
+        self._project: str | None = None  # the project its tokens belong to (None: any)
         self.token_lifetime = token_lifetime
         self.token_delay = token_delay
         self.max_data_bytes = max_data_bytes
@@ -204,6 +209,18 @@ class FakeFcm:
         status = status or FCM_ERRORS.get(error_code or "", (503,))[0]
         with self._lock:
             self._fail = _Answer(status, error_code, message, retry_after, until=until)
+
+    def bind_project(self, project: str | None) -> None:
+        """From now on every token here belongs to the Firebase project `project`: a send through another
+        project is answered `403 SENDER_ID_MISMATCH`, as FCM answers a service account of another project."""
+        with self._lock:
+            self._project = project
+
+    def too_big(self, times: int = 1) -> None:
+        """Answer the next `times` sends that pass every other check `400 INVALID_ARGUMENT "Message is too big"`,
+        whatever their size: a count of Google's that the relay's budget did not foresee."""
+        with self._lock:
+            self._too_big = times
 
     def recover(self) -> None:
         """Undo `fail_all`, `hang` and `set_delay`; per-token answers stay."""
@@ -331,7 +348,7 @@ class FakeFcm:
         message = body.get("message") if body is not None else None
         validate_only = bool(body.get("validate_only")) if body is not None else False
         with self._lock:
-            answer = None if self._hang else self._choose(headers, body, message)
+            answer = None if self._hang else self._choose(headers, body, message, project)
             delay = self._delay
         self._log.append(FcmRequest(
             project=project, message=message if isinstance(message, dict) else {},
@@ -350,7 +367,7 @@ class FakeFcm:
         return web.json_response({"name": f"projects/{project}/messages/{message_id}"})
 
     def _choose(
-        self, headers: dict[str, str], body: dict[str, Any] | None, message: Any,
+        self, headers: dict[str, str], body: dict[str, Any] | None, message: Any, project: str = "",
     ) -> _Answer:
         # Order: outage, authentication, request shape, scripted per-token answers.
         if self._fail is not None:
@@ -363,9 +380,12 @@ class FakeFcm:
             return _Answer(401, None, _UNAUTHENTICATED)
         if body is None:
             return _Answer(400, None, "Invalid JSON payload received.")
-        problem = _check_message(message, self.max_data_bytes)
+        problem = _check_message(message, self.max_data_bytes, self.count_json)
         if problem is not None:
             return problem
+        if self._too_big > 0:
+            self._too_big -= 1
+            return _Answer(400, "INVALID_ARGUMENT", "Message is too big")
         rule = self._rules.get(str(message.get("token")))
         if rule is not None:
             if rule.remaining is not None:
@@ -373,10 +393,12 @@ class FakeFcm:
                 if rule.remaining <= 0:
                     del self._rules[str(message.get("token"))]
             return rule
+        if self._project is not None and project != self._project:
+            return _Answer(403, "SENDER_ID_MISMATCH")
         return _Answer(200)
 
 
-def _check_message(message: Any, max_data_bytes: int) -> _Answer | None:
+def _check_message(message: Any, max_data_bytes: int, count_json: bool = False) -> _Answer | None:
     """FCM's 400 INVALID_ARGUMENT checks on the message shape, or None when acceptable."""
     def invalid(text: str, field: str | None = None) -> _Answer:
         return _Answer(400, "INVALID_ARGUMENT", text, field=field)
@@ -393,13 +415,17 @@ def _check_message(message: Any, max_data_bytes: int) -> _Answer | None:
         if not isinstance(value, str):
             return invalid(f"Invalid value at 'message.data[{key}]' (TYPE_STRING)",
                            f"message.data[{key}]")
-    if payload_size(message) > max_data_bytes:
+    if payload_size(message, count_json=count_json) > max_data_bytes:
         return invalid("Message is too big")
     return None
 
 
-def payload_size(message: dict[str, Any]) -> int:
-    """The bytes FCM counts against its limit: data keys and values plus notification keys and values."""
+def payload_size(message: dict[str, Any], *, count_json: bool = False) -> int:
+    """The bytes FCM counts against its limit: data keys and values plus notification keys and values; or
+    (``count_json``) ``{"notification": ..., "data": ...}`` as compact UTF-8 JSON."""
+    if count_json:
+        parts = {part: message[part] for part in ("notification", "data") if isinstance(message.get(part), dict)}
+        return len(json.dumps(parts, ensure_ascii=False, separators=(",", ":")).encode())
     size = 0
     for part in ("data", "notification"):
         members = message.get(part)
