@@ -18,6 +18,7 @@ from relay.observability import short_token
 from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
 from relay.registry.file import load_registry
+from relay.registry.scope import Removal
 from relay.store import Store
 
 
@@ -72,7 +73,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
             return 0
         if args.action == "add":
             return await _add_device(config, store, args)
-        removed = await store.remove_device(args.token)
+        removed = await store.remove_device(args.token) is Removal.REMOVED
         print(f"removed {short_token(args.token)}" if removed else f"no run-time device {short_token(args.token)}")
         return 0 if removed else 1
 
@@ -97,7 +98,7 @@ async def _add_device(config: Config, store: Store, args: argparse.Namespace) ->
         return 1
     await store.put_device(Device(args.token, app.name, device_token, as_environment(args.environment)), time.time())
     # Deliveries parked as unroutable for it are due now: a running relay's dispatcher sends them within its
-    # poll (it finds the device in the store), before any reload.
+    # poll; every relay process reads the change at its next claim or request (the store's device epoch).
     released = await store.wake(time.time(), reasons={WaitReason.UNROUTABLE}, tokens=[args.token])
     print(f"added {short_token(args.token)} -> {app.name}; {released} waiting deliveries released")
     return 0
