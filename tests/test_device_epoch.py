@@ -144,3 +144,37 @@ async def test_racing_register_and_manage_writes_never_leave_the_register_keys_e
         assert manage.device is not None
         assert register.device is None or manage.replaced == register.device
         assert await backend.get_device(token) == Device(token, "ios", device_token)
+
+
+async def test_concurrent_refreshes_share_reads_yet_each_sees_what_changed_before_it_began(
+        make_store: MakeStore, sandbox: Sandbox) -> None:
+    """Fifty refreshes at once cost at most two epoch reads; a refresh that begins while an older read is in
+    flight (and after a change) is not answered from that older read."""
+    writer, reader = await make_store(), await make_store()
+    registry, sync = _copy(sandbox, reader)
+    await sync.load()
+    real, reads, gate = reader.device_epoch, [0], asyncio.Event()
+
+    async def counted() -> int:
+        reads[0] += 1
+        value = await real()
+        if reads[0] == 1:
+            await gate.wait()  # the first read has its (old) answer but has not returned it yet
+        return value
+
+    reader.device_epoch = counted  # type: ignore[method-assign]
+    gate.set()
+    await asyncio.gather(*(sync.refresh() for _ in range(50)))
+    assert reads[0] <= 2
+
+    reads[0], token = 0, _hex()
+    gate.clear()
+    first = asyncio.create_task(sync.refresh())
+    while reads[0] == 0:
+        await asyncio.sleep(0)
+    await writer.put_device(Device(token, "ios", token), NOW)
+    second = asyncio.create_task(sync.refresh())
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, second)
+    assert registry.is_runtime(token)

@@ -26,6 +26,8 @@ class OverlaySync:
         self._store, self._registry = store, registry
         self._epoch: int | None = None  # None: nothing loaded yet
         self._lock = asyncio.Lock()  # refreshes apply in the order they read: an older read never wins
+        self._reading: asyncio.Task[int] | None = None  # the epoch read in flight
+        self._next: asyncio.Task[int] | None = None  # the read that starts when it ends (shared by who waits)
 
     @property
     def epoch(self) -> int | None:
@@ -52,7 +54,7 @@ class OverlaySync:
         Costs one small read when nothing changed. Raises :class:`~relay.errors.StoreError` when the store
         cannot be read (the copy stays as it was).
         """
-        epoch = await self._store.device_epoch()
+        epoch = await self._epoch_now()
         if epoch == self._epoch:
             return False
         async with self._lock:
@@ -60,3 +62,27 @@ class OverlaySync:
                 return False
             self.install(await self._store.device_changes(self._epoch))
             return True
+
+    async def _epoch_now(self) -> int:
+        """The store's device epoch, read after this call began.
+
+        Callers that arrive while a read is in flight share the one that starts when it ends, so a burst of
+        concurrent webhooks or requests costs two small reads, not one each, and none of them is answered from
+        a read that began before it arrived.
+        """
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_task(self._read_after(self._reading))
+            self._next.add_done_callback(_retrieve)
+        return await asyncio.shield(self._next)
+
+    async def _read_after(self, previous: asyncio.Task[int] | None) -> int:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # its outcome is its own callers' concern
+        self._reading, self._next = self._next, None  # whoever comes from now on waits for the next read
+        return await self._store.device_epoch()
+
+
+def _retrieve(task: asyncio.Task[int]) -> None:
+    """Mark a shared read's failure as seen (each caller that still waits gets it raised)."""
+    if not task.cancelled():
+        task.exception()

@@ -26,9 +26,8 @@ from relay.config.model import ApnsEnvironment
 from relay.errors import StoreError
 from relay.registry.device import Device, as_environment
 from relay.registry.scope import DevicePut, Removal, Scope, removal
-from relay.store.base import DeviceChanges
+from relay.store.base import CHANGE_LOG_KEEP, DeviceChanges
 
-CHANGE_LOG_KEEP = 20_000  # epochs a reader may fall behind and still read only what changed
 CAS_TRIES = 20  # a device written by someone else between our read and our write: decide again, this often
 
 _CHANGED = f"""

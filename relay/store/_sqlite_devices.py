@@ -20,7 +20,7 @@ from typing import TypeVar
 from relay.config.model import ApnsEnvironment
 from relay.registry.device import Device, as_environment
 from relay.registry.scope import DevicePut, Removal, Scope, removal
-from relay.store.base import DeviceChanges
+from relay.store.base import CHANGE_LOG_KEEP, DeviceChanges
 
 T = TypeVar("T")
 
@@ -32,7 +32,6 @@ CREATE TABLE IF NOT EXISTS apns_environments (
 # key: "d:<token>" (run-time device), "x:<token>" (dead mark), "e:<device token>" (learned environment).
 CHANGES_SCHEMA = "CREATE TABLE IF NOT EXISTS device_changes (key TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID"
 CHANGES_INDEX = "CREATE INDEX IF NOT EXISTS device_changes_seq ON device_changes (seq)"
-CHANGE_LOG_KEEP = 20_000  # epochs a reader may fall behind and still read only what changed
 _EPOCH = "SELECT value FROM counters WHERE name = 'device_epoch'"
 
 

@@ -76,6 +76,9 @@ class DeadLetter:
     finished_at: float
 
 
+CHANGE_LOG_KEEP = 20_000  # device epochs a reader may fall behind and still read only what changed
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceChanges:
     """Run-time device state read in one snapshot with the store's device epoch at that moment.
