@@ -9,7 +9,6 @@ promise is "within 1 s of the answer"; the waits here are generous (a loaded CI 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +25,7 @@ from relay.store import Store, create_store
 from relay.testing.fleet import free_port
 from relay.testing.process import RelayProcess
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
-from tests.conftest import REDIS_URL, redis_keyspace, redis_unavailable
+from tests.conftest import REDIS_URL, redis_keyspace, redis_unavailable, wait_until
 from tests.test_api import APP_KEY, IOS_KEY, api_section
 
 WAIT = 10.0  # generous: the promise is 1 s
@@ -114,20 +113,6 @@ def sent_to(sandbox: Sandbox, device_token: str) -> list[str]:
     return [r.payload["aps"]["alert"]["body"] for r in sandbox.apns.requests if r.device_token == device_token]
 
 
-async def until(check: Any, what: str, timeout: float = WAIT) -> float:
-    """Wait (generously) until ``check()`` is true; the seconds it took."""
-    started = time.monotonic()
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.01)
-
-
 async def parked_unroutable(store: Store, token: str) -> bool:
     records = await store.deliveries(token=token, limit=1)
     return bool(records) and records[0].wait_reason is WaitReason.UNROUTABLE
@@ -143,11 +128,11 @@ async def test_after_re_pointing_the_next_push_goes_to_the_new_device_only(sandb
     async with live(sandbox, store_section) as relay:
         assert await relay.put(token, IOS_KEY, device_token=old) == 201
         assert await relay.webhook(token, 1) == 200
-        await until(lambda: sent_to(sandbox, old) == ["m1"], "the first push reached the old device")
+        await wait_until(lambda: sent_to(sandbox, old) == ["m1"], WAIT)  # the first push reached the old device
         assert await relay.put(token, IOS_KEY, device_token=new) == 200
         answered = time.monotonic()
         assert await relay.webhook(token, 2) == 200
-        await until(lambda: sent_to(sandbox, new) == ["m2"], "the next push reached the new device")
+        await wait_until(lambda: sent_to(sandbox, new) == ["m2"], WAIT)  # the next push reached the new device
         print(f"re-pointed: next push at the new device {time.monotonic() - answered:.3f} s after the answer")
         assert sent_to(sandbox, old) == ["m1"]
 
@@ -158,10 +143,10 @@ async def test_after_delete_nothing_more_is_pushed(sandbox: Sandbox, store_secti
     async with live(sandbox, store_section) as relay, store_client(relay) as store:
         assert await relay.put(token, IOS_KEY, device_token=phone) == 201
         assert await relay.webhook(token, 1) == 200
-        await until(lambda: sent_to(sandbox, phone) == ["m1"], "the first push reached the phone")
+        await wait_until(lambda: sent_to(sandbox, phone) == ["m1"], WAIT)  # the first push reached the phone
         assert await relay.delete(token) == 200
         assert await relay.webhook(token, 2) == 200
-        await until(lambda: parked_unroutable(store, token), "the next delivery was parked as unroutable")
+        await wait_until(lambda: parked_unroutable(store, token), WAIT)  # the next delivery was parked as unroutable
         assert sent_to(sandbox, phone) == ["m1"]
 
 
@@ -178,11 +163,11 @@ async def test_a_dead_token_registered_again_gets_its_next_push(sandbox: Sandbox
         async def dead() -> bool:
             return token in await store.dead_tokens()
 
-        await until(dead, "the token was marked dead")
+        await wait_until(dead, WAIT)  # the token was marked dead
         assert await relay.put(token, IOS_KEY, device_token=new) == 200
         answered = time.monotonic()
         assert await relay.webhook(token, 2) == 200
-        await until(lambda: sent_to(sandbox, new) == ["m2"], "the revived token's next push reached the new device")
+        await wait_until(lambda: sent_to(sandbox, new) == ["m2"], WAIT)  # the revived token's next push
         print(f"revived: next push at the new device {time.monotonic() - answered:.3f} s after the answer")
 
 
@@ -199,14 +184,14 @@ async def test_devices_add_and_remove_steer_a_live_relays_next_push(sandbox: San
         assert await asyncio.to_thread(cli_main, ["devices", "add", token, "--app", "ios", "--device-token", old,
                                                   *cli]) == 0
         assert await relay.webhook(token, 1) == 200
-        await until(lambda: sent_to(sandbox, old) == ["m1"], "the first push reached the old device")
+        await wait_until(lambda: sent_to(sandbox, old) == ["m1"], WAIT)  # the first push reached the old device
         assert await asyncio.to_thread(cli_main, ["devices", "add", token, "--app", "ios", "--device-token", new,
                                                   *cli]) == 0
         assert await relay.webhook(token, 2) == 200
-        await until(lambda: sent_to(sandbox, new) == ["m2"], "the next push reached the new device")
+        await wait_until(lambda: sent_to(sandbox, new) == ["m2"], WAIT)  # the next push reached the new device
         assert await asyncio.to_thread(cli_main, ["devices", "remove", token, *cli]) == 0
         assert await relay.webhook(token, 3) == 200
-        await until(lambda: parked_unroutable(store, token), "the next delivery was parked as unroutable")
+        await wait_until(lambda: parked_unroutable(store, token), WAIT)  # the next delivery was parked as unroutable
         assert sent_to(sandbox, old) == ["m1"] and sent_to(sandbox, new) == ["m2"]
 
 
@@ -229,8 +214,8 @@ async def test_a_change_through_one_instance_steers_the_other_instances_next_pus
                 await first.close()
                 assert await second.webhook(moved, 1) == 200
                 assert await second.webhook(removed, 2) == 200
-                await until(lambda: sent_to(sandbox, new) == ["m1"], "the re-pointed push reached the new device")
-                await until(lambda: parked_unroutable(store, removed), "the removed device's delivery was parked")
+                await wait_until(lambda: sent_to(sandbox, new) == ["m1"], WAIT)  # the re-pointed push
+                await wait_until(lambda: parked_unroutable(store, removed), WAIT)  # the removed one waits
                 assert sent_to(sandbox, old) == [] and sent_to(sandbox, phone) == []
         finally:
             await first.close()
@@ -250,7 +235,7 @@ async def test_a_token_marked_dead_by_the_delivery_process_is_refused_by_the_web
         async def dead() -> bool:
             return token in await store.dead_tokens()
 
-        await until(dead, "the token was marked dead")
+        await wait_until(dead, WAIT)  # the token was marked dead
         assert await relay.webhook(token, 2) == 410
 
 
@@ -266,5 +251,5 @@ async def test_a_register_key_cannot_overwrite_a_manage_mapping_the_webhook_proc
         device = await store.get_device(token)
         assert device is not None and device.device_token == phone
         assert await relay.webhook(token, 1) == 200
-        await until(lambda: sent_to(sandbox, phone) == ["m1"], "the push followed the manage mapping")
+        await wait_until(lambda: sent_to(sandbox, phone) == ["m1"], WAIT)  # the push followed the manage mapping
         assert sent_to(sandbox, token) == []
