@@ -18,7 +18,9 @@ from relay.observability import short_token
 from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
 from relay.registry.file import load_registry
+from relay.registry.routing import Registry
 from relay.registry.scope import Removal
+from relay.registry.sync import OverlaySync
 from relay.store import Store
 
 
@@ -62,14 +64,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     async def work(store: Store) -> int:
         if args.action == "list":
-            base = load_registry(config.registry, config.apps)
-            overlay = {d.token: d for d in await store.list_devices()}
-            dead = await store.dead_tokens()
-            for token, (app, _device_token) in sorted(base.devices.items()):
-                if token not in overlay:
-                    print("\t".join([token, app, "yaml"] + (["dead"] if token in dead else [])))
-            for token, device in sorted(overlay.items()):
-                print("\t".join([token, device.app, "runtime"] + (["dead"] if token in dead else [])))
+            registry = Registry(config.apps, load_registry(config.registry, config.apps))
+            await OverlaySync(store, registry).load()
+            # The registry file's entries first, then the run-time ones (which overlay any of the same token).
+            for token, app in sorted(registry.tokens(), key=lambda entry: (registry.is_runtime(entry[0]), entry[0])):
+                source = "runtime" if registry.is_runtime(token) else "yaml"
+                print("\t".join([token, app, source] + (["dead"] if registry.is_dead(token) else [])))
             return 0
         if args.action == "add":
             return await _add_device(config, store, args)
