@@ -22,6 +22,7 @@ from relay.inbound.auth import Authenticator
 from relay.observability import Metrics
 from relay.providers import Bounded
 from relay.registry.routing import Registry
+from relay.registry.sync import OverlaySync
 from relay.store import Store
 
 
@@ -56,6 +57,10 @@ class Relay:
         oldest = await self.store.oldest_waiting(list(self.config.apps))
         return for_apps(self.config.apps, known, oldest)
     credentials: dict[Path, str] = field(default_factory=dict)  # SHA-256 of each systemd credential file read
+    overlay: OverlaySync = field(init=False)  # how ``registry`` follows the store's device state
+
+    def __post_init__(self) -> None:
+        self.overlay = OverlaySync(self.store, self.registry)
 
     @property
     def ready_problems(self) -> list[str]:

@@ -191,7 +191,6 @@ async def test_unroutable_delivery_is_sent_as_soon_as_a_device_is_added(harness:
     await harness.run()
     device = Device(token, "ios", token)
     await harness.store.put_device(device, harness.clock.now())
-    harness.registry.put(device)
     assert await harness.store.wake(harness.clock.now(), reasons={WaitReason.UNROUTABLE}, tokens=[token]) == 1
     await harness.run()
     assert harness.bodies() == ["m1"]
@@ -229,7 +228,7 @@ async def test_config_error_keeps_deliveries_raises_alarm_and_probes(harness: Ha
     harness.provider.script[IOS_TOKEN] = [SendResult(Outcome.CONFIG_ERROR, "403 InvalidProviderToken", 403)]
     others = ["f" * 63 + str(i) for i in range(3)]
     for token in others:
-        harness.registry.put(Device(token, "ios", token))
+        await harness.store.put_device(Device(token, "ios", token), harness.clock.now())
     await harness.accept(msg(1))
     await harness.run()
     assert harness.dispatcher.alarms == {"ios": "403 InvalidProviderToken"}
@@ -259,7 +258,7 @@ async def test_one_app_failing_does_not_delay_another(harness: Harness) -> None:
     ios_sends = len(harness.provider.sent)
     parked = ["c" * 63 + str(i) for i in range(5)]
     for i, token in enumerate(parked):
-        harness.registry.put(Device(token, "ios", token))
+        await harness.store.put_device(Device(token, "ios", token), harness.clock.now())
         await harness.accept(msg(20 + i, to=token))
     await harness.accept(sample("message", to=["eJ9xQ2-fcm-registration-token:APA91bH_demo_android_device"]))
     await harness.run()
@@ -273,7 +272,7 @@ async def test_one_app_failing_does_not_delay_another(harness: Harness) -> None:
 async def test_per_device_order_holds_across_retries_while_other_devices_proceed(harness: Harness) -> None:
     """m1 fails twice; m2 and m3 to the same device wait for it; another device is not held back."""
     other = "9" * 64
-    harness.registry.put(Device(other, "ios", other))
+    await harness.store.put_device(Device(other, "ios", other), harness.clock.now())
     harness.provider.script[IOS_TOKEN] = [SendResult(Outcome.RETRY, "503", 503)] * 2
     for i in (1, 2, 3):
         await harness.accept(msg(i))
@@ -454,7 +453,7 @@ async def test_a_probe_that_raises_does_not_leave_its_app_parked(harness: Harnes
     await _trip(harness)
     buggy, fine = "9" * 64, "8" * 64
     for token in (buggy, fine):
-        harness.registry.put(Device(token, "ios", token))
+        await harness.store.put_device(Device(token, "ios", token), harness.clock.now())
     harness.provider.script[buggy] = [ProviderBug("probe bug")]
     await harness.accept(msg(7, to=buggy))
     await harness.accept(msg(8, to=fine))
@@ -478,7 +477,7 @@ async def test_a_long_outage_costs_few_probes_and_recovery_is_found_within_five_
                             harness.clock)
     tokens = [f"{i:064x}" for i in range(1, 4)]
     for token in tokens:
-        harness.registry.put(Device(token, "ios", token))
+        await harness.store.put_device(Device(token, "ios", token), harness.clock.now())
     start = harness.clock.now()
     outage, n = 3600.0, 0
     sent_at: list[tuple[float, bool]] = []  # (time, was the provider up)

@@ -43,11 +43,11 @@ async def test_reload_whose_store_read_fails_changes_nothing_and_closes_what_it_
         built.append(providers)
         return providers
 
-    async def failing() -> list[Any]:
+    async def failing(since: int | None) -> Any:
         raise StoreUnavailable("store went away during the reload")
 
     monkeypatch.setattr(runtime, "create_providers", recording)
-    monkeypatch.setattr(relay.store, "list_devices", failing)
+    monkeypatch.setattr(relay.store, "device_changes", failing)
     # The new configuration differs in every part a reload swaps: a device, the auth header, a setting.
     sandbox.write(devices={**sandbox.devices, NEW_TOKEN: {"app": "ios"}}, auth={"headers": {AUTH_HEADER: "rotated"}},
                   delivery={"backoff_initial": 2})

@@ -28,6 +28,7 @@ from relay.config import StoreSettings
 from relay.errors import StoreError, StoreUnavailable
 from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device
+from relay.registry.scope import Removal
 from relay.store import NewDelivery, Store, create_store
 from relay.store.base import DeliveryRecord
 from relay.store.sqlite import SqliteStore
@@ -474,8 +475,8 @@ async def test_devices_are_put_replaced_listed_and_removed(store: Store) -> None
     assert await store.list_devices() == [Device("t1", "ios", "dev1-new"), Device("t2", "android", "t2")]
     assert await store.get_device("t1") == Device("t1", "ios", "dev1-new")
     assert await store.get_device("nope") is None
-    assert await store.remove_device("t2") is True
-    assert await store.remove_device("t2") is False
+    assert await store.remove_device("t2") is Removal.REMOVED
+    assert await store.remove_device("t2") is Removal.ABSENT
     assert (await store.stats()).devices == 1
 
 

@@ -21,6 +21,7 @@ from relay.errors import ConfigError
 from relay.observability import short_token
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
+from relay.registry.sync import OverlaySync
 from relay.store import Store
 from relay.store.base import DeliveryRecord
 
@@ -125,7 +126,7 @@ class Routes:
             except ConfigError as exc:
                 print(f"note: registry not loaded, apps and provider tokens not resolved: {exc}", file=sys.stderr)
                 return None
-            self._registry.load_overlay(await self._store.list_devices(), (await self._store.dead_tokens()).keys())
+            await OverlaySync(self._store, self._registry).load()
         return self._registry
 
     async def parley_tokens(self, device_token: str) -> list[str]:

@@ -16,6 +16,7 @@ from relay.observability import setup_logging, short_token
 from relay.outcome import Outcome
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
+from relay.registry.sync import OverlaySync
 from relay.store import Store
 
 
@@ -98,7 +99,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     registry = Registry(config.apps, load_registry(config.registry, config.apps))
 
     async def work(store: Store) -> int:
-        registry.load_overlay(await store.list_devices(), (await store.dead_tokens()).keys())
+        await OverlaySync(store, registry).load()
         route = registry.lookup(args.token)
         if route is None:
             print(f"no registry entry or routing rule for {short_token(args.token)}", file=sys.stderr)

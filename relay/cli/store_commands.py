@@ -18,6 +18,9 @@ from relay.observability import short_token
 from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
 from relay.registry.file import load_registry
+from relay.registry.routing import Registry
+from relay.registry.scope import Removal
+from relay.registry.sync import OverlaySync
 from relay.store import Store
 
 
@@ -61,18 +64,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     async def work(store: Store) -> int:
         if args.action == "list":
-            base = load_registry(config.registry, config.apps)
-            overlay = {d.token: d for d in await store.list_devices()}
-            dead = await store.dead_tokens()
-            for token, (app, _device_token) in sorted(base.devices.items()):
-                if token not in overlay:
-                    print("\t".join([token, app, "yaml"] + (["dead"] if token in dead else [])))
-            for token, device in sorted(overlay.items()):
-                print("\t".join([token, device.app, "runtime"] + (["dead"] if token in dead else [])))
+            registry = Registry(config.apps, load_registry(config.registry, config.apps))
+            await OverlaySync(store, registry).load()
+            # The registry file's entries first, then the run-time ones (which overlay any of the same token).
+            for token, app in sorted(registry.tokens(), key=lambda entry: (registry.is_runtime(entry[0]), entry[0])):
+                source = "runtime" if registry.is_runtime(token) else "yaml"
+                print("\t".join([token, app, source] + (["dead"] if registry.is_dead(token) else [])))
             return 0
         if args.action == "add":
             return await _add_device(config, store, args)
-        removed = await store.remove_device(args.token)
+        removed = await store.remove_device(args.token) is Removal.REMOVED
         print(f"removed {short_token(args.token)}" if removed else f"no run-time device {short_token(args.token)}")
         return 0 if removed else 1
 
@@ -97,7 +98,7 @@ async def _add_device(config: Config, store: Store, args: argparse.Namespace) ->
         return 1
     await store.put_device(Device(args.token, app.name, device_token, as_environment(args.environment)), time.time())
     # Deliveries parked as unroutable for it are due now: a running relay's dispatcher sends them within its
-    # poll (it finds the device in the store), before any reload.
+    # poll; every relay process reads the change at its next claim or request (the store's device epoch).
     released = await store.wake(time.time(), reasons={WaitReason.UNROUTABLE}, tokens=[args.token])
     print(f"added {short_token(args.token)} -> {app.name}; {released} waiting deliveries released")
     return 0

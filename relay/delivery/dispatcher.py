@@ -32,6 +32,7 @@ from relay.outcome import EndState, Outcome, SendResult, WaitReason
 from relay.providers import Provider
 from relay.registry.device import Route
 from relay.registry.routing import Registry
+from relay.registry.sync import OverlaySync
 from relay.store.base import Job, Store
 
 T = TypeVar("T")
@@ -55,8 +56,10 @@ class Dispatcher:
         clock: Clock | None = None,
         policy: RetryPolicy | None = None,
         probes: ProbePolicy | None = None,
+        sync: OverlaySync | None = None,
     ) -> None:
         self.store, self.registry, self._providers = store, registry, providers
+        self.sync = sync or OverlaySync(store, registry)  # the registry's run-time part follows the store
         self.settings, self.metrics = settings, metrics
         self.clock = clock or SystemClock()
         self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
@@ -113,11 +116,21 @@ class Dispatcher:
         except StoreError as exc:
             event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
             return False
+        if jobs:
+            await self._refresh()
         for n, (job, slot) in enumerate(zip(jobs, self.admission.claimed(jobs, plan), strict=True), 1):
             self._start(job, slot)
             if n % START_SLICE == 0:
                 await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
         return len(jobs) >= plan.limit
+
+    async def _refresh(self) -> None:
+        """Catch up with device changes made anywhere (after the claim: whatever changed before a claimed
+        delivery was stored steers it); a store that cannot be read leaves the copy as it was."""
+        try:
+            await self.sync.refresh()
+        except StoreError as exc:
+            event(logging.WARNING, "device changes not read, routing with the copy in hand", error=str(exc))
 
     def _start(self, job: Job, slot: Slot) -> None:
         task = asyncio.get_running_loop().create_task(self._guarded(job, slot))
@@ -154,6 +167,8 @@ class Dispatcher:
             jobs = await self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits) if plan.limit else []
             if not jobs and not self._tasks:
                 return
+            if jobs:
+                await self._refresh()
             for job, slot in zip(jobs, self.admission.claimed(jobs, plan), strict=True):
                 self._start(job, slot)
             if self._tasks:
@@ -263,14 +278,7 @@ class Dispatcher:
                           replaced=self._providers().get(route.app.name) is not provider)
 
     async def _route(self, job: Job) -> Route | None:
-        route = self.registry.lookup(job.token)
-        if route is None and not self.registry.is_dead(job.token):
-            # Another instance (or the CLI) may have registered it since our overlay was loaded.
-            device = await self._persist(lambda: self.store.get_device(job.token))
-            if device is not None:
-                self.registry.put(device)
-                route = self.registry.lookup(job.token)
-        return route
+        return self.registry.lookup(job.token)
 
     async def _admit(self, job: Job, slot: Slot, route: Route, now: float, expires_at: float) -> bool:
         """The app's circuit and slots: False when the delivery was put back to wait instead."""
@@ -352,17 +360,16 @@ class Dispatcher:
             self.metrics.dead_tokens.labels(route.app.platform, route.app.name).inc()
             event(logging.WARNING, "push token is dead", app=route.app.name, token=short_token(job.token),
                   reason=result.reason)
-        self.registry.mark_dead(job.token)
         await self.record_end(job, EndState.TOKEN_DEAD, result.reason, route, result.status)
 
     async def _remember_environment(self, route: Route, result: SendResult) -> None:
         """An APNs sandbox fallback found the device token's host: keep it (store: restarts and other instances;
-        registry: this instance at once), so that its later pushes go there without asking production first."""
+        every process's copy at its next refresh), so that its later pushes go there without asking production
+        first."""
         environment = result.learned_environment
         if environment is not None:
             await self._persist(lambda: self.store.remember_environment(route.device_token, environment,
                                                                        self.clock.now()))
-            self.registry.remember_environment(route.device_token, environment)
             event(logging.INFO, "APNs environment of a device token learned and remembered", app=route.app.name,
                   token=short_token(route.device_token), environment=environment)
 

@@ -1,14 +1,16 @@
 """Device API stage: apps (or their backends) register push tokens at run time under ``/v1/``.
 
-Request path: ``API key -> validate -> store.put_device (durable) -> registry overlay -> wake parked
-deliveries``. A device registered here persists in the store (either backend), overlays the YAML registry,
-survives restarts and reloads, and takes effect at once for deliveries parked as unroutable.
+Request path: ``API key -> refresh the registry copy -> validate -> store.put_device (durable, scope decided
+in the same transaction) -> refresh -> wake parked deliveries``. A device registered here persists in the
+store (either backend), overlays the YAML registry, survives restarts and reloads, and steers the next push of
+every process and instance (they refresh from the store's device epoch, :mod:`relay.registry.sync`).
 
 Each API key (``api.keys`` in the config, kept as SHA-256 only) may touch the devices of its own apps only,
-within its scope: a ``register`` key (the kind an app may carry: it can be extracted) may only register a
-token as itself, never map it to another device token, overwrite an entry that maps elsewhere, delete or list;
-a ``manage`` key (a backend's) may do all of that. Every answer is JSON; a refused request names the field at
-fault. The contract is ``relay/http/openapi.json``, served at ``GET /v1/openapi.json``.
+within its scope (:mod:`relay.registry.scope`, decided by the store): a ``register`` key (the kind an app may
+carry: it can be extracted) may only register a token as itself, never map it to another device token,
+overwrite an entry that maps elsewhere, delete or list; a ``manage`` key (a backend's) may do all of that.
+Every answer is JSON; a refused request names the field at fault. The contract is ``relay/http/openapi.json``,
+served at ``GET /v1/openapi.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from relay.errors import RelayError, StoreError
 from relay.observability import event, short_token
 from relay.outcome import WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
+from relay.registry.scope import Refusal, Removal, Scope
 from relay.running import RELAY_KEY, Relay
 
 PREFIX = "/v1"
@@ -75,6 +78,7 @@ def _operation(name: str, handler: ApiHandler) -> Callable[[web.Request], Awaita
         try:
             key = authenticate(request, relay)
             key_name = key.name
+            await _refresh(relay)
             response = await handler(request, relay, key)
         except ApiRefused as exc:
             response = exc.response()
@@ -85,6 +89,15 @@ def _operation(name: str, handler: ApiHandler) -> Callable[[web.Request], Awaita
         return response
 
     return run
+
+
+async def _refresh(relay: Relay) -> None:
+    """Catch up with device changes made elsewhere (the delivery process's dead marks, the CLI, another
+    instance), so that what this request reads and answers is the store's state now."""
+    try:
+        await relay.overlay.refresh()
+    except StoreError as exc:
+        raise _store_down(exc) from exc
 
 
 def authenticate(request: web.Request, relay: Relay) -> ApiKey:
@@ -156,29 +169,20 @@ def _environment(app: App, value: object) -> ApnsEnvironment | None:
     return environment
 
 
-def _within_scope(key: ApiKey, token: str, app: App, device: tuple[str, ApnsEnvironment | None],
-                  existing: Device | None) -> ApnsEnvironment | None:
-    """The environment to store, once ``key`` may register ``device`` (device token, environment) for ``token``.
+# A refused conditional write (decided in the store, see relay.registry.scope) as the API answers it.
+_REFUSALS = {
+    Refusal.OTHER_APP: ("this push token is registered to an app this API key may not manage", "parley_token"),
+    Refusal.NOT_ITSELF: ("this API key (scope register) may only register a push token as itself: mapping it "
+                         "to another device_token needs a key with scope manage", "device_token"),
+    Refusal.TAKEN: ("this push token is registered to another device or app; a key with scope register cannot "
+                    "replace it (scope manage can)", "parley_token"),
+    Refusal.ENVIRONMENT: ("this push token is already registered: a key with scope register cannot change its "
+                          "environment (scope manage can)", "environment"),
+}
 
-    A ``register`` key may only register ``token`` as itself, never take over an entry mapped elsewhere, and
-    never change a registered device's environment (pointing a production token at the sandbox would have
-    its pushes refused and the token declared dead): omitted, the entry's environment stays.
-    """
-    device_token, environment = device
-    if key.manages:
-        return environment
-    if device_token != token:
-        raise ApiRefused(403, "this API key (scope register) may only register a push token as itself: "
-                              "mapping it to another device_token needs a key with scope manage", "device_token")
-    if existing is None:
-        return environment
-    if (existing.app, existing.device_token) != (app.name, token):
-        raise ApiRefused(403, "this push token is registered to another device or app; a key with scope "
-                              "register cannot replace it (scope manage can)", "parley_token")
-    if environment is not None and environment != existing.environment:
-        raise ApiRefused(403, "this push token is already registered: a key with scope register cannot change "
-                              "its environment (scope manage can)", "environment")
-    return existing.environment
+
+def _scope(relay: Relay, key: ApiKey, token: str) -> Scope:
+    return Scope(key.manages, frozenset(key.apps), frozenset(relay.config.apps), relay.registry.file_entry(token))
 
 
 def _require_manage(key: ApiKey, what: str) -> None:
@@ -235,27 +239,32 @@ async def put_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Res
     if device_token is not None and not isinstance(device_token, str):
         raise ApiRefused(400, "must be a string", "device_token")
     environment = _environment(app, body.get("environment"))
-    existing = _own_entry(relay, key, token)
+    _own_entry(relay, key, token)  # another app's entry: refused first, as the store would
     if device_token is None:
         # The Parley token is the provider token itself unless told otherwise (as in the YAML registry).
         check_device_token(app, token, "device_token")
         device_token = token
     else:
         check_device_token(app, device_token)
-    environment = _within_scope(key, token, app, (device_token, environment), existing)
-    device = Device(token, app.name, device_token, environment)
+    if not key.manages and device_token != token:  # refused before the store is asked (also decided there)
+        raise ApiRefused(403, *_REFUSALS[Refusal.NOT_ITSELF])
+    scope = _scope(relay, key, token)
     now = relay.clock.now()
     try:
-        await relay.store.put_device(device, now)
-        relay.registry.put(device)
+        # The scope is decided in the store, against the entry as it is there, in the write's own transaction.
+        put = await relay.store.put_device(Device(token, app.name, device_token, environment), now, scope)
+        if put.device is None:
+            raise ApiRefused(403, *_REFUSALS[put.refusal or Refusal.TAKEN], apps=list(key.apps))
+        await relay.overlay.refresh()
         woken = await relay.store.wake(now, reasons={WaitReason.UNROUTABLE}, tokens=[token])
     except StoreError as exc:
         raise _store_down(exc) from exc
     if woken and relay.dispatcher is not None:
         relay.dispatcher.wake()
+    existing = put.replaced or scope.base
     event(logging.INFO, "device registered", key=key.name, scope=key.scope, app=app.name, token=short_token(token),
-          environment=environment or "-", replaced=existing is not None, released=woken)
-    return web.json_response(device_json(relay, device), status=200 if existing is not None else 201)
+          environment=put.device.environment or "-", replaced=existing is not None, released=woken)
+    return web.json_response(device_json(relay, put.device), status=200 if existing is not None else 201)
 
 
 async def get_device(request: web.Request, relay: Relay, key: ApiKey) -> web.Response:
@@ -281,10 +290,14 @@ async def delete_device(request: web.Request, relay: Relay, key: ApiKey) -> web.
     if not relay.registry.is_runtime(token):
         raise ApiRefused(409, "this device is listed in the registry file; remove it there", "parley_token")
     try:
-        await relay.store.remove_device(token)
+        removed = await relay.store.remove_device(token, _scope(relay, key, token))
+        await relay.overlay.refresh()
     except StoreError as exc:
         raise _store_down(exc) from exc
-    relay.registry.remove(token)
+    if removed is Removal.ABSENT:  # removed by someone else since this request read it
+        raise ApiRefused(404, "no device is registered with this push token", "parley_token")
+    if removed is not Removal.REMOVED:  # re-registered to another app meanwhile
+        raise ApiRefused(403, _REFUSALS[Refusal.OTHER_APP][0], "parley_token", apps=list(key.apps))
     event(logging.INFO, "device removed", key=key.name, app=entry.app, token=short_token(token))
     return web.json_response({"status": "deleted", "parley_token": token})
 

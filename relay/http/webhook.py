@@ -70,7 +70,7 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
             and hook.notification.name not in KNOWN_EVENTS):
         event(logging.INFO, "webhook ignored", request_id=rid, type="event", event_name=hook.notification.name[:40])
         return "ignored", web.json_response({"status": "ignored", "type": "event", "event": hook.notification.name})
-    if settings.reject_dead_tokens and all(relay.registry.is_dead(t) for t in hook.tokens):
+    if settings.reject_dead_tokens and await _all_dead(relay, hook.tokens):
         event(logging.INFO, "webhook for dead token refused", request_id=rid, tokens=len(hook.tokens))
         return "dead_token", error_response(410, "push token is dead (reported by the push provider)")
     now = relay.clock.now()
@@ -97,6 +97,15 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
               duplicates=len(items) - fresh, tokens=",".join(short_token(t) for t in hook.tokens[:5]))
     status = "accepted" if fresh else "duplicate"
     return status, _accepted_answer(status, fresh, len(items) - fresh)
+
+
+async def _all_dead(relay: Relay, tokens: tuple[str, ...]) -> bool:
+    """Whether every token is marked dead, as the store says now (the delivery process marks them)."""
+    try:
+        await relay.overlay.refresh()
+    except StoreError:
+        pass  # the enqueue that follows answers 503 if the store is really down
+    return all(relay.registry.is_dead(t) for t in tokens)
 
 
 @functools.lru_cache(maxsize=256)

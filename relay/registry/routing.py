@@ -2,7 +2,8 @@
 
 The YAML file (``devices:`` plus optional ``routing:`` rules) is the base; devices added or removed at run
 time live in the store and overlay it. Lookups never touch the disk: the registry is an in-memory snapshot
-that :meth:`Registry.replace` swaps whole on reload, so a bad new file leaves the old one in force.
+that :meth:`Registry.replace` swaps whole on reload, so a bad new file leaves the old one in force; the
+overlay follows the store through :class:`relay.registry.sync.OverlaySync` alone.
 
 APNs environments: a device may declare its host (registry file or device API); otherwise the environment
 learned by an earlier sandbox fallback (kept in the store, by device token) routes it; otherwise the app's.
@@ -10,12 +11,13 @@ learned by an earlier sandbox fallback (kept in the store, by device token) rout
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from relay.config import App
 from relay.config.model import ApnsEnvironment
 from relay.registry.device import Device, Route
 from relay.registry.file import RegistryFile
+from relay.store.base import DeviceChanges
 
 
 class Registry:
@@ -37,44 +39,37 @@ class Registry:
         """Swap in a reloaded configuration (already validated)."""
         self._apps, self._base = dict(apps), base
 
-    def load_overlay(self, devices: Iterable[Device], dead: Iterable[str],
-                     learned: Mapping[str, ApnsEnvironment] | None = None) -> None:
-        """Install the store's run-time devices, dead tokens and (when given) learned APNs environments (at
-        start and after reloads)."""
-        overlay: dict[str, tuple[str, str | None]] = {}
-        environments: dict[str, ApnsEnvironment] = {}
-        for d in devices:
-            overlay[d.token] = (d.app, None if d.device_token == d.token else d.device_token)
-            if d.environment is not None:
-                environments[d.token] = d.environment
-        self._overlay, self._overlay_environments = overlay, environments
-        self._dead = set(dead)
-        if learned is not None:
-            self._learned = dict(learned)
-
-    def put(self, device: Device) -> None:
-        """Add or replace a run-time device (already persisted by the caller); revives a dead token."""
-        self._overlay[device.token] = (device.app, None if device.device_token == device.token else device.device_token)
-        if device.environment is None:
-            self._overlay_environments.pop(device.token, None)
-        else:
-            self._overlay_environments[device.token] = device.environment
-        self._dead.discard(device.token)
-
-    def remove(self, token: str) -> None:
-        self._overlay.pop(token, None)
-        self._overlay_environments.pop(token, None)
-
-    def remember_environment(self, device_token: str, environment: ApnsEnvironment) -> None:
-        """Route ``device_token`` to ``environment`` from now on (already persisted by the caller)."""
-        self._learned[device_token] = environment
+    def apply(self, changes: DeviceChanges) -> None:
+        """Install the store's run-time devices, dead marks and learned APNs environments: all of them
+        (``changes.full``) or what changed since the copy's epoch. Only :class:`~relay.registry.sync.OverlaySync`
+        calls it: every process's copy follows the store through that one path."""
+        if changes.full:
+            self._overlay, self._overlay_environments = {}, {}
+            self._dead, self._learned = set(), {}
+        for token, device in changes.devices.items():
+            if device is None:
+                self._overlay.pop(token, None)
+                self._overlay_environments.pop(token, None)
+                continue
+            self._overlay[token] = (device.app, None if device.device_token == token else device.device_token)
+            if device.environment is None:
+                self._overlay_environments.pop(token, None)
+            else:
+                self._overlay_environments[token] = device.environment
+        for token, dead in changes.dead.items():
+            if dead:
+                self._dead.add(token)
+            else:
+                self._dead.discard(token)
+        for device_token, environment in changes.environments.items():
+            if environment is None:
+                self._learned.pop(device_token, None)
+            else:
+                self._learned[device_token] = environment
 
     def learned_environment(self, device_token: str) -> ApnsEnvironment | None:
         """The APNs host an earlier sandbox fallback found for ``device_token``, if any."""
         return self._learned.get(device_token)
-
-    def mark_dead(self, token: str) -> None:
-        self._dead.add(token)
 
     def is_dead(self, token: str) -> bool:
         return token in self._dead
@@ -82,12 +77,19 @@ class Registry:
     def entry(self, token: str) -> Device | None:
         """The explicit entry for ``token`` (overlay first), without routing rules."""
         found = self._overlay.get(token)
-        environments: Mapping[str, ApnsEnvironment] = self._overlay_environments
         if found is None:
-            found, environments = self._base.devices.get(token), self._base.environments
-            if found is None:
-                return None
+            return self.file_entry(token)
         app, device_token = found
+        environments = self._overlay_environments
+        return Device(token, app, device_token or token, environments.get(token) if environments else None)
+
+    def file_entry(self, token: str) -> Device | None:
+        """The registry file's entry for ``token`` (what a run-time entry overlays), if any."""
+        found = self._base.devices.get(token)
+        if found is None:
+            return None
+        app, device_token = found
+        environments = self._base.environments
         return Device(token, app, device_token or token, environments.get(token) if environments else None)
 
     def is_runtime(self, token: str) -> bool:

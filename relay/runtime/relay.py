@@ -49,9 +49,7 @@ async def reload(relay: Relay) -> bool:
         base = load_registry(config.registry, config.apps)
         # Every app gets a fresh provider: a rotated key file keeps its path but not its contents.
         fresh = await create_providers(config.apps, config.delivery.send_timeout)
-        devices = await relay.store.list_devices()
-        dead = (await relay.store.dead_tokens()).keys()
-        learned = await relay.store.learned_environments()
+        devices = await relay.store.device_changes(None)  # a reload also re-reads every run-time device
         auth = build_authenticator(config.auth, previous=relay.auth)  # keeps the failure counts
     except Exception as exc:  # noqa: BLE001 - whatever failed, the running configuration stays in force
         for provider in fresh.values():
@@ -62,7 +60,7 @@ async def reload(relay: Relay) -> bool:
         return False
     old, relay.providers = relay.providers, fresh
     relay.registry.replace(config.apps, base)
-    relay.registry.load_overlay(devices, dead, learned)
+    relay.overlay.install(devices)
     relay.config = config
     configure_trace(config.logging.trace_lines_per_second)
     relay.credentials, before = credential_digests(config), relay.credentials
@@ -171,8 +169,7 @@ async def _mark_started(app: web.Application) -> None:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     await relay.store.open()
-    relay.registry.load_overlay(await relay.store.list_devices(), (await relay.store.dead_tokens()).keys(),
-                                await relay.store.learned_environments())
+    await relay.overlay.load()
     yield
     await relay.store.close()
 
@@ -200,7 +197,7 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY_KEY]
     # Dispatcher.run() recovers what a crashed process left in flight first (never a live process's claims).
     dispatcher = Dispatcher(relay.store, relay.registry, lambda: relay.providers, relay.config.delivery,
-                            relay.metrics, relay.clock)
+                            relay.metrics, relay.clock, sync=relay.overlay)
     relay.dispatcher = dispatcher
     task = asyncio.get_running_loop().create_task(dispatcher.run(), name="dispatcher")
     yield

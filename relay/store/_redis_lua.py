@@ -18,8 +18,8 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
     P:t:<token>           list: the token's recently finished seqs, newest first (its open ones: P:q), capped, TTL
     P:r:<request id>, P:m:<message id>   zsets: recent seqs of a webhook / a message, capped, with a TTL
     P:dd:<key>            string with TTL: dedupe key (value = end of its window)
-    P:devices, P:deadtok, P:counters   hashes
-    P:apnsenv             hash: APNs device token -> environment found by a sandbox fallback
+    P:counters            hash: end-state counters
+    P:devices, P:deadtok, P:apnsenv, P:device:epoch, P:device:changes   see :mod:`relay.store._redis_devices`
 
 Only a token's head is ever in a stream or a schedule, so two instances can never hold two deliveries of
 one token: per-device order is a property of the data, not of a lock. An entry leaves the consumer's

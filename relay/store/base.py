@@ -9,6 +9,7 @@ from typing import Protocol
 from relay.config.model import ApnsEnvironment
 from relay.outcome import EndState, WaitReason
 from relay.registry.device import Device
+from relay.registry.scope import DevicePut, Removal, Scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,25 @@ class DeadLetter:
     reason: str
     received_at: float
     finished_at: float
+
+
+CHANGE_LOG_KEEP = 20_000  # device epochs a reader may fall behind and still read only what changed
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChanges:
+    """Run-time device state read in one snapshot with the store's device epoch at that moment.
+
+    ``full``: every run-time device, dead mark and learned environment (a first load, or a reader too far
+    behind the change log). Otherwise only what changed after the epoch asked for, with its value now: a
+    device ``None`` was removed, a token ``False`` is no longer dead, an environment ``None`` was forgotten.
+    """
+
+    epoch: int
+    full: bool
+    devices: Mapping[str, Device | None] = field(default_factory=dict)
+    dead: Mapping[str, bool] = field(default_factory=dict)
+    environments: Mapping[str, ApnsEnvironment | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,11 +175,24 @@ class Store(Protocol):
     async def next_due(self) -> float | None:
         """Earliest due time of any pending delivery, or None when nothing is pending."""
 
-    async def put_device(self, device: Device, now: float) -> None:
-        """Add or replace a run-time device, with its declared environment (and clear a dead mark on its token)."""
+    async def put_device(self, device: Device, now: float, scope: Scope | None = None) -> DevicePut:
+        """Add or replace a run-time device, with its declared environment (and clear a dead mark on its token).
 
-    async def remove_device(self, token: str) -> bool:
-        """Remove a run-time device; False when there was none."""
+        With ``scope`` (an API key's), the write is conditional: decided by :meth:`Scope.decide`
+        against the entry in the store in the same transaction as the write, so that no stale copy and no
+        concurrent writer can slip past it; a refused write changes nothing.
+        """
+
+    async def remove_device(self, token: str, scope: Scope | None = None) -> Removal:
+        """Remove a run-time device; with ``scope``, only as :meth:`Scope.decide_removal` allows (atomically)."""
+
+    async def device_epoch(self) -> int:
+        """The device change counter: bumped in the same transaction as every device put or removal, dead
+        mark (set or cleared) and learned environment. One small read; every process checks it."""
+
+    async def device_changes(self, since: int | None) -> DeviceChanges:
+        """What changed after epoch ``since`` (everything when None or when the change log no longer
+        reaches back that far), read in one snapshot together with the epoch it brings the reader to."""
 
     async def get_device(self, token: str) -> Device | None:
         """One run-time device (another instance may have added it since this one loaded its overlay)."""

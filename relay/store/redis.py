@@ -21,7 +21,6 @@ Every redis exception is translated here: unreachable -> :class:`StoreUnavailabl
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -40,14 +39,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from relay.config import StoreSettings
-from relay.config.model import ApnsEnvironment
 from relay.errors import StoreError, StoreUnavailable
 from relay.observability import event
 from relay.outcome import EndState, WaitReason
-from relay.registry.device import Device, as_environment
+from relay.store import _redis_devices as devices
 from relay.store import _redis_lua as lua
 from relay.store import _redis_lua_admin as admin
 from relay.store import _redis_read as read
+from relay.store._redis_devices import RedisDevices
 from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
 
 SOCKET_TIMEOUT = 5.0  # a webhook waits at most this long for Redis before it is answered 503
@@ -57,20 +56,14 @@ REAP_AFTER = 3600.0  # a consumer with nothing pending, silent this long, is a d
 BATCH = 1000  # wake, recovery and migration work in atomic steps of this many deliveries
 _SCRIPTS = {"ENQUEUE": lua, "CLAIM": lua, "FINISH": lua, "RETRY": lua, "WAKE": admin, "RETRY_DEAD": admin,
             "HEARTBEAT": admin, "RELEASE": admin, "RECOVER": admin, "LAPSED": admin, "REAP": admin,
-            "MIGRATE": admin}
+            "MIGRATE": admin, **{name: devices for name in devices.SCRIPTS}}
 
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _device(token: str, raw: bytes | str) -> Device:
-    """A run-time device from its ``P:devices`` JSON (``environment`` absent in entries of earlier versions)."""
-    doc = json.loads(raw)
-    return Device(token, str(doc["app"]), str(doc["device_token"]), as_environment(doc.get("environment")))
-
-
-class RedisStore:
+class RedisStore(RedisDevices):
     """The scale-out store; see the module docstring for the model."""
 
     def __init__(self, settings: StoreSettings) -> None:
@@ -351,42 +344,6 @@ class RedisStore:
 
     async def dead_letter(self, id: str) -> DeadLetter | None:
         return await read.dead_letter(self._client, self._do, self._prefix, id)
-
-    # -- devices and dead tokens -----------------------------------------------------------------
-
-    async def put_device(self, device: Device, now: float) -> None:
-        doc: dict[str, object] = {"app": device.app, "device_token": device.device_token, "updated_at": now}
-        if device.environment is not None:
-            doc["environment"] = device.environment
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key("devices"), device.token, json.dumps(doc))
-            pipe.hdel(self._key("deadtok"), device.token)
-            await self._do(pipe.execute())
-
-    async def remove_device(self, token: str) -> bool:
-        return bool(await self._do(self._client.hdel(self._key("devices"), token)))
-
-    async def get_device(self, token: str) -> Device | None:
-        raw = await self._do(self._client.hget(self._key("devices"), token))
-        return None if raw is None else _device(token, raw)
-
-    async def list_devices(self) -> list[Device]:
-        rows = await self._do(self._client.hgetall(self._key("devices")))
-        return sorted((_device(_s(token), raw) for token, raw in rows.items()), key=lambda d: d.token)
-
-    async def remember_environment(self, device_token: str, environment: ApnsEnvironment, now: float) -> None:
-        await self._do(self._client.hset(self._key("apnsenv"), device_token, environment))
-
-    async def learned_environments(self) -> dict[str, ApnsEnvironment]:
-        rows = await self._do(self._client.hgetall(self._key("apnsenv")))
-        return {_s(token): env for token, value in rows.items() if (env := as_environment(_s(value))) is not None}
-
-    async def mark_dead(self, token: str, reason: str, now: float) -> bool:
-        return bool(await self._do(self._client.hsetnx(self._key("deadtok"), token, reason)))
-
-    async def dead_tokens(self) -> dict[str, str]:
-        rows = await self._do(self._client.hgetall(self._key("deadtok")))
-        return {_s(token): _s(reason) for token, reason in rows.items()}
 
     # -- dead letters and stats --------------------------------------------------------------------
 

@@ -302,23 +302,6 @@ class SqliteStore(GroupCommit, SqliteDevices):
 
         return await self._read(op)
 
-    # -- devices and dead tokens -----------------------------------------------------------------
-
-    async def mark_dead(self, token: str, reason: str, now: float) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "INSERT INTO dead_tokens (token, reason, since) VALUES (?, ?, ?) ON CONFLICT(token) DO NOTHING "
-                "RETURNING token",
-                (token, reason, now),
-            ).fetchone()
-            return row is not None
-
-        return await self._run(op)
-
-    async def dead_tokens(self) -> dict[str, str]:
-        rows = await self._read(lambda c: c.execute("SELECT token, reason FROM dead_tokens").fetchall())
-        return dict(rows)
-
     # -- dead letters and stats ------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

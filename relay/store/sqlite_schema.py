@@ -16,7 +16,7 @@ from pathlib import Path
 from relay.errors import StoreUnavailable
 from relay.store._sqlite_devices import migrate_devices
 
-SCHEMA_VERSION = 4  # 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open
+SCHEMA_VERSION = 5  # 3: devices.environment and apns_environments; 4: app_open; 5: device_changes
 
 # The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
 _TABLES = (
