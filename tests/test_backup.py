@@ -36,8 +36,9 @@ async def _store_facts(config: Path) -> tuple[list[str], dict[str, str], int]:
     store = create_store(load_config(config, credentials=False).store)
     await store.open()
     try:
-        return ([d.token for d in await store.list_devices()], await store.dead_tokens(),
-                (await store.stats()).pending)
+        stats = await store.stats()
+        # Waiting work: pending, or claimed by a process that has since stopped (recovered at the next start).
+        return [d.token for d in await store.list_devices()], await store.dead_tokens(), stats.pending + stats.inflight
     finally:
         await store.close()
 
