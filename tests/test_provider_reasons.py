@@ -74,7 +74,8 @@ async def test_apns_untrusted_certificate_is_named_as_a_failed_tls_handshake(san
     assert reason.startswith(f"TLS handshake with 127.0.0.1:{sandbox.apns.port} failed: certificate verify failed")
 
 
-async def test_aioapns_connect_failure_is_not_logged_at_error(sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+async def test_aioapns_connect_failure_is_not_logged_at_error(sandbox: Sandbox,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     """aioapns' own "Could not connect to server" ERROR line (no app, no host) is not emitted: the reason has both."""
     ios, _ = _apps(sandbox)
     caplog.set_level(logging.DEBUG)

@@ -96,7 +96,7 @@ class ConnectProxy:
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n"))[:MAX_HEAD].decode("latin-1")
         request_line, *header_lines = head.split("\r\n")
-        method, target, _version = (request_line.split(" ") + ["", "", ""])[:3]
+        method, target, _version = [*request_line.split(" "), "", "", ""][:3]
         headers = {name.strip().lower(): value.strip()
                    for name, _, value in (line.partition(":") for line in header_lines if line)}
         if method != "CONNECT":
