@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import json
-import logging
 import uuid
 from pathlib import Path
 
@@ -72,15 +71,6 @@ async def test_apns_untrusted_certificate_is_named_as_a_failed_tls_handshake(san
     ios, _ = _apps(sandbox)
     reason = await _apns_reason(dataclasses.replace(ios, ca_file=None))
     assert reason.startswith(f"TLS handshake with 127.0.0.1:{sandbox.apns.port} failed: certificate verify failed")
-
-
-async def test_aioapns_connect_failure_is_not_logged_at_error(sandbox: Sandbox,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    """aioapns' own "Could not connect to server" ERROR line (no app, no host) is not emitted: the reason has both."""
-    ios, _ = _apps(sandbox)
-    caplog.set_level(logging.DEBUG)
-    await _apns_reason(dataclasses.replace(ios, endpoint=f"https://127.0.0.1:{free_port()}"))
-    assert not [r for r in caplog.records if r.name.startswith("aioapns") and r.levelno >= logging.ERROR]
 
 
 async def test_fcm_unknown_host_is_named_as_a_failed_dns_lookup(sandbox: Sandbox) -> None:

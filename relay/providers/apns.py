@@ -16,7 +16,7 @@ aioapns defects worked around here (each covered by a test):
   ``APNS_SERVER``/``APNS_PORT``, which is how ``endpoint`` (and ``sandbox_endpoint``) redirect it;
 * a failed connect surfaces as a bare ``ConnectionError()`` after an ERROR log line without app or host: our
   pools raise :class:`ApnsUnreachable` with the cause and host (:mod:`relay.providers.network_errors`), which
-  becomes the push's reason.
+  becomes the push's reason (aioapns' own lines are demoted to DEBUG by :func:`relay.observability.setup_logging`).
 
 Environments: one pool per (app, environment), both signed by the app's one JWT. A development build's token
 is valid only on the sandbox host; production answers it ``400 BadDeviceToken`` (see :class:`ApnsProvider`).
@@ -25,7 +25,6 @@ is valid only on the sandbox host; production answers it ``400 BadDeviceToken`` 
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import time
 from collections.abc import Mapping
@@ -91,10 +90,6 @@ APNS_STATUS: Mapping[int, Outcome] = {200: Outcome.SENT, 403: Outcome.CONFIG_ERR
 SANDBOX_FALLBACK_ON = (400, "400 BadDeviceToken")
 
 JWT_LIFETIME = 50 * 60  # Apple rejects tokens older than 1 h and throttles refreshes under 20 min
-
-# aioapns logs each failed connect at ERROR ("Could not connect to server"), ~18 a minute in an outage, with no app or
-# host; the relay's own reason (retry and circuit lines) names both, so that one line of aioapns' is dropped.
-logging.getLogger("aioapns").addFilter(lambda record: not record.getMessage().startswith("Could not connect"))
 
 
 def classify_apns(status: int, reason: str | None, retry_after: float | None = None) -> SendResult:
