@@ -152,3 +152,23 @@ async def test_relay_service_delivers_apns_through_the_https_proxy_it_was_starte
         relay.stop()
     assert request.status == 200 and request.device_token == IOS_TOKEN
     assert proxy.tunnels and set(proxy.tunnels) == {f"127.0.0.1:{sandbox.apns.port}"}
+
+
+async def test_fcm_app_proxy_with_credentials_authenticates_token_and_send(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FCM app's ``proxy`` with user:password: the token request and the send both authenticate to it."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    ca = make_ca()
+    with FakeFcm(tls=ca) as fake, ConnectProxy(credentials=("relay", "s3cret")) as proxy:
+        account = fake.make_service_account("proxy-project").write(tmp_path / "firebase.json")
+        ca_file = ca.write_ca_pem(tmp_path / "ca.pem")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
+        app = FcmApp("android", account, fake.url, ca_file, 10, Policy(), proxy=proxy.url)
+        provider = await FcmProvider.create(app, timeout=10)
+        try:
+            result = await provider.send(_fcm_push())
+        finally:
+            await provider.close()
+    assert result.outcome is Outcome.SENT
+    assert (proxy.tunnels, proxy.refused) == ([f"127.0.0.1:{fake.port}"] * 2, [])
