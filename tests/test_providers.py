@@ -269,8 +269,8 @@ FCM_TABLE: list[tuple[str, int, bytes, dict[str, str], Outcome, float | None]] =
     ("UnknownError (unmapped status)", 502, b"Bad Gateway", {}, Outcome.RETRY, None),
     ("UnknownError (rpc UNKNOWN)", 500, _rpc(500, "UNKNOWN"), {}, Outcome.RETRY, None),
     ("UnknownError (unknown rpc name)", 418, _rpc(418, "SOMETHING_NEW"), {}, Outcome.RETRY, None),
-    ("UnknownError (HTTP-date Retry-After)", 502, b"", {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
-     Outcome.RETRY, None),
+    ("UnknownError (HTTP-date Retry-After in the past)", 502, b"", {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+     Outcome.RETRY, 0.0),
     ("AbortedError", 409, _rpc(409, "ABORTED"), {}, Outcome.RETRY, None),
     ("CancelledError", 499, _rpc(499, "CANCELLED"), {}, Outcome.RETRY, None),
     ("InvalidArgumentError about the token (field)", 400,
@@ -583,7 +583,8 @@ async def test_apns_unreachable_sandbox_leaves_production_verdict(sandbox: Sandb
     the sandbox's failure in the reason (never a retry that would hold the app's deliveries back)."""
     from tests.test_durability import free_port
 
-    ios, _ = _apps(sandbox, apps={"ios": {"sandbox_endpoint": f"https://127.0.0.1:{free_port()}"}})
+    port = free_port()
+    ios, _ = _apps(sandbox, apps={"ios": {"sandbox_endpoint": f"https://127.0.0.1:{port}"}})
     token = "ee" * 32
     sandbox.apns.respond(token, 400, "BadDeviceToken")
     provider = ApnsProvider(ios)
@@ -592,4 +593,4 @@ async def test_apns_unreachable_sandbox_leaves_production_verdict(sandbox: Sandb
     finally:
         await provider.close()
     assert result.outcome is Outcome.TOKEN_DEAD and result.status == 400
-    assert result.reason == "400 BadDeviceToken (sandbox: cannot connect to APNs)"
+    assert result.reason == f"400 BadDeviceToken (sandbox: connection to 127.0.0.1:{port} refused)"

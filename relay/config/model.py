@@ -221,6 +221,7 @@ class ApnsApp:
     platform: Literal["apns"] = "apns"
     sandbox_endpoint: str | None = None
     sandbox_fallback: bool = True
+    proxy: str | None = None  # an http:// CONNECT proxy; None: HTTPS_PROXY/NO_PROXY decide
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ class FcmApp:
     concurrency: int
     policy: Policy
     platform: Literal["fcm"] = "fcm"
+    proxy: str | None = None  # an http:// proxy; None: HTTPS_PROXY/NO_PROXY decide
 
 
 App = ApnsApp | FcmApp

@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relay.config.auth import parse_auth_layers
 from relay.config.model import (
@@ -51,6 +52,24 @@ def _endpoint(reader: Reader, name: str = "endpoint") -> str | None:
         reader.problem(name, f"must be a base URL such as https://127.0.0.1:8443, not {value!r}")
         return None
     return str(value).rstrip("/")
+
+
+def _proxy(reader: Reader) -> str | None:
+    """``proxy``: ``http://[user:password@]host[:port]``, the egress proxy of this app's provider connections."""
+    value = reader.text("proxy", None)
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query or not port_ok:
+        shown = value if parts.password is None else value.replace(parts.password, "***")
+        reader.problem("proxy", f"must be an HTTP proxy URL such as http://proxy.internal:3128 (the relay tunnels "
+                                f"through it with CONNECT), not {shown!r}")
+        return None
+    return str(value)
 
 
 def _policy(reader: Reader, platform: Platform) -> Policy:
@@ -105,6 +124,7 @@ def _app(name: str, reader: Reader, base: Path) -> App | None:
     concurrency = reader.number("concurrency", 100, minimum=1, integer=True)
     endpoint = _endpoint(reader)
     ca_file = read_file(reader, "ca_file", base, required=False)
+    proxy = _proxy(reader)
     policy = _policy(reader, platform)
     if platform == "apns":
         topic = reader.text("topic")
@@ -125,12 +145,12 @@ def _app(name: str, reader: Reader, base: Path) -> App | None:
         reader.finish()
         return ApnsApp(name, topic, environment, key_file, key_id, team_id, cert_file, endpoint, ca_file,
                        concurrency, max_connections, policy, sandbox_endpoint=sandbox_endpoint,
-                       sandbox_fallback=sandbox_fallback)
+                       sandbox_fallback=sandbox_fallback, proxy=proxy)
     service_account = read_file(reader, "service_account_file", base, required=True)
     reader.finish()
     if service_account is None:
         return None
-    return FcmApp(name, service_account, endpoint, ca_file, concurrency, policy)
+    return FcmApp(name, service_account, endpoint, ca_file, concurrency, policy, proxy=proxy)
 
 
 _SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")

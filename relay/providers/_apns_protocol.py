@@ -2,7 +2,8 @@
 
 Each fix is listed in :mod:`relay.providers.apns` (receive window given back, request bodies that wait for
 the server's window, answers resolved on END_STREAM with status, reason and ``retry-after``, no Huffman
-coding). Connections of this class are made by the provider's pools; nothing here knows about apps.
+coding, answers matched by stream id and a given-up stream reset). Connections of this class are made by the
+provider's pools; nothing here knows about apps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from aioapns.common import NotificationRequest, NotificationResult
 from aioapns.connection import APNsBaseClientProtocol
 from aioapns.exceptions import ConnectionClosed
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -27,6 +29,8 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 from hpack import Encoder, NeverIndexedHeaderTuple
+
+from relay.providers.retry_after import parse_retry_after
 
 
 class _Result(NotificationResult):
@@ -51,6 +55,7 @@ class RelayProtocol(APNsBaseClientProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._responses: dict[int, dict[str, Any]] = {}
+        self._pending: dict[int, asyncio.Future[NotificationResult]] = {}  # by stream id
         self._window_waiters: list[asyncio.Future[None]] = []
         # The request headers are built here from validated values; h2 re-checking each one on every push
         # was ~10 % of the dispatcher's CPU in the drain profile (bench/README.md).
@@ -85,27 +90,34 @@ class RelayProtocol(APNsBaseClientProtocol):
         message: Any = request.message  # the pre-encoded body (bytes) from translate, or a dict
         body = message if isinstance(message, bytes) else json.dumps(message, ensure_ascii=False).encode()
         future: asyncio.Future[NotificationResult] = self.loop.create_future()
-        self.requests[request.notification_id] = future
-        self.request_streams[stream_id] = request.notification_id
-        self.conn.send_headers(stream_id=stream_id, headers=headers)
+        # Answers are matched by stream id, never by apns-id: a retry reuses its notification's apns-id, and on
+        # the same connection the given-up stream's late answer would otherwise resolve the retry.
+        self._pending[stream_id] = future
         try:
+            self.conn.send_headers(stream_id=stream_id, headers=headers)
             while self.conn.local_flow_control_window(stream_id) < len(body):
                 self.flush()
                 waiter: asyncio.Future[None] = self.loop.create_future()
                 self._window_waiters.append(waiter)
                 await waiter
-        except asyncio.CancelledError:
-            # Given up (send timeout) before the body left: close the half-open stream on both sides.
-            self.requests.pop(request.notification_id, None)
-            if self.request_streams.pop(stream_id, None) is not None:
-                self.free_channels.release()
-                with contextlib.suppress(H2Error):
-                    self.conn.reset_stream(stream_id)
-                    self.flush()
+            self.conn.send_data(stream_id=stream_id, data=body, end_stream=True)
+            self.flush()
+            return await future
+        except BaseException:  # cancelled (the send timeout), or the connection failed under us
+            self._abandon(stream_id)
             raise
-        self.conn.send_data(stream_id=stream_id, data=body, end_stream=True)
-        self.flush()
-        return await future
+
+    def _abandon(self, stream_id: int) -> None:
+        """Given up (the send timeout), before or after the body left: reset the stream (RST_STREAM CANCEL), so
+        that APNs stops working on it, its late answer is never read, and its slot is free again."""
+        if self._pending.pop(stream_id, None) is None:
+            return  # already answered or failed
+        self._responses.pop(stream_id, None)
+        self.free_channels.release()
+        with contextlib.suppress(H2Error):
+            self.conn.reset_stream(stream_id, error_code=ErrorCodes.CANCEL)
+        if self.transport is not None and not self.transport.is_closing():
+            self.flush()
 
     def _window_changed(self, exc: Exception | None = None) -> None:
         waiters, self._window_waiters = self._window_waiters, []
@@ -149,10 +161,11 @@ class RelayProtocol(APNsBaseClientProtocol):
 
     def _complete(self, stream_id: int) -> None:
         response = self._responses.pop(stream_id, None)
-        notification_id = self.request_streams.pop(stream_id, None)
+        future = self._pending.pop(stream_id, None)
+        if future is None:
+            return  # a stream we reset (its slot was freed then)
         self.free_channels.release()
-        future = self.requests.pop(notification_id, None) if notification_id else None
-        if future is None or future.done() or response is None:
+        if future.done() or response is None:
             return
         headers = response["headers"]
         reason = timestamp = None
@@ -162,24 +175,24 @@ class RelayProtocol(APNsBaseClientProtocol):
                 reason, timestamp = doc.get("reason"), doc.get("timestamp")
             except (ValueError, AttributeError):
                 reason = "UnparsableResponse"
-        retry_after = _retry_after(headers.get("retry-after"))
-        future.set_result(_Result(notification_id or "", headers.get(":status", "0"), reason, timestamp, retry_after))
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        future.set_result(_Result(headers.get("apns-id", ""), headers.get(":status", "0"), reason, timestamp,
+                                  retry_after))
 
     def _fail(self, stream_id: int, exc: Exception) -> None:
         self._responses.pop(stream_id, None)
-        notification_id = self.request_streams.pop(stream_id, None)
+        future = self._pending.pop(stream_id, None)
+        if future is None:
+            return
         self.free_channels.release()
-        future = self.requests.pop(notification_id, None) if notification_id else None
-        if future is not None and not future.done():
+        if not future.done():
             future.set_exception(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # aioapns sets exceptions on futures a timeout already cancelled (InvalidStateError): skip those.
-        for stream_id in list(self.request_streams):
+        for stream_id in list(self._pending):
             self._fail(stream_id, ConnectionClosed(str(exc)))
         self._window_changed(ConnectionClosed(str(exc)))
-        self.requests = {nid: f for nid, f in self.requests.items() if not f.done()}
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # aioapns' own request table is unused (empty): it fails nothing twice
 
     def close(self) -> None:
         if self.inactivity_timer:
@@ -187,11 +200,3 @@ class RelayProtocol(APNsBaseClientProtocol):
         if self.transport is not None:
             self.transport.close()
 
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

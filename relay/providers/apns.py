@@ -11,8 +11,12 @@ aioapns defects worked around here (each covered by a test):
 * it mints a provider JWT per connection (Apple allows one refresh per 20 min): one :class:`SharedJwt` per key;
 * ``send_notification`` has no timeout (added by :class:`relay.providers.Bounded`), its pool retries with a
   blocking 1 s sleep (we call a connection directly and classify), the pool must be built inside the running
-  loop, and ``proxy_host`` is broken (not used). The host comes from the protocol class's
-  ``APNS_SERVER``/``APNS_PORT``, which is how ``endpoint`` (and ``sandbox_endpoint``) redirect it.
+  loop, and ``proxy_host`` is broken: our pools open their own connections (:meth:`_Connecting.open`), directly
+  or through an HTTP CONNECT tunnel (:mod:`relay.providers.proxy`). The host comes from the protocol class's
+  ``APNS_SERVER``/``APNS_PORT``, which is how ``endpoint`` (and ``sandbox_endpoint``) redirect it;
+* a failed connect surfaces as a bare ``ConnectionError()`` after an ERROR log line without app or host: our
+  pools raise :class:`ApnsUnreachable` with the cause and host (:mod:`relay.providers.network_errors`), which
+  becomes the push's reason (aioapns' own lines are demoted to DEBUG by :func:`relay.observability.setup_logging`).
 
 Environments: one pool per (app, environment), both signed by the app's one JWT. A development build's token
 is valid only on the sandbox host; production answers it ``400 BadDeviceToken`` (see :class:`ApnsProvider`).
@@ -36,6 +40,7 @@ from aioapns.connection import (
     APNsDevelopmentClientProtocol,
     APNsKeyConnectionPool,
     APNsProductionClientProtocol,
+    APNsTLSClientProtocol,
     AuthorizationHeaderProvider,
 )
 from aioapns.exceptions import ConnectionClosed
@@ -47,6 +52,8 @@ from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
 from relay.errors import ConfigError, ConfigProblem
 from relay.outcome import Outcome, SendResult
 from relay.providers._apns_protocol import RelayProtocol
+from relay.providers.network_errors import describe_failure
+from relay.providers.proxy import Proxy, open_tunnel, proxy_for
 from relay.push import ApnsPush, Push
 
 # Apple, "Handling notification responses from APNs" (developer.apple.com/documentation/usernotifications/
@@ -115,7 +122,7 @@ class SharedJwt(AuthorizationHeaderProvider):
         return self._header
 
 
-def _protocol_class(app: ApnsApp, environment: ApnsEnvironment) -> type[APNsBaseClientProtocol]:
+def _protocol_class(app: ApnsApp, environment: ApnsEnvironment) -> type[APNsTLSClientProtocol]:
     """Our protocol aimed at ``environment``'s host: Apple's, or ``endpoint``/``sandbox_endpoint`` if set."""
     base = APNsDevelopmentClientProtocol if environment == "sandbox" else APNsProductionClientProtocol
     server, port = base.APNS_SERVER, base.APNS_PORT
@@ -127,13 +134,52 @@ def _protocol_class(app: ApnsApp, environment: ApnsEnvironment) -> type[APNsBase
     return type("RelayApnsProtocol", (RelayProtocol, base), {"APNS_SERVER": server, "APNS_PORT": port})
 
 
+def _proxy(app: ApnsApp, protocol_class: type[APNsTLSClientProtocol]) -> Proxy | None:
+    """The app's ``proxy``, or the environment's for this host (``HTTPS_PROXY`` unless ``NO_PROXY`` names it)."""
+    target = f"https://{protocol_class.APNS_SERVER}:{protocol_class.APNS_PORT}"
+    url = proxy_for(target, app.proxy)
+    if url is None:
+        return None
+    try:
+        return Proxy.parse(url)
+    except ValueError as exc:  # app.proxy is checked by the parser: this one came from the environment
+        raise ConfigError([ConfigProblem("environment", "HTTPS_PROXY", str(exc))]) from exc
+
+
 def _ssl_context(app: ApnsApp) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(app.ca_file) if app.ca_file else None)
     context.set_alpn_protocols(["h2"])
     return context
 
 
-class _KeyPool(APNsKeyConnectionPool):
+class ApnsUnreachable(Exception):
+    """No connection to an APNs host could be opened; ``str()`` names the cause and the host."""
+
+
+class _Connecting:
+    """How our pools connect: directly, or through an HTTP CONNECT proxy; a failure names its cause and host.
+
+    aioapns' ``acquire`` catches what this raises and raises its own bare ``ConnectionError`` from within that
+    ``except`` block, so the :class:`ApnsUnreachable` is its ``__context__`` (read in ``ApnsProvider._send_to``).
+    """
+
+    protocol_class: type[APNsTLSClientProtocol]
+    ssl_context: ssl.SSLContext | None
+    proxy: Proxy | None = None
+
+    async def open(self, factory: Any) -> APNsBaseClientProtocol:
+        server, port = self.protocol_class.APNS_SERVER, self.protocol_class.APNS_PORT
+        context = self.ssl_context or ssl.create_default_context()
+        try:
+            if self.proxy is not None:
+                return await open_tunnel(self.proxy, server, port, factory, context)
+            _, protocol = await asyncio.get_running_loop().create_connection(factory, server, port, ssl=context)
+        except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors too
+            raise ApnsUnreachable(describe_failure(exc, server, port)) from exc
+        return protocol  # type: ignore[no-any-return]
+
+
+class _KeyPool(_Connecting, APNsKeyConnectionPool):
     """Token-auth pool whose connections all share one :class:`SharedJwt`."""
 
     def __init__(self, jwt_provider: SharedJwt, **kwargs: Any) -> None:
@@ -144,17 +190,17 @@ class _KeyPool(APNsKeyConnectionPool):
         def factory() -> APNsBaseClientProtocol:
             return self.protocol_class(self.apns_topic, self.loop, self.discard_connection, self.jwt)  # type: ignore[arg-type]
 
-        return await self._create_connection(factory)
+        return await self.open(factory)
 
 
-class _CertPool(APNsCertConnectionPool):
-    """Certificate-auth pool (no proxy route)."""
+class _CertPool(_Connecting, APNsCertConnectionPool):
+    """Certificate-auth pool."""
 
     async def create_connection(self) -> APNsBaseClientProtocol:
         def factory() -> APNsBaseClientProtocol:
             return self.protocol_class(self.apns_topic, self.loop, self.discard_connection)  # type: ignore[arg-type]
 
-        return await self._create_connection(factory)
+        return await self.open(factory)
 
 
 def read_key(app: ApnsApp) -> str:
@@ -212,7 +258,9 @@ class ApnsProvider:
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError([ConfigProblem(str(app.cert_file), f"apps.{app.name}.cert_file",
                                                  f"not a usable client certificate: {exc}")]) from exc
-        pool.protocol_class = _protocol_class(app, environment)  # type: ignore[assignment]
+        protocol_class = _protocol_class(app, environment)
+        pool.protocol_class = protocol_class
+        pool.proxy = _proxy(app, protocol_class)
         return pool
 
     @property
@@ -247,13 +295,17 @@ class ApnsProvider:
             collapse_key=push.collapse_id,
             push_type=PushType.ALERT if push.push_type == "alert" else PushType.BACKGROUND,
         )
+        pool = self._pools[environment]
         try:
-            connection = await self._pools[environment].acquire()
+            connection = await pool.acquire()
             result = await connection.send_notification(request)
-        except ApnsConnectionError:
-            return SendResult(Outcome.RETRY, "cannot connect to APNs")
+        except ApnsConnectionError as exc:
+            cause = exc.__context__
+            return SendResult(Outcome.RETRY, str(cause) if isinstance(cause, ApnsUnreachable) else
+                              f"cannot connect to {pool.protocol_class.APNS_SERVER}")
         except (ConnectionClosed, NoAvailableStreamIDError, FlowControlError, OSError, H2Error) as exc:
-            return SendResult(Outcome.RETRY, f"connection lost: {type(exc).__name__}")
+            return SendResult(Outcome.RETRY, f"connection to {pool.protocol_class.APNS_SERVER} lost: "
+                                             f"{type(exc).__name__}")
         try:
             status = int(result.status)
         except ValueError:

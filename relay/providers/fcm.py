@@ -3,9 +3,9 @@
 firebase-admin's own send path (``send_each_async`` -> httpx -> httpcore) cost 1-3 ms of CPU per message on
 the event loop that also acknowledges webhooks (bench/README.md). What the relay keeps from firebase-admin:
 
-* the service account credential (``credentials.Certificate`` -> google-auth), refreshed by
-  :class:`_TokenKeeper` in a worker thread ahead of expiry (google-auth refreshes with a blocking ``requests``
-  call), one refresh at a time, so the loop never waits on Google's token endpoint;
+* the service account credential (``credentials.Certificate`` -> google-auth), refreshed ahead of expiry by
+  :class:`~relay.providers.fcm_token.TokenKeeper` on the credential's own thread, one shared refresh at a time
+  with a short timeout, so the loop never waits on Google's token endpoint;
 * the message model (``messaging.Message``, ``AndroidConfig``...) and its validation and JSON encoding by
   firebase-admin's own encoder (:data:`ENCODER`, a private module: the seam is guarded by a test and the
   firebase-admin major version is pinned in pyproject.toml).
@@ -19,25 +19,22 @@ about the access token refreshes it once and resends; every answer is classified
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import platform
 import ssl
-import time
 import urllib.parse
-import urllib.request
 from typing import Any
 
 import aiohttp
 import firebase_admin
-import google.auth.exceptions
-import google.auth.transport.requests
 from firebase_admin import credentials, messaging
 
 from relay.config import FcmApp
 from relay.errors import ConfigError, ConfigProblem
 from relay.outcome import Outcome, SendResult
-from relay.providers.fcm_errors import classify_fcm, classify_refresh, classify_transport, token_rejected
+from relay.providers.fcm_errors import classify_fcm, classify_transport, token_rejected
+from relay.providers.fcm_token import TOKEN_REQUEST_TIMEOUT, TokenKeeper
+from relay.providers.proxy import proxy_for
 from relay.push import FcmPush, Push
 
 try:
@@ -54,7 +51,7 @@ __all__ = ["ENCODER", "FcmProvider", "build_message", "encode_request"]
 
 ENCODER = MessageEncoder()
 GOOGLE_FCM = "https://fcm.googleapis.com"
-REFRESH_AHEAD = 300.0  # seconds before expiry; google-auth itself would refresh (blocking) at 225 s
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
 # What firebase-admin sends with every FCM request (messaging._MessagingService, _http_client).
 STATIC_HEADERS = {
     "Content-Type": "application/json; charset=UTF-8",
@@ -64,62 +61,8 @@ STATIC_HEADERS = {
 }
 
 
-class _TokenKeeper:
-    """Keeps the service account's OAuth token fresh from a worker thread, one refresh at a time."""
-
-    def __init__(self, credential: Any) -> None:
-        self._credential = credential
-        self._lock = asyncio.Lock()
-        self._fresh_until = 0.0  # monotonic: until then the token needs no look
-        self.header = ""  # "Bearer <token>", rebuilt after each refresh
-        self.refreshes = 0
-        self.last_error: SendResult | None = None
-
-    def _expires_in(self) -> float:
-        expiry = self._credential.expiry  # naive UTC datetime, per google-auth
-        if not self._credential.token or expiry is None:
-            return 0.0
-        return float((expiry - datetime.datetime.now(datetime.UTC).replace(tzinfo=None)).total_seconds())
-
-    async def ensure(self) -> SendResult | None:
-        """Refresh when the token is missing or near expiry; returns the failure, if any."""
-        if time.monotonic() < self._fresh_until:
-            return None
-        async with self._lock:
-            if self.header and self._expires_in() > REFRESH_AHEAD:
-                return None
-            return await self._refresh()
-
-    async def refresh_rejected(self, rejected: str) -> SendResult | None:
-        """FCM refused the bearer header ``rejected`` (401): refresh, unless another send already did."""
-        async with self._lock:
-            if self.header != rejected:
-                return None
-            return await self._refresh()
-
-    async def _refresh(self) -> SendResult | None:
-        request = google.auth.transport.requests.Request()
-        try:
-            await asyncio.to_thread(self._credential.refresh, request)
-        except (google.auth.exceptions.GoogleAuthError, OSError, ValueError) as exc:
-            self.last_error = classify_refresh(exc)
-            return self.last_error
-        self.refreshes += 1
-        self.last_error = None
-        self.header = f"Bearer {self._credential.token}"
-        self._fresh_until = time.monotonic() + self._expires_in() - REFRESH_AHEAD
-        return None
-
-    async def run(self) -> None:
-        """Background loop: refresh ahead of expiry, back off on failure."""
-        while True:
-            failure = await self.ensure()
-            wait = 30.0 if failure else max(5.0, self._expires_in() - REFRESH_AHEAD)
-            await asyncio.sleep(wait)
-
-
-def _load_service_account(app: FcmApp) -> tuple[str, Any]:
-    """The project id and the google-auth credential of the app's service account file."""
+def _load_service_account(app: FcmApp) -> tuple[str, Any, str]:
+    """The project id, the google-auth credential and the token endpoint of the app's service account file."""
     key = f"apps.{app.name}.service_account_file"
     try:
         info = json.loads(app.service_account_file.read_text())
@@ -130,19 +73,7 @@ def _load_service_account(app: FcmApp) -> tuple[str, Any]:
     if not certificate.project_id:
         raise ConfigError([ConfigProblem(str(app.service_account_file), key,
                                          "the service account JSON has no project_id")])
-    return str(certificate.project_id), certificate.get_credential()
-
-
-def _env_proxy(url: str) -> str | None:
-    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY`` name for ``url`` unless ``NO_PROXY`` exempts it, read once.
-
-    firebase-admin's httpx client honoured these variables; aiohttp's ``trust_env`` would look them (and
-    ``~/.netrc``) up in a worker thread on every request, so the provider resolves them at start instead.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
+    return str(certificate.project_id), certificate.get_credential(), str(info.get("token_uri") or GOOGLE_TOKEN_URI)
 
 
 def build_message(push: FcmPush) -> messaging.Message:
@@ -173,11 +104,19 @@ def encode_request(push: FcmPush) -> bytes:
 class FcmProvider:
     """Sends :class:`FcmPush` for one app: one POST per push on the app's aiohttp session."""
 
-    def __init__(self, app: FcmApp, project_id: str, credential: Any, timeout: float) -> None:
+    def __init__(self, app: FcmApp, project_id: str, credential: Any, timeout: float, token_uri: str = GOOGLE_TOKEN_URI,
+                 token_timeout: float = TOKEN_REQUEST_TIMEOUT) -> None:
         self.app = app
         self.url = f"{(app.endpoint or GOOGLE_FCM).rstrip('/')}/v1/projects/{project_id}/messages:send"
-        self.tokens = _TokenKeeper(credential)
-        self.proxy = _env_proxy(self.url)
+        # The environment's proxy (HTTPS_PROXY, NO_PROXY) is read once here: aiohttp's trust_env would look it (and
+        # ~/.netrc) up in a worker thread on every request. The token request goes through requests, which reads
+        # the environment itself; an app's own ``proxy`` is given to both.
+        self.proxy = proxy_for(self.url, app.proxy)
+        self.tokens = TokenKeeper(credential, app.name, token_uri, timeout=token_timeout, proxy=app.proxy)
+        target = urllib.parse.urlsplit(self.url)
+        self._target = (target.hostname or "FCM", target.port or (443 if target.scheme == "https" else 80))
+        proxy = urllib.parse.urlsplit(self.proxy) if self.proxy else None
+        self._proxy_target = (proxy.hostname or "proxy", proxy.port or 80) if proxy else None
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(app.ca_file)) if app.ca_file else True
         # HTTP/1.1 carries one request per connection at a time: the pool is as large as the sends the app may
         # have in flight (Bounded's concurrency), so that no send waits behind another's round trip to Google.
@@ -187,10 +126,10 @@ class FcmProvider:
         self._keeper = asyncio.get_running_loop().create_task(self.tokens.run())
 
     @classmethod
-    async def create(cls, app: FcmApp, timeout: float) -> FcmProvider:
+    async def create(cls, app: FcmApp, timeout: float, token_timeout: float = TOKEN_REQUEST_TIMEOUT) -> FcmProvider:
         """Build the provider; the token keeper fetches the first token off the loop."""
-        project_id, credential = _load_service_account(app)
-        return cls(app, project_id, credential, timeout)
+        project_id, credential, token_uri = _load_service_account(app)
+        return cls(app, project_id, credential, timeout, token_uri, token_timeout)
 
     async def send(self, push: Push) -> SendResult:
         assert isinstance(push, FcmPush)
@@ -219,8 +158,12 @@ class FcmProvider:
                 status = response.status
                 return classify_fcm(status, answer, response.headers), token_rejected(status, answer)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return classify_transport(exc), False
+            host, port = self._target
+            if isinstance(exc, aiohttp.ClientHttpProxyError) and self._proxy_target is not None:
+                host, port = self._proxy_target  # the proxy refused the tunnel
+            return classify_transport(exc, host, port), False
 
     async def close(self) -> None:
         self._keeper.cancel()
+        self.tokens.close()
         await self._session.close()

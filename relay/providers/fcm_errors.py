@@ -17,9 +17,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import google.auth.exceptions
 
 from relay.outcome import Outcome, SendResult
+from relay.providers.network_errors import describe_failure
+from relay.providers.retry_after import parse_retry_after
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 
@@ -97,11 +100,7 @@ def _about_token(error: Mapping[str, Any], text: str) -> bool:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None  # an HTTP-date: the dispatcher's own backoff applies
+    return parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
 
 
 def token_rejected(status: int, body: bytes) -> bool:
@@ -130,18 +129,30 @@ def classify_fcm(status: int, body: bytes, headers: Mapping[str, str]) -> SendRe
     return SendResult(RPC_STATUS.get(name, Outcome.RETRY), reason, status, _retry_after(headers))
 
 
-def classify_transport(exc: BaseException) -> SendResult:
-    """No answer: a timeout, a refused or dropped connection, a broken response. All are transient."""
+def classify_transport(exc: BaseException, host: str = "FCM", port: int | None = None) -> SendResult:
+    """No answer from ``host:port`` (FCM, or the proxy in between): a timeout, a refused or dropped connection, a
+    broken response. All are transient; the reason names the cause and the host."""
     if isinstance(exc, TimeoutError):
-        return SendResult(Outcome.RETRY, f"DEADLINE_EXCEEDED: timed out waiting for FCM: {exc}"[:300])
-    return SendResult(Outcome.RETRY, f"UNAVAILABLE: connection to FCM failed: {type(exc).__name__}: {exc}"[:300])
+        return SendResult(Outcome.RETRY, f"DEADLINE_EXCEEDED: no answer from {host} within the send timeout")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return SendResult(Outcome.RETRY, f"UNAVAILABLE: proxy {host}:{port} refused CONNECT: {exc.status} "
+                                         f"{exc.message}"[:300])
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        host, port = exc.host, exc.port  # where aiohttp was connecting: FCM, or the proxy
+    elif not isinstance(exc, OSError):  # a broken or cut answer (aiohttp's ServerDisconnectedError...)
+        return SendResult(Outcome.RETRY, f"UNAVAILABLE: {type(exc).__name__} from {host}"[:300])
+    return SendResult(Outcome.RETRY, f"UNAVAILABLE: {describe_failure(exc, host, port)}"[:300])
 
 
-def classify_refresh(exc: Exception) -> SendResult:
-    """An OAuth token refresh failure: bad credentials are a config error, anything else transient."""
-    text = str(exc)
-    if isinstance(exc, google.auth.exceptions.RefreshError) and any(
-        word in text for word in ("invalid_grant", "invalid_client", "unauthorized_client", "account not found")
-    ):
-        return SendResult(Outcome.CONFIG_ERROR, f"OAuth token refresh refused: {text[:200]}")
-    return SendResult(Outcome.RETRY, f"OAuth token refresh failed: {text[:200]}")
+def classify_refresh(exc: Exception, host: str, port: int, timeout: float | None = None) -> SendResult:
+    """An OAuth token refresh failure at ``host:port`` (the token endpoint): credentials Google refuses are a config
+    error; anything else (unreachable, no answer within ``timeout``) is transient."""
+    if isinstance(exc, google.auth.exceptions.RefreshError):
+        # google-auth's own message is its first argument ("invalid_grant: Invalid JWT Signature."); str(exc)
+        # would be the repr of a tuple holding it and the whole response.
+        text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else type(exc).__name__
+        if any(word in text for word in ("invalid_grant", "invalid_client", "unauthorized_client",
+                                         "account not found")):
+            return SendResult(Outcome.CONFIG_ERROR, f"OAuth token refresh refused: {text[:200]}")
+        return SendResult(Outcome.RETRY, f"OAuth token refresh failed: {text[:200]}")
+    return SendResult(Outcome.RETRY, f"OAuth token refresh failed: {describe_failure(exc, host, port, timeout)}")

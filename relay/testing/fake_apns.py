@@ -84,6 +84,7 @@ class _Answer:
     retry_after: int | None = None
     remaining: int | None = None  # None: forever
     until: float | None = None  # monotonic deadline, for fail_all(seconds=...)
+    late: bool = False  # held until the next request for the same token (answer_late)
 
 
 @dataclass
@@ -128,6 +129,8 @@ class FakeApns:
         self._fail: _Answer | None = None
         self._hang = False
         self._delay = 0.0
+        self._late: dict[str, _Answer] = {}
+        self._resets = 0
         self._jwts: set[str] = set()
         self._opened = 0
         self._log: RequestLog[ApnsRequest] = RequestLog()
@@ -203,6 +206,13 @@ class FakeApns:
         with self._lock:
             self._valid_tokens = set(device_tokens)
 
+    def answer_late(self, device_token: str, status: int = 410, reason: str | None = "Unregistered") -> None:
+        """Hold the next request for `device_token` unanswered until another request for the same token arrives
+        on that connection; then answer the held one with `status`/`reason` first, unless the client reset its
+        stream meanwhile (a given-up send), and the new one as usual. Recorded with `status`/`reason`."""
+        with self._lock:
+            self._late[device_token] = _Answer(status, reason, late=True)
+
     def fail_all(
         self, status: int = 503, reason: str = "ServiceUnavailable", seconds: float | None = None,
         retry_after: int | None = None,
@@ -260,6 +270,12 @@ class FakeApns:
             return set(self._jwts)
 
     @property
+    def streams_reset(self) -> int:
+        """RST_STREAM frames received from clients (streams they gave up) since start or `clear()`."""
+        with self._lock:
+            return self._resets
+
+    @property
     def connections_opened(self) -> int:
         """TLS connections accepted since start or `clear()`."""
         with self._lock:
@@ -279,6 +295,7 @@ class FakeApns:
         with self._lock:
             self._jwts.clear()
             self._opened = 0
+            self._resets = 0
 
     # -- server side (runs on the fake's loop) -----------------------------------------------
 
@@ -314,6 +331,10 @@ class FakeApns:
 
     def _closed_connection(self, conn: _ApnsConnection) -> None:
         self._connections.discard(conn)
+
+    def _stream_reset(self) -> None:
+        with self._lock:
+            self._resets += 1
 
     def _decide(
         self, stream: _Stream, connection_id: int, cert_auth: bool,
@@ -359,6 +380,9 @@ class FakeApns:
         body_error = self._check_body(raw, payload)
         if body_error is not None:
             return body_error
+        late = self._late.pop(token, None)
+        if late is not None:
+            return late
         rule = self._rules.get(token)
         if rule is not None:
             if rule.remaining is not None:
@@ -463,6 +487,7 @@ class _ApnsConnection(asyncio.Protocol):
         self._streams: dict[int, _Stream] = {}
         self._outbox: dict[int, bytearray] = {}  # response bodies waiting for window
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._held: dict[str, tuple[int, str, _Answer]] = {}  # token -> a late answer's stream (answer_late)
         self._id = 0
         self._cert_auth = False
 
@@ -514,6 +539,7 @@ class _ApnsConnection(asyncio.Protocol):
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._pump()
         elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
+            self._fake._stream_reset()
             self._forget(event.stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated) and self._transport is not None:
             self._transport.close()
@@ -524,6 +550,13 @@ class _ApnsConnection(asyncio.Protocol):
             return
         answer, delay = self._fake._decide(stream, self._id, self._cert_auth)
         apns_id = stream.headers.get("apns-id") or str(uuid.uuid4()).upper()
+        token = stream.headers.get(":path", "").removeprefix("/3/device/")
+        held = self._held.pop(token, None)
+        if held is not None:  # answer_late: the held stream is answered now, before this one
+            self._answer(*held)
+        if answer is not None and answer.late:
+            self._held[token] = (stream_id, apns_id, answer)
+            return
         if answer is None:
             return  # hung: the stream stays open until the connection goes away
         if delay <= 0:
@@ -582,6 +615,7 @@ class _ApnsConnection(asyncio.Protocol):
                 del self._outbox[stream_id]
 
     def _forget(self, stream_id: int) -> None:
+        self._held = {token: held for token, held in self._held.items() if held[0] != stream_id}
         self._streams.pop(stream_id, None)
         self._outbox.pop(stream_id, None)
         task = self._tasks.pop(stream_id, None)

@@ -114,6 +114,8 @@ class FakeFcm:
         self._accounts: dict[str, list[RSAPublicKey]] = {}
         self._tokens: dict[str, float] = {}  # access token -> expiry (epoch seconds)
         self._token_requests = 0
+        self._tokens_in_flight = 0
+        self._tokens_in_flight_peak = 0
         self._rules: dict[str, _Answer] = {}
         self._fail: _Answer | None = None
         self._hang = False
@@ -250,6 +252,18 @@ class FakeFcm:
         with self._lock:
             return self._token_requests
 
+    @property
+    def token_requests_in_flight(self) -> int:
+        """Token-endpoint calls being answered right now (e.g. held by `token_delay`)."""
+        with self._lock:
+            return self._tokens_in_flight
+
+    @property
+    def token_requests_peak(self) -> int:
+        """The most token-endpoint calls ever in flight at once since start or `clear()`."""
+        with self._lock:
+            return self._tokens_in_flight_peak
+
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[FcmRequest]:
         """Block until `n` sends are recorded (in async code use `wait_for`)."""
         return self._log.wait(n, timeout)
@@ -263,6 +277,7 @@ class FakeFcm:
         self._log.clear()
         with self._lock:
             self._token_requests = 0
+            self._tokens_in_flight_peak = self._tokens_in_flight
 
     # -- server side (runs on the fake's loop) -----------------------------------------------
 
@@ -287,9 +302,18 @@ class FakeFcm:
     async def _token(self, request: web.Request) -> web.Response:
         with self._lock:
             self._token_requests += 1
+            self._tokens_in_flight += 1
+            self._tokens_in_flight_peak = max(self._tokens_in_flight_peak, self._tokens_in_flight)
             delay = self.token_delay
-        if delay > 0:
-            await asyncio.sleep(delay)
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await self._issue_token(request)
+        finally:
+            with self._lock:
+                self._tokens_in_flight -= 1
+
+    async def _issue_token(self, request: web.Request) -> web.Response:
         form = await request.post()
         grant_type, assertion = form.get("grant_type"), form.get("assertion")
         if grant_type != JWT_BEARER_GRANT:
