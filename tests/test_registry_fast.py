@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import ApnsApp, FcmApp, Policy
-from relay.config.reader import load_yaml
+from relay.config.problems import load_yaml
 from relay.registry.fast import read_flat_devices
 from relay.registry.file import parse_registry
 
