@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ApnsApp, FcmApp, Policy
+from relay.config import ApnsApp, FcmApp
 from relay.config.problems import load_yaml
 from relay.registry.fast import read_flat_devices
 from relay.registry.file import parse_registry
 
-APPS = {"ios": ApnsApp("ios", "com.example", "production", None, None, None, Path("c.pem"), None, None, 1, 1,
-                       Policy()),
-        "android": FcmApp("android", Path("sa.json"), None, None, 1, Policy())}
+APPS = {"ios": ApnsApp(name="ios", topic="com.example", cert_file=Path("c.pem")),
+        "android": FcmApp(name="android", service_account_file=Path("sa.json"))}
 
 FLAT = """devices:
   0801fc577294c34e0b28ad2839435945: {app: ios}

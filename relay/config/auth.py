@@ -217,8 +217,10 @@ class AuthFile:
                                                            "oauth (tests, demos)")
 
     @model_validator(mode="after")
-    def _some_layer(self) -> AuthFile:
-        if not self.allow_unauthenticated and not (self.headers or self.signature or self.oauth):
+    def _some_layer(self, info: ValidationInfo) -> AuthFile:
+        # Checked when a file is loaded for the service (not for store commands: see relay.config.parse).
+        unchecked = not (info.context or {}).get("files")
+        if not (self.allow_unauthenticated or unchecked or self.headers or self.signature or self.oauth):
             raise problem("", "no inbound authentication: anyone who reaches the webhook could make the relay "
                               "push; configure auth.headers, auth.signature or auth.oauth (a test setup without "
                               "any: auth.allow_unauthenticated: true)")
@@ -229,7 +231,7 @@ class AuthFile:
 class ApiKeyFile:
     key_sha256: Sha256Hex | None = Field(None, description="hex SHA-256 of the key")
     key_file: File | None = Field(None, description="or the key itself in a file (kept only as its SHA-256)")
-    apps: list[str] = Field(min_length=1, description="the apps it may use")
+    apps: list[str] = Field(min_length=1, description="a non-empty list of the apps it may use")
     scope: ApiScope = "register"
 
     def digest(self) -> str | None:

@@ -53,7 +53,9 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, "", f"must be a mapping, not {type(data).__name__}")])
-    if not credentials:
+    if credentials:
+        data = {"auth": {}, **data}  # no auth section at all is checked as an empty one
+    else:
         data = {key: value for key, value in data.items() if key not in ("auth", "api")}
     unset: list[tuple[Loc, str]] = []
     data = expand_env(data, unset)

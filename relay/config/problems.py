@@ -63,12 +63,12 @@ class YamlNodes:
             if isinstance(node, yaml.MappingNode):
                 pair = next(((k, v) for k, v in node.value if _same_key(k, part)), None)
                 if pair is None:
-                    return key or node, None
+                    return key, None
                 key, node = pair
             elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
                 key = node = node.value[part]
             else:
-                return key or node, None
+                return key, None
         return key, node
 
 
@@ -146,10 +146,12 @@ def _quote_hint(node: yaml.Node | None, name: str) -> str:
 
 def _message(error: ErrorDetails, shown: Loc, tp: Any, nodes: YamlNodes, key_error: bool) -> str:
     kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    fields = getattr(tp, "__pydantic_fields__", {})  # of the mapping holding the key (see problems_from)
     if kind == "missing":
-        return "is required"
+        about = fields[shown[-1]].description if shown and shown[-1] in fields else None
+        return "is required" + (f": {about}" if about else "")
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        known = [k for k in getattr(tp, "__pydantic_fields__", {}) if k != "name"]
+        known = [k for k in fields if k != "name"]
         close = difflib.get_close_matches(str(shown[-1]), known, n=1)
         return "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
     if kind == "string_type":
@@ -178,7 +180,7 @@ def _message(error: ErrorDetails, shown: Loc, tp: Any, nodes: YamlNodes, key_err
         word, name = bounds[kind]
         return f"must be {word} {ctx[name]}, not {value}"
     if kind == "too_short":
-        return "must not be empty"
+        return f"at least one {str(shown[-1]).removesuffix('s')} is required" if shown else "must not be empty"
     return str(error["msg"]).removeprefix("Value error, ")
 
 
@@ -191,7 +193,7 @@ def problems_from(error: ValidationError, root: type, file: Path, *, prefix: Loc
     for detail in error.errors(include_url=False):
         loc = tuple(detail["loc"])
         shown, tp = _walk(root, loc)
-        if detail["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        if detail["type"] in ("extra_forbidden", "unexpected_keyword_argument", "missing"):
             tp = _walk(root, loc[:-1])[1]
         message = _message(detail, prefix + shown, tp, nodes, key_error="[key]" in loc)
         if detail["type"] == "config":

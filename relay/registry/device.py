@@ -33,8 +33,7 @@ def device_token_problem(app: App, device_token: str) -> str | None:
     """
     if app.platform == "apns":
         if not APNS_TOKEN_RE.fullmatch(device_token):
-            return (f"app {app.name!r} is APNs: the device token must be 64 hex characters (Xcode's <7f3a9c0d ...> "
-                    "without brackets and spaces)")
+            return f"app {app.name!r} is APNs: the device token must be 64 hex characters"
     elif not FCM_TOKEN_RE.match(device_token):
         return (f"app {app.name!r} is FCM: the registration token must be 32 to 4096 characters "
                 "of A-Z a-z 0-9 _ : . -")

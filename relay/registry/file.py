@@ -111,9 +111,8 @@ def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> Registry
         problems = problems_from(exc, DevicesFile, source)
         for i, p in enumerate(problems):  # name the choices where the app is missing
             if p.key.startswith("devices.") and p.key.endswith(".app") and p.message.startswith("is required"):
-                problems[i] = ConfigProblem(p.file, p.key, p.message.replace(
-                    "is required", f"is required: the app this device belongs to (one of: {', '.join(apps)})", 1),
-                    p.line)
+                problems[i] = ConfigProblem(p.file, p.key, "is required: the app this device belongs to "
+                                            f"(one of: {', '.join(apps)})", p.line)
         raise ConfigError(problems) from None
     intern = sys.intern  # one string per app name, shared by every device (memory at 1M devices)
     devices = {token: (intern(entry.app), None if entry.device_token in (None, token) else entry.device_token)
