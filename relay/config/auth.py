@@ -118,7 +118,7 @@ class SignatureFile(SignatureKey):
     encoding: Literal["hex", "base64"] = "hex"
     prefix: str = ""
     timestamp_header: HeaderName | None = None
-    tolerance: Seconds = Field(300.0, ge=1)
+    tolerance: Seconds = Field(default=300.0, ge=1)
 
     @model_validator(mode="after")
     def _keys(self, info: ValidationInfo) -> SignatureFile:
@@ -134,14 +134,15 @@ class SignatureFile(SignatureKey):
 
 @dataclass(frozen=True, config=MODEL)
 class OAuthClientFile:
-    secret_sha256: Sha256Hex | None = Field(None, description="printf %s SECRET | sha256sum")
+    secret_sha256: Sha256Hex | None = Field(default=None, description="printf %s SECRET | sha256sum")
     secret_file: File | None = None
     scopes: list[Scope] = Field(default_factory=list, description="scopes it may request")
 
     @model_validator(mode="after")
     def _one_secret(self, info: ValidationInfo) -> OAuthClientFile:
         if (self.secret_sha256 is None) == (self.secret_file is None):
-            raise problem("secret_sha256", "give exactly one of secret_sha256 (hex SHA-256 of the secret) or secret_file")
+            raise problem("secret_sha256", "give exactly one of secret_sha256 (hex SHA-256 of the secret) "
+                                           "or secret_file")
         _secret(None, self.secret_file, "", "secret_file", check=_checking(info))
         return self
 
@@ -159,16 +160,17 @@ class OAuthFile:
 
     clients: dict[ClientId, OAuthClientFile] = Field(min_length=1, description="client id -> its secret")
     signing_secret: str | None = None
-    signing_secret_file: File | None = Field(None, description=">= 32 bytes (openssl rand -hex 32)")
+    signing_secret_file: File | None = Field(default=None, description=">= 32 bytes (openssl rand -hex 32)")
     signing_keys: list[SigningKey] = Field(default_factory=list, description="older keys, still accepted")
-    token_ttl: Int = Field(3600, ge=1)
+    token_ttl: Int = Field(default=3600, ge=1)
     issuer: str = "parley-relay"
     path: UrlPath = "/oauth/token"
     required_scope: str | None = None
 
     def secrets(self, *, check: bool = True) -> list[tuple[str, bytes]]:
         """(kid, secret), the signing one first; a stable kid that reveals nothing about the secret."""
-        found = [("signing_secret", "signing_secret_file", None, self.signing_secret, self.signing_secret_file)]
+        found: list[tuple[str, str, str | None, str | None, Path | None]] = [
+            ("signing_secret", "signing_secret_file", None, self.signing_secret, self.signing_secret_file)]
         found += [(f"signing_keys[{i}].secret", f"signing_keys[{i}].secret_file", k.id, k.secret, k.secret_file)
                   for i, k in enumerate(self.signing_keys)]
         keys = []
@@ -198,9 +200,9 @@ class OAuthFile:
 class RateLimitSettings:
     """``auth.rate_limit``: failed authentications per client address before answers become 429."""
 
-    max_failures: Int = Field(10, ge=0, description="0 disables")
-    window: Seconds = Field(60.0, ge=1)
-    trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = Field(
+    max_failures: Int = Field(default=10, ge=0, description="0 disables")
+    window: Seconds = Field(default=60.0, ge=1)
+    trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = Field(default=
         (), description="networks whose X-Forwarded-For names the client")
 
 
@@ -210,10 +212,10 @@ class AuthFile:
 
     headers: dict[HeaderName, NonEmpty] = Field(default_factory=dict, description="static headers every "
                                                 "webhook must carry (Parley's header(s) option)")
-    signature: SignatureFile | None = Field(None, description="a signature over the raw body (docs/security.md)")
-    oauth: OAuthFile | None = Field(None, description="OAuth 2.0 client credentials (Parley pushType 5)")
+    signature: SignatureFile | None = Field(default=None, description="a signature over the raw body")
+    oauth: OAuthFile | None = Field(default=None, description="OAuth 2.0 client credentials (Parley pushType 5)")
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
-    allow_unauthenticated: Flag = Field(False, description="accept a config with none of headers, signature, "
+    allow_unauthenticated: Flag = Field(default=False, description="accept a config with none of headers, signature, "
                                                            "oauth (tests, demos)")
 
     @model_validator(mode="after")
@@ -227,10 +229,10 @@ class AuthFile:
         return self
 
 
-@dataclass(frozen=True, config=MODEL)
+@dataclass(frozen=True, kw_only=True, config=MODEL)
 class ApiKeyFile:
-    key_sha256: Sha256Hex | None = Field(None, description="hex SHA-256 of the key")
-    key_file: File | None = Field(None, description="or the key itself in a file (kept only as its SHA-256)")
+    key_sha256: Sha256Hex | None = Field(default=None, description="hex SHA-256 of the key")
+    key_file: File | None = Field(default=None, description="or the key itself in a file (kept only as its SHA-256)")
     apps: list[str] = Field(min_length=1, description="a non-empty list of the apps it may use")
     scope: ApiScope = "register"
 
@@ -243,7 +245,8 @@ class ApiKeyFile:
     def _one_key(self, info: ValidationInfo) -> ApiKeyFile:
         if (self.key_sha256 is None) == (self.key_file is None):
             raise problem("key_sha256", "give exactly one of key_sha256 (hex SHA-256 of the key) or key_file")
-        if self.key_file is not None and _checking(info) and len((_read(self.key_file) or b"").strip()) < MIN_API_KEY_CHARS:
+        secret = _read(self.key_file) if _checking(info) else None
+        if secret is not None and len(secret.strip()) < MIN_API_KEY_CHARS:
             raise problem("key_file", f"the key in {self.key_file} must have at least {MIN_API_KEY_CHARS} characters")
         return self
 
@@ -254,7 +257,7 @@ class ApiFile:
 
     keys: dict[str, ApiKeyFile] = Field(default_factory=dict, description="name -> key_sha256 or key_file, "
                                         "apps, scope (register, the default, or manage)")
-    listener: Literal["webhook", "metrics"] = Field("webhook", description="`metrics`: only on metrics.listen")
+    listener: Literal["webhook", "metrics"] = Field(default="webhook", description="`metrics`: only on metrics.listen")
 
     @model_validator(mode="after")
     def _distinct(self, info: ValidationInfo) -> ApiFile:
@@ -338,8 +341,9 @@ def build_auth(auth: AuthFile) -> AuthSettings:
         sig.header, sig.algorithm, tuple(k.read() for k in (sig, *sig.keys) if k.check(sig.algorithm, "", files=False)),
         sig.encoding, sig.prefix, sig.timestamp_header, sig.tolerance)
     oauth_settings = None if oauth is None else OAuthSettings(
-        {cid: OAuthClient(bytes.fromhex(c.secret_sha256) if c.secret_sha256 else hashlib.sha256(_read(c.secret_file) or b"").digest(),
-                          tuple(dict.fromkeys(c.scopes))) for cid, c in oauth.clients.items()},
+        {cid: OAuthClient(bytes.fromhex(c.secret_sha256) if c.secret_sha256
+                          else hashlib.sha256(_read(c.secret_file) or b"").digest(), tuple(dict.fromkeys(c.scopes)))
+         for cid, c in oauth.clients.items()},
         tuple(oauth.secrets()), oauth.token_ttl, oauth.issuer, oauth.path, oauth.required_scope)
     return AuthSettings(dict(auth.headers), signature, oauth_settings, auth.rate_limit, auth.allow_unauthenticated)
 

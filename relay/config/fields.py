@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Validat
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
-# An unknown key is an error (every class is also frozen); a value is never coerced to text (see :mod:`relay.config.model`).
+# An unknown key is an error (every class is also frozen); text is never coerced from a number (relay.config.model).
 MODEL = ConfigDict(extra="forbid")
 
 

@@ -22,7 +22,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from relay.config.auth import ApiFile, ApiSettings, AuthFile, AuthSettings, RateLimitSettings
+from relay.config.auth import ApiFile, ApiSettings, AuthFile, AuthSettings
 from relay.config.fields import (
     MODEL,
     AppleId,
@@ -30,9 +30,9 @@ from relay.config.fields import (
     File,
     Flag,
     Int,
+    ProcessesInput,
     Seconds,
     UrlPath,
-    ProcessesInput,
     problem,
     processes_value,
 )
@@ -46,23 +46,20 @@ APNS_ENVIRONMENTS: tuple[ApnsEnvironment, ...] = ("production", "sandbox")
 
 @dataclass(frozen=True, config=MODEL)
 class Listen:
-    host: str = Field("127.0.0.1", description="where the HTTP listener binds (ignored under socket activation)")
+    host: str = Field(default="127.0.0.1", description="where the HTTP listener binds (not under socket activation)")
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    idle_timeout: Seconds = Field(75.0, ge=0.1, description="seconds a connection may wait for (or dribble) "
+    idle_timeout: Seconds = Field(default=75.0, ge=0.1, description="seconds a connection may wait for (or dribble) "
                                                             "its next request's headers, then it is closed")
     # Accept queue: connections the kernel holds until a process accepts them (capped by net.core.somaxconn).
-    backlog: Int = Field(4096, ge=1, description="connections the kernel queues before a process accepts them "
+    backlog: Int = Field(default=4096, ge=1, description="connections the kernel queues before a process accepts them "
                                                  "(capped by net.core.somaxconn); sized for bursts")
 
 
 @dataclass(frozen=True, config=MODEL)
-class MetricsListen:
+class MetricsListen(Listen):
     """``metrics.listen``: its own host and port (9464, Prometheus' registered port, by default)."""
 
-    host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
-    idle_timeout: Seconds = Field(75.0, ge=0.1)
-    backlog: Int = Field(4096, ge=1)
 
 
 @dataclass(frozen=True, config=MODEL)
@@ -70,56 +67,56 @@ class Processes:
     """``processes``: how many webhook (ingest) and delivery processes ``serve`` runs; ``single`` = one
     process doing both (``processes: 1``, or ``serve --processes 1``)."""
 
-    ingest: Int | None = Field(None, ge=1)
-    delivery: Int | None = Field(None, ge=1)
+    ingest: Int | None = Field(default=None, ge=1)
+    delivery: Int | None = Field(default=None, ge=1)
     single: bool = False
 
 
 @dataclass(frozen=True, config=MODEL)
 class WebhookSettings:
-    path: UrlPath = Field("/parley/webhook", description="the path Parley posts to")
-    max_body_bytes: Int = Field(64 * 1024, ge=64, description="larger bodies get `413`")
-    max_tokens: Int = Field(100, ge=1, description="most push tokens in one webhook's `to`")
-    dedupe_window: Seconds = Field(600.0, description="seconds within which a resent notification is a "
+    path: UrlPath = Field(default="/parley/webhook", description="the path Parley posts to")
+    max_body_bytes: Int = Field(default=64 * 1024, ge=64, description="larger bodies get `413`")
+    max_tokens: Int = Field(default=100, ge=1, description="most push tokens in one webhook's `to`")
+    dedupe_window: Seconds = Field(default=600.0, description="seconds within which a resent notification is a "
                                                       "duplicate (`0` disables)")
-    reject_dead_tokens: Flag = Field(False, description="answer `410` to webhooks whose tokens are all dead, "
+    reject_dead_tokens: Flag = Field(default=False, description="answer `410` to webhooks whose tokens are all dead, "
                                                         "so that Parley drops them")
-    read_timeout: Seconds = Field(10.0, ge=0.1, description="seconds to receive a whole body once the headers "
+    read_timeout: Seconds = Field(default=10.0, ge=0.1, description="seconds to receive a whole body once the headers "
                                                             "are in (then `408`)")
     # Event names Parley may add later: a silent push like typing events (SPEC §5), or 200 "ignored" (§2).
-    unknown_events: Literal["silent", "ignore"] = Field("silent", description="events other than startTyping/"
+    unknown_events: Literal["silent", "ignore"] = Field(default="silent", description="events other than startTyping/"
                                                         "stopTyping: a silent push, or `ignore` (`200` ignored)")
 
 
 @dataclass(frozen=True, config=MODEL)
 class StoreSettings:
-    backend: Literal["sqlite", "redis"] = Field("sqlite", description="`sqlite` (embedded) or `redis` "
+    backend: Literal["sqlite", "redis"] = Field(default="sqlite", description="`sqlite` (embedded) or `redis` "
                                                                       "(several instances)")
-    path: Path = Field(Path("relay.db"), description="SQLite file, relative to `$STATE_DIRECTORY` or else "
+    path: Path = Field(default=Path("relay.db"), description="SQLite file, relative to `$STATE_DIRECTORY` or else "
                                                      "the config file")
-    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL for `backend: redis`")
-    commit_interval: Seconds = Field(0.0, description="extra seconds to wait to grow a group commit (0: commit "
+    url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL for `backend: redis`")
+    commit_interval: Seconds = Field(default=0.0, description="extra seconds to wait to grow a group commit (0: commit "
                                                       "as soon as the previous one ends)")
-    claim_idle: Seconds = Field(60.0, ge=0.1, description="Redis: seconds after which a silent instance's "
+    claim_idle: Seconds = Field(default=60.0, ge=0.1, description="Redis: seconds after which a silent instance's "
                                                           "claimed deliveries are taken over")
-    prefix: str = Field("relay", description="Redis: key prefix, so that several relays can share a database")
-    keep_finished: Seconds = Field(3600.0, description="seconds a finished delivery (not a dead letter) stays "
+    prefix: str = Field(default="relay", description="Redis: key prefix, so that several relays can share a database")
+    keep_finished: Seconds = Field(default=3600.0, description="seconds a finished delivery (not a dead letter) stays "
                                                        "visible to `parley-relay deliveries`, then is pruned")
 
 
 @dataclass(frozen=True, config=MODEL)
 class DeliverySettings:
-    concurrency: Int = Field(256, ge=1, description="sends in flight at once, all apps together (a restart)")
-    batch_size: Int = Field(256, ge=1, description="deliveries claimed from the store at once")
-    max_age: Seconds = Field(24 * 3600.0, ge=1, description="seconds a message is retried before it ends "
+    concurrency: Int = Field(default=256, ge=1, description="sends in flight at once, all apps together (a restart)")
+    batch_size: Int = Field(default=256, ge=1, description="deliveries claimed from the store at once")
+    max_age: Seconds = Field(default=24 * 3600.0, ge=1, description="seconds a message is retried before it ends "
                                                             "as *expired*")
-    unroutable_grace: Seconds = Field(600.0, description="seconds a token without a registry entry is kept "
+    unroutable_grace: Seconds = Field(default=600.0, description="seconds a token without a registry entry is kept "
                                                          "before it ends as *unroutable*")
-    backoff_initial: Seconds = Field(1.0, ge=0.001, description="first retry delay (exponential, full jitter, "
+    backoff_initial: Seconds = Field(default=1.0, ge=0.001, description="first retry delay (exponential, full jitter, "
                                                                 "never sooner than `Retry-After`)")
-    backoff_max: Seconds = Field(300.0, ge=0.001, description="longest retry delay")
-    send_timeout: Seconds = Field(15.0, ge=0.01, description="seconds one provider request may take")
-    config_error_retry: Seconds = Field(60.0, ge=0.01, description="seconds between probes of an app whose "
+    backoff_max: Seconds = Field(default=300.0, ge=0.001, description="longest retry delay")
+    send_timeout: Seconds = Field(default=15.0, ge=0.01, description="seconds one provider request may take")
+    config_error_retry: Seconds = Field(default=60.0, ge=0.01, description="seconds between probes of an app whose "
                                                                    "credentials were refused")
 
     @model_validator(mode="after")
@@ -135,13 +132,13 @@ class DeliverySettings:
 class MetricsSettings:
     """``metrics.listen``: a separate listener for ``/metrics`` (and health); None = the webhook listener."""
 
-    listen: MetricsListen | None = Field(None, description="a listener of its own for `/metrics`, `/healthz`, "
+    listen: MetricsListen | None = Field(default=None, description="a listener of its own for `/metrics`, `/healthz`, "
                                                            "`/readyz` (default: the webhook listener)")
 
 
 @dataclass(frozen=True, config=MODEL)
 class LoggingSettings:
-    format: Literal["logfmt", "json"] = Field("logfmt", description="`logfmt` or `json`, to stderr")
+    format: Literal["logfmt", "json"] = Field(default="logfmt", description="`logfmt` or `json`, to stderr")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -171,16 +168,16 @@ class _AppKeys:
     """What every app has: its name (the key under ``apps``), hosts, concurrency and translation policy."""
 
     name: SkipJsonSchema[str] = ""
-    endpoint: Endpoint | None = Field(None, description="a base URL replacing the provider's host (tests, "
+    endpoint: Endpoint | None = Field(default=None, description="a base URL replacing the provider's host (tests, "
                                                         "demos, proxies)")
-    ca_file: File | None = Field(None, description="trust store for `endpoint` (PEM)")
-    concurrency: Int = Field(100, ge=1, description="this app's requests in flight")
-    default_title: str = Field("New message", description="alert title when the agent has no name")
-    title_template: str = Field("{agent}", description="placeholders: {agent}, {message}")
+    ca_file: File | None = Field(default=None, description="trust store for `endpoint` (PEM)")
+    concurrency: Int = Field(default=100, ge=1, description="this app's requests in flight")
+    default_title: str = Field(default="New message", description="alert title when the agent has no name")
+    title_template: str = Field(default="{agent}", description="placeholders: {agent}, {message}")
     body_template: str = "{message}"
     type_policy: dict[int, Delivery] = Field(default_factory=dict, description="message typeId -> alert | "
                                              "silent, over the default {2: alert, 3: alert, 5: silent}")
-    event_ttl: Int = Field(30, ge=1, description="seconds a typing event may be delivered late")
+    event_ttl: Int = Field(default=30, ge=1, description="seconds a typing event may be delivered late")
 
     def _policy(self, **platform: object) -> Policy:
         return Policy(self.default_title, self.title_template, self.body_template,
@@ -197,15 +194,15 @@ class ApnsApp(_AppKeys):
     platform: Literal["apns"] = "apns"
     topic: str = Field(description="the app's bundle id")
     environment: ApnsEnvironment = "production"
-    key_file: File | None = Field(None, description="token auth (recommended): the .p8 key ...")
-    key_id: AppleId | None = Field(None, description="... its Key ID (10 characters) ...")
-    team_id: AppleId | None = Field(None, description="... and your Team ID (10 characters)")
-    cert_file: File | None = Field(None, description="or a client certificate + key (PEM), not with key_file")
-    max_connections: Int = Field(4, ge=1, description="HTTP/2 connections per environment")
+    key_file: File | None = Field(default=None, description="token auth (recommended): the .p8 key ...")
+    key_id: AppleId | None = Field(default=None, description="... its Key ID (10 characters) ...")
+    team_id: AppleId | None = Field(default=None, description="... and your Team ID (10 characters)")
+    cert_file: File | None = Field(default=None, description="or a client certificate + key (PEM), not with key_file")
+    max_connections: Int = Field(default=4, ge=1, description="HTTP/2 connections per environment")
     sandbox_endpoint: Endpoint | None = None
-    sandbox_fallback: Flag = Field(True, description="production refuses an unknown device as BadDeviceToken: "
+    sandbox_fallback: Flag = Field(default=True, description="production refuses an unknown device as BadDeviceToken: "
                                                      "try the sandbox host once")
-    thread_id: str | None = Field(None, description="aps.thread-id (groups notifications)")
+    thread_id: str | None = Field(default=None, description="aps.thread-id (groups notifications)")
     sound: str = "default"
 
     @model_validator(mode="after")
@@ -231,8 +228,8 @@ class ApnsApp(_AppKeys):
 class FcmApp(_AppKeys):
     platform: Literal["fcm"] = "fcm"
     service_account_file: File = Field(description="the Firebase service account JSON")
-    channel_id: str | None = Field(None, description="Android notification channel for alerts")
-    event_priority: Literal["normal", "high"] = Field("normal", description="android.priority of typing events")
+    channel_id: str | None = Field(default=None, description="Android notification channel for alerts")
+    event_priority: Literal["normal", "high"] = Field(default="normal", description="android.priority of typing events")
 
     @cached_property
     def policy(self) -> Policy:
@@ -253,12 +250,12 @@ class RelayFile:
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     auth: AuthFile = Field(default_factory=AuthFile)
     store: StoreSettings = Field(default_factory=StoreSettings)
-    registry: File = Field(Path("devices.yaml"), description="the device registry file, relative to this file")
+    registry: File = Field(default=Path("devices.yaml"), description="the device registry file, relative to this file")
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     api: ApiFile = Field(default_factory=ApiFile)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    shutdown_timeout: Seconds = Field(10.0, ge=0.1, description="on SIGTERM: seconds for in-flight requests, "
+    shutdown_timeout: Seconds = Field(default=10.0, ge=0.1, description="on SIGTERM: seconds for in-flight requests, "
                                                                 "then as long for in-flight sends")
     processes: Annotated[Processes, BeforeValidator(processes_value, json_schema_input_type=ProcessesInput)] = Field(
         default_factory=Processes, description="`auto`, `1` (one process does everything), or "

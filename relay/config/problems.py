@@ -160,7 +160,7 @@ def _message(error: ErrorDetails, shown: Loc, tp: Any, nodes: YamlNodes, key_err
         return f"must be text, not {type(value).__name__}{hint}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tag = value.get("platform") if isinstance(value, dict) else None
-        hint = f" ({_OLD_PLATFORM_NAMES[tag.lower()]})" if str(tag).lower() in _OLD_PLATFORM_NAMES else ""
+        hint = f" ({_OLD_PLATFORM_NAMES[str(tag).lower()]})" if str(tag).lower() in _OLD_PLATFORM_NAMES else ""
         what = "is required" if tag is None else f"{tag!r} is not a platform{hint}"
         return (f"{what}: use apns (iOS, Apple Push Notification service) or fcm "
                 "(Android, Firebase Cloud Messaging)")
@@ -169,7 +169,8 @@ def _message(error: ErrorDetails, shown: Loc, tp: Any, nodes: YamlNodes, key_err
         "float_parsing": "must be a number", "float_type": "must be a number",
         "bool_parsing": "must be true or false", "bool_type": "must be true or false",
         "literal_error": f"must be one of {_expected(ctx)}",
-        "dict_type": "must be a mapping", "dataclass_type": "must be a mapping", "dataclass_args_type": "must be a mapping",
+        "dict_type": "must be a mapping", "dataclass_type": "must be a mapping",
+        "dataclass_args_type": "must be a mapping",
         "list_type": "must be a list", "tuple_type": "must be a list", "path_type": "must be a file path",
     }
     if kind in texts:

@@ -10,7 +10,7 @@ from relay.config import App
 from relay.config.model import ApnsEnvironment
 
 # An APNs device token is 32 bytes written as hex: the one definition (registry rules, API, check-config, fakes).
-APNS_TOKEN_PATTERN = r"[0-9a-fA-F]{64}"
+APNS_TOKEN_PATTERN = r"[0-9a-fA-F]{64}"  # noqa: S105 - a pattern, not a password
 APNS_TOKEN_RE = re.compile(APNS_TOKEN_PATTERN)
 # FCM registration tokens: no published grammar; observed ones are ~150-180 characters of this alphabet.
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.-]{32,4096}$")

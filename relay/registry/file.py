@@ -41,7 +41,8 @@ _RULE_SHORTHANDS = {"apns-hex": APNS_TOKEN_PATTERN, "any": r".+"}
 
 
 def _apps(info: ValidationInfo) -> Mapping[str, App]:
-    return (info.context or {}).get("apps", {})
+    apps: Mapping[str, App] = (info.context or {}).get("apps", {})
+    return apps
 
 
 def _known(app: str, info: ValidationInfo) -> None:
@@ -55,8 +56,8 @@ class DeviceEntry:
     """One device: its app, the provider's token when it differs from the key, an APNs environment."""
 
     app: str = Field(description="the app this device belongs to (a name under apps)")
-    device_token: str | None = Field(None, description="the APNs/FCM token (default: the key itself)")
-    environment: ApnsEnvironment | None = Field(None, description="APNs only: sandbox for a development build")
+    device_token: str | None = Field(default=None, description="the APNs/FCM token (default: the key itself)")
+    environment: ApnsEnvironment | None = Field(default=None, description="APNs only: sandbox for a development build")
 
     @model_validator(mode="after")
     def _app_fits(self, info: ValidationInfo) -> DeviceEntry:
@@ -86,8 +87,8 @@ class RoutingRule:
 class DevicesFile:
     """The whole of ``devices.yaml``."""
 
-    devices: dict[str, DeviceEntry] | None = Field(None, description="push token -> its device")
-    routing: list[RoutingRule] | None = Field(None, description="tried in order for tokens without an entry")
+    devices: dict[str, DeviceEntry] | None = Field(default=None, description="push token -> its device")
+    routing: list[RoutingRule] | None = Field(default=None, description="tried in order for tokens without an entry")
 
 
 DEVICES_FILE = TypeAdapter(DevicesFile)
