@@ -80,7 +80,7 @@ def test_readme_minimal_configuration_loads(sandbox: Sandbox, monkeypatch: pytes
     root.mkdir()
     (root / "relay.yaml").write_text(relay_yaml)
     (root / "devices.yaml").write_text(devices_yaml)
-    (root / "AuthKey_XYZ987.p8").write_bytes((sandbox.root / "AuthKey.p8").read_bytes())
+    (root / "AuthKey_2X9R4HXF34.p8").write_bytes((sandbox.root / "AuthKey.p8").read_bytes())
     (root / "firebase.json").write_bytes((sandbox.root / "firebase.json").read_bytes())
     monkeypatch.setenv("PARLEY_RELAY_KEY", "0123456789abcdef0123456789abcdef")
     config = load_config(root / "relay.yaml")
