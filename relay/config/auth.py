@@ -201,7 +201,7 @@ class RateLimitSettings:
     """``auth.rate_limit``: failed authentications per client address before answers become 429."""
 
     max_failures: Int = Field(default=10, ge=0, description="0 disables")
-    window: Seconds = Field(default=60.0, ge=1)
+    window: Seconds = Field(default=60.0, ge=1, description="seconds over which failures are counted")
     trusted_proxies: tuple[Annotated[str, AfterValidator(_network)], ...] = Field(default=
         (), description="networks whose X-Forwarded-For names the client")
 
@@ -234,7 +234,8 @@ class ApiKeyFile:
     key_sha256: Sha256Hex | None = Field(default=None, description="hex SHA-256 of the key")
     key_file: File | None = Field(default=None, description="or the key itself in a file (kept only as its SHA-256)")
     apps: list[str] = Field(min_length=1, description="a non-empty list of the apps it may use")
-    scope: ApiScope = "register"
+    scope: ApiScope = Field(default="register", description="`register` (a token as itself only) or `manage` "
+                                                            "(see docs/device-api.md)")
 
     def digest(self) -> str | None:
         """The key's SHA-256 (hex), read from ``key_file`` if that is how it is given."""

@@ -47,7 +47,7 @@ APNS_ENVIRONMENTS: tuple[ApnsEnvironment, ...] = ("production", "sandbox")
 @dataclass(frozen=True, config=MODEL)
 class Listen:
     host: str = Field(default="127.0.0.1", description="where the HTTP listener binds (not under socket activation)")
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    port: Annotated[int, Field(ge=0, le=65535, description="its port (0: any free one)")] = 8080
     idle_timeout: Seconds = Field(default=75.0, ge=0.1, description="seconds a connection may wait for (or dribble) "
                                                             "its next request's headers, then it is closed")
     # Accept queue: connections the kernel holds until a process accepts them (capped by net.core.somaxconn).
@@ -59,7 +59,7 @@ class Listen:
 class MetricsListen(Listen):
     """``metrics.listen``: its own host and port (9464, Prometheus' registered port, by default)."""
 
-    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    port: Annotated[int, Field(ge=0, le=65535, description="its port (0: any free one)")] = 9464
 
 
 @dataclass(frozen=True, config=MODEL)
@@ -139,7 +139,8 @@ class MetricsSettings:
 @dataclass(frozen=True, config=MODEL)
 class LoggingSettings:
     format: Literal["logfmt", "json"] = Field(default="logfmt", description="`logfmt` or `json`, to stderr")
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="the least severe "
+                                                                "level logged")
 
 
 @plain_dataclass(frozen=True)
