@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from relay.config import load_config
-from relay.registry.file import load_registry
+from relay.registry.file import load_registry, token_problems
 from relay.testing.demo import LIVE_SETUP, curl_line, run_demo
 from relay.testing.sandbox import AUTH_VALUE, IOS_TOKEN, Sandbox
 from tests.conftest import MakeRelay
@@ -87,6 +87,7 @@ def test_readme_minimal_configuration_loads(sandbox: Sandbox, monkeypatch: pytes
     assert set(config.apps) == {"ios-prod", "android"} and config.auth.headers
     registry = load_registry(config.registry, config.apps)
     assert registry.devices and [rule.app for rule in registry.rules] == ["ios-prod", "android"]
+    assert token_problems(registry, config.registry, config.apps) == []  # tokens Apple and Google accept
     assert yaml.safe_load(devices_yaml)["devices"]
 
 

@@ -129,8 +129,9 @@ def _yaml(tp: Any, given: dict[str, Any], depth: int, commented: bool = False) -
             lines += [f"{pad}# {name}:{note}", f"{pad}#   NAME:"]
             lines += _yaml(section, {}, depth + 2, commented=True)
         elif section is not None and name != "processes" and (value is not None or name in given):
-            lines.append(f"{pad}{mark}{name}:{note}")
-            lines += _yaml(section, given.get(name, {}), depth + 1, commented)
+            inner = _yaml(section, given.get(name, {}), depth + 1, commented)
+            off = mark or ("# " if all(line.lstrip().startswith("#") for line in inner) else "")
+            lines += [f"{pad}{off}{name}:{note}", *inner]
         elif section is not None and name != "processes":
             lines.append(f"{pad}# {name}:{note}")
             lines += _yaml(section, {}, depth + 1, commented=True)

@@ -136,12 +136,12 @@ def _expected(ctx: dict[str, Any]) -> str:
     return str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
 
 
-def _quote_hint(node: yaml.Node | None, name: str) -> str:
+def _quote_hint(node: yaml.Node | None, name: str, key_error: bool) -> str:
     if not isinstance(node, yaml.ScalarNode) or node.style is not None or node.tag not in _YAML_KINDS:
         return ""
     read = yaml.safe_load(node.value)
-    return (f": put it in quotes ({name}: \"{node.value}\"); YAML reads {node.value} as "
-            f"{_YAML_KINDS[node.tag]} {read!r}" if read is not None else f" ({name}: \"\")")
+    quoted = f"\"{node.value}\": ..." if key_error else f"{name}: \"{node.value}\""
+    return f": put it in quotes ({quoted}); YAML reads {node.value} as {_YAML_KINDS[node.tag]} {read!r}"
 
 
 def _message(error: ErrorDetails, shown: Loc, tp: Any, nodes: YamlNodes, key_error: bool) -> str:
@@ -156,7 +156,7 @@ def _message(error: ErrorDetails, shown: Loc, tp: Any, nodes: YamlNodes, key_err
         return "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
     if kind == "string_type":
         key_node, value_node = nodes.find(shown)
-        hint = _quote_hint(key_node if key_error else value_node, str(shown[-1]) if shown else "")
+        hint = _quote_hint(key_node if key_error else value_node, str(shown[-1]) if shown else "", key_error)
         return f"must be text, not {type(value).__name__}{hint}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tag = value.get("platform") if isinstance(value, dict) else None
@@ -202,9 +202,10 @@ def problems_from(error: ValidationError, root: type, file: Path, *, prefix: Loc
         if detail["type"] in ("union_tag_invalid", "union_tag_not_found"):
             shown += ("platform",)
         full = prefix + shown
+        key_node, value_node = nodes.find(full)
+        if "[key]" in loc and isinstance(key_node, yaml.ScalarNode):
+            full = (*full[:-1], key_node.value)  # the key as written (0777), not as YAML read it (511)
         if any(full[: len(q)] == q for q in quiet):
             continue
-        key_node, value_node = nodes.find(full)
-        node = key_node or value_node
-        problems.append(ConfigProblem(str(file), dotted(full), message, line_of(node)))
+        problems.append(ConfigProblem(str(file), dotted(full), message, line_of(key_node or value_node)))
     return list(dict.fromkeys(problems))
