@@ -18,10 +18,10 @@ from dataclasses import field as plain_field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, model_validator
 from pydantic.dataclasses import dataclass
 
-from relay.config.fields import MODEL, File, Flag, Int, Seconds, Sha256Hex, UrlPath, problem
+from relay.config.fields import MODEL, File, Flag, Int, Seconds, Sha256Hex, UrlPath, problem, resolve_file
 from relay.inbound.signing import load_public_key
 
 MIN_SIGNING_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
@@ -53,6 +53,35 @@ def _network(value: str) -> str:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
         raise ValueError(f"not an IP address or network: {value!r}") from None
+
+
+def _header_values(value: object, info: ValidationInfo) -> tuple[str, ...]:
+    """One header's accepted values: a secret, or a list of them while a rotation is under way; each may be
+    read from a file (``cred:NAME``, ``file:PATH``) so that no secret need sit in the YAML, and a value that
+    starts so is never taken literally."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise problem("", "must name at least one value")
+    secrets = []
+    for i, item in enumerate(items):
+        where = f"[{i}]" if isinstance(value, list) else ""
+        if not isinstance(item, str) or not item:
+            raise problem(where, "must be a non-empty string" + (
+                " (a number must be put in quotes)" if isinstance(item, int | float) else ""))
+        if item.startswith(("cred:", "file:")) and _checking(info):
+            path = resolve_file(item.removeprefix("file:"), (info.context or {}).get("base", Path.cwd()))
+            try:
+                item = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise problem(where, f"cannot read the secret {item!r} from {path}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}") from None
+            if not item:
+                raise problem(where, f"the secret file {path} is empty")
+        secrets.append(item)
+    return tuple(secrets)
+
+
+HeaderValues = Annotated[tuple[str, ...], BeforeValidator(_header_values, json_schema_input_type=NonEmpty | list[NonEmpty])]
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -210,8 +239,10 @@ class RateLimitSettings:
 class AuthFile:
     """``auth``: every configured layer must pass; none at all is an error unless ``allow_unauthenticated``."""
 
-    headers: dict[HeaderName, NonEmpty] = Field(default_factory=dict, description="static headers every "
-                                                "webhook must carry (Parley's header(s) option)")
+    headers: dict[HeaderName, HeaderValues] = Field(default_factory=dict, description="static headers every "
+                                                    "webhook must carry (Parley's header(s) option): a secret, or a "
+                                                    "list of them during a rotation; `cred:NAME` or `file:PATH` reads "
+                                                    "it from a file")
     signature: SignatureFile | None = Field(default=None, description="a signature over the raw body")
     oauth: OAuthFile | None = Field(default=None, description="OAuth 2.0 client credentials (Parley pushType 5)")
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
@@ -303,7 +334,7 @@ class OAuthSettings:
 
 @plain_dataclass(frozen=True)
 class AuthSettings:
-    headers: Mapping[str, str] = plain_field(default_factory=dict)
+    headers: Mapping[str, tuple[str, ...]] = plain_field(default_factory=dict)  # each header's accepted values
     signature: SignatureSettings | None = None
     oauth: OAuthSettings | None = None
     rate_limit: RateLimitSettings = plain_field(default_factory=RateLimitSettings)

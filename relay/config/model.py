@@ -130,10 +130,13 @@ class DeliverySettings:
 
 @dataclass(frozen=True, config=MODEL)
 class MetricsSettings:
-    """``metrics.listen``: a separate listener for ``/metrics`` (and health); None = the webhook listener."""
+    """``metrics.listen``: the operations listener for ``/metrics`` and ``/status`` (and health), on localhost by
+    default so that a reverse proxy in front of the webhook port never publishes them; None (``listen: null``)
+    = the webhook listener serves them too."""
 
-    listen: MetricsListen | None = Field(default=None, description="a listener of its own for `/metrics`, `/healthz`, "
-                                                           "`/readyz` (default: the webhook listener)")
+    listen: MetricsListen | None = Field(default_factory=lambda: MetricsListen(), description="the operations "
+                                         "listener: `/metrics`, `/status` (and `/healthz`, `/readyz`, also on the "
+                                         "webhook listener); `null` serves them on the webhook listener")
 
 
 @dataclass(frozen=True, config=MODEL)
@@ -141,6 +144,9 @@ class LoggingSettings:
     format: Literal["logfmt", "json"] = Field(default="logfmt", description="`logfmt` or `json`, to stderr")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="the least severe "
                                                                 "level logged")
+    trace_lines_per_second: Seconds = Field(default=50.0, description="routine trace lines (accepted, sent, waits) "
+                                            "per process per second; past it they are counted in a summary line "
+                                            "every 10 s; `0`: every line")
 
 
 @plain_dataclass(frozen=True)

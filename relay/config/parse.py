@@ -25,10 +25,15 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 RELAY_FILE = TypeAdapter(RelayFile)
 
 
+# Keys where null means "none" (metrics.listen: null = no operations listener of its own), not "the default".
+_NULL_IS_A_VALUE = {("metrics", "listen")}
+
+
 def expand_env(data: Any, unset: list[tuple[Loc, str]], loc: Loc = ()) -> Any:
     """``${VAR}`` in every text value, from the environment; an unset one expands to "" and is listed."""
     if isinstance(data, dict):  # a key without a value (null) is a key not given, as it always was
-        return {key: expand_env(value, unset, (*loc, key)) for key, value in data.items() if value is not None}
+        return {key: expand_env(value, unset, (*loc, key)) for key, value in data.items()
+                if value is not None or (*loc, key) in _NULL_IS_A_VALUE}
     if isinstance(data, list):
         return [expand_env(value, unset, (*loc, i)) for i, value in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:

@@ -198,7 +198,10 @@ def problems_from(error: ValidationError, root: type, file: Path, *, prefix: Loc
             tp = _walk(root, loc[:-1])[1]
         message = _message(detail, prefix + shown, tp, nodes, key_error="[key]" in loc)
         if detail["type"] == "config":
-            shown += tuple(p for p in str((detail.get("ctx") or {})["key"]).split(".") if p)
+            key = str((detail.get("ctx") or {})["key"])
+            if key.startswith("[") and shown:  # an index into the value itself: X-Key[1]
+                shown, key = (*shown[:-1], f"{shown[-1]}{key.partition('.')[0]}"), key.partition(".")[2]
+            shown += tuple(p for p in key.split(".") if p)
         if detail["type"] in ("union_tag_invalid", "union_tag_not_found"):
             shown += ("platform",)
         full = prefix + shown
