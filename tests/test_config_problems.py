@@ -102,7 +102,8 @@ async def test_a_reload_with_backoff_initial_above_backoff_max_is_rejected_and_c
 
 @pytest.mark.parametrize(("token", "entry"), [
     ("0801fc577294c34e0b28ad2839435945", {"app": "ios"}),  # 32 hex: the README's old example
-    ("xcode", {"app": "ios", "device_token": "<7f3a9c0d 5e1b2a4c 6d8e0f1a 3b5c7d9e 1f3a5b7c 9d1e3f5a 7b9c1d3e 5f7a9b1c>"}),
+    ("xcode", {"app": "ios",
+               "device_token": "<7f3a9c0d 5e1b2a4c 6d8e0f1a 3b5c7d9e 1f3a5b7c 9d1e3f5a 7b9c1d3e 5f7a9b1c>"}),
     ("z" * 64, {"app": "ios"}),
     ("eJ9xQ2-fcm-registration-token:APA91bH_on_the_wrong_app", {"app": "ios"}),
     ("short", {"app": "android"}),

@@ -138,7 +138,7 @@ def _yaml(tp: Any, given: dict[str, Any], depth: int, commented: bool = False) -
         else:
             value = "auto" if name == "processes" else value
             text = "<required>" if info.is_required() and name not in given else _scalar(value)
-            off = mark or ("# " if value is None or value == {} and name not in given else "")
+            off = mark or ("# " if value is None or (value == {} and name not in given) else "")
             lines.append(f"{pad}{off}{name}:{' ' if text else ''}{text}{note}")
     return lines
 

@@ -81,7 +81,8 @@ def _header_values(value: object, info: ValidationInfo) -> tuple[str, ...]:
     return tuple(secrets)
 
 
-HeaderValues = Annotated[tuple[str, ...], BeforeValidator(_header_values, json_schema_input_type=NonEmpty | list[NonEmpty])]
+HeaderValues = Annotated[tuple[str, ...],
+                         BeforeValidator(_header_values, json_schema_input_type=NonEmpty | list[NonEmpty])]
 
 
 def _read(path: Path | None) -> bytes | None:
