@@ -123,6 +123,17 @@ async def test_fake_apns_echoes_apns_id_and_reports_unregistered(
     assert len(fake_apns.jwts_seen) == 1 and fake_apns.connections_opened == 1
 
 
+@pytest.mark.parametrize("token", ["0801fc577294c34e0b28ad2839435945", "<7f3a9c0d 5e1b2a4c>", "z" * 64,
+                                   "eJ9xQ2-fcm-registration-token:APA91bH_example"])
+async def test_fake_apns_refuses_a_device_token_apple_refuses(
+    fake_apns: FakeApns, make_apns: ApnsFactory, token: str
+) -> None:
+    """Anything but 64 hex characters gets 400 BadDeviceToken, as from Apple, so a demo cannot teach the mistake."""
+    result = await make_apns().send_notification(_alert(token))
+
+    assert (result.status, result.description) == ("400", "BadDeviceToken")
+
+
 async def test_fake_apns_rejects_a_jwt_from_an_unknown_key_as_invalid_provider_token(
     fake_apns: FakeApns, make_apns: ApnsFactory
 ) -> None:
