@@ -62,8 +62,9 @@ def test_an_unset_environment_variable_is_one_line(sandbox: Sandbox, capsys: pyt
     monkeypatch.delenv("RELAY_TEST_UNSET", raising=False)
     path = sandbox.write(auth={"headers": {AUTH_HEADER: "${RELAY_TEST_UNSET}"}})
     assert main(["check-config", "--config", str(path)]) == 1
-    assert capsys.readouterr().err.splitlines() == [
-        f"error: {path}: auth.headers.{AUTH_HEADER}: environment variable RELAY_TEST_UNSET is not set"]
+    [line] = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(re.escape(f"error: {path}: auth.headers.{AUTH_HEADER}: environment variable RELAY_TEST_UNSET "
+                                  "is not set") + r" \(line \d+\)", line)
 
 
 @pytest.mark.parametrize(("section", "written", "meant"), [

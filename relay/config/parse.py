@@ -18,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from relay.config.auth import ApiSettings, AuthSettings, build_api, build_auth
 from relay.config.model import Config, RelayFile
-from relay.config.problems import Loc, dotted, load_yaml, problems_from
+from relay.config.problems import Loc, YamlNodes, dotted, line_of, load_yaml, problems_from
 from relay.errors import ConfigError, ConfigProblem
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -66,7 +66,9 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
     data = expand_env(data, unset)
     if not credentials:  # an unset ${VAR} in a path nobody opens is no reason to refuse it
         unset = [(loc, var) for loc, var in unset if not str(loc[-1]).endswith("_file")]
-    problems = [ConfigProblem(file, dotted(loc), f"environment variable {var} is not set") for loc, var in unset]
+    nodes = YamlNodes(source)
+    problems = [ConfigProblem(file, dotted(loc), f"environment variable {var} is not set", line_of(nodes.find(loc)[0]))
+                for loc, var in unset]
     try:
         relay = RELAY_FILE.validate_python(data, context={"base": source.parent, "files": credentials})
     except ValidationError as exc:
