@@ -442,9 +442,10 @@ def test_any_parley_object_under_any_accepted_operator_settings_fits_the_conserv
     body = json.dumps({"data": {"type": kind, "object": obj}, "to": ["t"]}, ensure_ascii=False).encode()
     assume(len(body) <= MAX_BODY)
     n = load_notification(parse_webhook(body).data)
-    apps = {"ios": ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1,
-                           policy),
-            "android": FcmApp("android", Path("sa.json"), None, None, 10, policy)}
+    apps = {"ios": ApnsApp(name="ios", topic="com.example", key_file=Path("k.p8"), key_id="ABCDE12345",
+                           team_id="ABCDE12345", **_keys(policy, "thread_id", "sound")),
+            "android": FcmApp(name="android", service_account_file=Path("sa.json"),
+                              **_keys(policy, "channel_id", "event_priority"))}
     assume(not check_fits(apps, "relay.yaml"))
     assert apns_size(_apns(n, policy)) <= APNS_MAX_PAYLOAD
     assert fcm_size(_fcm(n, policy)) <= FCM_MAX_PAYLOAD
