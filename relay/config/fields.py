@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationInfo
 from pydantic.dataclasses import dataclass
@@ -61,6 +62,22 @@ def _endpoint(value: str) -> str:
 
 
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
+
+
+def _proxy(value: str) -> str:
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query or not port_ok:
+        shown = value if parts.password is None else value.replace(parts.password, "***")
+        raise ValueError("must be an HTTP proxy URL such as http://proxy.internal:3128 (the relay tunnels through it "
+                         f"with CONNECT), not {shown!r}")
+    return value
+
+
+Proxy = Annotated[str, AfterValidator(_proxy)]  # http://[user:password@]host[:port]
 
 
 def _url_path(value: str) -> str:

@@ -31,6 +31,7 @@ from relay.config.fields import (
     Flag,
     Int,
     ProcessesInput,
+    Proxy,
     Seconds,
     UrlPath,
     problem,
@@ -178,6 +179,8 @@ class _AppKeys:
     endpoint: Endpoint | None = Field(default=None, description="a base URL replacing the provider's host (tests, "
                                                         "demos, proxies)")
     ca_file: File | None = Field(default=None, description="trust store for `endpoint` (PEM)")
+    proxy: Proxy | None = Field(default=None, description="an http:// CONNECT proxy for this app's provider "
+                                                          "connections (default: HTTPS_PROXY/NO_PROXY decide)")
     concurrency: Int = Field(default=100, ge=1, description="this app's requests in flight")
     default_title: str = Field(default="New message", description="alert title when the agent has no name")
     title_template: str = Field(default="{agent}", description="placeholders: {agent}, {message}")
