@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from relay.config import ApnsApp, FcmApp, Policy
+from relay.config import ApnsApp, FcmApp
 from relay.delivery.translate import translate
 from relay.inbound.parse import load_notification, parse_webhook
 from relay.registry.device import Route
@@ -37,8 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=1.0)
     args = parser.parse_args()
-    apns = ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1, Policy())
-    fcm = FcmApp("android", Path("sa.json"), None, None, 10, Policy())
+    apns = ApnsApp(name="ios", topic="com.example", key_file=Path("k.p8"), key_id="ABCDE12345", team_id="ABCDE12345")
+    fcm = FcmApp(name="android", service_account_file=Path("sa.json"))
     message = load_notification(parse_webhook(json.dumps(SAMPLE_MESSAGE).encode()).data)
     event = load_notification(parse_webhook(json.dumps(SAMPLE_EVENT).encode()).data)
     for name, notification, route in (("message apns", message, Route(apns, "d" * 64)),

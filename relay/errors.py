@@ -33,15 +33,16 @@ class InvalidWebhook(RelayError):
 
 @dataclass(frozen=True)
 class ConfigProblem:
-    """One configuration problem: which file, which key, what is wrong."""
+    """One configuration problem: which file, which key, what is wrong, and the file's line when known."""
 
     file: str
     key: str
     message: str
+    line: int | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"{where}: {self.message}"
+        return f"{where}: {self.message}" + (f" (line {self.line})" if self.line else "")
 
 
 class ConfigError(RelayError):

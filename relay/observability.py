@@ -149,7 +149,7 @@ class _Missing(Collector):
 
 
 def short_token(token: str) -> str:
-    """A push token safe for logs: ``0801fc…5945``."""
+    """A push token safe for logs: ``0801fc…b2c4``."""
     return token if len(token) <= 12 else f"{token[:6]}…{token[-4:]}"
 
 

@@ -479,4 +479,5 @@ def test_rate_limit_config_problems(sandbox: Sandbox) -> None:
                                "rate_limit": {"max_failures": -1, "trusted_proxies": ["10.0.0.0/8", "proxy"]}})
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert {p.key for p in info.value.problems} == {"auth.rate_limit.max_failures", "auth.rate_limit.trusted_proxies"}
+    assert {p.key for p in info.value.problems} == {"auth.rate_limit.max_failures",
+                                                    "auth.rate_limit.trusted_proxies[1]"}

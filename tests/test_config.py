@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,9 @@ def test_a_wrong_platform_is_one_line_naming_the_valid_values(
     path = sandbox.write(apps={"android": {"platform": platform}})
     assert main(["check-config", "--config", str(path)]) == 1
     lines = capsys.readouterr().err.splitlines()
-    assert lines == [f"error: {path}: {expected} (iOS, Apple Push Notification service) or fcm "
-                     "(Android, Firebase Cloud Messaging)"]
+    assert len(lines) == 1 and re.fullmatch(re.escape(f"error: {path}: {expected} (iOS, Apple Push Notification "
+                                                      "service) or fcm (Android, Firebase Cloud Messaging)")
+                                            + r" \(line \d+\)", lines[0])
 
 
 def test_check_config_names_each_problem_once(sandbox: Sandbox, capsys: pytest.CaptureFixture[str],
@@ -101,7 +103,7 @@ def test_a_device_without_app_is_named_as_such(sandbox: Sandbox, capsys: pytest.
     assert main(["check-config", "--config", str(path)]) == 1
     assert capsys.readouterr().err.splitlines() == [
         f"error: {sandbox.root / 'devices.yaml'}: devices.tok1.app: is required: the app this device belongs to "
-        "(one of: ios, android)"]
+        "(one of: ios, android) (line 2)"]
 
 
 def test_no_inbound_authentication_is_an_error_unless_allowed(sandbox: Sandbox,

@@ -22,8 +22,8 @@ from relay.testing.process import relay_command
 from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
 from tests.conftest import REDIS_URL, MakeRelay, RelayUnderTest, redis_keyspace
 
-REFUSED_TOKEN = "a1b2c3d4e5f60718293a4b5c6d7e8f90"  # a registered iPhone whose pushes APNs refuses for good
-PHONE_TOKEN = "c0ffee0123456789abcdef0123456789"  # an iPhone's APNs token, registered under another Parley token
+REFUSED_TOKEN = "a1b2c3d4e5f60718293a4b5c6d7e8f90" * 2  # a registered iPhone whose pushes APNs refuses for good
+PHONE_TOKEN = "c0ffee0123456789abcdef0123456789" * 2  # an iPhone's APNs token, registered under another Parley token
 PARLEY_TOKEN = "parley-push-token-of-the-phone"
 UNKNOWN_TOKEN = "eJ9x-no-registry-entry:APA91b_unknown"  # no registry entry, no routing rule: unroutable
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -117,7 +117,7 @@ async def test_a_delivered_message_is_found_by_message_token_and_request_id(
         (row,) = table(out)
         assert row["STATE"] == "sent" and row["ATTEMPTS"] == "1" and row["APP"] == "ios"
         assert row["REQUEST"] == "parley-req-3651" and row["MESSAGE"] == "3651" and row["WAIT"] == "-"
-        assert row["TOKEN"] == "0801fc…5945" and IOS_TOKEN not in out
+        assert row["TOKEN"] == "0801fc…b2c4" and IOS_TOKEN not in out
         assert re.fullmatch(ISO + r" \(\d+s ago\)", row["RECEIVED"]) and re.fullmatch(ISO + r" \(\d+s ago\)",
                                                                                       row["FINISHED"])
         assert row["NEXT"] == "-" and "error" not in err
@@ -153,7 +153,7 @@ async def test_a_waiting_and_a_dead_lettered_delivery_say_why(relay: RelayUnderT
     await until(relay, "3654", "sent")
     code, out, _ = await deliveries_cli(cli_config, "--request", "two", "--json")
     docs = [json.loads(line) for line in out.splitlines()]
-    assert [d["token"] for d in docs] == ["eJ9xQ2…vice", "0801fc…5945"]  # newest (last stored) first
+    assert [d["token"] for d in docs] == ["eJ9xQ2…vice", "0801fc…b2c4"]  # newest (last stored) first
     assert {d["state"] for d in docs} == {"sent"} and {d["app"] for d in docs} == {"ios", "android"}
 
 

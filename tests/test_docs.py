@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from relay.config import load_config
-from relay.registry.file import load_registry
+from relay.registry.file import load_registry, token_problems
 from relay.testing.demo import LIVE_SETUP, curl_line, run_demo
 from relay.testing.sandbox import AUTH_VALUE, IOS_TOKEN, Sandbox
 from tests.conftest import MakeRelay
@@ -80,13 +80,14 @@ def test_readme_minimal_configuration_loads(sandbox: Sandbox, monkeypatch: pytes
     root.mkdir()
     (root / "relay.yaml").write_text(relay_yaml)
     (root / "devices.yaml").write_text(devices_yaml)
-    (root / "AuthKey_XYZ987.p8").write_bytes((sandbox.root / "AuthKey.p8").read_bytes())
+    (root / "AuthKey_2X9R4HXF34.p8").write_bytes((sandbox.root / "AuthKey.p8").read_bytes())
     (root / "firebase.json").write_bytes((sandbox.root / "firebase.json").read_bytes())
     monkeypatch.setenv("PARLEY_RELAY_KEY", "0123456789abcdef0123456789abcdef")
     config = load_config(root / "relay.yaml")
     assert set(config.apps) == {"ios-prod", "android"} and config.auth.headers
     registry = load_registry(config.registry, config.apps)
     assert registry.devices and [rule.app for rule in registry.rules] == ["ios-prod", "android"]
+    assert token_problems(registry, config.registry, config.apps) == []  # tokens Apple and Google accept
     assert yaml.safe_load(devices_yaml)["devices"]
 
 

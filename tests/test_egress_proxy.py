@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay.config import ApnsApp, FcmApp, Policy, load_config
+from relay.config import ApnsApp, FcmApp, load_config
 from relay.errors import ConfigError
 from relay.outcome import Outcome
 from relay.providers.apns import ApnsProvider
@@ -108,7 +108,7 @@ async def test_fcm_token_and_push_go_through_the_proxy_from_the_environment_or_t
         account = fake.make_service_account("proxy-project").write(tmp_path / "firebase.json")
         ca_file = ca.write_ca_pem(tmp_path / "ca.pem")
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
-        app = FcmApp("android", account, fake.url, ca_file, 10, Policy())
+        app = FcmApp(name="android", service_account_file=account, endpoint=fake.url, ca_file=ca_file)
         results = []
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         for configured in (app, dataclasses.replace(app, proxy=proxy.url)):
@@ -164,7 +164,8 @@ async def test_fcm_app_proxy_with_credentials_authenticates_token_and_send(
         account = fake.make_service_account("proxy-project").write(tmp_path / "firebase.json")
         ca_file = ca.write_ca_pem(tmp_path / "ca.pem")
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
-        app = FcmApp("android", account, fake.url, ca_file, 10, Policy(), proxy=proxy.url)
+        app = FcmApp(name="android", service_account_file=account, endpoint=fake.url, ca_file=ca_file,
+                     proxy=proxy.url)
         provider = await FcmProvider.create(app, timeout=10)
         try:
             result = await provider.send(_fcm_push())

@@ -44,6 +44,10 @@ PROJECT = "demo-project"
 
 # -- APNs fixtures ----------------------------------------------------------------------------
 
+# APNs device tokens are 64 hex characters: the fake answers anything else 400 BadDeviceToken, as Apple does.
+GOOD, TOK, DEAD, OTHER = "0801fc57" * 8, "a1" * 32, "dead" * 16, "b2" * 32
+
+
 
 @pytest.fixture
 def apns_key() -> ApnsKey:
@@ -104,10 +108,10 @@ async def test_fake_apns_echoes_apns_id_and_reports_unregistered(
     """A push succeeds with its apns-id echoed; a token scripted dead answers 410 Unregistered."""
     apns = make_apns()
     apns_id = str(uuid.uuid4())
-    fake_apns.respond("dead", status=410, reason="Unregistered")
+    fake_apns.respond(DEAD, status=410, reason="Unregistered")
 
-    ok = await apns.send_notification(_alert("0801fc577294c34e", apns_id))
-    gone = await apns.send_notification(_alert("dead"))
+    ok = await apns.send_notification(_alert(GOOD, apns_id))
+    gone = await apns.send_notification(_alert(DEAD))
 
     assert (ok.status, ok.notification_id) == ("200", apns_id)
     assert (gone.status, gone.description) == ("410", "Unregistered")
@@ -119,13 +123,24 @@ async def test_fake_apns_echoes_apns_id_and_reports_unregistered(
     assert len(fake_apns.jwts_seen) == 1 and fake_apns.connections_opened == 1
 
 
+@pytest.mark.parametrize("token", ["0801fc577294c34e0b28ad2839435945", "<7f3a9c0d 5e1b2a4c>", "z" * 64,
+                                   "eJ9xQ2-fcm-registration-token:APA91bH_example"])
+async def test_fake_apns_refuses_a_device_token_apple_refuses(
+    fake_apns: FakeApns, make_apns: ApnsFactory, token: str
+) -> None:
+    """Anything but 64 hex characters gets 400 BadDeviceToken, as from Apple, so a demo cannot teach the mistake."""
+    result = await make_apns().send_notification(_alert(token))
+
+    assert (result.status, result.description) == ("400", "BadDeviceToken")
+
+
 async def test_fake_apns_rejects_a_jwt_from_an_unknown_key_as_invalid_provider_token(
     fake_apns: FakeApns, make_apns: ApnsFactory
 ) -> None:
     """A provider token signed by a key the fake does not know gets 403 InvalidProviderToken."""
     apns = make_apns(key=make_apns_key())
 
-    result = await apns.send_notification(_alert("0801fc577294c34e"))
+    result = await apns.send_notification(_alert(GOOD))
 
     assert (result.status, result.description) == ("403", "InvalidProviderToken")
 
@@ -135,14 +150,14 @@ async def test_fake_apns_scripted_answers_expire_after_times_and_fail_all_until_
 ) -> None:
     """`respond(times=1)` answers once; `fail_all` answers every token until `recover()`."""
     apns = make_apns()
-    fake_apns.respond("tok", status=429, reason="TooManyRequests", retry_after=3, times=1)
+    fake_apns.respond(TOK, status=429, reason="TooManyRequests", retry_after=3, times=1)
 
-    limited = await apns.send_notification(_alert("tok"))
-    then_ok = await apns.send_notification(_alert("tok"))
+    limited = await apns.send_notification(_alert(TOK))
+    then_ok = await apns.send_notification(_alert(TOK))
     fake_apns.fail_all(503, "ServiceUnavailable")
-    down = await apns.send_notification(_alert("other"))
+    down = await apns.send_notification(_alert(OTHER))
     fake_apns.recover()
-    back = await apns.send_notification(_alert("other"))
+    back = await apns.send_notification(_alert(OTHER))
 
     assert (limited.status, limited.description) == ("429", "TooManyRequests")
     assert [then_ok.status, down.status, back.status] == ["200", "503", "200"]
@@ -156,9 +171,9 @@ async def test_fake_apns_fail_all_for_seconds_ends_by_itself(
     apns = make_apns()
     fake_apns.fail_all(500, "InternalServerError", seconds=0.2)
 
-    failed = await apns.send_notification(_alert("tok"))
+    failed = await apns.send_notification(_alert(TOK))
     await asyncio.sleep(0.25)
-    recovered = await apns.send_notification(_alert("tok"))
+    recovered = await apns.send_notification(_alert(TOK))
 
     assert (failed.status, recovered.status) == ("500", "200")
 
@@ -169,7 +184,7 @@ async def test_fake_apns_hang_then_drop_makes_aioapns_resend_on_a_new_connection
     """A hung request stays unanswered; a dropped connection makes aioapns resend its apns-id."""
     apns = make_apns()
     fake_apns.hang(True)
-    sending = asyncio.create_task(apns.send_notification(_alert("tok", str(uuid.uuid4()))))
+    sending = asyncio.create_task(apns.send_notification(_alert(TOK, str(uuid.uuid4()))))
 
     (hung,) = await fake_apns.wait_for(1)
     await asyncio.sleep(0.1)
@@ -194,7 +209,7 @@ async def test_fake_apns_set_delay_postpones_every_answer(
     fake_apns.set_delay(0.3)
 
     started = time.monotonic()
-    result = await apns.send_notification(_alert("tok"))
+    result = await apns.send_notification(_alert(TOK))
 
     assert result.status == "200" and time.monotonic() - started >= 0.3
 
@@ -212,7 +227,7 @@ async def test_fake_apns_accepts_a_client_certificate_instead_of_a_jwt(tmp_path:
         apns = APNs(client_cert=str(cert_file), topic=TOPIC, ssl_context=fake.client_ssl_context())
         apns.pool.protocol_class = ToFake
         try:
-            result = await apns.send_notification(_alert("tok"))
+            result = await apns.send_notification(_alert(TOK))
         finally:
             apns.pool.close()
             await asyncio.sleep(0.05)
@@ -328,9 +343,9 @@ async def test_fake_apns_honours_flow_control_and_stalls_a_client_that_never_ack
 ) -> None:
     """Error bodies stop at the client's 65,535-byte window and resume only after WINDOW_UPDATE."""
     reason = "R" * 4000  # big error bodies exhaust the window in a few requests
-    fake_apns.respond("tok", status=400, reason=reason)
+    fake_apns.respond(TOK, status=400, reason=reason)
     headers = {"apns-topic": TOPIC, "authorization": _bearer(apns_key)}
-    streams = [raw_h2.post("/3/device/tok", headers) for _ in range(20)]
+    streams = [raw_h2.post(f"/3/device/{TOK}", headers) for _ in range(20)]
     body_size = len(json.dumps({"reason": reason}, separators=(",", ":")))
 
     await raw_h2.read_until_quiet()
@@ -388,7 +403,7 @@ async def test_fake_apns_rejects_bad_requests_with_apples_reasons(
     elif case == "too-large":
         body = json.dumps({"aps": {}, "pad": "x" * 4096}).encode()
 
-    stream = raw_h2.post("/3/device/tok", headers, body)
+    stream = raw_h2.post(f"/3/device/{TOK}", headers, body)
     await raw_h2.read_until_quiet()
 
     response = raw_h2.responses[stream]
@@ -400,7 +415,7 @@ async def test_fake_apns_generates_an_apns_id_when_the_request_has_none(
     raw_h2: RawH2Client, apns_key: ApnsKey
 ) -> None:
     """Without an apns-id header the answer carries a fresh UUID, as Apple's does."""
-    stream = raw_h2.post("/3/device/tok", {"apns-topic": TOPIC, "authorization": _bearer(apns_key)})
+    stream = raw_h2.post(f"/3/device/{TOK}", {"apns-topic": TOPIC, "authorization": _bearer(apns_key)})
     await raw_h2.read_until_quiet()
 
     response = raw_h2.responses[stream]

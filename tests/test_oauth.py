@@ -321,7 +321,7 @@ def test_client_secret_file_is_kept_hashed(sandbox: Sandbox) -> None:
     (oauth_config(clients={"parley": {}}), "auth.oauth.clients.parley.secret_sha256", "exactly one of"),
     (oauth_config(clients={"par:ley": {"secret_sha256": "a" * 64}}), "auth.oauth.clients.par:ley", "client id"),
     (oauth_config(clients={"parley": {"secret_sha256": "a" * 64, "scopes": ["two words"]}}),
-     "auth.oauth.clients.parley.scopes", "scope names"),
+     "auth.oauth.clients.parley.scopes[0]", "scope name"),
     (oauth_config(path="/parley/webhook"), "auth.oauth.path", "differ from webhook.path"),
     (oauth_config(required_scope="push2"), "auth.oauth.required_scope", "no client has the scope"),
     (oauth_config(token_ttl=0), "auth.oauth.token_ttl", "at least"),

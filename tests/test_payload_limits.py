@@ -40,15 +40,22 @@ def _notification(obj: dict[str, Any], kind: str = "message") -> Notification:
     return load_notification(hook.data)
 
 
+def _keys(policy: Policy, *platform: str) -> dict[str, Any]:
+    """The app keys that describe ``policy`` (the common ones and the ``platform`` ones)."""
+    names = ("default_title", "title_template", "body_template", "type_policy", "event_ttl", *platform)
+    return {name: getattr(policy, name) for name in names}
+
+
 def _apns(n: Notification, policy: Policy = DEFAULT) -> ApnsPush:
-    app = ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1, policy)
+    app = ApnsApp(name="ios", topic="com.example", key_file=Path("k.p8"), key_id="ABCDE12345", team_id="ABCDE12345",
+                  **_keys(policy, "thread_id", "sound"))
     push = translate(n, Route(app, "d" * 64), "id-1", 1000.0, 1030.0)
     assert isinstance(push, ApnsPush)
     return push
 
 
 def _fcm(n: Notification, policy: Policy = DEFAULT) -> FcmPush:
-    app = FcmApp("android", Path("sa.json"), None, None, 10, policy)
+    app = FcmApp(name="android", service_account_file=Path("sa.json"), **_keys(policy, "channel_id", "event_priority"))
     push = translate(n, Route(app, "fcm-token"), "id-1", 1000.0, 1030.0)
     assert isinstance(push, FcmPush)
     return push
@@ -435,9 +442,10 @@ def test_any_parley_object_under_any_accepted_operator_settings_fits_the_conserv
     body = json.dumps({"data": {"type": kind, "object": obj}, "to": ["t"]}, ensure_ascii=False).encode()
     assume(len(body) <= MAX_BODY)
     n = load_notification(parse_webhook(body).data)
-    apps = {"ios": ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1,
-                           policy),
-            "android": FcmApp("android", Path("sa.json"), None, None, 10, policy)}
+    apps = {"ios": ApnsApp(name="ios", topic="com.example", key_file=Path("k.p8"), key_id="ABCDE12345",
+                           team_id="ABCDE12345", **_keys(policy, "thread_id", "sound")),
+            "android": FcmApp(name="android", service_account_file=Path("sa.json"),
+                              **_keys(policy, "channel_id", "event_priority"))}
     assume(not check_fits(apps, "relay.yaml"))
     assert apns_size(_apns(n, policy)) <= APNS_MAX_PAYLOAD
     assert fcm_size(_fcm(n, policy)) <= FCM_MAX_PAYLOAD

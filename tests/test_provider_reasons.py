@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ApnsApp, FcmApp, Policy, load_config
+from relay.config import ApnsApp, FcmApp, load_config
 from relay.outcome import Outcome
 from relay.providers.apns import ApnsProvider
 from relay.providers.fcm import FcmProvider
@@ -95,7 +95,7 @@ async def test_fcm_untrusted_certificate_is_named_as_a_failed_tls_handshake(tmp_
     with FakeFcm(tls=ca) as fake:
         path = fake.make_service_account("tls-project").write(tmp_path / "firebase.json")
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.write_ca_pem(tmp_path / "ca.pem")))  # the token endpoint
-        reason = await _fcm_reason(FcmApp("android", path, fake.url, None, 10, Policy()))
+        reason = await _fcm_reason(FcmApp(name="android", service_account_file=path, endpoint=fake.url))
     assert reason.startswith(f"UNAVAILABLE: TLS handshake with 127.0.0.1:{fake.port} failed: "
                              "certificate verify failed")
 

@@ -16,7 +16,7 @@ import firebase_admin
 import pytest
 from firebase_admin import messaging
 
-from relay.config import ApnsApp, FcmApp, Policy, load_config
+from relay.config import ApnsApp, FcmApp, load_config
 from relay.outcome import Outcome
 from relay.providers import Bounded, create_provider
 from relay.providers.apns import APNS_REASONS, ApnsProvider, classify_apns
@@ -420,8 +420,10 @@ async def test_fcm_over_tls_trusts_the_configured_ca_file(tmp_path: Path, monkey
         # The token endpoint (the account's token_uri, here the same fake) is google-auth's business: requests
         # trusts the system store, or REQUESTS_CA_BUNDLE. ca_file is for the FCM endpoint.
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
-        trusted = await FcmProvider.create(FcmApp("android", path, fake.url, ca_file, 10, Policy()), timeout=10)
-        untrusted = await FcmProvider.create(FcmApp("android", path, fake.url, None, 10, Policy()), timeout=10)
+        trusted = await FcmProvider.create(FcmApp(name="android", service_account_file=path, endpoint=fake.url,
+                                                         ca_file=ca_file), timeout=10)
+        untrusted = await FcmProvider.create(FcmApp(name="android", service_account_file=path, endpoint=fake.url),
+                                             timeout=10)
         try:
             ok = await trusted.send(_fcm_push("tls-" + "p" * 40))
             refused = await untrusted.send(_fcm_push("tls-" + "p" * 40))
@@ -511,8 +513,8 @@ async def test_apns_certificate_auth_sends_without_a_jwt(tmp_path: Path) -> None
     client_ca = make_ca()
     with FakeApns(client_ca=client_ca) as fake:
         cert = client_ca.write_client_cert(tmp_path / "apns-cert.pem")
-        app = ApnsApp("ios", "com.example.parleyapp", "production", None, None, None, cert, fake.url,
-                      Path(fake.ca_file), 10, 1, Policy())
+        app = ApnsApp(name="ios", topic="com.example.parleyapp", cert_file=cert, endpoint=fake.url,
+                      ca_file=Path(fake.ca_file), concurrency=10, max_connections=1)
         provider = ApnsProvider(app)
         try:
             result = await provider.send(_apns_push("dd" * 32))

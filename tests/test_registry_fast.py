@@ -6,24 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ApnsApp, FcmApp, Policy
-from relay.config.reader import load_yaml
+from relay.config import ApnsApp, FcmApp
+from relay.config.problems import load_yaml
 from relay.registry.fast import read_flat_devices
 from relay.registry.file import parse_registry
 
-APPS = {"ios": ApnsApp("ios", "com.example", "production", None, None, None, Path("c.pem"), None, None, 1, 1,
-                       Policy()),
-        "android": FcmApp("android", Path("sa.json"), None, None, 1, Policy())}
+APPS = {"ios": ApnsApp(name="ios", topic="com.example", cert_file=Path("c.pem")),
+        "android": FcmApp(name="android", service_account_file=Path("sa.json"))}
 
 FLAT = """devices:
-  0801fc577294c34e0b28ad2839435945: {app: ios}
+  0801fc577294c34e0b28ad2839435945e7b3c1d09a6f2e48b5c7d3a1f0e9b2c4: {app: ios}
   'eJ9x:APA91bH_x': {app: android}
   "quoted-token": {app: android, device_token: other-device}
   same-device: {app: ios, device_token: same-device}
   fcm-1:APA91bH_plain_colon: {app: android}
 
   # a comment line
-  0801fc577294c34e0b28ad2839435945: {app: android}
+  0801fc577294c34e0b28ad2839435945e7b3c1d09a6f2e48b5c7d3a1f0e9b2c4: {app: android}
   dev-build: {app: ios, environment: sandbox}
   store-build: {app: ios, device_token: store-device, environment: production}
   was-sandbox: {app: ios, environment: sandbox}

@@ -109,8 +109,8 @@ async def test_a_token_no_rule_matches_waits_and_a_reload_with_a_rule_sends_it(m
 
 @pytest.mark.parametrize(("routing", "key", "message"), [
     ({"match": "any", "app": "android"}, "routing", "must be a list"),
-    ([{"match": "any"}], "routing[0]", "must be {match"),
-    ([{"match": "any", "app": "android", "extra": 1}], "routing[0]", "must be {match"),
+    ([{"match": "any"}], "routing[0].app", "is required"),
+    ([{"match": "any", "app": "android", "extra": 1}], "routing[0].extra", "unknown key"),
     ([{"match": "apns-hex", "app": "ios"}, {"match": "any", "app": "web"}], "routing[1].app", "unknown app 'web'"),
     ([{"match": "([a-z", "app": "ios"}], "routing[0].match", "invalid regular expression"),
 ])

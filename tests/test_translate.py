@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ApnsApp, FcmApp, Policy
+from relay.config import ApnsApp, FcmApp
 from relay.delivery.translate import APNS_MAX_PAYLOAD, ELLIPSIS, translate
 from relay.inbound.parse import Agent, Event, Message, parse_webhook
 from relay.push import ApnsPush, FcmPush
 from relay.registry.device import Route
 
-APNS = ApnsApp("ios", "com.example", "production", Path("k.p8"), "KID", "TEAM", None, None, None, 10, 1, Policy())
-FCM = FcmApp("android", Path("sa.json"), None, None, 10, Policy())
+APNS = ApnsApp(name="ios", topic="com.example", key_file=Path("k.p8"), key_id="ABCDE12345", team_id="ABCDE12345")
+FCM = FcmApp(name="android", service_account_file=Path("sa.json"))
 AGENT = Agent(7, "Ann", None)
 
 
@@ -52,9 +52,8 @@ def test_system_type_id_is_silent_and_unknown_type_ids_alert() -> None:
 
 def test_templates_thread_id_and_default_title_are_applied() -> None:
     """Per-app title/body templates, thread-id and the default title when the agent has no name."""
-    policy = Policy(title_template="{agent} (support)", body_template="» {message}", thread_id="chat",
-                    default_title="Support")
-    app = ApnsApp("ios", "t", "production", None, None, None, Path("c.pem"), None, None, 1, 1, policy)
+    app = ApnsApp(name="ios", topic="t", cert_file=Path("c.pem"), title_template="{agent} (support)",
+                  body_template="» {message}", thread_id="chat", default_title="Support")
     aps = _apns(_message(), app).payload["aps"]
     assert aps["alert"] == {"title": "Ann (support)", "body": "» Hi"}
     assert aps["thread-id"] == "chat"
@@ -66,7 +65,7 @@ def test_templates_thread_id_and_default_title_are_applied() -> None:
 
 def test_broken_template_never_raises() -> None:
     """A template with a bad placeholder renders literally instead of failing the delivery."""
-    app = FcmApp("android", Path("sa.json"), None, None, 1, Policy(title_template="{0} {agent"))
+    app = FcmApp(name="android", service_account_file=Path("sa.json"), title_template="{0} {agent")
     assert _fcm(_message(), app).title == "{0} {agent"
 
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
-from relay.cli import backup, deliveries
+from relay.cli import backup, config_commands, deliveries
 from relay.cli.common import DEFAULT_CONFIG, _load, _load_for_store, _run, _utc, _with_store
 from relay.cli.deliveries import cmd_deliveries
 from relay.cli.service_commands import cmd_check_config, cmd_demo, cmd_reload, cmd_send_test, cmd_serve, cmd_sign
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--private-key", help="PEM private key (rsa/ecdsa/ed25519; HMAC uses the configured secret)")
     sign.add_argument("--timestamp", type=int, help="Unix time for timestamp_header (default: now)")
     sign.set_defaults(func=cmd_sign)
+
+    config_commands.add_parser(sub)
 
     demo = sub.add_parser("demo", help="run the relay with local fake APNs/FCM and show two notifications")
     demo.add_argument("--port", type=int, default=0)

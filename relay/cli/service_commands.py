@@ -14,7 +14,7 @@ from relay.cli.common import _load, _run, _with_store
 from relay.errors import ConfigError, ConfigProblem
 from relay.observability import setup_logging, short_token
 from relay.outcome import Outcome
-from relay.registry.file import load_registry
+from relay.registry.file import load_registry, token_problems
 from relay.registry.routing import Registry
 from relay.registry.sync import OverlaySync
 from relay.store import Store
@@ -62,6 +62,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems: list[ConfigProblem] = check_fits(config.apps, config.source)
     try:
         registry = load_registry(config.registry, config.apps)
+        # What the device API refuses, and Apple or Google would: the same check, for every entry of the file.
+        problems.extend(token_problems(registry, config.registry, config.apps))
     except ConfigError as exc:
         problems.extend(exc.problems)
 

@@ -1,11 +1,17 @@
 """Configuration: the model every stage reads, and the YAML parser that builds it."""
 
-from relay.config.model import (
+from relay.config.auth import (
     ApiKey,
     ApiSettings,
+    AuthSettings,
+    OAuthClient,
+    OAuthSettings,
+    RateLimitSettings,
+    SignatureSettings,
+)
+from relay.config.model import (
     ApnsApp,
     App,
-    AuthSettings,
     Config,
     Delivery,
     DeliverySettings,
@@ -13,12 +19,8 @@ from relay.config.model import (
     Listen,
     LoggingSettings,
     MetricsSettings,
-    OAuthClient,
-    OAuthSettings,
     Platform,
     Policy,
-    RateLimitSettings,
-    SignatureSettings,
     StoreSettings,
     WebhookSettings,
 )

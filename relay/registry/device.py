@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from relay.config import App
 from relay.config.model import ApnsEnvironment
 
-APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# An APNs device token is 32 bytes written as hex: the one definition (registry rules, API, check-config, fakes).
+APNS_TOKEN_PATTERN = r"[0-9a-fA-F]{64}"  # noqa: S105 - a pattern, not a password
+APNS_TOKEN_RE = re.compile(APNS_TOKEN_PATTERN)
 # FCM registration tokens: no published grammar; observed ones are ~150-180 characters of this alphabet.
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.-]{32,4096}$")
 
@@ -30,7 +32,7 @@ def device_token_problem(app: App, device_token: str) -> str | None:
     alphabet. The one check behind the device API's ``PUT`` and ``parley-relay devices add``.
     """
     if app.platform == "apns":
-        if not APNS_TOKEN_RE.match(device_token):
+        if not APNS_TOKEN_RE.fullmatch(device_token):
             return f"app {app.name!r} is APNs: the device token must be 64 hex characters"
     elif not FCM_TOKEN_RE.match(device_token):
         return (f"app {app.name!r} is FCM: the registration token must be 32 to 4096 characters "

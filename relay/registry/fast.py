@@ -6,7 +6,7 @@ device, so 100,000 devices took seconds and left the heap fragmented. A registry
 ``parley-relay devices``) is almost always the flat form::
 
     devices:
-      0801fc577294c34e0b28ad2839435945: {app: ios-prod}
+      0801fc577294c34e0b28ad2839435945e7b3c1d09a6f2e48b5c7d3a1f0e9b2c4: {app: ios-prod}
       'eJ9x...:APA91b...': {app: android, device_token: other-token}
       7f3a...: {app: ios-prod, environment: sandbox}
 

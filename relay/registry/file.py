@@ -1,4 +1,9 @@
-"""The registry YAML file: ``devices:`` entries and ``routing:`` rules, validated with every problem named."""
+"""The registry YAML file: ``devices:`` entries and ``routing:`` rules, validated with every problem named.
+
+The file's shape is a pydantic model (part of the shipped JSON Schema); whether an entry's app exists, and
+is APNs where an environment is given, is checked against the configuration's apps (the validation context).
+:func:`token_problems` applies the device API's token check to every entry, for ``check-config``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, model_validator
+from pydantic.dataclasses import dataclass as model
+
 from relay.config import App
-from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
-from relay.config.reader import load_yaml
+from relay.config.fields import MODEL, problem
+from relay.config.model import ApnsEnvironment
+from relay.config.problems import YamlNodes, line_of, load_yaml, problems_from
 from relay.errors import ConfigError, ConfigProblem
+from relay.registry.device import APNS_TOKEN_PATTERN, device_token_problem
 from relay.registry.fast import read_flat_devices
 
 
@@ -27,7 +37,61 @@ class Rule:
         return self.pattern.fullmatch(token) is not None
 
 
-_RULE_SHORTHANDS = {"apns-hex": r"[0-9a-fA-F]{64}", "any": r".+"}
+_RULE_SHORTHANDS = {"apns-hex": APNS_TOKEN_PATTERN, "any": r".+"}
+
+
+def _apps(info: ValidationInfo) -> Mapping[str, App]:
+    apps: Mapping[str, App] = (info.context or {}).get("apps", {})
+    return apps
+
+
+def _known(app: str, info: ValidationInfo) -> None:
+    apps = _apps(info)
+    if apps and app not in apps:
+        raise problem("app", f"unknown app {app!r} (known: {', '.join(apps)})")
+
+
+@model(frozen=True, kw_only=True, config=MODEL)
+class DeviceEntry:
+    """One device: its app, the provider's token when it differs from the key, an APNs environment."""
+
+    app: str = Field(description="the app this device belongs to (a name under apps)")
+    device_token: str | None = Field(default=None, description="the APNs/FCM token (default: the key itself)")
+    environment: ApnsEnvironment | None = Field(default=None, description="APNs only: sandbox for a development build")
+
+    @model_validator(mode="after")
+    def _app_fits(self, info: ValidationInfo) -> DeviceEntry:
+        _known(self.app, info)
+        app = _apps(info).get(self.app)
+        if self.environment is not None and app is not None and app.platform != "apns":
+            raise problem("environment", f"app {self.app!r} is FCM: only APNs devices have an environment")
+        return self
+
+
+@model(frozen=True, kw_only=True, config=MODEL)
+class RoutingRule:
+    match: str = Field(description="apns-hex (64 hex characters), any, or a regular expression")
+    app: str
+
+    @model_validator(mode="after")
+    def _valid(self, info: ValidationInfo) -> RoutingRule:
+        _known(self.app, info)
+        try:
+            re.compile(_RULE_SHORTHANDS.get(self.match, self.match))
+        except re.error as exc:
+            raise problem("match", f"invalid regular expression: {exc}") from None
+        return self
+
+
+@model(frozen=True, config=MODEL)
+class DevicesFile:
+    """The whole of ``devices.yaml``."""
+
+    devices: dict[str, DeviceEntry] | None = Field(default=None, description="push token -> its device")
+    routing: list[RoutingRule] | None = Field(default=None, description="tried in order for tokens without an entry")
+
+
+DEVICES_FILE = TypeAdapter(DevicesFile)
 
 
 @dataclass(frozen=True)
@@ -40,99 +104,23 @@ class RegistryFile:
     environments: Mapping[str, ApnsEnvironment] = field(default_factory=dict)
 
 
-_DEVICE_KEYS = frozenset({"app", "device_token", "environment"})
-
-
-def _environment(entry: dict[Any, Any], key: str, app: App, file: str,
-                 problems: list[ConfigProblem]) -> ApnsEnvironment | None:
-    """A device's optional ``environment``: sandbox or production, for APNs apps only."""
-    value = entry.get("environment")
-    if value is None:
-        return None
-    if app.platform != "apns":
-        problems.append(ConfigProblem(file, f"{key}.environment", f"app {app.name!r} is FCM: only APNs devices "
-                                                                  "have an environment"))
-        return None
-    for environment in APNS_ENVIRONMENTS:
-        if value == environment:
-            return environment
-    problems.append(ConfigProblem(file, f"{key}.environment", f"must be one of {', '.join(APNS_ENVIRONMENTS)}, "
-                                                              f"not {value!r}"))
-    return None
-
-
-def _parse_devices(raw: Any, file: str, apps: Mapping[str, App], problems: list[ConfigProblem],
-                   environments: dict[str, ApnsEnvironment]) -> dict[str, tuple[str, str | None]]:
-    devices: dict[str, tuple[str, str | None]] = {}
-    if not isinstance(raw, dict):
-        problems.append(ConfigProblem(file, "devices", "must be a mapping of push token -> {app, device_token}"))
-        return devices
-    intern = sys.intern  # one string per app name, shared by every device (memory at 1M devices)
-    for token, entry in raw.items():
-        key = f"devices.{token}"
-        if not isinstance(entry, dict):
-            problems.append(ConfigProblem(file, key, "must be a mapping with app, optional device_token and "
-                                                     "environment"))
-            continue
-        app = entry.get("app")
-        device_token = entry.get("device_token")
-        extra = set(entry) - _DEVICE_KEYS
-        if extra:
-            problems.append(ConfigProblem(file, f"{key}.{sorted(extra)[0]}", "unknown key"))
-        if app is None:
-            problems.append(ConfigProblem(file, f"{key}.app", f"is required: the app this device belongs to "
-                                                              f"(one of: {', '.join(apps)})"))
-            continue
-        if app not in apps:
-            problems.append(ConfigProblem(file, f"{key}.app", f"unknown app {app!r} (known: {', '.join(apps)})"))
-            continue
-        if device_token is not None and not isinstance(device_token, str):
-            problems.append(ConfigProblem(file, f"{key}.device_token", "must be a string"))
-            continue
-        token = str(token)
-        devices[token] = (intern(str(app)), None if device_token in (None, token) else str(device_token))
-        environment = _environment(entry, key, apps[str(app)], file, problems)
-        if environment is not None:
-            environments[token] = environment
-    return devices
-
-
-def _parse_rules(raw: Any, file: str, apps: Mapping[str, App], problems: list[ConfigProblem]) -> tuple[Rule, ...]:
-    rules: list[Rule] = []
-    if not isinstance(raw, list):
-        problems.append(ConfigProblem(file, "routing", "must be a list of {match, app}"))
-        return ()
-    for i, rule in enumerate(raw):
-        key = f"routing[{i}]"
-        if not isinstance(rule, dict) or set(rule) != {"match", "app"}:
-            problems.append(ConfigProblem(file, key, "must be {match: REGEX|apns-hex|any, app: NAME}"))
-            continue
-        if rule["app"] not in apps:
-            problems.append(ConfigProblem(file, f"{key}.app", f"unknown app {rule['app']!r}"))
-            continue
-        try:
-            pattern = re.compile(_RULE_SHORTHANDS.get(rule["match"], str(rule["match"])))
-        except re.error as exc:
-            problems.append(ConfigProblem(file, f"{key}.match", f"invalid regular expression: {exc}"))
-            continue
-        rules.append(Rule(pattern, rule["app"]))
-    return tuple(rules)
-
-
 def parse_registry(data: Any, source: Path, apps: Mapping[str, App]) -> RegistryFile:
     """Validate the registry YAML; every problem names the file and the key."""
-    file = str(source)
-    problems: list[ConfigProblem] = []
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem(file, "", "must be a mapping with a devices: key")])
-    problems.extend(ConfigProblem(file, str(key), "unknown key") for key in data if key not in ("devices", "routing"))
-    environments: dict[str, ApnsEnvironment] = {}
-    devices = _parse_devices(data.get("devices") or {}, file, apps, problems, environments)
-    rules = _parse_rules(data.get("routing") or [], file, apps, problems)
-    if problems:
-        raise ConfigError(problems)
+    try:
+        parsed = DEVICES_FILE.validate_python({} if data is None else data, context={"apps": apps})
+    except ValidationError as exc:
+        problems = problems_from(exc, DevicesFile, source)
+        for i, p in enumerate(problems):  # name the choices where the app is missing
+            if p.key.startswith("devices.") and p.key.endswith(".app") and p.message.startswith("is required"):
+                problems[i] = ConfigProblem(p.file, p.key, "is required: the app this device belongs to "
+                                            f"(one of: {', '.join(apps)})", p.line)
+        raise ConfigError(problems) from None
+    intern = sys.intern  # one string per app name, shared by every device (memory at 1M devices)
+    devices = {token: (intern(entry.app), None if entry.device_token in (None, token) else entry.device_token)
+                for token, entry in (parsed.devices or {}).items()}
+    environments = {token: entry.environment for token, entry in (parsed.devices or {}).items()
+                    if entry.environment is not None}
+    rules = tuple(Rule(re.compile(_RULE_SHORTHANDS.get(r.match, r.match)), r.app) for r in parsed.routing or ())
     return RegistryFile(devices, rules, environments)
 
 
@@ -147,3 +135,16 @@ def load_registry(path: Path, apps: Mapping[str, App]) -> RegistryFile:
     if flat is not None:
         return RegistryFile(flat.devices, (), flat.environments)
     return parse_registry(load_yaml(path), path, apps)
+
+
+def token_problems(registry: RegistryFile, source: Path, apps: Mapping[str, App]) -> list[ConfigProblem]:
+    """Every entry whose device token its app's provider would refuse: the device API's check, with the line."""
+    nodes = YamlNodes(source)
+    problems = []
+    for token, (app, device_token) in registry.devices.items():
+        why = device_token_problem(apps[app], device_token or token)
+        if why is not None:
+            loc = ("devices", token) if device_token is None else ("devices", token, "device_token")
+            key, value = nodes.find(loc)
+            problems.append(ConfigProblem(str(source), ".".join(loc), why, line_of(key or value)))
+    return problems

@@ -39,6 +39,7 @@ import trustme
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from relay.registry.device import APNS_TOKEN_RE
 from relay.testing._server import RequestLog, ServerThread
 from relay.testing.keys import ApnsKey, TestCA, make_ca
 
@@ -383,6 +384,8 @@ class FakeApns:
         late = self._late.pop(token, None)
         if late is not None:
             return late
+        if not APNS_TOKEN_RE.fullmatch(token):
+            return _Answer(400, "BadDeviceToken")  # as Apple answers a token that is not 32 bytes of hex
         rule = self._rules.get(token)
         if rule is not None:
             if rule.remaining is not None:

@@ -19,7 +19,7 @@ from relay.testing.fake_apns import FakeApns
 from relay.testing.fake_fcm import FakeFcm
 from relay.testing.keys import ApnsKey, ServiceAccount, make_apns_key
 
-IOS_TOKEN = "0801fc577294c34e0b28ad2839435945"
+IOS_TOKEN = "0801fc577294c34e0b28ad2839435945e7b3c1d09a6f2e48b5c7d3a1f0e9b2c4"
 ANDROID_TOKEN = "eJ9xQ2-fcm-registration-token:APA91bH_demo_android_device"
 AUTH_HEADER = "X-Parley-Relay-Key"
 AUTH_VALUE = "demo-shared-secret-3f9a"
