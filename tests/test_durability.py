@@ -29,7 +29,7 @@ def start_relay(config: Path, log: Path) -> RelayProcess:
     return RelayProcess(config, log=log, env={"PYTHONUNBUFFERED": "1"})
 
 
-async def wait_ready(port: int, timeout: float = 15.0) -> None:
+async def wait_ready(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
