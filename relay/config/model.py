@@ -56,6 +56,17 @@ class WebhookSettings:
     unknown_events: Literal["silent", "ignore"] = "silent"
 
 
+@dataclass(frozen=True)
+class DedupeSettings:
+    """``dedupe``: when a resent event is a duplicate (SPEC §2; messages: ``webhook.dedupe_window``).
+
+    An event has no id or time: it is a resend only when it repeats the last event for its push token and
+    agent within ``event_window`` seconds (never longer than the event's TTL; 0: never a resend).
+    """
+
+    event_window: float = 5.0
+
+
 SignatureAlgorithm = Literal["hmac-sha256", "rsa-sha256", "rsa-pss-sha256", "ecdsa-sha256", "ed25519"]
 SIGNATURE_ALGORITHMS: tuple[SignatureAlgorithm, ...] = (
     "hmac-sha256", "rsa-sha256", "rsa-pss-sha256", "ecdsa-sha256", "ed25519")
@@ -259,3 +270,4 @@ class Config:
     # checked and auth/api are empty, so it must never serve.
     credentials: bool = True
     processes: Processes = field(default_factory=Processes)
+    dedupe: DedupeSettings = field(default_factory=DedupeSettings)

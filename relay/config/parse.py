@@ -28,6 +28,7 @@ from relay.config.model import (
     App,
     AuthSettings,
     Config,
+    DedupeSettings,
     Delivery,
     DeliverySettings,
     FcmApp,
@@ -283,6 +284,12 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
     )
     hook_r.finish()
 
+    dedupe_r = root.section("dedupe")
+    dedupe = DedupeSettings(
+        event_window=dedupe_r.number("event_window", DedupeSettings.event_window, minimum=0),
+    )
+    dedupe_r.finish()
+
     auth = _auth(root.section("auth"), base, path) if credentials else AuthSettings()
     root.used.add("auth")
 
@@ -345,7 +352,7 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
         raise ConfigError(list(dict.fromkeys(problems)))  # each problem once, in the order found
     return Config(source, listen, webhook, auth, store, registry, delivery, logging_settings, apps,
                   api, metrics=metrics_settings, shutdown_timeout=shutdown_timeout, credentials=credentials,
-                  processes=processes)
+                  processes=processes, dedupe=dedupe)
 
 
 def _processes(root: Reader) -> Processes:

@@ -26,6 +26,7 @@ from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, Syst
 from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
 from relay.errors import InvalidWebhook, StoreError
+from relay.inbound.accept import deadline
 from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
@@ -215,8 +216,11 @@ class Dispatcher:
         if at >= job.expires_at:
             await self._persist(lambda: self.store.finish(job, EndState.EXPIRED, "expired after errors", now))
             return
-        await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY, f"unexpected {type(exc).__name__}",
-                                                     app=app, count_attempt=True))
+        ended = await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY,
+                                                             f"unexpected {type(exc).__name__}", app=app,
+                                                             count_attempt=True, now=now))
+        if ended is not None:
+            self._ended_in_store(job, ended, app, None, now, None)
 
     async def _interrupted(self, job: Job, slot: Slot) -> None:
         """Cancelled by stop() past its timeout: put the delivery back, due now, within the stop's grace."""
@@ -244,8 +248,9 @@ class Dispatcher:
             return
         route = await self._route(job)
         expires_at = job.expires_at
-        if route is not None and isinstance(notification, Event):
-            expires_at = min(expires_at, job.received_at + route.app.policy.event_ttl)
+        if route is not None and isinstance(notification, Event):  # now its app is known (or may have changed)
+            expires_at = min(expires_at, deadline(job.kind, job.received_at, route.app, self.registry.apps,
+                                                  self.settings.max_age))
         if now >= expires_at:
             await self.record_end(job, EndState.EXPIRED, "expired before it could be sent", route)
             return
@@ -390,9 +395,22 @@ class Dispatcher:
         app = route.app.name if route else None
         platform = route.app.platform if route else "none"
         now = self.clock.now()
+        ended = await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app,
+                                                             count_attempt=count, now=now))
+        if ended is not None:  # a later event of its stream arrived while it was in flight: it is never sent
+            self._ended_in_store(job, ended, app, platform, now, status)
+            return
         self.metrics.child(self.metrics.retries, platform, app or "none", reason.value).inc()
         trace.delivery_waits(job, reason, at, app, now, status, detail)
-        await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app, count_attempt=count))
+
+    def _ended_in_store(self, job: Job, end: EndState, app: str | None, platform: str | None, now: float,
+                        status: int | None) -> None:
+        """The store ended a delivery it was asked to put back (superseded): count and trace that end."""
+        if platform is None:
+            known = self.registry.apps.get(app or "")
+            platform = known.platform if known else "none"
+        self.metrics.child(self.metrics.ended, platform, app or "none", job.kind, end.value).inc()
+        trace.delivery_ended(job, end, app, now, status, "superseded by a later event while in flight")
 
     def clear_alarms(self, changed: Collection[str] | None = None) -> None:
         """After a reload: every alarm cleared; the circuits of ``changed`` apps (default: all) closed, the others
