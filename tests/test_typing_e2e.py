@@ -107,7 +107,8 @@ async def test_after_an_outage_only_the_last_of_twenty_typing_pairs_reaches_each
     stopTyping, and the 39 others per phone end ``superseded`` (counted, logged once each, never sent)."""
     sandbox.apns.fail_all(503, "ServiceUnavailable")
     sandbox.fcm.fail_all(503)
-    relay = await start(sandbox, tmp_path, apps={"ios": {"event_ttl": 120}, "android": {"event_ttl": 120}})
+    relay = await start(sandbox, tmp_path, apps={"ios": {"event_ttl": 120}, "android": {"event_ttl": 120}},
+                        logging={"trace_lines_per_second": 0})  # every routine line written, to count them
     config = load_config(relay.process.config, credentials=False)
     store = create_store(config.store)
     await store.open()
