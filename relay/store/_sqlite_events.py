@@ -47,6 +47,7 @@ def is_resend(conn: sqlite3.Connection, stream: EventStream, now: float) -> bool
 def follow(conn: sqlite3.Connection, stream: EventStream, row_id: int, now: float,
            expires_at: float) -> list[Superseded]:
     """Make delivery ``row_id`` its stream's last event; the previous one, if still queued, ends superseded."""
+    conn.execute("UPDATE deliveries SET stream = ? WHERE id = ?", (stream.key, row_id))
     previous = conn.execute("SELECT last_id FROM event_streams WHERE key = ?", (stream.key,)).fetchone()
     conn.execute(
         "INSERT INTO event_streams (key, fingerprint, dedupe_until, last_id, keep_until) VALUES (?, ?, ?, ?, ?) "

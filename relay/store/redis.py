@@ -248,11 +248,10 @@ class RedisStore(RedisDevices):
             return Enqueued()
         args: list[Any] = [repr(now), repr(float(dedupe_window)), repr(float(self._keep))]
         for item in items:
-            stream = item.stream
+            s = item.stream  # an event's stream, or three empty strings
             args += [item.dedupe_key, item.token, item.kind, item.data, repr(item.expires_at), str(uuid.uuid4()),
                      item.app or "", item.request_id, item.message_id or "",
-                     stream.key if stream else "", stream.fingerprint if stream else "",
-                     repr(float(stream.window)) if stream else ""]
+                     *((s.key, s.fingerprint, repr(float(s.window))) if s else ("", "", ""))]
         flags, gone = await self._script("ENQUEUE", *args)
         return Enqueued([bool(flag) for flag in flags], [
             Superseded(_s(seq), _s(token), _s(app) or None, _s(rid), float(received), int(attempts))

@@ -180,9 +180,8 @@ class SqliteStore(GroupCommit, SqliteDevices):
                      item.request_id, item.message_id),
                 ).lastrowid
                 conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (row_id, item.data))
-                if item.stream is not None and row_id is not None:
-                    conn.execute("UPDATE deliveries SET stream = ? WHERE id = ?", (item.stream.key, row_id))
-                    superseded += events.follow(conn, item.stream, row_id, now, item.expires_at)
+                if item.stream is not None:
+                    superseded += events.follow(conn, item.stream, int(row_id or 0), now, item.expires_at)
                 accepted.append(True)
             self._count("accepted", sum(accepted))
             self._count("duplicates", len(accepted) - sum(accepted))
