@@ -26,7 +26,7 @@ from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, Syst
 from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
 from relay.errors import InvalidWebhook, StoreError
-from relay.inbound.accept import deadline
+from relay.inbound.accept import event_ttl
 from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
@@ -216,11 +216,10 @@ class Dispatcher:
         if at >= job.expires_at:
             await self._persist(lambda: self.store.finish(job, EndState.EXPIRED, "expired after errors", now))
             return
-        ended = await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY,
-                                                             f"unexpected {type(exc).__name__}", app=app,
-                                                             count_attempt=True, now=now))
+        detail = f"unexpected {type(exc).__name__}"
+        ended = await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY, detail, app=app, now=now))
         if ended is not None:
-            self._ended_in_store(job, ended, app, None, now, None)
+            self._ended_in_store(job, ended, app, now, None)
 
     async def _interrupted(self, job: Job, slot: Slot) -> None:
         """Cancelled by stop() past its timeout: put the delivery back, due now, within the stop's grace."""
@@ -249,8 +248,7 @@ class Dispatcher:
         route = await self._route(job)
         expires_at = job.expires_at
         if route is not None and isinstance(notification, Event):  # now its app is known (or may have changed)
-            expires_at = min(expires_at, deadline(job.kind, job.received_at, route.app, self.registry.apps,
-                                                  self.settings.max_age))
+            expires_at = min(expires_at, job.received_at + event_ttl(route.app, self.registry.apps))
         if now >= expires_at:
             await self.record_end(job, EndState.EXPIRED, "expired before it could be sent", route)
             return
@@ -398,17 +396,14 @@ class Dispatcher:
         ended = await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app,
                                                              count_attempt=count, now=now))
         if ended is not None:  # a later event of its stream arrived while it was in flight: it is never sent
-            self._ended_in_store(job, ended, app, platform, now, status)
+            self._ended_in_store(job, ended, app, now, status)
             return
         self.metrics.child(self.metrics.retries, platform, app or "none", reason.value).inc()
         trace.delivery_waits(job, reason, at, app, now, status, detail)
 
-    def _ended_in_store(self, job: Job, end: EndState, app: str | None, platform: str | None, now: float,
-                        status: int | None) -> None:
+    def _ended_in_store(self, job: Job, end: EndState, app: str | None, now: float, status: int | None) -> None:
         """The store ended a delivery it was asked to put back (superseded): count and trace that end."""
-        if platform is None:
-            known = self.registry.apps.get(app or "")
-            platform = known.platform if known else "none"
+        platform = known.platform if (known := self.registry.apps.get(app or "")) else "none"
         self.metrics.child(self.metrics.ended, platform, app or "none", job.kind, end.value).inc()
         trace.delivery_ended(job, end, app, now, status, "superseded by a later event while in flight")
 
