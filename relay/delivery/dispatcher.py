@@ -216,10 +216,9 @@ class Dispatcher:
         if at >= job.expires_at:
             await self._persist(lambda: self.store.finish(job, EndState.EXPIRED, "expired after errors", now))
             return
-        detail = f"unexpected {type(exc).__name__}"
-        ended = await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY, detail, app=app, now=now))
-        if ended is not None:
-            self._ended_in_store(job, ended, app, now, None)
+        if (ended := await self._persist(lambda: self.store.retry(
+                job, at, WaitReason.RETRY, f"unexpected {type(exc).__name__}", app=app, now=now))) is not None:
+            trace.ended_in_store(self.metrics, job, ended, app, None, now, None)
 
     async def _interrupted(self, job: Job, slot: Slot) -> None:
         """Cancelled by stop() past its timeout: put the delivery back, due now, within the stop's grace."""
@@ -393,19 +392,12 @@ class Dispatcher:
         app = route.app.name if route else None
         platform = route.app.platform if route else "none"
         now = self.clock.now()
-        ended = await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app,
-                                                             count_attempt=count, now=now))
-        if ended is not None:  # a later event of its stream arrived while it was in flight: it is never sent
-            self._ended_in_store(job, ended, app, now, status)
+        if (ended := await self._persist(lambda: self.store.retry(  # not None: superseded (never sent)
+                job, at, reason, detail[:500], app=app, count_attempt=count, now=now))) is not None:
+            trace.ended_in_store(self.metrics, job, ended, app, platform, now, status)
             return
         self.metrics.child(self.metrics.retries, platform, app or "none", reason.value).inc()
         trace.delivery_waits(job, reason, at, app, now, status, detail)
-
-    def _ended_in_store(self, job: Job, end: EndState, app: str | None, now: float, status: int | None) -> None:
-        """The store ended a delivery it was asked to put back (superseded): count and trace that end."""
-        platform = known.platform if (known := self.registry.apps.get(app or "")) else "none"
-        self.metrics.child(self.metrics.ended, platform, app or "none", job.kind, end.value).inc()
-        trace.delivery_ended(job, end, app, now, status, "superseded by a later event while in flight")
 
     def clear_alarms(self, changed: Collection[str] | None = None) -> None:
         """After a reload: every alarm cleared; the circuits of ``changed`` apps (default: all) closed, the others

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from relay.observability import event, log, short_token, trace_budget
+from relay.observability import Metrics, event, log, short_token, trace_budget
 from relay.outcome import EndState, WaitReason
 from relay.store.base import Job, Superseded
 
@@ -34,6 +34,14 @@ def delivery_ended(job: Job, end: EndState, app: str | None, now: float, status:
     # per push: build the fields only when they are written; a routine end (sent, superseded) asks the line budget
     if log.isEnabledFor(logging.INFO) and (end not in _ROUTINE or trace_budget.allow(_ROUTINE[end])):
         event(logging.INFO, "delivery ended", state=end.value, **_fields(job, app, now, status, reason))
+
+
+def ended_in_store(metrics: Metrics, job: Job, end: EndState, app: str | None, platform: str | None, now: float,
+                   status: int | None) -> None:
+    """The store ended a delivery it was asked to put back (a later event of its stream arrived while it was in
+    flight: ``superseded``): counted and traced like any end."""
+    metrics.child(metrics.ended, platform or "none", app or "none", job.kind, end.value).inc()
+    delivery_ended(job, end, app, now, status, "superseded by a later event while in flight")
 
 
 def delivery_superseded(ended: Superseded, now: float, by_request: str) -> None:

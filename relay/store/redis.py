@@ -46,12 +46,8 @@ from relay.store import _redis_devices as devices
 from relay.store import _redis_lua as lua
 from relay.store import _redis_lua_admin as admin
 from relay.store import _redis_read as read
-<<<<<<< HEAD
 from relay.store._redis_devices import RedisDevices
-from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
-=======
 from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Stats, Superseded
->>>>>>> bdd41c1 (Events: dedupe by stream (token, agent, topic) within dedupe.event_window, coalescing (superseded) in both stores, one home for an event's lifetime (inbound/accept.py))
 
 SOCKET_TIMEOUT = 5.0  # a webhook waits at most this long for Redis before it is answered 503
 CONNECT_TIMEOUT = 2.0

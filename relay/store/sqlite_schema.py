@@ -17,13 +17,9 @@ from relay.errors import StoreUnavailable
 from relay.store._sqlite_devices import migrate_devices
 from relay.store._sqlite_events import migrate_events
 
-<<<<<<< HEAD
-SCHEMA_VERSION = 5  # 3: devices.environment and apns_environments; 4: app_open; 5: device_changes
-=======
-# 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open
-# 5: event streams and deliveries.stream (relay.store._sqlite_events); `superseded` is a done state
-SCHEMA_VERSION = 5
->>>>>>> bdd41c1 (Events: dedupe by stream (token, agent, topic) within dedupe.event_window, coalescing (superseded) in both stores, one home for an event's lifetime (inbound/accept.py))
+# 3: devices.environment and apns_environments; 4: app_open; 5: device_changes
+# 6: event streams and deliveries.stream (relay.store._sqlite_events); `superseded` is a done state
+SCHEMA_VERSION = 6
 
 # The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
 _TABLES = (
