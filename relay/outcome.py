@@ -54,6 +54,7 @@ class EndState(StrEnum):
     TOKEN_DEAD = "token_dead"  # noqa: S105 - a state name, not a secret
     UNROUTABLE = "unroutable"
     DEAD_LETTER = "dead_letter"
+    SUPERSEDED = "superseded"  # a queued event replaced by a later one for the same push token and agent
 
 
 class WaitReason(StrEnum):

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from relay.config import Config, DeliverySettings, load_config
+from relay.config import App, Config, DeliverySettings, load_config
 from relay.delivery.admission import UNROUTED, Admission, Slot
 from relay.delivery.dispatcher import Dispatcher
 from relay.delivery.policy import Breaker, ProbePolicy, RetryPolicy
 from relay.delivery.upkeep import PRUNE_EVERY
-from relay.inbound.parse import dedupe_key, parse_webhook
+from relay.inbound.accept import new_deliveries
+from relay.inbound.parse import parse_webhook
 from relay.observability import LOGGER_NAME, Metrics
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
 from relay.providers import Provider
@@ -30,7 +31,7 @@ from relay.push import ApnsPush, Push
 from relay.registry.device import Device
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
-from relay.store.base import Job, NewDelivery
+from relay.store.base import Job
 from relay.store.sqlite import SqliteStore
 from relay.testing.sandbox import IOS_TOKEN, Sandbox, sample
 
@@ -89,12 +90,17 @@ class Harness:
     dispatcher: Dispatcher
 
     async def accept(self, doc: dict[str, object], max_age: float | None = None) -> list[bool]:
+        """What the webhook stores for ``doc`` (its deliveries built as the webhook builds them)."""
         hook = parse_webhook(json.dumps(doc).encode())
-        ttl = (max_age or self.config.delivery.max_age) if hook.type == "message" else 30.0
-        now = self.clock.now()
-        items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, self.hint(t), "req-test")
-                 for t in hook.tokens]
-        return await self.store.enqueue(items, now, self.config.webhook.dedupe_window)
+        config = self.config
+        if max_age is not None:
+            config = dataclasses.replace(config, delivery=dataclasses.replace(config.delivery, max_age=max_age))
+        items = new_deliveries(hook, config, self.clock.now(), self.app_of, "req-test")
+        return await self.store.enqueue(items, self.clock.now(), config.webhook.dedupe_window)
+
+    def app_of(self, token: str) -> App | None:
+        route = self.registry.lookup(token)
+        return route.app if route is not None else None
 
     def hint(self, token: str) -> str | None:
         """The app hint the webhook stores with a delivery."""

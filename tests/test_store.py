@@ -171,14 +171,14 @@ async def test_retry_keeps_per_device_order_and_counts_attempts(store: Store) ->
 
 async def test_finish_records_the_end_state_once(store: Store) -> None:
     """Each end state is counted; finishing a delivery twice changes nothing."""
-    await enqueue(store, "a", "b", "c", "d", "e")
+    await enqueue(store, *(f"t{n}" for n in range(len(EndState))))
     jobs = await store.claim(10, NOW, LEASE)
     for job, end in zip(jobs, EndState, strict=True):
         await store.finish(job, end, f"because {end}", NOW + 1)
     await store.finish(jobs[0], EndState.SENT, "", NOW + 2)
     stats = await store.stats()
     assert stats.ended == {end: 1 for end in EndState}
-    assert (stats.pending, stats.inflight, stats.accepted) == (0, 0, 5) and stats.balanced
+    assert (stats.pending, stats.inflight, stats.accepted) == (0, 0, len(EndState)) and stats.balanced
     assert await store.claim(10, NOW + 2, LEASE) == []
 
 
@@ -739,8 +739,8 @@ async def finished_burst(store: Store, count: int, size: int = 1000, at: float =
 @sqlite_only
 async def test_finish_drops_the_payload_of_every_end_but_a_dead_letter(settings: StoreSettings, store: Store) -> None:
     """A finished delivery keeps no payload in the file, except a dead letter (shown and retried from it)."""
-    for token in ("a", "b", "c", "d", "e"):
-        assert await store.enqueue([item(token, data=b"p" * 700)], NOW, 600) == [True]
+    for end in EndState:
+        assert await store.enqueue([item(f"t-{end}", data=b"p" * 700)], NOW, 600) == [True]
     jobs = await store.claim(10, NOW, LEASE)
     for job, end in zip(jobs, EndState, strict=True):
         await store.finish(job, end, "", NOW)

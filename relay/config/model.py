@@ -141,6 +141,19 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, config=MODEL)
+class DedupeSettings:
+    """``dedupe``: when a resent event is a duplicate (SPEC §2; messages: ``webhook.dedupe_window``).
+
+    An event has no id or time: it is a resend only when it repeats the last event for its push token and
+    agent within ``event_window`` seconds (never longer than the event's TTL; 0: never a resend).
+    """
+
+    event_window: Seconds = Field(default=5.0, description="seconds within which an event that repeats the last "
+                                  "event of its push token and agent is a duplicate (never longer than the event's "
+                                  "TTL; `0`: an event is never a duplicate)")
+
+
+@dataclass(frozen=True, config=MODEL)
 class LoggingSettings:
     format: Literal["logfmt", "json"] = Field(default="logfmt", description="`logfmt` or `json`, to stderr")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="the least severe "
@@ -265,6 +278,7 @@ class RelayFile:
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     api: ApiFile = Field(default_factory=ApiFile)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     shutdown_timeout: Seconds = Field(default=10.0, ge=0.1, description="on SIGTERM: seconds for in-flight requests, "
                                                                 "then as long for in-flight sends")
     processes: Annotated[Processes, BeforeValidator(processes_value, json_schema_input_type=ProcessesInput)] = Field(
@@ -315,4 +329,5 @@ class Config:
     # checked and auth/api are empty, so it must never serve.
     credentials: bool = True
     processes: Processes = plain_field(default_factory=Processes)
+    dedupe: DedupeSettings = plain_field(default_factory=DedupeSettings)
 

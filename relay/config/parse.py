@@ -82,7 +82,7 @@ def parse_config(data: Any, source: Path, *, credentials: bool = True) -> Config
     return Config(source, relay.listen, relay.webhook, build_auth(relay.auth) if credentials else AuthSettings(),
                   store, relay.registry, relay.delivery, relay.logging, relay.apps,
                   build_api(relay.api) if credentials else ApiSettings(), relay.metrics, relay.shutdown_timeout,
-                  credentials, relay.processes)
+                  credentials, relay.processes, relay.dedupe)
 
 
 def load_config(path: str | Path, *, credentials: bool = True) -> Config:

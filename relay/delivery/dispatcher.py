@@ -26,6 +26,7 @@ from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, Syst
 from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
 from relay.errors import InvalidWebhook, StoreError
+from relay.inbound.accept import event_ttl
 from relay.inbound.parse import Event, load_notification
 from relay.observability import Metrics, event, short_token
 from relay.outcome import EndState, Outcome, SendResult, WaitReason
@@ -215,8 +216,9 @@ class Dispatcher:
         if at >= job.expires_at:
             await self._persist(lambda: self.store.finish(job, EndState.EXPIRED, "expired after errors", now))
             return
-        await self._persist(lambda: self.store.retry(job, at, WaitReason.RETRY, f"unexpected {type(exc).__name__}",
-                                                     app=app, count_attempt=True))
+        if (ended := await self._persist(lambda: self.store.retry(
+                job, at, WaitReason.RETRY, f"unexpected {type(exc).__name__}", app=app, now=now))) is not None:
+            trace.ended_in_store(self.metrics, job, ended, app, None, now, None)
 
     async def _interrupted(self, job: Job, slot: Slot) -> None:
         """Cancelled by stop() past its timeout: put the delivery back, due now, within the stop's grace."""
@@ -244,8 +246,8 @@ class Dispatcher:
             return
         route = await self._route(job)
         expires_at = job.expires_at
-        if route is not None and isinstance(notification, Event):
-            expires_at = min(expires_at, job.received_at + route.app.policy.event_ttl)
+        if route is not None and isinstance(notification, Event):  # now its app is known (or may have changed)
+            expires_at = min(expires_at, job.received_at + event_ttl(route.app, self.registry.apps))
         if now >= expires_at:
             await self.record_end(job, EndState.EXPIRED, "expired before it could be sent", route)
             return
@@ -390,9 +392,12 @@ class Dispatcher:
         app = route.app.name if route else None
         platform = route.app.platform if route else "none"
         now = self.clock.now()
+        if (ended := await self._persist(lambda: self.store.retry(  # not None: superseded (never sent)
+                job, at, reason, detail[:500], app=app, count_attempt=count, now=now))) is not None:
+            trace.ended_in_store(self.metrics, job, ended, app, platform, now, status)
+            return
         self.metrics.child(self.metrics.retries, platform, app or "none", reason.value).inc()
         trace.delivery_waits(job, reason, at, app, now, status, detail)
-        await self._persist(lambda: self.store.retry(job, at, reason, detail[:500], app=app, count_attempt=count))
 
     def clear_alarms(self, changed: Collection[str] | None = None) -> None:
         """After a reload: every alarm cleared; the circuits of ``changed`` apps (default: all) closed, the others

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from relay.observability import event, log, short_token, trace_budget
+from relay.observability import Metrics, event, log, short_token, trace_budget
 from relay.outcome import EndState, WaitReason
-from relay.store.base import Job
+from relay.store.base import Job, Superseded
 
 
 def _fields(job: Job, app: str | None, now: float, status: int | None, reason: str) -> dict[str, Any]:
@@ -26,11 +26,31 @@ def _fields(job: Job, app: str | None, now: float, status: int | None, reason: s
     return fields
 
 
+_ROUTINE = {EndState.SENT: "delivery sent", EndState.SUPERSEDED: "delivery superseded"}  # no action called for
+
+
 def delivery_ended(job: Job, end: EndState, app: str | None, now: float, status: int | None, reason: str) -> None:
     """``delivery ended state=...``: the one line that closes a delivery's trace."""
-    # per push: build the fields only when they are written; a routine end (sent) asks the line budget
-    if log.isEnabledFor(logging.INFO) and (end is not EndState.SENT or trace_budget.allow("delivery sent")):
+    # per push: build the fields only when they are written; a routine end (sent, superseded) asks the line budget
+    if log.isEnabledFor(logging.INFO) and (end not in _ROUTINE or trace_budget.allow(_ROUTINE[end])):
         event(logging.INFO, "delivery ended", state=end.value, **_fields(job, app, now, status, reason))
+
+
+def ended_in_store(metrics: Metrics, job: Job, end: EndState, app: str | None, platform: str | None, now: float,
+                   status: int | None) -> None:
+    """The store ended a delivery it was asked to put back (a later event of its stream arrived while it was in
+    flight: ``superseded``): counted and traced like any end."""
+    metrics.child(metrics.ended, platform or "none", app or "none", job.kind, end.value).inc()
+    delivery_ended(job, end, app, now, status, "superseded by a later event while in flight")
+
+
+def delivery_superseded(ended: Superseded, now: float, by_request: str) -> None:
+    """``delivery ended state=superseded``: a queued event a later one replaced (at acceptance, no provider)."""
+    if log.isEnabledFor(logging.INFO) and trace_budget.allow(_ROUTINE[EndState.SUPERSEDED]):
+        event(logging.INFO, "delivery ended", state=EndState.SUPERSEDED.value, request_id=ended.request_id or "-",
+              app=ended.app or "-", token=short_token(ended.token), attempt=ended.attempts, status="-",
+              reason=f"superseded by a later event (request {by_request})",
+              latency=round(max(0.0, now - ended.received_at), 3))
 
 
 def delivery_waits(job: Job, wait: WaitReason, at: float, app: str | None, now: float, status: int | None,

@@ -24,6 +24,7 @@ from relay.delivery.budget import (
     fit,
     shorten,
 )
+from relay.inbound.accept import seconds_left
 from relay.inbound.parse import Event, Message, Notification
 from relay.push import ApnsPush, FcmPush, Push
 from relay.registry.device import Route
@@ -187,7 +188,7 @@ def translate(notification: Notification, route: Route, delivery_id: str, now: f
     if isinstance(app, ApnsApp):
         push = to_apns(notification, app, route.device_token, delivery_id, expires_at, budget)
         return push.to_environment(route.environment)
-    ttl = max(1, int(expires_at - now)) if isinstance(notification, Event) else None
+    ttl = seconds_left(expires_at, now) if isinstance(notification, Event) else None
     return to_fcm(notification, app, route.device_token, delivery_id, ttl, budget)
 
 

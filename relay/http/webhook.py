@@ -13,13 +13,17 @@ import time
 
 from aiohttp import web
 
+from relay.config.model import App
+from relay.delivery import trace
 from relay.errors import InvalidWebhook, StoreError
 from relay.http.errors import REQUEST_ID_KEY, error_response
+from relay.inbound.accept import new_deliveries
 from relay.inbound.auth import AuthFailed
-from relay.inbound.parse import KNOWN_EVENTS, Event, Message, dedupe_key, parse_webhook
+from relay.inbound.parse import KNOWN_EVENTS, Event, Message, parse_webhook
 from relay.observability import event, log, short_token, trace_budget
+from relay.outcome import EndState
 from relay.running import RELAY_KEY, Relay
-from relay.store.base import NewDelivery
+from relay.store.base import Enqueued, NewDelivery
 
 
 async def webhook(request: web.Request) -> web.Response:
@@ -74,19 +78,15 @@ async def _handle_webhook(request: web.Request, relay: Relay) -> tuple[str, web.
         event(logging.INFO, "webhook for dead token refused", request_id=rid, tokens=len(hook.tokens))
         return "dead_token", error_response(410, "push token is dead (reported by the push provider)")
     now = relay.clock.now()
-    ttl = relay.config.delivery.max_age if hook.type == "message" else _event_ttl(relay)
     message_id = str(hook.notification.id) if isinstance(hook.notification, Message) else None
-    items = [NewDelivery(t, hook.type, hook.data, dedupe_key(hook, t), now + ttl, _app_hint(relay, t), rid,
-                         message_id) for t in hook.tokens]
+    items = new_deliveries(hook, relay.config, now, functools.partial(_app_of, relay), rid)
     try:
         accepted = await relay.store.enqueue(items, now, settings.dedupe_window)
     except StoreError as exc:
         event(logging.ERROR, "store unavailable, webhook answered 503", request_id=rid, error=str(exc))
         return "store_unavailable", error_response(503, "store unavailable, retry later", **{"Retry-After": "5"})
     fresh = sum(accepted)
-    for item, ok in zip(items, accepted, strict=True):
-        if ok:
-            relay.metrics.accepted.labels(item.kind).inc()
+    _count(relay, items, accepted, rid, now)
     if relay.dispatcher is not None and fresh:
         relay.dispatcher.wake()
     # The hot path: build the fields only when they are written, within the routine-line budget.
@@ -125,11 +125,20 @@ async def oauth_token(request: web.Request) -> web.Response:
                                            request_id=request.get(REQUEST_ID_KEY, "-"))
 
 
-def _app_hint(relay: Relay, token: str) -> str | None:
+def _app_of(relay: Relay, token: str) -> App | None:
     """The app a token routes to now: the store admits deliveries per app by it (delivery routes again)."""
     route = relay.registry.lookup(token)
-    return route.app.name if route is not None else None
+    return route.app if route is not None else None
 
 
-def _event_ttl(relay: Relay) -> float:
-    return float(max((app.policy.event_ttl for app in relay.config.apps.values()), default=30))
+def _count(relay: Relay, items: list[NewDelivery], accepted: Enqueued, rid: str, now: float) -> None:
+    """Metrics of what the store did: deliveries accepted, and queued events superseded by this webhook's
+    (counted and logged like any other end: they are never sent)."""
+    for item, ok in zip(items, accepted, strict=True):
+        if ok:
+            relay.metrics.accepted.labels(item.kind).inc()
+    for ended in accepted.superseded:
+        app = relay.config.apps.get(ended.app or "")
+        relay.metrics.child(relay.metrics.ended, app.platform if app else "none", ended.app or "none", "event",
+                            EndState.SUPERSEDED.value).inc()
+        trace.delivery_superseded(ended, now, rid)

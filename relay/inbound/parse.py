@@ -267,7 +267,8 @@ def load_notification(data: bytes) -> Notification:
 
 
 def dedupe_key(webhook: Webhook, token: str) -> str:
-    """SPEC §2: messages by (object.id, token); anything else by a hash of the canonical body and token."""
+    """SPEC §2: a message by (object.id, token); an event by a hash of its body and token, which the stores
+    keep for an event stored without a stream (the webhook's events have one: see :mod:`relay.inbound.accept`)."""
     if isinstance(webhook.notification, Message):
         return f"m:{webhook.notification.id}:{token}"
     digest = hashlib.sha256(webhook.data + b"\0" + token.encode()).hexdigest()[:32]

@@ -18,6 +18,8 @@ Keys (``P`` is the configured prefix; one Redis primary, so scripts may derive k
     P:t:<token>           list: the token's recently finished seqs, newest first (its open ones: P:q), capped, TTL
     P:r:<request id>, P:m:<message id>   zsets: recent seqs of a webhook / a message, capped, with a TTL
     P:dd:<key>            string with TTL: dedupe key (value = end of its window)
+    P:es:<stream>         hash with TTL: an event stream's last event (fp, until = end of its resend window,
+                          last = its seq); kept until that event has ended (see relay.store._sqlite_events)
     P:counters            hash: end-state counters
     P:devices, P:deadtok, P:apnsenv, P:device:epoch, P:device:changes   see :mod:`relay.store._redis_devices`
 
@@ -119,16 +121,55 @@ local function linger(seq, token, rid, mid, keep)
     if k and redis.call('TTL', k) < keep then index(k, seq, {TRACE_CAP}, keep) end
   end
 end
+-- End a queued (pending) delivery unsent, as `done`: out of its stream or schedule and its token's queue
+-- (whose next delivery becomes the head). Returns {{seq, token, app, rid, received_at, attempts}}, or nil.
+local function retire(seq, done, why, now, keep)
+  local h = key(seq)
+  local f = redis.call('HMGET', h, 'state', 'entry', 'app', 'token', 'rid', 'mid', 'received_at', 'attempts')
+  if f[1] ~= 'pending' then return nil end
+  local app = f[3] or ''
+  if f[2] and f[2] ~= '' then drop(app, f[2]) end
+  for _, reason in ipairs(REASONS) do redis.call('ZREM', sched(reason, app), seq) end
+  redis.call('ZREM', P .. ':pending', seq)
+  redis.call('HSET', h, 'state', done, 'reason', why, 'finished_at', fmt(now), 'entry', '')
+  redis.call('HDEL', h, 'wait', 'data')
+  redis.call('EXPIRE', h, math.max(1, math.ceil(keep)))
+  redis.call('HINCRBY', P .. ':counters', done, 1)
+  local q = P .. ':q:' .. f[4]
+  if redis.call('LINDEX', q, 0) == seq then
+    redis.call('LPOP', q)
+    local nxt = redis.call('LINDEX', q, 0)
+    if nxt then schedule(nxt, now) end
+  else
+    redis.call('LREM', q, 1, seq)
+  end
+  linger(seq, f[4], f[5], f[6], keep)
+  return {{seq, f[4], f[3] or '', f[5] or '', f[7], f[8]}}
+end
+local SUPERSEDED = 'superseded'
+local SUPERSEDED_WHY = 'superseded by a later event for this token and agent'
 """
 
 # ARGV: P, now, window, keep, then per item: dedupe_key, token, kind, data, expires_at, delivery_id, app,
-# request_id, message_id ("" = none for the last three)
+# request_id, message_id ("" = none for the last three), stream key, fingerprint, event window ("" for a message).
+# Returns {flags (1 accepted, 0 duplicate), superseded deliveries (see retire)}.
 ENQUEUE = PRELUDE + """
 local now, window, keep = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local out, accepted = {}, 0
-for i = 5, #ARGV, 9 do
+local out, gone, accepted = {}, {}, 0
+for i = 5, #ARGV, 12 do
   local fresh = true
-  if window > 0 then
+  local sk = ARGV[i + 9]
+  local es = P .. ':es:' .. sk
+  if sk ~= '' then
+    -- An event: a resend only when it repeats its stream's last event within that event's window.
+    local last = redis.call('HMGET', es, 'fp', 'until', 'last')
+    if last[1] == ARGV[i + 10] and tonumber(last[2]) > now then
+      fresh = false
+    elseif last[3] then
+      local ended = retire(last[3], SUPERSEDED, SUPERSEDED_WHY, now, keep)
+      if ended then gone[#gone + 1] = ended end
+    end
+  elseif window > 0 then
     local k = P .. ':dd:' .. ARGV[i]
     local seen = redis.call('GET', k)
     if seen and tonumber(seen) >= now then
@@ -148,9 +189,17 @@ for i = 5, #ARGV, 9 do
     if app ~= '' then fields[#fields + 1] = 'app'; fields[#fields + 1] = app end
     if rid ~= '' then fields[#fields + 1] = 'rid'; fields[#fields + 1] = rid end
     if mid ~= '' then fields[#fields + 1] = 'mid'; fields[#fields + 1] = mid end
+    if sk ~= '' then fields[#fields + 1] = 'stream'; fields[#fields + 1] = sk end
     redis.call('HSET', key(seq), unpack(fields))
     trace(seq, rid, mid, keep + math.max(0, tonumber(ARGV[i + 4]) - now))
     redis.call('ZADD', P .. ':pending', now, seq)
+    if sk ~= '' then
+      -- The stream lives until its last event has surely ended (a retry checks it), at least its window.
+      local ew = tonumber(ARGV[i + 11])
+      redis.call('HSET', es, 'fp', ARGV[i + 10], 'until', fmt(now + ew), 'last', seq)
+      local life = math.max(ew, tonumber(ARGV[i + 4]) - now) + 60
+      redis.call('PEXPIRE', es, math.max(1, math.ceil(life * 1000)))
+    end
     accepted = accepted + 1
     out[#out + 1] = 1
   else
@@ -159,7 +208,7 @@ for i = 5, #ARGV, 9 do
 end
 if accepted > 0 then redis.call('HINCRBY', P .. ':counters', 'accepted', accepted) end
 if #out > accepted then redis.call('HINCRBY', P .. ':counters', 'duplicates', #out - accepted) end
-return out
+return {out, gone}
 """
 
 # ARGV: P, me, now, limit, idle_ms, wall, lease, then pairs app, cap. Returns [seq, entry, delivery_id, token, kind,
@@ -283,7 +332,8 @@ end
 return 1
 """
 
-# ARGV: P, me, seq, entry, at, wait reason, detail, attempts increment, app given ('1' | '0'), app
+# ARGV: P, me, seq, entry, at, wait reason, detail, attempts increment, app given ('1' | '0'), app, now, keep.
+# Returns 1 (waits), 2 (ended superseded: a later event of its stream came while it was in flight), 0 (not ours).
 RETRY = PRELUDE + """
 local me, seq, entry, at, wait = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local app = held(seq, entry, me)
@@ -299,6 +349,15 @@ redis.call('HSET', h, 'state', 'pending', 'next_at', at, 'wait', wait, 'reason',
 redis.call('HINCRBY', h, 'attempts', tonumber(ARGV[8]))
 redis.call('ZREM', P .. ':inflight', seq)
 redis.call('ZADD', P .. ':pending', at, seq)
+local sk = redis.call('HGET', h, 'stream')
+if sk then
+  local last = redis.call('HGET', P .. ':es:' .. sk, 'last')
+  if last and tonumber(last) > tonumber(seq) then
+    redis.call('HSET', h, 'entry', '')
+    retire(seq, SUPERSEDED, SUPERSEDED_WHY, tonumber(ARGV[11]), tonumber(ARGV[12]))
+    return 2
+  end
+end
 park(seq, wait, app, at)
 return 1
 """

@@ -76,7 +76,7 @@ for _, seq in ipairs(ids) do
     -- A retried dead letter is a fresh delivery: a new lifetime, the same apns-id for tracing.
     local lifetime = math.max(expires, now + (expires - received))
     redis.call('HSET', h, 'state', 'pending', 'next_at', ARGV[2], 'reason', 'retried', 'expires_at', fmt(lifetime))
-    redis.call('HDEL', h, 'finished_at', 'wait')
+    redis.call('HDEL', h, 'finished_at', 'wait', 'stream')  -- a retried event stands alone
     redis.call('PERSIST', h)
     redis.call('ZADD', P .. ':pending', now, seq)
     redis.call('HINCRBY', P .. ':counters', 'dead_letter', -1)

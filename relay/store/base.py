@@ -13,6 +13,19 @@ from relay.registry.scope import DevicePut, Removal, Scope
 
 
 @dataclass(frozen=True, slots=True)
+class EventStream:
+    """Where an event stands among the events for one push token from one agent (SPEC §2).
+
+    The store keeps each stream's last event: a repeat of it (same ``fingerprint``) within ``window`` seconds
+    is a resend (a duplicate), anything else is a new event, which supersedes the stream's queued one.
+    """
+
+    key: str  # the push token, the agent and the event's topic (see relay.inbound.accept)
+    fingerprint: str  # the event's canonical body: a resend repeats it
+    window: float  # seconds a repeat of the last event counts as a resend (0: never)
+
+
+@dataclass(frozen=True, slots=True)
 class NewDelivery:
     """One delivery to accept: a notification for one push token."""
 
@@ -24,6 +37,28 @@ class NewDelivery:
     app: str | None = None  # routing hint at acceptance (admission per app); delivery routes again
     request_id: str = ""  # the webhook's request id, for tracing
     message_id: str | None = None  # Parley's object id of a message, for tracing
+    stream: EventStream | None = None  # an event's stream: it dedupes and coalesces by it, not by dedupe_key
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """A queued event that a later one for its push token and agent ended ``superseded`` (never sent)."""
+
+    id: str
+    token: str
+    app: str | None
+    request_id: str
+    received_at: float
+    attempts: int
+
+
+class Enqueued(list[bool]):
+    """What :meth:`Store.enqueue` did: a flag per item (False: a duplicate), and the queued events the new ones
+    ended ``superseded`` (for their log lines and metrics)."""
+
+    def __init__(self, flags: Sequence[bool] = (), superseded: Sequence[Superseded] = ()) -> None:
+        super().__init__(flags)
+        self.superseded: list[Superseded] = list(superseded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +167,13 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise :class:`~relay.errors.StoreUnavailable` when the store cannot be used."""
 
-    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
-        """Durably accept ``items`` (True) unless their dedupe key was seen within the window (False)."""
+    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> Enqueued:
+        """Durably accept ``items`` (True) unless they are resends (False), in one atomic step.
+
+        A message (no ``stream``) is a resend when its dedupe key was seen within ``dedupe_window``. An event
+        is one when it repeats its stream's last event within the stream's window; a new event ends its
+        stream's queued (pending, not in flight) event ``superseded``.
+        """
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
@@ -148,10 +188,12 @@ class Store(Protocol):
         """Record the end state of a claimed delivery (a finished delivery keeps no payload but a dead letter's)."""
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
-                    count_attempt: bool = True) -> None:
+                    count_attempt: bool = True, now: float | None = None) -> EndState | None:
         """Put a claimed delivery back, due at ``at``, waiting for ``reason`` (``detail``: the provider's words).
 
         ``app`` updates the stored app hint (the route found at delivery may differ from the one at acceptance).
+        An event that a later event of its stream arrived behind (while it was in flight) ends ``superseded``
+        instead (at ``now``, default the wall clock): returns that end state, else None.
         """
 
     async def wake(self, now: float, *, reasons: Collection[WaitReason] | None = None,

@@ -47,7 +47,7 @@ from relay.store import _redis_lua as lua
 from relay.store import _redis_lua_admin as admin
 from relay.store import _redis_read as read
 from relay.store._redis_devices import RedisDevices
-from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
+from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Stats, Superseded
 
 SOCKET_TIMEOUT = 5.0  # a webhook waits at most this long for Redis before it is answered 503
 CONNECT_TIMEOUT = 2.0
@@ -239,15 +239,19 @@ class RedisStore(RedisDevices):
 
     # -- the queue -------------------------------------------------------------------------------
 
-    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
+    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> Enqueued:
         if not items:
-            return []
+            return Enqueued()
         args: list[Any] = [repr(now), repr(float(dedupe_window)), repr(float(self._keep))]
         for item in items:
+            s = item.stream  # an event's stream, or three empty strings
             args += [item.dedupe_key, item.token, item.kind, item.data, repr(item.expires_at), str(uuid.uuid4()),
-                     item.app or "", item.request_id, item.message_id or ""]
-        flags = await self._script("ENQUEUE", *args)
-        return [bool(flag) for flag in flags]
+                     item.app or "", item.request_id, item.message_id or "",
+                     *((s.key, s.fingerprint, repr(float(s.window))) if s else ("", "", ""))]
+        flags, gone = await self._script("ENQUEUE", *args)
+        return Enqueued([bool(flag) for flag in flags], [
+            Superseded(_s(seq), _s(token), _s(app) or None, _s(rid), float(received), int(attempts))
+            for seq, token, app, rid, received, attempts in gone])
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
@@ -279,14 +283,16 @@ class RedisStore(RedisDevices):
                            repr(float(self._keep)))
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
-                    count_attempt: bool = True) -> None:
+                    count_attempt: bool = True, now: float | None = None) -> EndState | None:
         """Put a claimed delivery back on its reason's schedule (``app`` None keeps the stored hint)."""
         wait = WaitReason(reason)  # a typed reason, never free text: the provider's words go in ``detail``
         entry = self._forget(job.id)
         if entry is None:
-            return
-        await self._script("RETRY", self.consumer, job.id, entry, repr(at), wait.value, detail[:500],
-                           1 if count_attempt else 0, "0" if app is None else "1", app or "")
+            return None
+        done = await self._script("RETRY", self.consumer, job.id, entry, repr(at), wait.value, detail[:500],
+                                  1 if count_attempt else 0, "0" if app is None else "1", app or "",
+                                  repr(time.time() if now is None else now), repr(float(self._keep)))
+        return EndState.SUPERSEDED if int(done) == 2 else None
 
     def _forget(self, seq: str) -> str | None:
         self._lease_ends.pop(seq, None)

@@ -19,9 +19,10 @@ from relay.config import StoreSettings
 from relay.errors import StoreError
 from relay.observability import event
 from relay.outcome import EndState, WaitReason
+from relay.store import _sqlite_events as events
 from relay.store import sqlite_schema as schema
 from relay.store._sqlite_devices import SqliteDevices
-from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats
+from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Stats, Superseded
 from relay.store.sqlite_commit import GroupCommit
 
 # A payload is in ``payloads`` (or, for a row of version 1, still in ``deliveries.data``).
@@ -161,20 +162,17 @@ class SqliteStore(GroupCommit, SqliteDevices):
 
     # -- the queue -----------------------------------------------------------------------------
 
-    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> list[bool]:
-        def op(conn: sqlite3.Connection) -> list[bool]:
+    async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> Enqueued:
+        def op(conn: sqlite3.Connection) -> Enqueued:
             accepted: list[bool] = []
+            superseded: list[Superseded] = []
             for item in items:
-                if dedupe_window > 0:
-                    row = conn.execute(
-                        "INSERT INTO dedupe (key, expires_at) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at WHERE expires_at < ? "
-                        "RETURNING key",
-                        (item.dedupe_key, now + dedupe_window, now),
-                    ).fetchone()
-                    if row is None:
-                        accepted.append(False)
-                        continue
+                if item.stream is not None and events.is_resend(conn, item.stream, now):
+                    accepted.append(False)
+                    continue
+                if item.stream is None and dedupe_window > 0 and not self._first_seen(conn, item, now, dedupe_window):
+                    accepted.append(False)
+                    continue
                 row_id = conn.execute(
                     "INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, next_at, app, "
                     "request_id, message_id) VALUES (?, ?, ?, x'', ?, ?, ?, ?, ?, ?)",
@@ -182,12 +180,26 @@ class SqliteStore(GroupCommit, SqliteDevices):
                      item.request_id, item.message_id),
                 ).lastrowid
                 conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (row_id, item.data))
+                if item.stream is not None:
+                    superseded += events.follow(conn, item.stream, int(row_id or 0), now, item.expires_at)
                 accepted.append(True)
             self._count("accepted", sum(accepted))
             self._count("duplicates", len(accepted) - sum(accepted))
-            return accepted
+            self._count(EndState.SUPERSEDED.value, len(superseded))
+            return Enqueued(accepted, superseded)
 
         return await self._run(op)
+
+    @staticmethod
+    def _first_seen(conn: sqlite3.Connection, item: NewDelivery, now: float, dedupe_window: float) -> bool:
+        """Record ``item``'s dedupe key; False when it was seen within the window (a message's resend)."""
+        row = conn.execute(
+            "INSERT INTO dedupe (key, expires_at) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at WHERE expires_at < ? "
+            "RETURNING key",
+            (item.dedupe_key, now + dedupe_window, now),
+        ).fetchone()
+        return row is not None
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
@@ -227,19 +239,25 @@ class SqliteStore(GroupCommit, SqliteDevices):
         await self._run(op, isolated=False)
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
-                    count_attempt: bool = True) -> None:
+                    count_attempt: bool = True, now: float | None = None) -> EndState | None:
         wait = WaitReason(reason).value  # checked here: a bad value must not abort the batch it would run in
+        ended_at = time.time() if now is None else now
 
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
+        def op(conn: sqlite3.Connection) -> EndState | None:
+            changed = conn.execute(
                 "UPDATE deliveries SET state = 'pending', next_at = :at, wait_reason = :wait, reason = :detail, "
                 "app = COALESCE(:app, app), lease_until = NULL, owner = NULL, attempts = attempts + :attempt "
                 "WHERE id = :id AND state = 'inflight' AND owner = :owner",
                 {"at": at, "wait": wait, "detail": detail[:500], "app": app,
                  "attempt": 1 if count_attempt else 0, "id": int(job.id), "owner": self._owner},
-            )
+            ).rowcount
+            # Back in the queue behind a later event of its stream (it came while this one was in flight).
+            if changed and events.has_later(conn, int(job.id)) and events.end_queued(conn, int(job.id), ended_at):
+                self._count(EndState.SUPERSEDED.value)
+                return EndState.SUPERSEDED
+            return None
 
-        await self._run(op, isolated=False)
+        return await self._run(op, isolated=False)
 
     async def wake(self, now: float, *, reasons: Collection[WaitReason] | None = None,
                    tokens: Collection[str] | None = None, apps: Collection[str] | None = None) -> int:
@@ -268,6 +286,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
                 "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE expires_at < ? LIMIT ?)",
                 (now, PRUNE_BATCH * 4),
             ).rowcount
+            keys += events.prune_streams(conn, now, PRUNE_BATCH * 4)
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             left = free
             if free:  # a no-op on a file made before incremental auto-vacuum (see recover)

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from relay.errors import StoreUnavailable
 from relay.store._sqlite_devices import migrate_devices
+from relay.store._sqlite_events import migrate_events
 
-SCHEMA_VERSION = 5  # 3: devices.environment and apns_environments; 4: app_open; 5: device_changes
+# 3: devices.environment and apns_environments; 4: app_open; 5: device_changes
+# 6: event streams and deliveries.stream (relay.store._sqlite_events); `superseded` is a done state
+SCHEMA_VERSION = 6
 
 # The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
 _TABLES = (
@@ -63,7 +66,8 @@ _ADDED_COLUMNS = {
     "app": "TEXT", "wait_reason": "TEXT", "owner": "TEXT", "request_id": "TEXT NOT NULL DEFAULT ''",
     "message_id": "TEXT",
 }
-DONE_STATES = "('sent', 'expired', 'token_dead', 'unroutable')"  # end states that drop payload and get pruned
+# End states that drop their payload and get pruned.
+DONE_STATES = "('sent', 'expired', 'token_dead', 'unroutable', 'superseded')"
 _INDEXES = (
     # Token heads (claim): the oldest open delivery of each token.
     "CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight')",
@@ -150,10 +154,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 if column not in have:
                     conn.execute(f"ALTER TABLE deliveries ADD COLUMN {column} {kind}")
             conn.execute("DROP INDEX IF EXISTS deliveries_ended")  # version 1's, replaced by the two below
+            conn.execute("DROP INDEX IF EXISTS deliveries_done")  # made again below: its DONE_STATES grew in 4
             for statement in _INDEXES:
                 conn.execute(statement)
             conn.execute(_TYPE_OLD_WAITS)
             migrate_devices(conn)
+            migrate_events(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
