@@ -80,7 +80,8 @@ def _text(value: Any) -> str:
 
 
 # Keys that are one row (their own keys are documented where they are used), with the default's wording.
-_ONE_ROW = {"auth.signature": "none", "auth.oauth": "none", "metrics.listen": "none", "processes": "`auto`"}
+_ONE_ROW = {"auth.signature": "none", "auth.oauth": "none", "metrics.listen": "`{host: 127.0.0.1, port: 9464}`",
+           "processes": "`auto`"}
 
 
 def key_table() -> str:
