@@ -80,7 +80,11 @@ async def run(rate: int, keep: float, windows: int, root: Path) -> None:
         while jobs := await store.claim(512, now, 300):
             await asyncio.gather(*(store.finish(job, EndState.SENT, "", now) for job in jobs))
         if second % PRUNE_EVERY == 0:
-            pruned += await store.prune(now)
+            while True:  # slice after slice, as the relay's upkeep does
+                step = await store.prune(now)
+                pruned += step.removed
+                if not step.more:
+                    break
         if second % report_every == 0:
             db, wal = file_bytes(path)
             with closing(sqlite3.connect(path)) as conn:

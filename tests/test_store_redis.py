@@ -404,7 +404,7 @@ async def test_a_dedupe_key_expires_with_its_window_and_prune_changes_no_deliver
     a, b = await store.claim(10, NOW, LEASE)
     await store.retry(b, NOW + 60, WaitReason.RETRY, "503")
     before = snapshot(raw, settings.prefix)
-    assert await store.prune(time.time()) == 0
+    assert (await store.prune(time.time())).removed == 0
     assert snapshot(raw, settings.prefix) == before
     await store.finish(a, EndState.SENT, "", NOW)
     assert (await store.stats()).balanced
