@@ -190,15 +190,18 @@ async def test_one_prune_slice_is_one_transaction_of_bounded_size(tmp_path: Path
     while jobs := await store.claim(500, NOW, LEASE):
         await asyncio.gather(*(store.finish(job, EndState.SENT, "", NOW) for job in jobs))
     later = NOW + StoreSettings().keep_finished + 1
+    def counts() -> tuple[int, int]:
+        (rows,), (keys,) = query(path, "SELECT COUNT(*) FROM deliveries"), query(path, "SELECT COUNT(*) FROM dedupe")
+        return int(rows[0]), int(keys[0])  # type: ignore[call-overload]
+
     slices = 0
     while True:
-        before = (query(path, "SELECT COUNT(*) FROM deliveries")[0][0], query(path, "SELECT COUNT(*) FROM dedupe")[0][0])
-        commits = store.commits
+        before, commits = counts(), store.commits
         pruned = await store.prune(later)
-        after = (query(path, "SELECT COUNT(*) FROM deliveries")[0][0], query(path, "SELECT COUNT(*) FROM dedupe")[0][0])
+        after = counts()
         assert store.commits == commits + 1
-        assert 0 <= before[0] - after[0] <= PRUNE_ROWS and 0 <= before[1] - after[1] <= PRUNE_KEYS  # type: ignore[operator]
-        assert pruned.removed == (before[0] - after[0]) + (before[1] - after[1])  # type: ignore[operator]
+        assert 0 <= before[0] - after[0] <= PRUNE_ROWS and 0 <= before[1] - after[1] <= PRUNE_KEYS
+        assert pruned.removed == (before[0] - after[0]) + (before[1] - after[1])
         slices += 1
         if not pruned.more:
             break

@@ -185,7 +185,8 @@ class _Supervisor:
         # Tasks, cancelled and then awaited: a cancelled gather() would hold a CancelledError nobody retrieves.
         ready = self.loop.create_task(all_ready())
         stopped = self.loop.create_task(self.stop.wait())
-        done, _ = await asyncio.wait([ready, stopped, self.failed], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [ready, stopped, self.failed]
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in (ready, stopped):
             task.cancel()
         await asyncio.gather(ready, stopped, return_exceptions=True)

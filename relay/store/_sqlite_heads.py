@@ -20,7 +20,7 @@ OPEN = "('pending', 'inflight')"
 # The oldest open delivery of ``token`` becomes its head (a no-op when it already is).
 _PROMOTE = f"""
     UPDATE deliveries SET head = 1 WHERE id = (
-        SELECT id FROM deliveries WHERE token = {{token}} AND state IN {OPEN} ORDER BY id LIMIT 1
+        SELECT id FROM deliveries WHERE token = {{of}} AND state IN {OPEN} ORDER BY id LIMIT 1
     ) AND head IS NOT 1;
 """
 HEAD_SCHEMA = (
@@ -40,7 +40,7 @@ HEAD_SCHEMA = (
     CREATE TRIGGER IF NOT EXISTS deliveries_head_end AFTER UPDATE OF state ON deliveries
     WHEN OLD.state IN {OPEN} AND NEW.state NOT IN {OPEN} BEGIN
         UPDATE deliveries SET head = NULL WHERE id = NEW.id AND head IS NOT NULL;
-        {_PROMOTE.format(token="OLD.token")}
+        {_PROMOTE.format(of="OLD.token")}
     END
     """,
     # A finished delivery opened again (not done by the relay today, but then still right).
@@ -48,13 +48,13 @@ HEAD_SCHEMA = (
     CREATE TRIGGER IF NOT EXISTS deliveries_head_reopen AFTER UPDATE OF state ON deliveries
     WHEN OLD.state NOT IN {OPEN} AND NEW.state IN {OPEN} BEGIN
         UPDATE deliveries SET head = NULL WHERE token = NEW.token AND head = 1 AND id > NEW.id;
-        {_PROMOTE.format(token="NEW.token")}
+        {_PROMOTE.format(of="NEW.token")}
     END
     """,
     f"""
     CREATE TRIGGER IF NOT EXISTS deliveries_head_delete AFTER DELETE ON deliveries
     WHEN OLD.state IN {OPEN} BEGIN
-        {_PROMOTE.format(token="OLD.token")}
+        {_PROMOTE.format(of="OLD.token")}
     END
     """,
 )
