@@ -71,7 +71,9 @@ async def run(rate: int, keep: float, windows: int, root: Path) -> None:
         now = START + second
 
         async def accept(i: int, now: float = now) -> None:
-            item = NewDelivery(tokens[i % DEVICES], "message", payload(i), f"parley:{i}", now + 86400,
+            # The webhook's own dedupe key for a message (relay.inbound.parse.dedupe_key): id and push token.
+            item = NewDelivery(tokens[i % DEVICES], "message", payload(i), f"m:{10_000_000 + i}:{tokens[i % DEVICES]}",
+                               now + 86400,
                                app="ios", request_id=uuid.uuid4().hex, message_id=str(10_000_000 + i))
             await store.enqueue([item], now, dedupe)
 
