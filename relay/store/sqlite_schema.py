@@ -235,7 +235,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 def _migrate_dedupe(conn: sqlite3.Connection) -> None:
-    """Version 3 and earlier kept dedupe keys as text: keep each live key, as its digest."""
+    """Version 4 and earlier kept dedupe keys as text: keep each live key, as its digest."""
     columns = {row[1]: row[2] for row in conn.execute("PRAGMA table_info(dedupe)")}
     if columns.get("key", "BLOB").upper() == "BLOB":
         return
