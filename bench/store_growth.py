@@ -71,7 +71,9 @@ async def run(rate: int, keep: float, windows: int, root: Path) -> None:
         now = START + second
 
         async def accept(i: int, now: float = now) -> None:
-            item = NewDelivery(tokens[i % DEVICES], "message", payload(i), f"parley:{i}", now + 86400,
+            # The webhook's own dedupe key for a message (relay.inbound.parse.dedupe_key): id and push token.
+            item = NewDelivery(tokens[i % DEVICES], "message", payload(i), f"m:{10_000_000 + i}:{tokens[i % DEVICES]}",
+                               now + 86400,
                                app="ios", request_id=uuid.uuid4().hex, message_id=str(10_000_000 + i))
             await store.enqueue([item], now, dedupe)
 
@@ -80,7 +82,11 @@ async def run(rate: int, keep: float, windows: int, root: Path) -> None:
         while jobs := await store.claim(512, now, 300):
             await asyncio.gather(*(store.finish(job, EndState.SENT, "", now) for job in jobs))
         if second % PRUNE_EVERY == 0:
-            pruned += await store.prune(now)
+            while True:  # slice after slice, as the relay's upkeep does
+                step = await store.prune(now)
+                pruned += step.removed
+                if not step.more:
+                    break
         if second % report_every == 0:
             db, wal = file_bytes(path)
             with closing(sqlite3.connect(path)) as conn:

@@ -31,7 +31,7 @@ from relay.push import ApnsPush, Push
 from relay.registry.device import Device
 from relay.registry.file import load_registry
 from relay.registry.routing import Registry
-from relay.store.base import Job
+from relay.store.base import Job, Pruned
 from relay.store.sqlite import SqliteStore
 from relay.testing.sandbox import IOS_TOKEN, Sandbox, sample
 
@@ -526,7 +526,7 @@ class CountingStore:
         self.recovered += 1
         return await self.inner.recover(now)
 
-    async def prune(self, now: float) -> int:
+    async def prune(self, now: float) -> Pruned:
         self.pruned += 1
         return await self.inner.prune(now)
 
@@ -549,6 +549,42 @@ async def test_run_recovers_at_start_and_prunes_on_a_timer(harness: Harness) -> 
     finally:
         await dispatcher.stop(1.0)
         await task
+
+
+class GatedPrune(CountingStore):
+    """The real store, whose prune slice waits until the test opens the gate (a prune that takes long)."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        super().__init__(inner)
+        self.entered, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def prune(self, now: float) -> Pruned:
+        self.pruned += 1
+        self.entered.set()
+        await self.gate.wait()
+        return await self.inner.prune(now)
+
+
+async def test_deliveries_go_out_while_a_prune_is_still_running(harness: Harness) -> None:
+    """The delivery loop starts a prune beside itself and goes on claiming: a push is sent while the prune has
+    not finished (it used to wait for the whole prune, up to seconds each minute), and stop() ends the prune."""
+    store = GatedPrune(harness.store)
+    providers: Mapping[str, Provider] = {"ios": harness.provider}
+    dispatcher = Dispatcher(store, harness.registry, lambda: providers, harness.config.delivery,  # type: ignore[arg-type]
+                            Metrics(), harness.clock)
+    task = asyncio.get_running_loop().create_task(dispatcher.run())
+    try:
+        async with asyncio.timeout(10):
+            await store.entered.wait()
+            await harness.accept(msg(1))
+            dispatcher.wake()
+            while not harness.provider.sent:
+                await asyncio.sleep(0.01)
+        assert dispatcher.upkeep.pruning and not store.gate.is_set()
+    finally:
+        await dispatcher.stop(1.0)
+        await task
+    assert harness.bodies() == ["m1"] and not dispatcher.upkeep.pruning
 
 
 class FlakyClaims(CountingStore):

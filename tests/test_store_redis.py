@@ -286,8 +286,8 @@ async def test_a_stalled_instance_cannot_retry_into_another_app_after_a_takeover
     stalled = await make_store(claim_idle=30.0)
     await stalled.enqueue([item("a", app="ios")], NOW, 600)
     (job,) = await stalled.claim(10, NOW, LEASE)
-    taker = await make_store(claim_idle=0.05)
-    await asyncio.sleep(0.1)
+    taker = await make_store(claim_idle=0.1)  # the least the config accepts
+    await asyncio.sleep(0.25)
     (taken,) = await taker.claim(10, NOW, LEASE)
     assert taken.id == job.id
     await stalled.retry(job, NOW + 99, WaitReason.RETRY, "late", app="android")
@@ -404,7 +404,7 @@ async def test_a_dedupe_key_expires_with_its_window_and_prune_changes_no_deliver
     a, b = await store.claim(10, NOW, LEASE)
     await store.retry(b, NOW + 60, WaitReason.RETRY, "503")
     before = snapshot(raw, settings.prefix)
-    assert await store.prune(time.time()) == 0
+    assert (await store.prune(time.time())).removed == 0
     assert snapshot(raw, settings.prefix) == before
     await store.finish(a, EndState.SENT, "", NOW)
     assert (await store.stats()).balanced

@@ -98,7 +98,7 @@ class Dispatcher:
         await self.upkeep.recover(lambda: self._stopping)
         while not self._stopping:
             try:
-                await self.upkeep.prune_if_due()
+                self.upkeep.prune_if_due()  # runs beside the loop: claims go on meanwhile
                 self._wake.clear()
                 if not await self._claim_round():
                     await self._wait(await self._idle_wait())
@@ -179,6 +179,7 @@ class Dispatcher:
         """Stop claiming; let in-flight sends finish within ``timeout`` overall; the rest stays stored."""
         self._stopping = True
         self._wake.set()
+        await self.upkeep.stop()
         if not self._tasks:
             return
         grace = min(CANCEL_GRACE, timeout / 4)

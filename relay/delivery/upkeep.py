@@ -18,7 +18,10 @@ from relay.store.base import Store
 
 T = TypeVar("T")
 
-PRUNE_EVERY = 60.0  # seconds between store.prune() calls of a delivering process
+PRUNE_EVERY = 60.0  # seconds between the prunes of a delivering process
+SLICE_PAUSE = 0.002  # seconds between two prune slices
+SLOW_SLICE = 0.05  # a slice holding the write lock longer than this is worth a warning
+SLOW_PRUNE, LARGE_PRUNE = 10.0, 100_000  # a prune this long (seconds) or large (records) is logged at INFO
 
 
 async def persist(op: Callable[[], Awaitable[T]], stopping: Callable[[], bool]) -> T:
@@ -42,11 +45,16 @@ async def persist(op: Callable[[], Awaitable[T]], stopping: Callable[[], bool]) 
 
 
 class Upkeep:
-    """Recovery when delivery starts, then a prune every PRUNE_EVERY seconds (each cheap and bounded)."""
+    """Recovery when delivery starts, then a prune every PRUNE_EVERY seconds, beside the delivery loop.
+
+    A prune is a series of short slices (:meth:`Store.prune`), run as a task of its own: the delivery loop
+    starts it and goes on claiming, and each slice holds the store's write lock for a few milliseconds only.
+    """
 
     def __init__(self, store: Store, clock: Clock) -> None:
         self.store, self.clock = store, clock
         self._next_prune = 0.0
+        self._pruning: asyncio.Task[None] | None = None
 
     async def recover(self, stopping: Callable[[], bool]) -> None:
         """Make what a dead process left in flight due again (never what a live one has)."""
@@ -58,16 +66,47 @@ class Upkeep:
         if recovered:
             event(logging.INFO, "deliveries left in flight by a stopped process are due again", count=recovered)
 
-    async def prune_if_due(self) -> None:
-        """Drop finished deliveries past their retention and expired dedupe keys, when the timer says so."""
-        loop_now = asyncio.get_running_loop().time()
-        if loop_now < self._next_prune:
+    def prune_if_due(self) -> None:
+        """Start a prune when the timer says so and none is running; returns at once."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_prune or (self._pruning is not None and not self._pruning.done()):
             return
-        self._next_prune = loop_now + PRUNE_EVERY
-        try:
-            pruned = await self.store.prune(self.clock.now())
-        except StoreError as exc:
-            event(logging.WARNING, "store prune failed, retried at the next interval", error=str(exc))
-            return
-        if pruned:
-            event(logging.DEBUG, "store pruned", rows=pruned)
+        self._next_prune = loop.time() + PRUNE_EVERY
+        self._pruning = loop.create_task(self._prune(), name="prune")
+
+    @property
+    def pruning(self) -> bool:
+        """A prune is running (started by :meth:`prune_if_due` and not finished)."""
+        return self._pruning is not None and not self._pruning.done()
+
+    async def stop(self) -> None:
+        """Stop a prune between two slices (what is left waits for the next run)."""
+        if self._pruning is not None:
+            self._pruning.cancel()
+            await asyncio.gather(self._pruning, return_exceptions=True)
+
+    async def _prune(self) -> None:
+        """Drop finished deliveries past their retention and expired dedupe keys, slice by slice."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        removed = slices = 0
+        slowest = 0.0
+        while True:
+            began = loop.time()
+            try:
+                pruned = await self.store.prune(self.clock.now())
+            except StoreError as exc:
+                event(logging.WARNING, "store prune failed, retried at the next interval", error=str(exc))
+                return
+            slowest = max(slowest, loop.time() - began)
+            removed, slices = removed + pruned.removed, slices + 1
+            if not pruned.more:
+                break
+            await asyncio.sleep(SLICE_PAUSE)  # the other processes' writers take the lock in between
+        seconds = loop.time() - started
+        # Quiet at DEBUG when it is small and quick; above that the operator sees what the prune cost.
+        level = logging.WARNING if slowest > SLOW_SLICE else (
+            logging.INFO if removed >= LARGE_PRUNE or seconds > SLOW_PRUNE else logging.DEBUG)
+        if removed or level > logging.DEBUG:
+            event(level, "store pruned", removed=removed, slices=slices, seconds=round(seconds, 3),
+                  slowest_slice_ms=round(slowest * 1000, 1))

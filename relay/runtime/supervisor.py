@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import uuid
@@ -39,6 +40,7 @@ from relay.runtime.notify import NotifyHub
 from relay.runtime.roles import Role, RoleArgs
 from relay.runtime.shared import RUNTIME_ENV, SharedState, state_dir
 from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
+from relay.store.sqlite_schema import prepare as prepare_sqlite
 
 METRICS_FD_NAME = "metrics"
 RESTART_FIRST, RESTART_MAX, RESTART_RESET = 0.5, 30.0, 60.0  # backoff; a child that ran 60 s starts over
@@ -101,9 +103,13 @@ async def supervise(config: Config, counts: Counts) -> int:
         notifier.status(f"failed to start: {exc}")
         notifier.close()
         raise
-    supervisor = _Supervisor(config, counts, notifier, sockets, shared)
     try:
-        return await supervisor.run()
+        problem = await _prepare_store(config)
+        if problem is not None:
+            notifier.status(f"failed to start: {problem}")
+            event(logging.ERROR, "relay failed to start", problem=problem)
+            return 1
+        return await _Supervisor(config, counts, notifier, sockets, shared).run()
     finally:
         notifier.close()
         for listening in sockets:
@@ -171,11 +177,19 @@ class _Supervisor:
 
     async def _started(self, group: list[_Child]) -> str | None:
         """None once every child of ``group`` is ready; else why the start failed."""
-        ready: asyncio.Future[Any] = asyncio.gather(*(c.ready.wait() for c in group))
-        stopped: asyncio.Future[Any] = self.loop.create_task(self.stop.wait())
-        done, _ = await asyncio.wait([ready, stopped, self.failed], return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        stopped.cancel()
+
+        async def all_ready() -> None:
+            for child in group:
+                await child.ready.wait()
+
+        # Tasks, cancelled and then awaited: a cancelled gather() would hold a CancelledError nobody retrieves.
+        ready = self.loop.create_task(all_ready())
+        stopped = self.loop.create_task(self.stop.wait())
+        waits: list[asyncio.Future[Any]] = [ready, stopped, self.failed]
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in (ready, stopped):
+            task.cancel()
+        await asyncio.gather(ready, stopped, return_exceptions=True)
         if self.failed.done():
             return self.failed.result()
         return None if ready in done else "stopped while starting"
@@ -329,6 +343,18 @@ class _Supervisor:
             head += f" ({', '.join(down)} starting)"
         said = next((c.status for c in self.children if c.role == "delivery" and c.status), "")
         return f"{head}; {said}" if said else head
+
+
+async def _prepare_store(config: Config) -> str | None:
+    """Create or migrate a SQLite file once, before the children that share it start (they would otherwise
+    all switch its journal mode and migrate it at the same moment); why it cannot be opened, or None."""
+    if config.store.backend != "sqlite":
+        return None
+    try:
+        await asyncio.to_thread(prepare_sqlite, config.store.path)
+    except (sqlite3.Error, OSError) as exc:
+        return f"cannot open SQLite store {config.store.path}: {exc}"
+    return None
 
 
 def _listening(config: Config) -> list[ListenSocket]:

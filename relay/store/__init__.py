@@ -7,7 +7,7 @@ One :class:`~relay.store.base.Store` protocol, two implementations: SQLite (embe
 from __future__ import annotations
 
 from relay.config import StoreSettings
-from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Stats, Store
+from relay.store.base import DeadLetter, DeliveryRecord, Job, NewDelivery, Pruned, Stats, Store
 
 
 def create_store(settings: StoreSettings, *, acknowledges: bool = True, read_only: bool = False) -> Store:
@@ -27,4 +27,4 @@ def create_store(settings: StoreSettings, *, acknowledges: bool = True, read_onl
     return SqliteStore(settings, acknowledges=acknowledges, read_only=read_only)
 
 
-__all__ = ["DeadLetter", "DeliveryRecord", "Job", "NewDelivery", "Stats", "Store", "create_store"]
+__all__ = ["DeadLetter", "DeliveryRecord", "Job", "NewDelivery", "Pruned", "Stats", "Store", "create_store"]

@@ -130,6 +130,15 @@ class DeviceChanges:
     environments: Mapping[str, ApnsEnvironment | None] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one slice of :meth:`Store.prune` removed (finished deliveries, dedupe keys, other records), and
+    whether there is more to do now."""
+
+    removed: int
+    more: bool
+
+
 @dataclass(frozen=True)
 class Stats:
     """Counts of accepted deliveries by state; ``accepted == sum(ended) + pending + inflight``."""
@@ -177,7 +186,8 @@ class Store(Protocol):
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
-        """Atomically take up to ``limit`` due deliveries, at most the oldest open one per token.
+        """Atomically take up to ``limit`` due deliveries, earliest due first, at most the oldest open one per
+        token. Its cost follows what it takes, not how much is stored.
 
         ``app_limits`` caps how many of one app's deliveries (by their stored app hint) this claim may take;
         0 skips the app. Apps not named, and deliveries without a hint, share ``limit``. So one app's backlog
@@ -204,8 +214,10 @@ class Store(Protocol):
         added (``tokens`` waiting as unroutable), an app's circuit closing (``apps``).
         """
 
-    async def prune(self, now: float) -> int:
-        """Drop finished deliveries past their retention and expired dedupe keys; keep the file bounded."""
+    async def prune(self, now: float) -> Pruned:
+        """One bounded slice of dropping finished deliveries past their retention and expired dedupe keys (and
+        keeping the file bounded): a short write, so the caller calls again while ``more``, letting other work
+        (claims, webhook commits) in between."""
 
     async def deliveries(self, *, token: str | None = None, request_id: str | None = None,
                          message_id: str | None = None, limit: int = 50) -> list[DeliveryRecord]:

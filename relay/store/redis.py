@@ -47,7 +47,7 @@ from relay.store import _redis_lua as lua
 from relay.store import _redis_lua_admin as admin
 from relay.store import _redis_read as read
 from relay.store._redis_devices import RedisDevices
-from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Stats, Superseded
+from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Pruned, Stats, Superseded
 
 SOCKET_TIMEOUT = 5.0  # a webhook waits at most this long for Redis before it is answered 503
 CONNECT_TIMEOUT = 2.0
@@ -319,14 +319,15 @@ class RedisStore(RedisDevices):
             if count < BATCH:
                 return woken
 
-    async def prune(self, now: float) -> int:
-        """Forget consumers of gone processes that hold nothing; returns how many.
+    async def prune(self, now: float) -> Pruned:
+        """Forget consumers of gone processes that hold nothing (one script: one slice, nothing more to do).
 
         Everything else bounds itself: a finished delivery's hash expires ``keep_finished`` after its end
         (a dead letter's stays until it is retried), dedupe keys expire with their window, tracing indexes
         are capped and expire, and stream entries are deleted when acknowledged.
         """
-        return int(await self._script("REAP", self.consumer, int(max(REAP_AFTER, self._idle * 10) * 1000)))
+        reaped = int(await self._script("REAP", self.consumer, int(max(REAP_AFTER, self._idle * 10) * 1000)))
+        return Pruned(reaped, more=False)
 
     async def next_due(self) -> float | None:
         """Earliest due time of a pending delivery; also when another instance's stalled work is reclaimable."""

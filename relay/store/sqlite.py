@@ -22,7 +22,8 @@ from relay.outcome import EndState, WaitReason
 from relay.store import _sqlite_events as events
 from relay.store import sqlite_schema as schema
 from relay.store._sqlite_devices import SqliteDevices
-from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Stats, Superseded
+from relay.store._sqlite_heads import claim_heads
+from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Pruned, Stats, Superseded
 from relay.store.sqlite_commit import GroupCommit
 
 # A payload is in ``payloads`` (or, for a row of version 1, still in ``deliveries.data``).
@@ -32,31 +33,10 @@ _JOB_COLUMNS = ("id, delivery_id, token, kind, " + _DATA + ", received_at, expir
 _LETTER = "SELECT id, token, kind, " + _DATA + ", reason, received_at, finished_at FROM deliveries"
 _RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
                    "finished_at, request_id, message_id")
-# Heads: the oldest open delivery of each token; only a head that is pending and due can be claimed.
-_HEADS = """
-    SELECT d.id, d.app FROM (
-        SELECT MIN(id) AS id FROM deliveries WHERE state IN ('pending', 'inflight') GROUP BY token
-    ) AS heads JOIN deliveries AS d ON d.id = heads.id
-    WHERE d.state = 'pending' AND d.next_at <= :now
-"""
-# With app limits: number each app's due heads oldest first and keep the first ``cap`` of a named app (none at 0),
-# before the claim's own limit, so that one app's backlog never fills the claim another app's head needs.
-_CAPPED_HEADS = f"""
-    SELECT id FROM (
-        SELECT h.id, caps.value AS cap, ROW_NUMBER() OVER (PARTITION BY h.app ORDER BY h.id) AS n
-        FROM ({_HEADS}) AS h LEFT JOIN json_each(:caps) AS caps ON caps.key = h.app
-        WHERE caps.value IS NULL OR caps.value > 0
-    ) WHERE cap IS NULL OR n <= cap
-"""
-_CLAIM = """
-    UPDATE deliveries SET state = 'inflight', owner = :owner, lease_until = :lease, wait_reason = NULL
-    WHERE id IN (SELECT id FROM ({heads}) ORDER BY id LIMIT :limit)
-    RETURNING {columns}
-"""
-_CLAIM_ANY = _CLAIM.format(heads=_HEADS, columns=_JOB_COLUMNS)
-_CLAIM_CAPPED = _CLAIM.format(heads=_CAPPED_HEADS, columns=_JOB_COLUMNS)
-PRUNE_BATCH = 500  # rows per transaction: a prune never holds the write lock (and the webhooks' commit) for long
-VACUUM_PAGES = 1024  # pages given back to the file per transaction (4 MiB)
+# One prune slice, one transaction: a few milliseconds of the write lock (and of the webhooks' commits behind it).
+PRUNE_ROWS = 200  # finished deliveries (a row and its index entries: ~10 µs each)
+PRUNE_KEYS = 400  # expired dedupe keys (~3 µs each)
+VACUUM_PAGES = 64  # free pages given back to the file (256 KiB)
 VACUUM_MAX_BYTES = 256 * 2**20  # an older file is rebuilt at start-up only up to this size (a few seconds)
 
 
@@ -121,7 +101,8 @@ class SqliteStore(GroupCommit, SqliteDevices):
         return count
 
     async def _vacuum_once(self, now: float) -> None:
-        await self.prune(now)  # the rebuild copies what is left: prune first
+        while (await self.prune(now)).more:  # the rebuild copies what is left: prune first
+            pass
         used = await self._read(schema.used_bytes)
         if used > VACUUM_MAX_BYTES:  # a long rebuild would hold up start-up (and the other roles' writes)
             event(logging.WARNING, "store file made before incremental auto-vacuum: it does not shrink; rebuild it "
@@ -131,11 +112,12 @@ class SqliteStore(GroupCommit, SqliteDevices):
         started = time.monotonic()
         event(logging.WARNING, "rebuilding the store file once for incremental auto-vacuum", path=str(self._path))
         try:
-            await self._run_alone(schema.vacuum_into_incremental)
+            rebuilt = await self._run_alone(schema.vacuum_into_incremental)
         except sqlite3.Error as exc:  # e.g. another process kept the file busy: the next start tries again
             event(logging.WARNING, "store file rebuild failed; it stays as it is for now", error=str(exc))
             return
-        event(logging.INFO, "store file rebuilt", seconds=round(time.monotonic() - started, 3))
+        if rebuilt:
+            event(logging.INFO, "store file rebuilt", seconds=round(time.monotonic() - started, 3))
 
     async def close(self) -> None:
         """Put back what this instance still has in flight (counted as redelivered), flush, and release."""
@@ -197,16 +179,12 @@ class SqliteStore(GroupCommit, SqliteDevices):
             "INSERT INTO dedupe (key, expires_at) VALUES (?, ?) "
             "ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at WHERE expires_at < ? "
             "RETURNING key",
-            (item.dedupe_key, now + dedupe_window, now),
+            (schema.dedupe_digest(item.dedupe_key), now + dedupe_window, now),
         ).fetchone()
         return row is not None
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
-        sql = _CLAIM_ANY if app_limits is None else _CLAIM_CAPPED
-        params = {"owner": self._owner, "lease": now + lease, "now": now, "limit": limit,
-                  "caps": json.dumps(dict(app_limits or {}))}
-
         def op(conn: sqlite3.Connection) -> list[Job]:
             # A claim whose lease ran out belongs to an owner that hung or vanished (maybe on another host).
             expired = conn.execute(
@@ -215,7 +193,8 @@ class SqliteStore(GroupCommit, SqliteDevices):
                 (now,),
             ).rowcount
             self._count("redelivered", expired)
-            rows = conn.execute(sql, params).fetchall()
+            rows = claim_heads(conn, _JOB_COLUMNS, limit=limit, now=now, lease_until=now + lease, owner=self._owner,
+                               app_limits=app_limits)
             return sorted((_job(r) for r in rows), key=lambda j: int(j.id))
 
         return await self._run(op, isolated=False)
@@ -271,36 +250,31 @@ class SqliteStore(GroupCommit, SqliteDevices):
         sql = f"UPDATE deliveries SET next_at = :now WHERE {' AND '.join(where)}"
         return await self._run(lambda conn: conn.execute(sql, params).rowcount)
 
-    async def prune(self, now: float) -> int:
-        """Delete finished rows past ``keep_finished`` and expired dedupe keys, and give free pages back to the
-        file, in small transactions: webhooks queued meanwhile commit between them."""
+    async def prune(self, now: float) -> Pruned:
+        """One slice: at most PRUNE_ROWS finished rows past ``keep_finished``, PRUNE_KEYS expired dedupe keys
+        and VACUUM_PAGES free pages given back to the file, in one short transaction."""
         cutoff = now - self._keep_finished
 
-        def op(conn: sqlite3.Connection) -> tuple[int, int, bool]:
+        def op(conn: sqlite3.Connection) -> Pruned:
             rows = conn.execute(
                 "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries "
                 f"WHERE state IN {schema.DONE_STATES} AND finished_at < ? LIMIT ?)",
-                (cutoff, PRUNE_BATCH),
+                (cutoff, PRUNE_ROWS),
             ).rowcount
             keys = conn.execute(
                 "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE expires_at < ? LIMIT ?)",
-                (now, PRUNE_BATCH * 4),
+                (now, PRUNE_KEYS),
             ).rowcount
-            keys += events.prune_streams(conn, now, PRUNE_BATCH * 4)
+            streams = events.prune_streams(conn, now, PRUNE_KEYS)
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             left = free
             if free:  # a no-op on a file made before incremental auto-vacuum (see recover)
                 conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
                 left = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            more = rows == PRUNE_BATCH or keys == PRUNE_BATCH * 4 or 0 < left < free
-            return rows, keys, more
+            return Pruned(rows + keys + streams, more=rows == PRUNE_ROWS or PRUNE_KEYS in (keys, streams)
+                          or 0 < left < free)
 
-        total = 0
-        while True:
-            rows, keys, more = await self._run(op)
-            total += rows + keys
-            if not more:
-                return total
+        return await self._run(op)
 
     async def next_due(self) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:

@@ -10,12 +10,19 @@ Processes that share the file (webhook and delivery roles) queue for the write l
 side file first. SQLite's own busy handler polls a taken lock with sleeps growing to 100 ms, so two busy
 writers would hand the lock over late and unfairly; the kernel wakes the next waiter as soon as it is free.
 The busy timeout stays for writers that do not take the side lock (an operator command).
+
+A store that acknowledges nothing (a delivery process: ``synchronous=NORMAL``) does not fsync its commits; it
+syncs the WAL file once, ``SYNC_WITHIN`` seconds after the first commit that is not yet synced (so at most once
+a second, and only while there is something to sync). In WAL mode a commit is durable once the WAL's frames
+are on disk: ``synchronous=FULL`` fsyncs the WAL at every commit, ``NORMAL`` only at checkpoints; an fsync of
+the WAL file, without a checkpoint, is what FULL would have done, late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import sqlite3
 from collections import Counter
@@ -25,11 +32,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.errors import StoreError, StoreUnavailable
+from relay.observability import event
 from relay.store import sqlite_schema as schema
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
+SYNC_WITHIN = 1.0  # seconds: the longest a non-acknowledging store's commit stays unsynced
 _BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?"
 
 
@@ -49,11 +58,19 @@ class GroupCommit:
         self._opened = False
         self.commits = 0  # for benchmarks: transactions (fsyncs) so far
         self._writer_lock: int | None = None  # descriptor of the side file writers queue on (see module doc)
+        self.unsynced = 0  # commits not fsynced yet (a store that does not acknowledge webhooks)
+        self.syncs = 0  # fsyncs of the WAL made for them
+        self._sync_timer: asyncio.TimerHandle | None = None
 
     def _connect(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = schema.connect(self._path, acknowledges=self._acknowledges)
-        self._writer_lock = os.open(f"{self._path}-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = os.open(schema.writer_lock_path(self._path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._conn = schema.connect(self._path, acknowledges=self._acknowledges, writer_lock=lock)
+        except BaseException:
+            os.close(lock)
+            raise
+        self._writer_lock = lock
 
     async def _open_connection(self) -> None:
         try:
@@ -67,6 +84,11 @@ class GroupCommit:
             return
         while self._queue or self._draining:  # noqa: ASYNC110 - a few loop turns at close, not a poll
             await asyncio.sleep(0.005)
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        if self.unsynced:  # closing does not sync a WAL that another connection keeps open
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
         conn, self._conn = self._conn, None
         await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
         self._executor.shutdown(wait=True)
@@ -81,7 +103,10 @@ class GroupCommit:
         def call() -> T:
             if self._conn is None:
                 raise StoreUnavailable("store is closed")
-            return work(self._conn)
+            if self._writer_lock is None:
+                return work(self._conn)
+            with schema.writer_locked(self._writer_lock):  # e.g. a VACUUM: after the other processes' commits
+                return work(self._conn)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
@@ -153,7 +178,42 @@ class GroupCommit:
                 conn.execute("ROLLBACK")
             raise
         self.commits += 1
+        if not self._acknowledges:
+            self.unsynced += 1
         return results
+
+    def _sync(self) -> None:
+        """fsync the WAL file (on the store thread, between transactions): every commit so far is durable."""
+        synced = self.unsynced
+        wal = f"{self._path}-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # the last connection closed: SQLite checkpointed (and synced) and removed it
+            self.unsynced -= synced
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # tried again a SYNC_WITHIN later (see _sync_due)
+            event(logging.WARNING, "could not sync the store's WAL file", path=wal, error=str(exc))
+            return
+        finally:
+            os.close(fd)
+        self.unsynced -= synced
+        self.syncs += 1
+
+    def _schedule_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sync within ``SYNC_WITHIN`` of the first unsynced commit; one timer at a time (at most one sync a
+        ``SYNC_WITHIN``)."""
+        if self.unsynced and self._sync_timer is None and self._conn is not None:
+            self._sync_timer = loop.call_later(SYNC_WITHIN, self._sync_due, loop)
+
+    def _sync_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sync_timer = None
+        if self._conn is None or not self.unsynced:
+            return
+        done = loop.run_in_executor(self._executor, self._sync)
+        # Commits made meanwhile (or a sync that failed) get the next one, a SYNC_WITHIN later.
+        done.add_done_callback(lambda _: self._schedule_sync(loop))
 
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> T:
         """Queue ``op`` for the next transaction; ``isolated`` ops run in a savepoint of their own."""
@@ -184,6 +244,7 @@ class GroupCommit:
                         if not future.done():
                             future.set_exception(error)
                     continue
+                self._schedule_sync(loop)
                 for (_, _, future), (ok, value) in zip(batch, results, strict=True):
                     if future.done():
                         continue

@@ -7,20 +7,29 @@ process starting up can tell a crashed owner from a live one (see :func:`owner_g
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import socket
 import sqlite3
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from relay.errors import StoreUnavailable
 from relay.store._sqlite_devices import migrate_devices
 from relay.store._sqlite_events import migrate_events
+from relay.store._sqlite_heads import migrate_heads
 
-# 3: devices.environment and apns_environments; 4: app_open; 5: device_changes
+# 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open; 5: device_changes
 # 6: event streams and deliveries.stream (relay.store._sqlite_events); `superseded` is a done state
-SCHEMA_VERSION = 6
+# 7: token heads kept indexed (relay.store._sqlite_heads); dedupe keys stored as 16-byte digests
+SCHEMA_VERSION = 7
+OPEN_RETRY = 30.0  # seconds a start keeps retrying what SQLite refuses at once (a lock it will not wait for)
 
+_DEDUPE = "CREATE TABLE IF NOT EXISTS dedupe (key BLOB PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID"
 # The columns past ``finished_at`` were added by version 2; a migrated file has them in this order too.
 _TABLES = (
     """
@@ -48,7 +57,9 @@ _TABLES = (
     # Payloads apart from the rows: a delivery's row shrinks little when it ends, but its payload (most of its
     # bytes) goes whole, so pages empty out and are reused (or given back) instead of staying two-thirds holes.
     "CREATE TABLE IF NOT EXISTS payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
+    # A dedupe key is kept as its 16-byte digest (:func:`dedupe_digest`): a fixed ~30 bytes a key instead of
+    # the key's text (a message id and a 64-character token), in the table and again in its expiry index.
+    _DEDUPE,
     """
     CREATE TABLE IF NOT EXISTS devices (
         token TEXT PRIMARY KEY, app TEXT NOT NULL, device_token TEXT NOT NULL, updated_at REAL NOT NULL
@@ -69,7 +80,7 @@ _ADDED_COLUMNS = {
 # End states that drop their payload and get pruned.
 DONE_STATES = "('sent', 'expired', 'token_dead', 'unroutable', 'superseded')"
 _INDEXES = (
-    # Token heads (claim): the oldest open delivery of each token.
+    # A token's open deliveries in order: its next head when one ends (relay.store._sqlite_heads).
     "CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight')",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE state = 'pending'",
     # Each app's oldest waiting delivery (the status endpoint, `stats`): one seek per app.
@@ -92,15 +103,68 @@ _TYPE_OLD_WAITS = """
 """
 
 
-def connect(path: os.PathLike[str], *, acknowledges: bool = True) -> sqlite3.Connection:
+def dedupe_digest(key: str) -> bytes:
+    """What the ``dedupe`` table stores for a key: its 16-byte BLAKE2b digest (collisions: ~2^-64 at 10^10 keys)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
+def writer_lock_path(path: os.PathLike[str]) -> str:
+    """The side file whose ``flock`` writers (and openers) of ``path`` queue on (see :mod:`.sqlite_commit`)."""
+    return f"{os.fspath(path)}-writer"
+
+
+@contextmanager
+def writer_locked(fd: int) -> Iterator[None]:
+    """Hold the writers' ``flock`` (the kernel queues the processes that wait for it)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def connect(path: os.PathLike[str], *, acknowledges: bool = True, writer_lock: int | None = None) -> sqlite3.Connection:
     """Open the file (creating it with incremental auto-vacuum) and bring its schema up to date.
 
     ``acknowledges``: this connection's commits are what a webhook's ``200`` promises, so each one is fsynced.
     A delivery process's commits (claims, outcomes) promise nothing to Parley: losing the last of them to a
-    power cut only sends a push again (at least once), so they skip the fsync. The WAL is one file, so the
-    next acknowledging commit's fsync makes them durable too; and the write lock, which the webhooks' group
-    commit waits for, is no longer held across a delivery process's fsync.
+    power cut only sends a push again (at least once), so they skip the fsync; the store syncs the WAL within a
+    second of such a commit instead (:mod:`.sqlite_commit`), and the next acknowledging commit's fsync covers
+    them too. The write lock, which the webhooks' group commit waits for, is not held across that fsync.
+
+    Opening takes the writers' ``flock`` (``writer_lock``, or the side file's): processes starting together
+    (the roles of one relay) switch the journal mode and migrate one after the other, never into each other;
+    what SQLite still refuses at once instead of waiting for ``busy_timeout`` (a journal-mode switch or a lock
+    upgrade it declines to avoid a deadlock, against a process outside the relay) is tried again for up to
+    ``OPEN_RETRY`` seconds.
     """
+    fd = writer_lock if writer_lock is not None else os.open(
+        writer_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + OPEN_RETRY
+        delay = 0.01
+        while True:
+            try:
+                with writer_locked(fd):
+                    return _open(path, acknowledges)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    finally:
+        if writer_lock is None:
+            os.close(fd)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, in any of their extended forms."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)) if isinstance(code, int) else (
+        "locked" in str(exc) or "busy" in str(exc))
+
+
+def _open(path: os.PathLike[str], acknowledges: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         # Several processes (roles, operator commands) share the file: wait for the write lock, do not fail.
@@ -143,10 +207,17 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def prepare(path: os.PathLike[str]) -> None:
+    """Create or migrate the file once, before the processes that share it start (the supervisor's job)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    connect(path).close()
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")  # two processes opening an old file at once: one migrates, one sees it done
     try:
         if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            _migrate_dedupe(conn)
             for statement in _TABLES:
                 conn.execute(statement)
             have = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
@@ -160,11 +231,26 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(_TYPE_OLD_WAITS)
             migrate_devices(conn)
             migrate_events(conn)
+            migrate_heads(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _migrate_dedupe(conn: sqlite3.Connection) -> None:
+    """Version 6 and earlier kept dedupe keys as text: keep each live key, as its digest."""
+    columns = {row[1]: row[2] for row in conn.execute("PRAGMA table_info(dedupe)")}
+    if columns.get("key", "BLOB").upper() == "BLOB":
+        return
+    conn.create_function("relay_dedupe_digest", 1, dedupe_digest, deterministic=True)
+    conn.execute("DROP INDEX IF EXISTS dedupe_expiry")
+    conn.execute("ALTER TABLE dedupe RENAME TO dedupe_text")
+    conn.execute(_DEDUPE)
+    conn.execute("INSERT OR REPLACE INTO dedupe (key, expires_at) "
+                 "SELECT relay_dedupe_digest(key), expires_at FROM dedupe_text ORDER BY expires_at")
+    conn.execute("DROP TABLE dedupe_text")
 
 
 def needs_vacuum(conn: sqlite3.Connection) -> bool:
@@ -178,10 +264,14 @@ def used_bytes(conn: sqlite3.Connection) -> int:
     return int(pages) * int(conn.execute("PRAGMA page_size").fetchone()[0])
 
 
-def vacuum_into_incremental(conn: sqlite3.Connection) -> None:
-    """Rebuild the file once with incremental auto-vacuum (VACUUM runs outside any transaction)."""
+def vacuum_into_incremental(conn: sqlite3.Connection) -> bool:
+    """Rebuild the file once with incremental auto-vacuum (VACUUM runs outside any transaction); False when
+    another process did it meanwhile (the caller holds the writers' lock, so the answer is current)."""
+    if not needs_vacuum(conn):
+        return False
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("VACUUM")
+    return True
 
 
 # -- owners ----------------------------------------------------------------------------------------------

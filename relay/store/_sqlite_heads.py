@@ -1,0 +1,120 @@
+"""Token heads of the SQLite store: the one delivery of each token that may be claimed, kept indexed.
+
+Per-device order allows at most the oldest open (pending or in-flight) delivery of a token to be sent. Finding
+those heads with ``MIN(id) ... GROUP BY token`` read every open row, inside the claim's write transaction: with a
+provider's backlog parked, every claim (and every webhook commit queued behind it) paid for the whole backlog.
+Instead each row carries ``head = 1`` while it is its token's oldest open delivery, kept by triggers (so that
+every statement that opens or ends a delivery keeps it right, whoever writes it), and a partial index holds the
+pending heads by app and due time. A claim reads, for each app with free slots, the first due heads of that
+app's slice of the index: what it touches is what it returns, plus one index probe per app.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+OPEN = "('pending', 'inflight')"
+
+# The oldest open delivery of ``token`` becomes its head (a no-op when it already is).
+_PROMOTE = f"""
+    UPDATE deliveries SET head = 1 WHERE id = (
+        SELECT id FROM deliveries WHERE token = {{of}} AND state IN {OPEN} ORDER BY id LIMIT 1
+    ) AND head IS NOT 1;
+"""
+HEAD_SCHEMA = (
+    # Claimable heads by app, then due time: a claim reads the due front of each app's slice.
+    "CREATE INDEX IF NOT EXISTS deliveries_heads ON deliveries (app, next_at, id) WHERE head = 1 "
+    "AND state = 'pending'",
+    # A new open delivery is its token's head when the token has no older open one.
+    f"""
+    CREATE TRIGGER IF NOT EXISTS deliveries_head_insert AFTER INSERT ON deliveries
+    WHEN NEW.state IN {OPEN} BEGIN
+        UPDATE deliveries SET head = 1 WHERE id = NEW.id AND NOT EXISTS (
+            SELECT 1 FROM deliveries WHERE token = NEW.token AND state IN {OPEN} AND id < NEW.id);
+    END
+    """,
+    # A delivery ends (or leaves the queue otherwise): it is no head any more, and its token's next one is.
+    f"""
+    CREATE TRIGGER IF NOT EXISTS deliveries_head_end AFTER UPDATE OF state ON deliveries
+    WHEN OLD.state IN {OPEN} AND NEW.state NOT IN {OPEN} BEGIN
+        UPDATE deliveries SET head = NULL WHERE id = NEW.id AND head IS NOT NULL;
+        {_PROMOTE.format(of="OLD.token")}
+    END
+    """,
+    # A finished delivery opened again (not done by the relay today, but then still right).
+    f"""
+    CREATE TRIGGER IF NOT EXISTS deliveries_head_reopen AFTER UPDATE OF state ON deliveries
+    WHEN OLD.state NOT IN {OPEN} AND NEW.state IN {OPEN} BEGIN
+        UPDATE deliveries SET head = NULL WHERE token = NEW.token AND head = 1 AND id > NEW.id;
+        {_PROMOTE.format(of="NEW.token")}
+    END
+    """,
+    f"""
+    CREATE TRIGGER IF NOT EXISTS deliveries_head_delete AFTER DELETE ON deliveries
+    WHEN OLD.state IN {OPEN} BEGIN
+        {_PROMOTE.format(of="OLD.token")}
+    END
+    """,
+)
+
+
+def migrate_heads(conn: sqlite3.Connection) -> None:
+    """Add the head column, its index and triggers to an earlier file, and mark its current heads."""
+    if "head" not in {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN head INTEGER")
+        conn.execute(
+            f"UPDATE deliveries SET head = 1 WHERE id IN (SELECT MIN(id) FROM deliveries WHERE state IN {OPEN} "
+            "GROUP BY token)"
+        )
+    for statement in HEAD_SCHEMA:
+        conn.execute(statement)
+
+
+# The distinct apps of the pending heads, one index probe each (a skip scan: apps are few, heads many).
+_APPS = """
+    WITH RECURSIVE apps(app) AS (
+        SELECT (SELECT MIN(app) FROM deliveries WHERE head = 1 AND state = 'pending')
+        UNION ALL
+        SELECT (SELECT MIN(app) FROM deliveries WHERE head = 1 AND state = 'pending' AND app > apps.app)
+        FROM apps WHERE apps.app IS NOT NULL
+    )
+    SELECT app FROM apps WHERE app IS NOT NULL
+"""
+_DUE = """
+    SELECT id, next_at FROM deliveries INDEXED BY deliveries_heads
+    WHERE head = 1 AND state = 'pending' AND app {match} AND next_at <= :now ORDER BY next_at, id LIMIT :take
+"""
+_DUE_OF_APP = _DUE.format(match="= :app")
+_DUE_WITHOUT_APP = _DUE.format(match="IS NULL")
+_TAKE = """
+    UPDATE deliveries SET state = 'inflight', owner = :owner, lease_until = :lease, wait_reason = NULL
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND head = 1 AND state = 'pending'
+    RETURNING {columns}
+"""
+
+
+def claim_heads(conn: sqlite3.Connection, columns: str, *, limit: int, now: float, lease_until: float, owner: str,
+                app_limits: Mapping[str, int] | None) -> list[Sequence[Any]]:
+    """Take up to ``limit`` due heads, earliest due first, at most ``app_limits[app]`` of a named app (none at
+    0; an app not named, or no hint, has no cap of its own), in the caller's write transaction; rows of
+    ``columns``.
+
+    Each app's due heads are read from the front of its slice of ``deliveries_heads``, at most as many as it
+    may take, so one app's parked backlog costs another app's claim nothing.
+    """
+    caps = app_limits or {}
+    due: list[tuple[float, int]] = []
+    for app in [None, *(row[0] for row in conn.execute(_APPS))]:
+        take = limit if app is None or app not in caps else min(limit, caps[app])
+        if take <= 0:
+            continue
+        params = {"now": now, "take": take, "app": app}
+        rows = conn.execute(_DUE_WITHOUT_APP if app is None else _DUE_OF_APP, params).fetchall()
+        due += [(row[1], row[0]) for row in rows]
+    if not due:
+        return []
+    ids = [row_id for _, row_id in sorted(due)[:limit]]
+    params = {"owner": owner, "lease": lease_until, "ids": "[" + ",".join(map(str, ids)) + "]"}
+    return conn.execute(_TAKE.format(columns=columns), params).fetchall()

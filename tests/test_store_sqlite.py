@@ -1,0 +1,232 @@
+"""What only the SQLite store promises: claims whose cost does not grow with a parked backlog, the schema
+migration that brought it, compact dedupe keys, prune slices of bounded size, and a time bound on the
+durability of a delivery process's commits."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from relay.config import StoreSettings
+from relay.outcome import EndState
+from relay.store import NewDelivery
+from relay.store import sqlite_commit as commit
+from relay.store import sqlite_schema as schema
+from relay.store.sqlite import PRUNE_KEYS, PRUNE_ROWS, SqliteStore
+
+NOW = 1_000_000.0
+LEASE = 300.0
+OpenStore = Callable[..., Awaitable[SqliteStore]]
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Open SQLite stores on one file in ``tmp_path`` (closed after the test)."""
+    opened: list[SqliteStore] = []
+
+    async def make(*, acknowledges: bool = True, name: str = "relay.db") -> SqliteStore:
+        store = SqliteStore(StoreSettings(path=tmp_path / name), acknowledges=acknowledges)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def new(token: str, n: int, app: str | None, key: str | None = None) -> NewDelivery:
+    return NewDelivery(token, "message", b'{"n":%d}' % n, key or f"m:{n}:{token}", NOW + 86400, app=app)
+
+
+async def park(store: SqliteStore, count: int, app: str = "android") -> None:
+    """``count`` due deliveries of ``app``: half of them token heads, half queued behind one (fan-out)."""
+    for start in range(0, count, 2000):
+        items = [new(f"{app}-{n // 2:08d}", n, app) for n in range(start, min(count, start + 2000))]
+        assert all(await store.enqueue(items, NOW, 0))
+
+
+async def claim_steps(store: SqliteStore, app_limits: dict[str, int]) -> tuple[int, list[str]]:
+    """SQLite VM instructions one claim runs (the whole claim transaction's statements), and what it took."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    await store._run_alone(lambda conn: conn.set_progress_handler(count, 1))
+    try:
+        jobs = await store.claim(10, NOW, LEASE, app_limits=app_limits)
+    finally:
+        await store._run_alone(lambda conn: conn.set_progress_handler(None, 1))
+    for job in jobs:
+        await store.finish(job, EndState.SENT, "", NOW)
+    return steps, [job.token for job in jobs]
+
+
+async def test_a_claims_cost_does_not_grow_with_another_apps_parked_backlog(open_store: OpenStore) -> None:
+    """With 1,000 and then 100,000 deliveries parked for an app whose slots are full (or that gets one probe),
+    a claim of another app's deliveries runs about as many SQLite instructions: it reads only the heads it
+    takes (it used to read every open row, under the write lock the webhooks' commits wait for)."""
+    costs: dict[int, list[int]] = {}
+    for parked in (1_000, 100_000):
+        store = await open_store(name=f"parked-{parked}.db")
+        await park(store, parked)
+        costs[parked] = []
+        for round_ in range(3):
+            assert all(await store.enqueue([new(f"ios-{round_}-{n}", n, "ios") for n in range(10)], NOW, 0))
+            caps = {"ios": 10, "android": round_ % 2}  # full slots (0), or one probe of the parked app
+            steps, tokens = await claim_steps(store, caps)
+            costs[parked].append(steps)
+            assert len(tokens) == 10 and sum(t.startswith("android") for t in tokens) == round_ % 2
+    small, large = max(costs[1_000]), max(costs[100_000])
+    assert large < 2 * small, costs  # generous: a scan of the backlog would be ~100 times more
+
+
+async def test_claims_keep_each_tokens_order_and_take_the_earliest_due_heads(open_store: OpenStore) -> None:
+    """Only a token's oldest open delivery is claimable; when it ends its next one is; a retried head stays the
+    head; claims take due heads earliest due first, within each app's cap."""
+    store = await open_store()
+    assert all(await store.enqueue([new("a", 1, "x"), new("a", 2, "x"), new("b", 3, "x"), new("c", 4, "y")],
+                                   NOW, 600))
+    first = await store.claim(10, NOW, LEASE, app_limits={"x": 1, "y": 5})
+    assert [j.data for j in first] == [b'{"n":1}', b'{"n":4}']
+    await store.retry(first[0], NOW + 5, "retry")  # type: ignore[arg-type]
+    assert [j.data for j in await store.claim(10, NOW, LEASE)] == [b'{"n":3}']  # a waits; its 2nd stays behind
+    again = await store.claim(10, NOW + 5, LEASE)
+    assert [j.data for j in again] == [b'{"n":1}']
+    await store.finish(again[0], EndState.SENT, "", NOW + 5)
+    assert [j.data for j in await store.claim(10, NOW + 5, LEASE)] == [b'{"n":2}']
+    assert (await store.stats()).balanced
+
+
+_VERSION_3 = """
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, delivery_id TEXT NOT NULL, token TEXT NOT NULL, kind TEXT NOT NULL,
+    data BLOB NOT NULL, received_at REAL NOT NULL, expires_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL, lease_until REAL, reason TEXT, finished_at REAL,
+    app TEXT, wait_reason TEXT, owner TEXT, request_id TEXT NOT NULL DEFAULT '', message_id TEXT
+);
+CREATE TABLE payloads (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE dedupe (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE devices (token TEXT PRIMARY KEY, app TEXT NOT NULL, device_token TEXT NOT NULL,
+    updated_at REAL NOT NULL, environment TEXT) WITHOUT ROWID;
+CREATE TABLE dead_tokens (token TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE apns_environments (device_token TEXT PRIMARY KEY, environment TEXT NOT NULL, learned_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE INDEX deliveries_open ON deliveries (token, id) WHERE state IN ('pending', 'inflight');
+CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX dedupe_expiry ON dedupe (expires_at);
+INSERT INTO deliveries (delivery_id, token, kind, data, received_at, expires_at, state, next_at, app, owner)
+VALUES ('d1', 'a', 'message', x'', 1000000, 1086400, 'sent', 1000000, 'ios', NULL),
+       ('d2', 'a', 'message', x'', 1000000, 1086400, 'pending', 1000000, 'ios', NULL),
+       ('d3', 'a', 'message', x'', 1000000, 1086400, 'pending', 1000000, 'ios', NULL),
+       ('d4', 'b', 'message', x'', 1000000, 1086400, 'inflight', 1000000, 'android', NULL),
+       ('d5', 'b', 'message', x'', 1000000, 1086400, 'pending', 1000000, 'android', NULL);
+INSERT INTO payloads (id, data) VALUES (2, x'7b7d'), (3, x'7b7d'), (4, x'7b7d'), (5, x'7b7d');
+UPDATE deliveries SET finished_at = 1000000 WHERE state = 'sent';
+INSERT INTO counters VALUES ('accepted', 5), ('sent', 1);
+INSERT INTO dedupe VALUES ('m:7:a', 1000600), ('m:8:b', 1000600);
+PRAGMA user_version = 3;
+"""
+
+
+async def test_a_version_3_file_gets_its_heads_and_keeps_its_dedupe_keys(tmp_path: Path,
+                                                                         open_store: OpenStore) -> None:
+    """A file of the previous schema opens with its token heads marked (the oldest open delivery of each
+    token, an in-flight one included) and its live dedupe keys kept as digests: a resent message is still a
+    duplicate, the queue drains in per-token order, and the counters balance."""
+    path = tmp_path / "relay.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(_VERSION_3)
+    store = await open_store()
+    assert query(path, "PRAGMA user_version") == [(schema.SCHEMA_VERSION,)]
+    assert query(path, "SELECT delivery_id FROM deliveries WHERE head = 1 ORDER BY id") == [("d2",), ("d4",)]
+    assert query(path, "SELECT DISTINCT typeof(key), length(key) FROM dedupe") == [("blob", 16)]
+    assert await store.enqueue([new("a", 9, "ios", key="m:7:a")], NOW, 600) == [False]
+    assert await store.recover(NOW) == 1  # d4 was claimed by a version that ran alone: its owner is gone
+    order = []
+    while jobs := await store.claim(10, NOW, LEASE):
+        order += [j.delivery_id for j in jobs]
+        for job in jobs:
+            await store.finish(job, EndState.SENT, "", NOW)
+    assert order == ["d2", "d4", "d3", "d5"]
+    stats = await store.stats()
+    assert (stats.ended[EndState.SENT], stats.duplicates) == (5, 1) and stats.balanced
+
+
+async def test_dedupe_keys_are_stored_as_16_byte_digests(tmp_path: Path, open_store: OpenStore) -> None:
+    """A dedupe key costs a fixed 16-byte digest in the file, whatever the key's length, and still refuses
+    its duplicate within the window."""
+    store = await open_store()
+    long_key = "m:" + "9" * 40 + ":" + "f" * 64
+    assert await store.enqueue([new("t", 1, "ios", key=long_key)], NOW, 600) == [True]
+    assert await store.enqueue([new("t", 2, "ios", key=long_key)], NOW + 1, 600) == [False]
+    assert query(tmp_path / "relay.db", "SELECT typeof(key), length(key) FROM dedupe") == [("blob", 16)]
+
+
+async def test_one_prune_slice_is_one_transaction_of_bounded_size(tmp_path: Path, open_store: OpenStore) -> None:
+    """Each prune call commits once and removes at most PRUNE_ROWS finished deliveries and PRUNE_KEYS
+    expired dedupe keys, however much is due; calls until ``more`` is False remove it all."""
+    store = await open_store()
+    path = tmp_path / "relay.db"
+    rows, keys = PRUNE_ROWS * 3 + 7, PRUNE_KEYS * 3 + 11
+    for start in range(0, max(rows, keys), 500):
+        items = [new(f"t{n}", n, "ios") for n in range(start, min(max(rows, keys), start + 500))]
+        assert all(await store.enqueue(items, NOW, 600))
+    while jobs := await store.claim(500, NOW, LEASE):
+        await asyncio.gather(*(store.finish(job, EndState.SENT, "", NOW) for job in jobs))
+    later = NOW + StoreSettings().keep_finished + 1
+    def counts() -> tuple[int, int]:
+        (rows,), (keys,) = query(path, "SELECT COUNT(*) FROM deliveries"), query(path, "SELECT COUNT(*) FROM dedupe")
+        return int(rows[0]), int(keys[0])  # type: ignore[call-overload]
+
+    slices = 0
+    while True:
+        before, commits = counts(), store.commits
+        pruned = await store.prune(later)
+        after = counts()
+        assert store.commits == commits + 1
+        assert 0 <= before[0] - after[0] <= PRUNE_ROWS and 0 <= before[1] - after[1] <= PRUNE_KEYS
+        assert pruned.removed == (before[0] - after[0]) + (before[1] - after[1])
+        slices += 1
+        if not pruned.more:
+            break
+    assert after == (0, 0) and slices >= 4
+
+
+async def test_a_delivery_processs_commits_are_synced_within_a_second(open_store: OpenStore) -> None:
+    """A store that acknowledges nothing (``synchronous=NORMAL``) schedules an fsync of the WAL at most
+    SYNC_WITHIN after its first unsynced commit, syncs everything committed by then, and syncs at most once a
+    SYNC_WITHIN; an acknowledging store's commits are each synced already and need none."""
+    assert commit.SYNC_WITHIN == 1.0
+    acknowledging = await open_store()
+    store = await open_store(acknowledges=False)
+    assert all(await acknowledging.enqueue([new("x", 0, "ios")], NOW, 600))
+    assert acknowledging.unsynced == 0 and acknowledging._sync_timer is None
+    started = time.monotonic()
+    assert all(await store.enqueue([new("a", 1, "ios")], NOW, 600))
+    assert store.unsynced == 1 and store.syncs == 0
+    timer = store._sync_timer
+    assert timer is not None and timer.when() - asyncio.get_running_loop().time() <= commit.SYNC_WITHIN
+    for n in range(2, 40):  # more commits meanwhile share the same sync
+        assert all(await store.enqueue([new("a", n, "ios")], NOW, 600))
+    async with asyncio.timeout(30):  # generous: the promise is "within a second" of an idle machine
+        while store.unsynced:
+            await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert 1 <= store.syncs <= elapsed / commit.SYNC_WITHIN + 1
+    assert store._sync_timer is None  # nothing left to sync: no timer runs
