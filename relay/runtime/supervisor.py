@@ -244,7 +244,8 @@ class _Supervisor:
                     if child.role == "ingest" and (s.name != METRICS_FD_NAME or child.index == 0))
         args = RoleArgs(child.role, child.index, self.shared.root, self.wake, self.counts.delivery, os.getpid(), fds,
                         child.generation)
-        command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config.source), *args.argv()]
+        command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config.source),
+                   *args.argv()]
         child.ready.clear()
         child.started = time.monotonic()
         child.status = ""
