@@ -23,7 +23,7 @@ from pathlib import Path
 
 from relay.config import Config
 from relay.config.parse import parse_config
-from relay.config.reader import load_yaml
+from relay.config.problems import load_yaml
 from relay.delivery.policy import RetryPolicy
 from relay.errors import ConfigError, ConfigProblem
 
