@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import PackageNotFoundError, version
+
+# structlog imports rich, when it is installed, for a console renderer the relay never uses (it renders logfmt
+# or JSON): some 5 MiB in every relay process. A None entry in sys.modules makes that import fail, which
+# structlog expects and handles; nothing the relay runs needs rich.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
 try:
     # The installed distribution's version (pyproject.toml): what `--version`, the "relay ready" line and

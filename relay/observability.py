@@ -89,6 +89,9 @@ class Metrics:
                                           ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
         self.provider_latency = Histogram("parley_relay_provider_request_seconds", "One provider request",
                                           ["platform"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.role_down = Gauge("parley_relay_role_down",
+                               "Processes of a role the supervisor cannot keep running (restarted 3 times in a row)",
+                               ["role"], registry=r, multiprocess_mode="livemax")
         self.store_commits = Gauge("parley_relay_store_commits", "Store transactions committed", registry=r,
                                    multiprocess_mode="livesum")
         self.reloads = Counter("parley_relay_reloads", "Configuration reloads by result", ["result"], registry=r)

@@ -64,12 +64,14 @@ class Relay:
 
     @property
     def ready_problems(self) -> list[str]:
-        """Why ``/readyz`` answers 503 (empty when ready), store reachability aside."""
+        """Why ``/readyz`` answers 503 (empty when ready), store reachability aside: starting or draining.
+
+        Never an app's alarm (SPEC §8): readiness says webhooks can be accepted and stored, and a load balancer
+        that took every instance out for one app's bad key would make Parley delete every app's tokens.
+        """
         problems = [] if self.started else ["starting"]
         if self.draining:
             problems.append("draining")
-        if self.dispatcher is not None:
-            problems += [f"app {app}: {reason}" for app, reason in sorted(self.dispatcher.alarms.items())]
         return problems
 
 

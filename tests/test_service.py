@@ -212,20 +212,24 @@ def test_reload_keeps_the_old_config_on_a_bad_file_and_routes_parked_deliveries_
         relay.signal(signal.SIGHUP)
         assert not notify.wait_for("READY=1", start=mark).fields["STATUS"].startswith("reload rejected")
         _wait(lambda: 501 in _fcm_ids(sandbox), timeout=5, what="the parked delivery after the reload")
-        metrics = _request(f"http://127.0.0.1:{ops}/metrics")[1]
-        assert 'parley_relay_reloads_total{result="rejected"} 2.0' in metrics
-        assert 'parley_relay_reloads_total{result="ok"} 1.0' in metrics
+        counted = ('parley_relay_reloads_total{result="rejected"} 2.0', 'parley_relay_reloads_total{result="ok"} 1.0')
+        # ingest.0 counts the supervisor's outcomes as it sees them (within a quarter second)
+        _wait(lambda: all(line in _request(f"http://127.0.0.1:{ops}/metrics")[1] for line in counted),
+              what="one count per reload of the service")
         assert relay.stop() == 0
-    by_process: dict[str, list[str]] = {}  # several processes: each logs its own rejection once
+    # The main process logs each rejection once; with several processes, the bad main file never reaches the
+    # others (the main process validates it first) and each of them logs its own rejection of the registry.
+    by_process: dict[str, list[str]] = {}
     for line in relay.log().splitlines():
         if "reload rejected" in line:
             process = re.sub(r".*process=(\S+).*", r"\1", line) if "process=" in line else ""
             by_process.setdefault(process, []).append(line)
-    assert by_process
+    main = by_process.pop("")
+    assert len(main) == 2, main
+    assert "delivery.concurency: unknown key" in main[0]
+    assert "devices.yaml: devices.eJ9x" in main[1] and "no-such-app" in main[1]
     for lines in by_process.values():
-        assert len(lines) == 2, lines
-        assert "delivery.concurency: unknown key" in lines[0]
-        assert "devices.yaml: devices.eJ9x" in lines[1] and "no-such-app" in lines[1]
+        assert len(lines) == 1 and "devices.yaml: devices.eJ9x" in lines[0] and "no-such-app" in lines[0], lines
 
 
 # -- graceful stop --------------------------------------------------------------------------------
@@ -573,27 +577,6 @@ def test_a_hung_child_stops_the_services_watchdog_pings(
     assert "stopped answering" in relay.log()
 
 
-def test_readyz_reflects_an_alarm_raised_in_a_delivery_process(
-        sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket) -> None:
-    """APNs refuses the key: the delivery process's config alarm turns /readyz of the webhook process 503
-    naming the app; a reload with the problem gone clears it."""
-    sandbox.apns.fail_all(403, "InvalidProviderToken")
-    ops = free_port()
-    relay = _start(sandbox, notify, webhook_socket, mode="auto", metrics={"listen": {"host": "127.0.0.1", "port": ops}})
-    with relay:
-        assert _request(_url(webhook_socket), sample("message", to=[IOS_TOKEN], id=1200))[0] == 200
-        _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 503, what="the alarm in /readyz")
-        doc = _request(_url(webhook_socket, "/readyz"))[1]
-        assert any(p.startswith("app ios:") and "InvalidProviderToken" in p for p in doc["problems"]), doc
-        assert 'parley_relay_app_alarm{app="ios"} 1.0' in _request(f"http://127.0.0.1:{ops}/metrics")[1]
-        sandbox.apns.recover()
-        assert _reload_command(relay).returncode == 0
-        _wait(lambda: _request(_url(webhook_socket, "/readyz"))[0] == 200, what="the alarm to clear")
-        assert relay.stop() == 0
-    stats = _stats(relay.config)
-    assert stats["balanced"] and stats["accepted"] == 1 and stats["ended"]["dead_letter"] == 0  # kept, not dropped
-
-
 @pytest.mark.parametrize("processes", ["1", "auto"])
 def test_reload_command_exit_status_is_the_reload_outcome(
         sandbox: Sandbox, notify: NotifySocket, webhook_socket: socket.socket, processes: str) -> None:
@@ -620,7 +603,7 @@ def test_processes_setting_forms_and_auto_sizing(sandbox: Sandbox) -> None:
     from relay.config import load_config
     from relay.config.model import Processes
     from relay.errors import ConfigError
-    from relay.runtime.supervisor import Counts, plan_counts
+    from relay.runtime.role_args import Counts, plan_counts
 
     default = load_config(sandbox.write())
     assert default.processes == Processes() and default.listen.backlog == 4096

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--role-deliveries", type=int, default=1, help=argparse.SUPPRESS)
     serve.add_argument("--role-parent", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--role-generation", type=int, default=1, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     reload = sub.add_parser("reload", help="reload a running relay and wait: exit 0 if taken, 1 if rejected")
     reload.add_argument("--pid", type=int, required=True, help="the relay's main pid (systemd: $MAINPID)")

@@ -15,7 +15,7 @@ from relay.delivery.health import AppHealth, problems
 from relay.errors import StoreError
 from relay.running import RELAY_KEY
 
-# Problems known outside this process (a multi-process relay: the delivery processes' app alarms).
+# Problems known outside this process (a multi-process relay: the service still starting).
 SharedProblems = Callable[[], list[str]]
 SHARED_PROBLEMS_KEY: web.AppKey[SharedProblems] = web.AppKey("shared_problems")
 
@@ -26,7 +26,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: store reachable, credentials loaded, no app alarmed."""
+    """Ready: webhooks can be accepted and stored (this process started and not draining, the store
+    reachable). Never an app's alarm or a delivery process's state: those are in /metrics, the log and the
+    status (SPEC §8)."""
     relay = request.app[RELAY_KEY]
     problems = relay.ready_problems
     shared = request.app.get(SHARED_PROBLEMS_KEY)

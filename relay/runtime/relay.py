@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiohttp import web
 
@@ -27,8 +28,10 @@ from relay.registry.file import load_registry
 from relay.registry.routing import Registry
 from relay.running import RELAY_KEY, Relay
 from relay.runtime.credentials import credential_digests, report_unchanged
+from relay.runtime.snapshot import check_runnable
 from relay.store import Store, create_store
 
+ConfigLoader = Callable[[], Config]
 CLOSE_GRACE = 0.5  # past the drain's deadline, the most given to closing connections (never to sends)
 
 # What a reload can fix: credentials or topics (config errors), an app parked by its circuit (new credentials,
@@ -36,28 +39,38 @@ CLOSE_GRACE = 0.5  # past the drain's deadline, the most given to closing connec
 RELOAD_RELEASES = frozenset({WaitReason.CONFIG_ERROR, WaitReason.CIRCUIT_OPEN, WaitReason.UNROUTABLE})
 
 
-async def reload(relay: Relay) -> bool:
-    """Re-read the config, registry and credentials; swap them in only once every part is built.
+async def reload(relay: Relay, load: ConfigLoader | None = None) -> bool:
+    """Re-read the config, registry and credentials; swap them in only once every part is built (True)."""
+    return await try_reload(relay, load) is None
 
-    Build first (config, registry file, providers, the store's overlay), swap in one step, then retire the
-    old parts: any failure while building leaves the running relay exactly as it was.
+
+async def try_reload(relay: Relay, load: ConfigLoader | None = None, *, release: bool = True) -> str | None:
+    """:func:`reload`: None when the new configuration is in force, else why the old one stays.
+
+    Build first (config, registry file, providers, the store's overlay, the delivery settings' policy), swap
+    in one step, then retire the old parts: any failure while building leaves the running relay exactly as it
+    was. ``load`` reads the configuration (default: the file ``relay.config.source`` names; a multi-process
+    relay's child takes what its supervisor validated, :mod:`relay.runtime.snapshot`).
     """
     fresh: dict[str, Bounded] = {}
     try:
-        config = load_config(relay.config.source)
+        config = load() if load is not None else load_config(relay.config.source)
         fits(config)
         base = load_registry(config.registry, config.apps)
-        # Every app gets a fresh provider: a rotated key file keeps its path but not its contents.
-        fresh = await create_providers(config.apps, config.delivery.send_timeout)
+        check_runnable(config)  # what the dispatcher's configure() builds after the swap, checked before it
+        # Every app gets a fresh provider: a rotated key file keeps its path but not its contents. A process
+        # that only takes webhooks sends nothing and builds none (see create_app).
+        if relay.dispatcher is not None:
+            fresh = await create_providers(config.apps, config.delivery.send_timeout)
         devices = await relay.store.device_changes(None)  # a reload also re-reads every run-time device
         auth = build_authenticator(config.auth, previous=relay.auth)  # keeps the failure counts
     except Exception as exc:  # noqa: BLE001 - whatever failed, the running configuration stays in force
         for provider in fresh.values():
             await provider.close()
         relay.metrics.reloads.labels("rejected").inc()
-        event(logging.ERROR, "reload rejected, previous configuration stays in force",
-              error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ConfigError, OSError)) else str(exc))
-        return False
+        why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ConfigError, OSError)) else str(exc)
+        event(logging.ERROR, "reload rejected, previous configuration stays in force", error=why)
+        return why
     old, relay.providers = relay.providers, fresh
     relay.registry.replace(config.apps, base)
     relay.overlay.install(devices)
@@ -76,17 +89,28 @@ async def reload(relay: Relay) -> bool:
         relay.dispatcher.clear_alarms({name for name in old.keys() | fresh.keys()
                                        if name not in old or name not in fresh
                                        or old[name].built_from != fresh[name].built_from})
-    try:  # releases what waited on the old configuration (credentials, parked apps, registry entries)
-        released = await relay.store.wake(relay.clock.now(), reasons=RELOAD_RELEASES)
-    except StoreError as exc:  # they still leave at their own time (config_error_retry, the grace period)
-        released = 0
-        event(logging.WARNING, "reload applied; releasing waiting deliveries failed", error=str(exc))
-    if relay.dispatcher is not None:
-        relay.dispatcher.wake()
+    released = await release_waiting(relay) if release else 0
     relay.metrics.reloads.labels("ok").inc()
     event(logging.INFO, "configuration reloaded", apps=len(config.apps), devices=len(relay.registry),
           released=released)
-    return True
+    return None
+
+
+async def release_waiting(relay: Relay) -> int:
+    """Make what waited on the old configuration (credentials, parked apps, registry entries) due now.
+
+    A multi-process relay's children skip this in their reload (``release=False``): the supervisor asks the
+    delivery processes once every process runs the new configuration, so that no process still on the old
+    registry claims a released delivery and parks it again.
+    """
+    try:
+        released = await relay.store.wake(relay.clock.now(), reasons=RELOAD_RELEASES)
+    except StoreError as exc:  # they still leave at their own time (config_error_retry, the grace period)
+        event(logging.WARNING, "reload applied; releasing waiting deliveries failed", error=str(exc))
+        released = 0
+    if relay.dispatcher is not None:
+        relay.dispatcher.wake()
+    return released
 
 
 def fits(config: Config) -> None:
@@ -122,6 +146,7 @@ def remaining(relay: Relay) -> float:
 
 async def create_providers(apps: Mapping[str, App], timeout: float) -> dict[str, Bounded]:
     """One provider per app; if any fails to build, those already built are closed."""
+    _without_httpx_cli()
     created: dict[str, Bounded] = {}
     try:
         for name, app in apps.items():
@@ -133,12 +158,22 @@ async def create_providers(apps: Mapping[str, App], timeout: float) -> dict[str,
     return created
 
 
+def _without_httpx_cli() -> None:
+    """firebase-admin imports httpx, whose package imports its command-line client (click, rich, pygments:
+    some 4 MiB in every delivery process) whenever those happen to be installed; the relay never runs it.
+    A ``None`` entry in ``sys.modules`` makes that one import fail, which httpx expects and handles."""
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+
 def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock: Clock | None = None,
                store: Store | None = None, run_dispatcher: bool = True,
                accepts_webhooks: bool = True) -> web.Application:
     """The relay's aiohttp application; resources open and close with it.
 
     ``accepts_webhooks=False`` (a delivery process): the store's own commits need not be fsynced.
+    ``run_dispatcher=False`` (a webhook process): no providers either; their credentials are the delivery
+    processes' to load (and to reject), and their clients cost each process some 15 MiB.
     """
     fits(config)
     app = web.Application(client_max_size=config.webhook.max_body_bytes, middlewares=[errors_middleware])
@@ -155,8 +190,8 @@ def create_app(config: Config, *, metrics_registry: Metrics | None = None, clock
     app[RELAY_KEY] = relay
     add_routes(app, config)
     app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_providers_ctx)
-    if run_dispatcher:
+    if run_dispatcher:  # a webhook process never sends: no provider client is imported, built or connected
+        app.cleanup_ctx.append(_providers_ctx)
         app.cleanup_ctx.append(_dispatcher_ctx)
     app.on_startup.append(_mark_started)
     return app

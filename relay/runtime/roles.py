@@ -3,8 +3,8 @@
 * ``ingest``: the webhook listener (and the API, health and metrics endpoints) on the listening sockets the
   supervisor passed down; after each accepted webhook it wakes the delivery processes (:mod:`waker`).
 * ``delivery``: no listener; recovers what a dead process had claimed, then claims, translates, sends and
-  records. Its app alarms go to the shared state directory, where ``/readyz`` of the ingest processes
-  reads them.
+  records. Its app alarms go to the shared state directory, where the supervisor's ``STATUS=`` line (and
+  the status endpoint) read them; they never make ``/readyz`` fail. A webhook process builds no provider.
 
 A child speaks ``sd_notify`` to the supervisor (its ``$NOTIFY_SOCKET``), exactly as a single relay speaks to
 systemd, and dies with the supervisor (``PR_SET_PDEATHSIG``): a killed supervisor leaves no orphan.
@@ -19,9 +19,6 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 from aiohttp import web
 
@@ -29,44 +26,16 @@ from relay.config import Config
 from relay.delivery.health import AppHealth
 from relay.observability import name_process
 from relay.running import RELAY_KEY, Relay
+from relay.runtime import snapshot
+from relay.runtime.relay import release_waiting
+from relay.runtime.role_args import RELEASE_SIGNAL, ROLES, RoleArgs
 from relay.runtime.service import Plan, serve
 from relay.runtime.shared import SharedState
 from relay.runtime.systemd import ListenSocket
 from relay.runtime.waker import WakeReceiver, WakeSender
 
-Role = Literal["ingest", "delivery"]
-ROLES: tuple[Role, ...] = ("ingest", "delivery")
 PUBLISH_EVERY = 0.25  # seconds between looks at this process's alarms and commit count
 _PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-@dataclass(frozen=True)
-class RoleArgs:
-    """What the supervisor tells a child on its command line."""
-
-    role: Role
-    index: int
-    state: Path  # the shared state directory
-    wake: str  # the wake-up socket names' common part
-    deliveries: int  # how many delivery processes to wake
-    parent: int  # the supervisor's pid
-    fds: tuple[tuple[str, int], ...] = ()  # (FileDescriptorName, descriptor) of the passed listening sockets
-
-    def argv(self) -> list[str]:
-        """The ``serve`` options that carry these values (see :func:`parse_role`)."""
-        fds = ",".join(f"{name}={fd}" for name, fd in self.fds)
-        return ["--role", f"{self.role}.{self.index}", "--role-state", str(self.state), "--role-wake", self.wake,
-                "--role-deliveries", str(self.deliveries), "--role-parent", str(self.parent),
-                *(["--role-fds", fds] if fds else [])]
-
-
-def parse_role(role: str, state: str, wake: str, deliveries: int, parent: int, fds: str | None) -> RoleArgs:
-    """The inverse of :meth:`RoleArgs.argv`."""
-    name, _, index = role.partition(".")
-    if name not in ROLES or not index.isdigit():
-        raise ValueError(f"--role must be ingest.N or delivery.N, not {role!r}")
-    pairs = tuple((n, int(fd)) for n, _, fd in (item.partition("=") for item in (fds or "").split(",") if item))
-    return RoleArgs(ROLES[ROLES.index(name)], int(index), Path(state), wake, deliveries, parent, pairs)
 
 
 async def run_role(config: Config, args: RoleArgs) -> None:
@@ -78,7 +47,11 @@ async def run_role(config: Config, args: RoleArgs) -> None:
     def merged_health(app: web.Application) -> None:  # /status and STATUS=: every delivery process's view
         app[RELAY_KEY].peer_health = shared.app_health
 
-    counting = [] if (args.role, args.index) == ("ingest", 0) else [_reloads_uncounted]
+    counting = [_counting_service_reloads(shared) if (args.role, args.index) == ("ingest", 0) else _reloads_uncounted]
+
+    def validated() -> Config:  # a reload takes what the supervisor validated and published, never the file
+        return snapshot.load(args.state, snapshot.latest(args.state), config.source)
+
     if args.role == "ingest":
         sender = WakeSender(args.wake, args.deliveries)
         sockets = [_adopt(name, fd) for name, fd in args.fds]
@@ -88,7 +61,7 @@ async def run_role(config: Config, args: RoleArgs) -> None:
             app.cleanup_ctx.append(_publishing(shared, None))
 
         plan = Plan(listen=True, deliver=False, sockets=sockets, prepare=[wake_on_accept, merged_health, *counting],
-                    ready_problems=shared.problems)
+                    ready_problems=shared.problems, load=validated, release_on_reload=False)
         try:
             await serve(config, plan=plan)
         finally:
@@ -96,15 +69,18 @@ async def run_role(config: Config, args: RoleArgs) -> None:
     else:
         def woken(app: web.Application) -> None:
             app.cleanup_ctx.append(_woken_ctx(args))
+            app.cleanup_ctx.append(_release_ctx)
             app.cleanup_ctx.append(_publishing(shared, args.index))
 
         await serve(config, plan=Plan(listen=False, deliver=True, sockets=[],
-                                      prepare=[woken, merged_health, *counting]))
+                                      prepare=[woken, merged_health, *counting], load=validated,
+                                      release_on_reload=False))
 
 
 class _Uncounted:
-    """Stands in for the reloads counter in every process but ``ingest.0``: a reload of the service is one
-    reload in ``parley_relay_reloads_total``, not one per process."""
+    """Stands in for the reloads counter in every role process: a reload of the service is one reload in
+    ``parley_relay_reloads_total``, not one per process, and the supervisor's outcome is what counts (it
+    may reject the files before any process sees them, or report a partial reload)."""
 
     def labels(self, *values: str) -> _Uncounted:
         return self
@@ -115,6 +91,35 @@ class _Uncounted:
 
 def _reloads_uncounted(app: web.Application) -> None:
     app[RELAY_KEY].metrics.reloads = _Uncounted()  # type: ignore[assignment]
+
+
+def _counting_service_reloads(shared: SharedState) -> Callable[[web.Application], None]:
+    """``ingest.0`` counts the service's reloads (ok, rejected, partial) from the supervisor's outcomes."""
+
+    def prepare(app: web.Application) -> None:
+        counter = app[RELAY_KEY].metrics.reloads
+        _reloads_uncounted(app)
+
+        async def count() -> None:
+            last = shared.last_reload()
+            counted = dict(last.counts) if last is not None else {}
+            while True:
+                await asyncio.sleep(PUBLISH_EVERY)
+                outcome = shared.last_reload()
+                for result, total in (outcome.counts if outcome is not None else {}).items():
+                    if total > counted.get(result, 0):
+                        counter.labels(result).inc(total - counted.get(result, 0))
+                        counted[result] = total
+
+        async def ctx(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.get_running_loop().create_task(count())
+            yield
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        app.cleanup_ctx.append(ctx)
+
+    return prepare
 
 
 def _adopt(name: str, fd: int) -> ListenSocket:
@@ -140,6 +145,24 @@ def _woken_ctx(args: RoleArgs) -> Callable[[web.Application], AsyncIterator[None
         receiver.close()
 
     return ctx
+
+
+async def _release_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``SIGUSR2`` from the supervisor, once every process took a reload: release what waited on the old
+    configuration (:func:`~relay.runtime.relay.release_waiting`)."""
+    relay = app[RELAY_KEY]
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[int]] = set()
+
+    def release() -> None:
+        task = loop.create_task(release_waiting(relay))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(RELEASE_SIGNAL, release)
+    yield
+    loop.remove_signal_handler(RELEASE_SIGNAL)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _wake(relay: Relay) -> None:
@@ -177,6 +200,10 @@ async def _publish(relay: Relay, shared: SharedState, index: int | None) -> None
             if states != published:
                 shared.write_health(index, states)
                 published = states
+        else:  # a webhook process answers /metrics: the processes the supervisor reports down, by role
+            down = [d.role for d in shared.down()]
+            for role in ROLES:
+                relay.metrics.role_down.labels(role).set(down.count(role))
         commits = getattr(relay.store, "commits", None)
         if commits is not None:
             relay.metrics.store_commits.set(commits)

@@ -30,7 +30,7 @@ from relay.http.ops import SHARED_PROBLEMS_KEY
 from relay.observability import event
 from relay.outcome import EndState
 from relay.running import RELAY_KEY, Relay
-from relay.runtime.relay import create_app, reload, remaining
+from relay.runtime.relay import ConfigLoader, create_app, remaining, try_reload
 from relay.runtime.shared import RUNTIME_ENV, SharedState, state_dir
 from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
 
@@ -107,6 +107,8 @@ class Plan:
     prepare: list[Callable[[web.Application], None]] = field(default_factory=list)  # before start: middlewares...
     ready_problems: Callable[[], list[str]] | None = None  # /readyz: what other processes know
     reloads: SharedState | None = None  # where reload outcomes go for `parley-relay reload` (the main process)
+    load: ConfigLoader | None = None  # what a reload reads; None = the config file (a child: its snapshot)
+    release_on_reload: bool = True  # False in a child: the supervisor has delivery processes release later
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
@@ -142,7 +144,7 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
         notifier.status(f"failed to start: {exc}")
         await listeners.cleanup()
         raise
-    supervisor = _Supervisor(relay, notifier, stop or asyncio.Event(), plan.reloads)
+    supervisor = _Supervisor(relay, notifier, stop or asyncio.Event(), plan)
     supervisor.install()
     addresses = listeners.addresses()
     event(logging.INFO, "relay ready", version=__version__, listen=addresses, apps=len(relay.config.apps),
@@ -160,8 +162,8 @@ async def _serve(config: Config, notifier: Notifier, ready: asyncio.Event | None
 class _Supervisor:
     """Signals, reloads and the notify loops of one running relay."""
 
-    def __init__(self, relay: Relay, notifier: Notifier, stop: asyncio.Event, reloads: SharedState | None) -> None:
-        self.relay, self.notifier, self.stop, self.reloads = relay, notifier, stop, reloads
+    def __init__(self, relay: Relay, notifier: Notifier, stop: asyncio.Event, plan: Plan) -> None:
+        self.relay, self.notifier, self.stop, self.reloads, self.plan = relay, notifier, stop, plan.reloads, plan
         self._loop = asyncio.get_running_loop()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # the watchdog and status loops, and reloads in progress
@@ -193,11 +195,11 @@ class _Supervisor:
     async def _reload(self) -> None:
         async with self._reload_lock:  # SIGHUPs in quick succession reload one after the other
             self.notifier.reloading()
-            ok = await _reload(self.relay)
+            why = await _reload(self.relay, self.plan.load, self.plan.release_on_reload)
             summary = await _status(self.relay)
-            status = summary if ok else f"reload rejected, previous configuration in force; {summary}"
+            status = summary if why is None else f"reload rejected ({why}), previous configuration in force; {summary}"
             if self.reloads is not None:
-                self.reloads.write_reload(ok, status)
+                self.reloads.write_reload(why is None, status)
             self.notifier.reloaded(status)
 
     async def shutdown(self, listeners: _Listeners) -> None:
@@ -261,15 +263,15 @@ def _bind_error(where: Listen | None, exc: OSError) -> str:
     return f"cannot listen on {address}: {exc.strerror or exc}"
 
 
-async def _reload(relay: Relay) -> bool:
-    """:func:`reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
+async def _reload(relay: Relay, load: ConfigLoader | None, release: bool) -> str | None:
+    """:func:`try_reload`, and a rejected reload for anything it did not foresee (never a dead task)."""
     try:
-        return await reload(relay)
-    except Exception as exc:  # noqa: BLE001 - the old configuration must stay in force, whatever happened
+        return await try_reload(relay, load, release=release)
+    except Exception as exc:  # noqa: BLE001 - a failure it did not foresee: report it, never a dead task
         relay.metrics.reloads.labels("rejected").inc()
-        event(logging.ERROR, "reload rejected, previous configuration stays in force",
-              error=f"{type(exc).__name__}: {exc}")
-        return False
+        why = f"{type(exc).__name__}: {exc}"
+        event(logging.ERROR, "reload failed while applying; the configuration may be partly new", error=why)
+        return why
 
 
 async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> None:

@@ -5,12 +5,19 @@ children of the same Python, N webhook processes (``ingest``, sharing those sock
 processes, and supervises them:
 
 * ``READY=1`` goes to systemd once every child said ``READY=1`` to the supervisor's own notify socket;
-* ``WATCHDOG=1`` goes to systemd only while every child pings: a hung child stops the service's pings;
-* ``SIGHUP`` reloads every child; the outcome (rejected when any child kept its old configuration) goes to
-  systemd's ``STATUS=`` and to the shared state that ``parley-relay reload`` waits for;
+* children run the configuration the supervisor validated, never the file as it is on disk when they
+  (re)start: the supervisor keeps the bytes it validated by generation (:mod:`relay.runtime.snapshot`);
+* ``WATCHDOG=1`` goes to systemd only while every child pings and none is down: a hung child, or one that
+  cannot be kept running, stops the service's pings (systemd then restarts the whole service);
+* ``SIGHUP`` validates the files, keeps them as the next generation and reloads every child into it; when a
+  child rejects it, the children that took it go back to the previous generation; the outcome (taken,
+  rejected, or partial: which processes run which) goes to the log, systemd's ``STATUS=`` and the shared
+  state that ``parley-relay reload`` waits for;
 * ``SIGTERM``/``SIGINT`` drain every child (each as a single relay drains), then exit;
 * a child that dies is started again, after 0.5 s doubling to 30 s; a new delivery process first makes
-  what the dead one had claimed claimable again (``Store.recover``).
+  what the dead one had claimed claimable again (``Store.recover``). After :data:`DOWN_AFTER` exits in a
+  row, each within a minute of its start, the child counts as down: ``STATUS=`` names it and its last error,
+  the shared state has it (``parley_relay_role_down`` in ``/metrics``), and the watchdog pings stop.
 """
 
 from __future__ import annotations
@@ -19,8 +26,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
-import sqlite3
 import sys
 import time
 import uuid
@@ -33,42 +38,22 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from relay import __version__
 from relay.config import Config
-from relay.config.model import Processes
-from relay.errors import ConfigError, ConfigProblem
+from relay.errors import ConfigError
 from relay.observability import MULTIPROC_ENV, event
+from relay.runtime import snapshot
+from relay.runtime.listening import METRICS_FD_NAME
+from relay.runtime.listening import listening as listening_sockets
 from relay.runtime.notify import NotifyHub
-from relay.runtime.roles import Role, RoleArgs
-from relay.runtime.shared import RUNTIME_ENV, SharedState, state_dir
-from relay.runtime.systemd import ListenSocket, Notifier, describe, inherited_sockets
-from relay.store.sqlite_schema import prepare as prepare_sqlite
+from relay.runtime.role_args import RELEASE_SIGNAL, Counts, Role, RoleArgs
+from relay.runtime.shared import RUNTIME_ENV, ProcessDown, SharedState, state_dir
+from relay.runtime.systemd import ListenSocket, Notifier, describe
+from relay.store import prepare_store
 
-METRICS_FD_NAME = "metrics"
 RESTART_FIRST, RESTART_MAX, RESTART_RESET = 0.5, 30.0, 60.0  # backoff; a child that ran 60 s starts over
+DOWN_AFTER = 3  # exits in a row, each within RESTART_RESET of its start, after which a child counts as down
 START_GRACE = 60.0  # seconds a (re)starting child may take before the watchdog counts it as hung
 RELOAD_TIMEOUT = 60.0
 STATUS_EVERY = 10.0
-BIND_RETRY = 5.0  # EADDRINUSE: processes of a killed predecessor may still be closing the port
-
-
-@dataclass(frozen=True)
-class Counts:
-    ingest: int
-    delivery: int
-
-
-def plan_counts(settings: Processes, backend: str, cpus: int | None = None) -> Counts:
-    """``auto``: a quarter of the CPUs take webhooks (at least one), the rest deliver (at least one).
-
-    Delivery (TLS, HTTP/2, JSON per push) costs several times what storing a webhook costs, hence the
-    split. On SQLite, which has one writer at a time, more than two delivery processes only queue for the
-    write lock, so ``auto`` stops there; Redis takes as many as there are CPUs.
-    """
-    cpus = cpus or len(os.sched_getaffinity(0))
-    ingest = settings.ingest or max(1, cpus // 4)
-    delivery = settings.delivery or max(1, cpus - ingest)
-    if settings.delivery is None and backend == "sqlite":
-        delivery = min(delivery, 2)
-    return Counts(ingest, delivery)
 
 
 @dataclass(eq=False)
@@ -82,6 +67,9 @@ class _Child:
     status: str = ""
     code: int | None = None
     reload: asyncio.Future[str] | None = None
+    generation: int = 1  # the validated configuration it runs (and restarts with)
+    failures: int = 0  # exits in a row, each within RESTART_RESET of its start
+    down: ProcessDown | None = None  # set after DOWN_AFTER failures, cleared when it is ready again
 
     @property
     def name(self) -> str:
@@ -97,14 +85,16 @@ async def supervise(config: Config, counts: Counts) -> int:
     notifier = Notifier()
     shared = SharedState(state_dir(os.getpid()))
     shared.reset()
-    try:
-        sockets = _listening(config)
+    try:  # the children run these bytes, validated here, whatever the file says when one (re)starts
+        config = snapshot.take(shared.root, 1, config.source)
+        snapshot.publish(shared.root, 1)
+        sockets = listening_sockets(config)
     except ConfigError as exc:
         notifier.status(f"failed to start: {exc}")
         notifier.close()
         raise
     try:
-        problem = await _prepare_store(config)
+        problem = await asyncio.to_thread(prepare_store, config.store)
         if problem is not None:
             notifier.status(f"failed to start: {problem}")
             event(logging.ERROR, "relay failed to start", problem=problem)
@@ -133,6 +123,7 @@ class _Supervisor:
         self.hub = NotifyHub(self._on_datagram)
         self.reload_lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.generation = 1  # the latest validated configuration the children run
         interval = notifier.watchdog_interval()
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("LISTEN_", "WATCHDOG_")) and k != "NOTIFY_SOCKET"}
@@ -228,10 +219,9 @@ class _Supervisor:
                     why = child.status if child.status.startswith("failed to start") else ""
                     self.failed.set_result(why or f"failed to start: {child.name} exited with {child.code}")
                 return
-            if time.monotonic() - child.started > RESTART_RESET:
+            self._count_failure(child, proc.pid)
+            if child.failures == 1:
                 delay = RESTART_FIRST
-            event(logging.ERROR, "relay process exited, starting it again", process=child.name, pid=proc.pid,
-                  code=child.code, restart_in=delay)
             self.notifier.status(f"{child.name} exited ({child.code}), restarting in {delay:g}s; {self._summary()}")
             try:
                 await asyncio.wait_for(self.stop.wait(), delay)
@@ -243,8 +233,10 @@ class _Supervisor:
         # every process's metrics merged (prometheus_client's multiprocess files).
         fds = tuple((s.name, s.sock.fileno()) for s in self.sockets
                     if child.role == "ingest" and (s.name != METRICS_FD_NAME or child.index == 0))
-        args = RoleArgs(child.role, child.index, self.shared.root, self.wake, self.counts.delivery, os.getpid(), fds)
-        command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config.source), *args.argv()]
+        args = RoleArgs(child.role, child.index, self.shared.root, self.wake, self.counts.delivery, os.getpid(), fds,
+                        child.generation)
+        command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config.source),
+                   *args.argv()]
         child.ready.clear()
         child.started = time.monotonic()
         child.status = ""
@@ -253,6 +245,23 @@ class _Supervisor:
         child.proc = proc
         self.by_pid[proc.pid] = child
         return proc
+
+    def _count_failure(self, child: _Child, pid: int) -> None:
+        """One more exit of ``child`` in a row (a run of RESTART_RESET starts the count over); at DOWN_AFTER,
+        it is down: the log, ``STATUS=``, the shared state, and the watchdog (see :meth:`_watchdog`) say so."""
+        ran = time.monotonic() - child.started
+        child.failures = child.failures + 1 if ran < RESTART_RESET else 1
+        why = child.status if child.status.startswith("failed to start") else f"exited with {child.code}"
+        event(logging.ERROR, "relay process exited, starting it again", process=child.name, pid=pid,
+              code=child.code, failures=child.failures, error=why)
+        if child.failures >= DOWN_AFTER:
+            child.down = ProcessDown(child.name, child.role, time.time(), child.failures, why)
+            event(logging.ERROR, "relay process down: it does not stay up; watchdog pings withheld",
+                  process=child.name, failures=child.failures, error=why)
+            self._publish_down()
+
+    def _publish_down(self) -> None:
+        self.shared.write_down([c.down for c in self.children if c.down is not None])
 
     def _on_datagram(self, pid: int, fields: Mapping[str, str]) -> None:
         child = self.by_pid.get(pid)
@@ -269,6 +278,10 @@ class _Supervisor:
             child.last_ping = time.monotonic()
         if fields.get("READY") == "1":
             child.last_ping = time.monotonic()
+            if child.down is not None:
+                child.down = None
+                event(logging.INFO, "relay process up again", process=child.name)
+                self._publish_down()
             if child.reload is not None and not child.reload.done():
                 child.reload.set_result(status or "")
             child.ready.set()
@@ -289,26 +302,65 @@ class _Supervisor:
     async def _reload(self) -> None:
         async with self.reload_lock:
             self.notifier.reloading()
-            asked = [c for c in self.children if c.alive and c.ready.is_set()]
-            for child in asked:
-                child.reload = self.loop.create_future()
-                if child.proc is not None:
-                    child.proc.send_signal(signal.SIGHUP)
-            waits = [c.reload for c in asked if c.reload is not None]
-            await asyncio.wait(waits, timeout=RELOAD_TIMEOUT)
-            rejected = [c.name for c in asked if c.reload is None or not c.reload.done()
-                        or c.reload.result().startswith("reload rejected")]
-            for child in asked:
-                child.reload = None
-            if rejected:
-                status = f"reload rejected by {', '.join(rejected)}, previous configuration in force; " \
-                         f"{self._summary()}"
-                if len(rejected) < len(asked):
-                    event(logging.ERROR, "reload taken by some processes only", rejected=", ".join(rejected))
-            else:
-                status = f"reloaded; {self._summary()}"
-            self.shared.write_reload(not rejected, status)
+            ok, status = await self._reload_children()
+            status = f"{status}; {self._summary()}"
+            self.shared.write_reload(ok, status, "partial" if status.startswith("reload PARTIAL") else None)
             self.notifier.reloaded(status)
+
+    async def _reload_children(self) -> tuple[bool, str]:
+        """Validate the files and keep them as the next generation, ask every running child to take it, and
+        put those that did back on the previous one when another refused: ``(taken by all, what happened)``."""
+        old, new = self.generation, self.generation + 1
+        try:
+            config = snapshot.take(self.shared.root, new, self.config.source)
+        except ConfigError as exc:
+            event(logging.ERROR, "reload rejected, previous configuration stays in force", error=str(exc))
+            return False, f"reload rejected ({exc}), previous configuration in force"
+        asked = [c for c in self.children if c.alive and c.ready.is_set()]
+        refused = await self._ask(asked, new)
+        took = [c for c in asked if c.name not in refused]
+        if not refused:
+            self.config, self.generation = config, new
+            for child in self.children:  # one not running now starts on it
+                child.generation = new
+                # Every process routes by the new files now. Only to a ready child: until its handler is in place
+                # SIGUSR2 would end it (one starting now runs the new files; what waits leaves at its own time).
+                if child.role == "delivery" and child.alive and child.ready.is_set() and child.proc is not None:
+                    child.proc.send_signal(RELEASE_SIGNAL)
+            event(logging.INFO, "configuration reloaded in every process", generation=new)
+            return True, f"reloaded (configuration {new})"
+        reasons = ", ".join(f"{name}: {why}" for name, why in refused.items())
+        back = await self._ask(took, old) if took else {}
+        if not back:
+            event(logging.ERROR, "reload rejected, previous configuration stays in force", rejected=reasons,
+                  reverted=", ".join(c.name for c in took) or "-")
+            return False, f"reload rejected by {reasons}; previous configuration in force"
+        # Some children run the new configuration and others the old: say exactly which, and fail the command.
+        kept = [c.name for c in took if c.name in back]
+        event(logging.ERROR, "reload partial: processes run different configurations", new=", ".join(kept),
+              rejected=reasons, generation=new)
+        return False, (f"reload PARTIAL: configuration {new} in {', '.join(kept)}; rejected by {reasons} "
+                       f"(previous configuration there)")
+
+    async def _ask(self, children: list[_Child], generation: int) -> dict[str, str]:
+        """SIGHUP ``children`` to take ``generation``; those that did not, with why. Those that did run it."""
+        snapshot.publish(self.shared.root, generation)
+        for child in children:
+            child.reload = self.loop.create_future()
+            if child.proc is not None:
+                child.proc.send_signal(signal.SIGHUP)
+        waits = [c.reload for c in children if c.reload is not None]
+        if waits:
+            await asyncio.wait(waits, timeout=RELOAD_TIMEOUT)
+        refused: dict[str, str] = {}
+        for child in children:
+            said = child.reload.result() if child.reload is not None and child.reload.done() else "no answer"
+            child.reload = None
+            if said.startswith("reload rejected") or said == "no answer":
+                refused[child.name] = _reason(said)
+            else:
+                child.generation = generation
+        return refused
 
     async def _watchdog(self) -> None:
         """``WATCHDOG=1`` to systemd while every child pinged within ``WatchdogSec`` (or is still starting)."""
@@ -320,10 +372,11 @@ class _Supervisor:
             now = time.monotonic()
             hung = {c.name for c in self.children if c.alive and now - max(c.last_ping, c.started) > (
                 2 * interval if c.ready.is_set() else START_GRACE)}
+            hung |= {c.name for c in self.children if c.down is not None}  # systemd restarts the service
             if not hung:
                 self.notifier.notify("WATCHDOG=1")
             elif hung - silent:
-                event(logging.ERROR, "relay process stopped answering: watchdog pings withheld",
+                event(logging.ERROR, "relay process stopped answering or is down: watchdog pings withheld",
                       processes=", ".join(sorted(hung)))
             silent = hung
             await asyncio.sleep(interval)
@@ -336,63 +389,20 @@ class _Supervisor:
             self.notifier.status(self._summary())
 
     def _summary(self) -> str:
-        """Process counts, then what the first delivery process last said (queue, end states, alarms)."""
-        down = [c.name for c in self.children if not (c.alive and c.ready.is_set())]
+        """Processes down (with why), process counts, then what the first delivery process last said (queue,
+        end states, and each app's delivery state as every delivery process sees it)."""
+        down = [f"DOWN {c.name} ({c.down.failures} failed starts: {c.down.error})" for c in self.children
+                if c.down is not None]
+        starting = [c.name for c in self.children if c.down is None and not (c.alive and c.ready.is_set())]
         head = f"{self.counts.ingest} ingest + {self.counts.delivery} delivery processes"
-        if down:
-            head += f" ({', '.join(down)} starting)"
+        if starting:
+            head += f" ({', '.join(starting)} starting)"
         said = next((c.status for c in self.children if c.role == "delivery" and c.status), "")
-        return f"{head}; {said}" if said else head
+        return "; ".join([*down, head, *([said] if said else [])])
 
 
-async def _prepare_store(config: Config) -> str | None:
-    """Create or migrate a SQLite file once, before the children that share it start (they would otherwise
-    all switch its journal mode and migrate it at the same moment); why it cannot be opened, or None."""
-    if config.store.backend != "sqlite":
-        return None
-    try:
-        await asyncio.to_thread(prepare_sqlite, config.store.path)
-    except (sqlite3.Error, OSError) as exc:
-        return f"cannot open SQLite store {config.store.path}: {exc}"
-    return None
-
-
-def _listening(config: Config) -> list[ListenSocket]:
-    """systemd's sockets (socket activation), else the sockets ``listen`` and ``metrics.listen`` name."""
-    inherited = inherited_sockets()
-    webhook = [s for s in inherited if s.name != METRICS_FD_NAME]
-    metrics = [s for s in inherited if s.name == METRICS_FD_NAME]
-    if not webhook:
-        webhook = [ListenSocket("webhook", s) for s in _bind(config, "listen", config.listen.host,
-                                                              config.listen.port, config.listen.backlog)]
-    if not metrics and config.metrics.listen is not None:
-        at = config.metrics.listen
-        metrics = [ListenSocket(METRICS_FD_NAME, s) for s in _bind(config, "metrics.listen", at.host, at.port, 128)]
-    return webhook + metrics
-
-
-def _bind(config: Config, key: str, host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to (as aiohttp's TCPSite binds)."""
-    deadline = time.monotonic() + BIND_RETRY
-    while True:
-        bound: list[socket.socket] = []
-        try:
-            for family, kind, proto, _name, address in socket.getaddrinfo(
-                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-                sock = socket.socket(family, kind, proto)
-                bound.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(backlog)
-                sock.setblocking(False)
-            return bound
-        except OSError as exc:
-            for sock in bound:
-                sock.close()
-            if isinstance(exc, OSError) and exc.errno == 98 and time.monotonic() < deadline:  # EADDRINUSE
-                time.sleep(0.1)
-                continue
-            message = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-            raise ConfigError([ConfigProblem(str(config.source), key, message)]) from exc
+def _reason(status: str) -> str:
+    """Why a child refused a reload, from its ``STATUS=`` line (``reload rejected (WHY), previous ...``)."""
+    if status.startswith("reload rejected (") and "), previous configuration in force" in status:
+        return status[len("reload rejected ("):status.index("), previous configuration in force")]
+    return status.split(";", 1)[0]

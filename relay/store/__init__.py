@@ -27,4 +27,21 @@ def create_store(settings: StoreSettings, *, acknowledges: bool = True, read_onl
     return SqliteStore(settings, acknowledges=acknowledges, read_only=read_only)
 
 
-__all__ = ["DeadLetter", "DeliveryRecord", "Job", "NewDelivery", "Pruned", "Stats", "Store", "create_store"]
+def prepare_store(settings: StoreSettings) -> str | None:
+    """Create or migrate a SQLite file once, before the processes that share it start (they would otherwise all
+    switch its journal mode and migrate it at the same moment); why it cannot be opened, or None. Blocking."""
+    if settings.backend != "sqlite":
+        return None
+    import sqlite3
+
+    from relay.store.sqlite_schema import prepare
+
+    try:
+        prepare(settings.path)
+    except (sqlite3.Error, OSError) as exc:
+        return f"cannot open SQLite store {settings.path}: {exc}"
+    return None
+
+
+__all__ = ["DeadLetter", "DeliveryRecord", "Job", "NewDelivery", "Pruned", "Stats", "Store", "create_store",
+           "prepare_store"]
