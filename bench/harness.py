@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,11 @@ from typing import Any
 
 import yaml
 
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ios_tokens(n: int, salt: str = "") -> list[str]:

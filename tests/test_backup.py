@@ -14,9 +14,9 @@ import pytest
 from relay.cli import main as cli_main
 from relay.config import load_config
 from relay.store import create_store
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
-from tests.test_durability import free_port, wait_ready
+from tests.test_durability import wait_ready
 
 API_DEVICE = "eJ9x-registered-at-run-time:APA91b_backup"
 DEAD = "dead" * 16

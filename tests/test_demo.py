@@ -13,9 +13,8 @@ from pathlib import Path
 import aiohttp
 
 from relay.testing.demo import curl_line
-from relay.testing.process import relay_command
+from relay.testing.process import free_port, relay_command
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE
-from tests.test_durability import free_port
 
 
 def _read_until(process: subprocess.Popen[str], needle: str, seen: list[str], timeout: float = 30.0) -> None:

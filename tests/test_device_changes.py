@@ -22,8 +22,7 @@ from relay.cli import main as cli_main
 from relay.config import StoreSettings
 from relay.outcome import WaitReason
 from relay.store import Store, create_store
-from relay.testing.fleet import free_port
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
 from tests.conftest import REDIS_URL, redis_keyspace, redis_unavailable, wait_until
 from tests.test_api import APP_KEY, IOS_KEY, api_section

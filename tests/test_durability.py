@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -14,14 +13,8 @@ from relay.cli import main as cli_main
 from relay.config import load_config
 from relay.outcome import EndState
 from relay.store import create_store
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_relay(config: Path, log: Path) -> RelayProcess:

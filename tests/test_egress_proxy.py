@@ -20,9 +20,9 @@ from relay.push import ApnsPush, FcmPush
 from relay.testing.connect_proxy import ConnectProxy
 from relay.testing.fake_fcm import FakeFcm
 from relay.testing.keys import make_ca
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
-from tests.test_durability import free_port, wait_ready
+from tests.test_durability import wait_ready
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                    "NO_PROXY", "no_proxy")

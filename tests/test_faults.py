@@ -18,9 +18,10 @@ import aiohttp
 
 from relay.outcome import EndState
 from relay.runtime.relay import reload
+from relay.testing.process import free_port
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
-from tests.test_durability import free_port, start_relay, wait_ready
+from tests.test_durability import start_relay, wait_ready
 
 IOS = [f"{i:064x}" for i in range(1, 6)]
 ANDROID = [f"android-token-{i}-" + "q" * 40 for i in range(1, 6)]

@@ -21,8 +21,7 @@ import pytest
 
 from relay.cli import main
 from relay.delivery.mismatch import Mismatches, Verdict
-from relay.testing.fleet import free_port
-from relay.testing.process import NotifySocket, RelayProcess, listening_socket
+from relay.testing.process import NotifySocket, RelayProcess, free_port, listening_socket
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
 HOOK = "/parley/webhook"

@@ -22,8 +22,7 @@ from relay.cli import main
 from relay.config import load_config
 from relay.observability import Metrics
 from relay.runtime.supervisor import STATUS_EVERY
-from relay.testing.fleet import free_port
-from relay.testing.process import Datagram, NotifySocket, RelayProcess, relay_command
+from relay.testing.process import Datagram, NotifySocket, RelayProcess, free_port, relay_command
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
 HOOK = "/parley/webhook"

@@ -18,8 +18,8 @@ from relay.providers.retry_after import parse_retry_after
 from relay.push import ApnsPush, FcmPush
 from relay.testing.fake_fcm import FakeFcm
 from relay.testing.keys import make_ca
+from relay.testing.process import free_port
 from relay.testing.sandbox import Sandbox
-from tests.test_durability import free_port
 
 
 def _apps(sandbox: Sandbox) -> tuple[ApnsApp, FcmApp]:

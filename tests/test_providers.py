@@ -439,7 +439,7 @@ async def test_fcm_over_tls_trusts_the_configured_ca_file(tmp_path: Path, monkey
 async def test_fcm_honours_the_proxy_environment_like_firebase_admin_did(sandbox: Sandbox,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP(S)_PROXY routes FCM sends through the proxy (here a closed port: a retry), NO_PROXY exempts a host."""
-    from tests.test_durability import free_port
+    from relay.testing.process import free_port
 
     _, android = _apps(sandbox)
     # The token endpoint stays at 127.0.0.1 (google-auth's requests reads the same variables); FCM is "localhost".
@@ -488,7 +488,7 @@ def test_unreadable_apns_key_is_a_config_error_naming_file_and_key(sandbox: Sand
 
 async def test_refused_connections_are_retries_for_both_providers(sandbox: Sandbox) -> None:
     """A provider host that refuses TCP connections is a transient failure (retry), not an error."""
-    from tests.test_durability import free_port
+    from relay.testing.process import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
     ios, android = _apps(sandbox, apps={"ios": {"endpoint": closed.replace("http", "https")},
@@ -583,7 +583,7 @@ async def test_apns_no_fallback_when_one_endpoint_serves_both_environments(sandb
 async def test_apns_unreachable_sandbox_leaves_production_verdict(sandbox: Sandbox) -> None:
     """A sandbox host that refuses connections spends the one try: the token is dead as production said, with
     the sandbox's failure in the reason (never a retry that would hold the app's deliveries back)."""
-    from tests.test_durability import free_port
+    from relay.testing.process import free_port
 
     port = free_port()
     ios, _ = _apps(sandbox, apps={"ios": {"sandbox_endpoint": f"https://127.0.0.1:{port}"}})

@@ -27,8 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli import main
-from relay.testing.fleet import free_port
-from relay.testing.process import NotifySocket, RelayProcess, listening_socket, relay_command
+from relay.testing.process import NotifySocket, RelayProcess, free_port, listening_socket, relay_command
 from relay.testing.sandbox import (
     ANDROID_TOKEN,
     AUTH_HEADER,

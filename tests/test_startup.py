@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,15 +21,9 @@ from pathlib import Path
 import pytest
 
 from relay.store import sqlite_schema as schema
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import Sandbox
 from tests.test_store_sqlite import _VERSION_3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.testing.fleet import free_port
-from relay.testing.process import NotifySocket, RelayProcess, listening_socket
+from relay.testing.process import NotifySocket, RelayProcess, free_port, listening_socket
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, IOS_TOKEN, Sandbox, sample
 from tests.test_service import _fcm_ids, _reload_command, _request, _start, _url, _wait
 

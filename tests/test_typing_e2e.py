@@ -15,8 +15,7 @@ from relay.config import load_config
 from relay.store import create_store
 from relay.testing.fake_apns import ApnsRequest
 from relay.testing.fake_fcm import FcmRequest
-from relay.testing.fleet import free_port
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 from tests.conftest import wait_until
 

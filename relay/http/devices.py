@@ -31,6 +31,7 @@ from aiohttp import web
 from relay.config import ApiKey, App
 from relay.config.model import APNS_ENVIRONMENTS, ApnsEnvironment
 from relay.errors import RelayError, StoreError
+from relay.http.errors import error_body
 from relay.observability import event, short_token
 from relay.outcome import WaitReason
 from relay.registry.device import Device, as_environment, device_token_problem
@@ -58,9 +59,7 @@ class ApiRefused(RelayError):
         self.headers = headers or {}
 
     def response(self) -> web.Response:
-        body: dict[str, object] = {"status": "error", "error": self.message}
-        if self.field:
-            body["field"] = self.field
+        body = error_body(self.message, self.field)
         if self.apps is not None:
             body["apps"] = self.apps
         return web.json_response(body, status=self.status, headers=self.headers or None)

@@ -15,12 +15,17 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, message: str, field_name: str | None = None, **extra: str) -> web.Response:
-    """``{"status": "error", "error": ..., "field": ...}`` with ``extra`` as headers."""
+def error_body(message: str, field_name: str | None = None) -> dict[str, object]:
+    """The JSON body of every error answer: ``{"status": "error", "error": ..., "field": ...}``."""
     body: dict[str, object] = {"status": "error", "error": message}
     if field_name:
         body["field"] = field_name
-    return web.json_response(body, status=status, headers=extra or None)
+    return body
+
+
+def error_response(status: int, message: str, field_name: str | None = None, **extra: str) -> web.Response:
+    """:func:`error_body` answered with ``status``, ``extra`` as headers."""
+    return web.json_response(error_body(message, field_name), status=status, headers=extra or None)
 
 
 @web.middleware

@@ -25,15 +25,8 @@ from typing import Any
 import aiohttp
 import redis
 
-from relay.testing.process import RelayProcess
+from relay.testing.process import RelayProcess, free_port
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox, sample
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

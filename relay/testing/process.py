@@ -120,6 +120,13 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0, backlog: int = 1024
     return sock
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for a process that binds it itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def relay_command() -> list[str]:
     """The installed ``parley-relay`` entry point next to this interpreter (else ``python -m relay.cli``)."""
     script = Path(sys.executable).parent / "parley-relay"
