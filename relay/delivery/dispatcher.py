@@ -25,6 +25,7 @@ from relay.delivery.mismatch import Verdict
 from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, SystemClock
 from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
+from relay.delivery.wakeup import Wakeup
 from relay.errors import InvalidWebhook, StoreError
 from relay.inbound.accept import event_ttl
 from relay.inbound.parse import Event, load_notification
@@ -65,7 +66,7 @@ class Dispatcher:
         self.clock = clock or SystemClock()
         self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
         self.admission = Admission(registry.apps, settings, self._slots_changed)
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.upkeep = Upkeep(store, self.clock)
@@ -100,30 +101,48 @@ class Dispatcher:
             try:
                 self.upkeep.prune_if_due()  # runs beside the loop: claims go on meanwhile
                 self._wake.clear()
-                if not await self._claim_round():
-                    await self._wait(await self._idle_wait())
+                full, due = await self._claim_round()
+                if not full and not self._wake.is_set():  # woken meanwhile (a send ended): claim again now
+                    await self._wake.wait(self._idle_wait(due))
             except Exception as exc:  # noqa: BLE001 - a dead loop would wedge every delivery: log, pause, go on
                 event(logging.ERROR, "dispatcher loop error, retrying", error_type=type(exc).__name__)
-                await self._wait(IDLE_POLL)
+                await self._wake.wait(IDLE_POLL)
 
-    async def _claim_round(self) -> bool:
-        """Claim within each app's free slots and start the jobs; True when the claim was full (more may wait)."""
+    async def _claim_round(self) -> tuple[bool, float | None | StoreError]:
+        """Claim within each app's free slots and start the jobs: (the claim was full, so more may wait; the
+        store's next due time after it).
+
+        The claim and the next-due read are queued together, so the store runs them in one transaction, after
+        whatever outcomes the deliveries that just ended queued in the same loop turn: a delivery's outcome,
+        the claim of its token's next one and the loop's next wake-up time cost one store round trip.
+        """
         now = self.clock.now()
         plan = self.admission.plan(self.breakers, now)
         if plan.limit == 0:
-            return False
-        try:
-            jobs = await self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits)
-        except StoreError as exc:
-            event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
-            return False
-        if jobs:
+            return False, await self._next_due()
+        claimed, due = await asyncio.gather(
+            self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits), self._next_due(),
+            return_exceptions=True)
+        if isinstance(claimed, StoreError):
+            event(logging.WARNING, "store unavailable, dispatcher paused", error=str(claimed))
+            return False, claimed
+        if isinstance(claimed, BaseException):
+            raise claimed
+        if isinstance(due, BaseException) and not isinstance(due, StoreError):
+            raise due
+        if claimed:
             await self._refresh()
-        for n, (job, slot) in enumerate(zip(jobs, self.admission.claimed(jobs, plan), strict=True), 1):
+        for n, (job, slot) in enumerate(zip(claimed, self.admission.claimed(claimed, plan), strict=True), 1):
             self._start(job, slot)
             if n % START_SLICE == 0:
                 await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
-        return len(jobs) >= plan.limit
+        return len(claimed) >= plan.limit, due
+
+    async def _next_due(self) -> float | None | StoreError:
+        try:
+            return await self.store.next_due()
+        except StoreError as exc:
+            return exc
 
     async def _refresh(self) -> None:
         """Catch up with device changes made anywhere (after the claim: whatever changed before a claimed
@@ -138,12 +157,10 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _idle_wait(self) -> float:
+    def _idle_wait(self, due: float | None | StoreError) -> float:
         now = self.clock.now()
         probe = self.circuits.next_probe(now)  # an open circuit's probe is claimed on time, not at the next poll
-        try:
-            due = await self.store.next_due()
-        except StoreError:
+        if isinstance(due, StoreError):
             return IDLE_POLL
         # Nothing pending or in flight: a webhook wakes us. Otherwise poll at least every IDLE_POLL, so that a
         # change made by another process (the CLI adding a device, another instance) is seen within it; due but
@@ -153,12 +170,6 @@ class Dispatcher:
         else:
             wait = IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
         return max(0.0, wait if probe is None else min(wait, probe))
-
-    async def _wait(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def run_until_idle(self, max_rounds: int = 10_000) -> None:
         """Test helper: deliver everything due now (following the fake clock), then return."""
@@ -202,7 +213,9 @@ class Dispatcher:
                 event(logging.ERROR, "could not record a failed delivery; it stays claimed until recovered",
                       token=short_token(job.token), error_type=type(second).__name__)
         finally:
-            if self.admission.release(slot):
+            # A slot given back after the send already woke the loop, whose claim was queued behind this
+            # delivery's outcome (it sees the token's next delivery): another claim now would find nothing.
+            if not slot.released and self.admission.release(slot):
                 self._wake.set()
 
     async def _failed(self, job: Job, slot: Slot, exc: Exception) -> None:
