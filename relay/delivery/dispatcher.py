@@ -108,7 +108,7 @@ class Dispatcher:
                 event(logging.ERROR, "dispatcher loop error, retrying", error_type=type(exc).__name__)
                 await self._wake.wait(IDLE_POLL)
 
-    async def _claim_round(self) -> tuple[bool, float | None | StoreError]:
+    async def _claim_round(self) -> tuple[bool, float | StoreError | None]:
         """Claim within each app's free slots and start the jobs: (the claim was full, so more may wait; the
         store's next due time after it).
 
@@ -138,7 +138,7 @@ class Dispatcher:
                 await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
         return len(claimed) >= plan.limit, due
 
-    async def _next_due(self) -> float | None | StoreError:
+    async def _next_due(self) -> float | StoreError | None:
         try:
             return await self.store.next_due()
         except StoreError as exc:
@@ -157,7 +157,7 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _idle_wait(self, due: float | None | StoreError) -> float:
+    def _idle_wait(self, due: float | StoreError | None) -> float:
         now = self.clock.now()
         probe = self.circuits.next_probe(now)  # an open circuit's probe is claimed on time, not at the next poll
         if isinstance(due, StoreError):
