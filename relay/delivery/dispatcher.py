@@ -109,27 +109,19 @@ class Dispatcher:
                 await self._wake.wait(IDLE_POLL)
 
     async def _claim_round(self) -> tuple[bool, float | StoreError | None]:
-        """Claim within each app's free slots and start the jobs: (the claim was full, so more may wait; the
-        store's next due time after it).
-
-        The claim and the next-due read are queued together, so the store runs them in one transaction, after
-        whatever outcomes the deliveries that just ended queued in the same loop turn: a delivery's outcome,
-        the claim of its token's next one and the loop's next wake-up time cost one store round trip.
-        """
+        """Claim within each app's free slots, start the jobs; (claim full, next due time). Claim and next-due
+        read are queued together, behind the outcomes that sends ending in this loop turn queued: one store
+        transaction records a delivery, claims its token's next one and reads the next wake-up time."""
         now = self.clock.now()
         plan = self.admission.plan(self.breakers, now)
         if plan.limit == 0:
             return False, await self._next_due()
-        claimed, due = await asyncio.gather(
-            self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits), self._next_due(),
-            return_exceptions=True)
-        if isinstance(claimed, StoreError):
-            event(logging.WARNING, "store unavailable, dispatcher paused", error=str(claimed))
-            return False, claimed
-        if isinstance(claimed, BaseException):
-            raise claimed
-        if isinstance(due, BaseException) and not isinstance(due, StoreError):
-            raise due
+        try:
+            claimed, due = await asyncio.gather(
+                self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits), self._next_due())
+        except StoreError as exc:
+            event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
+            return False, exc
         if claimed:
             await self._refresh()
         for n, (job, slot) in enumerate(zip(claimed, self.admission.claimed(claimed, plan), strict=True), 1):
