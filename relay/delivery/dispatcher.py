@@ -25,7 +25,7 @@ from relay.delivery.mismatch import Verdict
 from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, SystemClock
 from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
-from relay.delivery.wakeup import Wakeup
+from relay.delivery.wakeup import IDLE_POLL, Wakeup, idle_wait
 from relay.errors import InvalidWebhook, StoreError
 from relay.inbound.accept import event_ttl
 from relay.inbound.parse import Event, load_notification
@@ -41,7 +41,6 @@ T = TypeVar("T")
 
 LEASE = 300.0
 START_SLICE = 16  # claimed jobs started per event-loop turn
-IDLE_POLL = 1.0  # the longest a due delivery (or a store change by another process) waits for a claim
 CANCEL_GRACE = 0.5  # at most this part of stop()'s timeout goes to recording the sends it had to cancel
 
 
@@ -103,7 +102,8 @@ class Dispatcher:
                 self._wake.clear()
                 full, due = await self._claim_round()
                 if not full and not self._wake.is_set():  # woken meanwhile (a send ended): claim again now
-                    await self._wake.wait(self._idle_wait(due))
+                    now = self.clock.now()
+                    await self._wake.wait(idle_wait(due, now, self.circuits.next_probe(now), busy=bool(self._tasks)))
             except Exception as exc:  # noqa: BLE001 - a dead loop would wedge every delivery: log, pause, go on
                 event(logging.ERROR, "dispatcher loop error, retrying", error_type=type(exc).__name__)
                 await self._wake.wait(IDLE_POLL)
@@ -148,20 +148,6 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(self._guarded(job, slot))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _idle_wait(self, due: float | StoreError | None) -> float:
-        now = self.clock.now()
-        probe = self.circuits.next_probe(now)  # an open circuit's probe is claimed on time, not at the next poll
-        if isinstance(due, StoreError):
-            return IDLE_POLL
-        # Nothing pending or in flight: a webhook wakes us. Otherwise poll at least every IDLE_POLL, so that a
-        # change made by another process (the CLI adding a device, another instance) is seen within it; due but
-        # not claimed means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
-        if due is None:
-            wait = IDLE_POLL if self._tasks else IDLE_POLL * 5
-        else:
-            wait = IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
-        return max(0.0, wait if probe is None else min(wait, probe))
 
     async def run_until_idle(self, max_rounds: int = 10_000) -> None:
         """Test helper: deliver everything due now (following the fake clock), then return."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
+IDLE_POLL = 1.0  # the longest a due delivery (or a store change by another process) waits for a claim
+
 
 class Wakeup:
     """A flag the loop waits on with a timeout; set from callbacks and tasks of the same event loop."""
@@ -49,3 +51,19 @@ class Wakeup:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def idle_wait(due: float | Exception | None, now: float, probe: float | None, *, busy: bool) -> float:
+    """How long the loop sleeps after a claim that was not full: ``due`` is the store's next due time (an
+    exception when it could not be read), ``probe`` the seconds until an open circuit's next probe, ``busy``
+    whether sends are in flight (each one's end wakes the loop)."""
+    if isinstance(due, Exception):
+        return IDLE_POLL
+    # Nothing pending or in flight: a webhook wakes us. Otherwise poll at least every IDLE_POLL, so that a change
+    # made by another process (the CLI adding a device, another instance) is seen within it; due but not claimed
+    # means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
+    if due is None:
+        wait = IDLE_POLL if busy else IDLE_POLL * 5
+    else:
+        wait = IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
+    return max(0.0, wait if probe is None else min(wait, probe))
