@@ -650,3 +650,22 @@ async def test_an_apps_slot_serves_its_next_send_while_the_last_outcome_is_still
     await asyncio.wait_for(running, 5)
     assert dispatcher.admission.running["ios"] == 0  # the end of the delivery did not give it back twice
     assert (await harness.store.stats()).ended[EndState.SENT] == 1
+
+
+async def test_a_delivery_outcome_and_the_claim_of_its_tokens_next_share_one_transaction(harness: Harness) -> None:
+    """At everyday rates nothing else batches: the outcome of a send, the claim of its token's next delivery and
+    the loop's next-due read go to the store together, one transaction (one round trip) per delivery, not three."""
+    for i in range(1, 9):
+        await harness.accept(msg(i))
+    before = harness.store.commits
+    task = asyncio.get_running_loop().create_task(harness.dispatcher.run())
+    try:
+        async with asyncio.timeout(10):
+            while (await harness.store.stats()).ended[EndState.SENT] < 8:
+                await asyncio.sleep(0.01)
+    finally:
+        await harness.dispatcher.stop(1.0)
+        await task
+    assert harness.bodies() == [f"m{i}" for i in range(1, 9)]  # per-device order holds
+    # recover, prune, the first claim, then one transaction per delivery (its outcome + the next claim)
+    assert harness.store.commits - before <= 3 + 8

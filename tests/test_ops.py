@@ -20,7 +20,9 @@ import pytest
 from relay import __version__
 from relay.cli import main
 from relay.config import load_config
+from relay.delivery.health import AppHealth
 from relay.observability import Metrics
+from relay.runtime.roles import SUCCESS_RESOLUTION, _health_moved
 from relay.runtime.supervisor import STATUS_EVERY
 from relay.testing.process import Datagram, NotifySocket, RelayProcess, free_port, relay_command
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
@@ -295,3 +297,15 @@ def test_check_config_online_reports_a_refused_credential(sandbox: Sandbox) -> N
     sandbox.apns.fail_all(403, "InvalidProviderToken")
     code, _out, err = _cli("check-config", "--online", "--config", str(sandbox.write()))
     assert code == 1 and re.search(r"online: app ios: FAILED: .*InvalidProviderToken", err), err
+
+
+def test_a_delivery_process_republishes_its_health_on_a_state_change_not_on_every_push() -> None:
+    """A circuit, alarm or reason change is published at the next look; a last success only once it moved by
+    SUCCESS_RESOLUTION (under traffic it changes with every push, and each publication is a file write)."""
+    published = {"ios": AppHealth("ios", last_success=1000.0)}
+    assert not _health_moved(published, {"ios": AppHealth("ios", last_success=1000.0 + SUCCESS_RESOLUTION / 2)})
+    assert _health_moved(published, {"ios": AppHealth("ios", last_success=1000.0 + SUCCESS_RESOLUTION)})
+    assert _health_moved(published, {"ios": AppHealth("ios", circuit="open", reason="503",
+                                                      last_success=1000.0 + SUCCESS_RESOLUTION / 2)})
+    assert _health_moved({"ios": AppHealth("ios")}, {"ios": AppHealth("ios", last_success=1000.0)})
+    assert _health_moved(published, {**published, "android": AppHealth("android")})

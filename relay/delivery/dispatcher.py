@@ -25,6 +25,7 @@ from relay.delivery.mismatch import Verdict
 from relay.delivery.policy import Breaker, Clock, ProbePolicy, RetryPolicy, SystemClock
 from relay.delivery.refit import Refitter
 from relay.delivery.upkeep import Upkeep, persist
+from relay.delivery.wakeup import IDLE_POLL, Wakeup, idle_wait
 from relay.errors import InvalidWebhook, StoreError
 from relay.inbound.accept import event_ttl
 from relay.inbound.parse import Event, load_notification
@@ -40,7 +41,6 @@ T = TypeVar("T")
 
 LEASE = 300.0
 START_SLICE = 16  # claimed jobs started per event-loop turn
-IDLE_POLL = 1.0  # the longest a due delivery (or a store change by another process) waits for a claim
 CANCEL_GRACE = 0.5  # at most this part of stop()'s timeout goes to recording the sends it had to cancel
 
 
@@ -65,7 +65,7 @@ class Dispatcher:
         self.clock = clock or SystemClock()
         self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
         self.admission = Admission(registry.apps, settings, self._slots_changed)
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.upkeep = Upkeep(store, self.clock)
@@ -100,30 +100,41 @@ class Dispatcher:
             try:
                 self.upkeep.prune_if_due()  # runs beside the loop: claims go on meanwhile
                 self._wake.clear()
-                if not await self._claim_round():
-                    await self._wait(await self._idle_wait())
+                full, due = await self._claim_round()
+                if not full and not self._wake.is_set():  # woken meanwhile (a send ended): claim again now
+                    now = self.clock.now()
+                    await self._wake.wait(idle_wait(due, now, self.circuits.next_probe(now), busy=bool(self._tasks)))
             except Exception as exc:  # noqa: BLE001 - a dead loop would wedge every delivery: log, pause, go on
                 event(logging.ERROR, "dispatcher loop error, retrying", error_type=type(exc).__name__)
-                await self._wait(IDLE_POLL)
+                await self._wake.wait(IDLE_POLL)
 
-    async def _claim_round(self) -> bool:
-        """Claim within each app's free slots and start the jobs; True when the claim was full (more may wait)."""
+    async def _claim_round(self) -> tuple[bool, float | StoreError | None]:
+        """Claim within each app's free slots, start the jobs; (claim full, next due time). Claim and next-due
+        read are queued together, behind the outcomes that sends ending in this loop turn queued: one store
+        transaction records a delivery, claims its token's next one and reads the next wake-up time."""
         now = self.clock.now()
         plan = self.admission.plan(self.breakers, now)
         if plan.limit == 0:
-            return False
+            return False, await self._next_due()
         try:
-            jobs = await self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits)
+            claimed, due = await asyncio.gather(
+                self.store.claim(plan.limit, now, LEASE, app_limits=plan.app_limits), self._next_due())
         except StoreError as exc:
             event(logging.WARNING, "store unavailable, dispatcher paused", error=str(exc))
-            return False
-        if jobs:
+            return False, exc
+        if claimed:
             await self._refresh()
-        for n, (job, slot) in enumerate(zip(jobs, self.admission.claimed(jobs, plan), strict=True), 1):
+        for n, (job, slot) in enumerate(zip(claimed, self.admission.claimed(claimed, plan), strict=True), 1):
             self._start(job, slot)
             if n % START_SLICE == 0:
                 await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
-        return len(jobs) >= plan.limit
+        return len(claimed) >= plan.limit, due
+
+    async def _next_due(self) -> float | StoreError | None:
+        try:
+            return await self.store.next_due()
+        except StoreError as exc:
+            return exc
 
     async def _refresh(self) -> None:
         """Catch up with device changes made anywhere (after the claim: whatever changed before a claimed
@@ -137,28 +148,6 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(self._guarded(job, slot))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _idle_wait(self) -> float:
-        now = self.clock.now()
-        probe = self.circuits.next_probe(now)  # an open circuit's probe is claimed on time, not at the next poll
-        try:
-            due = await self.store.next_due()
-        except StoreError:
-            return IDLE_POLL
-        # Nothing pending or in flight: a webhook wakes us. Otherwise poll at least every IDLE_POLL, so that a
-        # change made by another process (the CLI adding a device, another instance) is seen within it; due but
-        # not claimed means blocked behind its token's head or its app's slots, whose finish wakes us sooner.
-        if due is None:
-            wait = IDLE_POLL if self._tasks else IDLE_POLL * 5
-        else:
-            wait = IDLE_POLL if due <= now else min(due - now, IDLE_POLL)
-        return max(0.0, wait if probe is None else min(wait, probe))
-
-    async def _wait(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def run_until_idle(self, max_rounds: int = 10_000) -> None:
         """Test helper: deliver everything due now (following the fake clock), then return."""
@@ -202,7 +191,9 @@ class Dispatcher:
                 event(logging.ERROR, "could not record a failed delivery; it stays claimed until recovered",
                       token=short_token(job.token), error_type=type(second).__name__)
         finally:
-            if self.admission.release(slot):
+            # A slot given back after the send already woke the loop, whose claim was queued behind this
+            # delivery's outcome (it sees the token's next delivery): another claim now would find nothing.
+            if not slot.released and self.admission.release(slot):
                 self._wake.set()
 
     async def _failed(self, job: Job, slot: Slot, exc: Exception) -> None:

@@ -31,7 +31,7 @@ async def webhook(request: web.Request) -> web.Response:
     relay = request.app[RELAY_KEY]
     started = time.perf_counter()
     result, response = await _handle_webhook(request, relay)
-    relay.metrics.webhooks.labels(result).inc()
+    relay.metrics.child(relay.metrics.webhooks, result).inc()
     relay.metrics.ack_latency.observe(time.perf_counter() - started)
     return response
 
@@ -136,7 +136,7 @@ def _count(relay: Relay, items: list[NewDelivery], accepted: Enqueued, rid: str,
     (counted and logged like any other end: they are never sent)."""
     for item, ok in zip(items, accepted, strict=True):
         if ok:
-            relay.metrics.accepted.labels(item.kind).inc()
+            relay.metrics.child(relay.metrics.accepted, item.kind).inc()
     for ended in accepted.superseded:
         app = relay.config.apps.get(ended.app or "")
         relay.metrics.child(relay.metrics.ended, app.platform if app else "none", ended.app or "none", "event",

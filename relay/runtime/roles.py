@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -35,6 +36,7 @@ from relay.runtime.systemd import ListenSocket
 from relay.runtime.waker import WakeReceiver, WakeSender
 
 PUBLISH_EVERY = 0.25  # seconds between looks at this process's alarms and commit count
+SUCCESS_RESOLUTION = 1.0  # seconds: a published last success is at most this much older than the real one
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -170,6 +172,23 @@ def _wake(relay: Relay) -> None:
         relay.dispatcher.wake()
 
 
+def _health_moved(published: dict[str, AppHealth], states: dict[str, AppHealth]) -> bool:
+    """Whether the published health is out of date: a circuit, alarm or reason changed, or an app's last success
+    moved by SUCCESS_RESOLUTION. Under traffic the last success changes with every push; writing the file at
+    each look (4 a second) cost the delivery loop more than anything but the sends in a saturated profile."""
+    if published.keys() != states.keys():
+        return True
+    for app, state in states.items():
+        old = published[app]
+        if replace(old, last_success=state.last_success) != state:
+            return True
+        if (old.last_success is None) != (state.last_success is None) or (
+                state.last_success is not None and old.last_success is not None
+                and abs(state.last_success - old.last_success) >= SUCCESS_RESOLUTION):
+            return True
+    return False
+
+
 def _publishing(shared: SharedState, index: int | None) -> Callable[[web.Application], AsyncIterator[None]]:
     """Keeps what other processes read about this one current: a delivery process's alarms (``index``), and
     the store commit count every process adds to ``/metrics``."""
@@ -197,7 +216,7 @@ async def _publish(relay: Relay, shared: SharedState, index: int | None) -> None
                 shared.write_alarms(index, alarms)
                 written = alarms
             states = relay.own_health()
-            if states != published:
+            if published is None or _health_moved(published, states):
                 shared.write_health(index, states)
                 published = states
         else:  # a webhook process answers /metrics: the processes the supervisor reports down, by role
