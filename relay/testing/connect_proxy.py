@@ -80,6 +80,7 @@ class ConnectProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the closed transports' connection_lost callbacks run before the loop ends
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -114,11 +115,11 @@ class ConnectProxy:
         except (OSError, ValueError):
             await self._refuse(writer, 502, "Bad Gateway")
             return
-        with self._lock:
-            self._tunnels.append(target)
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await writer.drain()
-        try:
+        try:  # from here on the upstream connection is ours to close, whatever ends the tunnel
+            with self._lock:
+                self._tunnels.append(target)
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
             await asyncio.gather(_copy(reader, upstream_writer), _copy(upstream_reader, writer))
         finally:
             upstream_writer.close()
