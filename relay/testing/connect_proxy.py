@@ -34,6 +34,7 @@ class ConnectProxy:
         self._refused: list[int] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # both ends of every tunnel, aborted at stop
         self._thread = ServerThread("connect-proxy", self._setup, self._teardown)
 
     def start(self) -> ConnectProxy:
@@ -80,12 +81,15 @@ class ConnectProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.sleep(0)  # the closed transports' connection_lost callbacks run before the loop ends
+        for writer in self._writers:  # close() waits for unsent data a gone peer never takes: abort
+            writer.transport.abort()
+        await asyncio.sleep(0)  # the aborted transports' connection_lost callbacks run before the loop ends
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         try:
             await self._tunnel(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -115,6 +119,7 @@ class ConnectProxy:
         except (OSError, ValueError):
             await self._refuse(writer, 502, "Bad Gateway")
             return
+        self._writers.add(upstream_writer)
         try:  # from here on the upstream connection is ours to close, whatever ends the tunnel
             with self._lock:
                 self._tunnels.append(target)
