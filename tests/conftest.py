@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,7 @@ from relay.config import load_config
 from relay.http.app import create_ops_app
 from relay.running import RELAY_KEY, Relay
 from relay.runtime.relay import create_app
+from relay.testing.process import NotifySocket, listening_socket
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, Sandbox
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -87,6 +89,20 @@ async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: f
             if await met if inspect.isawaitable(met) else met:
                 return
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    """A ``$NOTIFY_SOCKET`` standing in for systemd: every datagram a relay process sends to it."""
+    with NotifySocket() as sock:
+        yield sock
+
+
+@pytest.fixture
+def webhook_socket() -> Iterator[socket.socket]:
+    """The listening socket the harness holds, as systemd holds a .socket unit's."""
+    with listening_socket() as sock:
+        yield sock
 
 
 @pytest.fixture

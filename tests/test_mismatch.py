@@ -13,7 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pytest
 
 from relay.cli import main
 from relay.delivery.mismatch import Mismatches, Verdict
-from relay.testing.process import NotifySocket, RelayProcess, free_port, listening_socket
+from relay.testing.process import NotifySocket, RelayProcess, free_port
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
 HOOK = "/parley/webhook"
@@ -29,16 +29,6 @@ APNS_TOKENS = [f"{i:02x}" * 32 for i in range(1, 9)]  # eight iOS devices
 FCM_TOKENS = [f"fcm-device-{i}:APA91b" + "x" * 30 for i in range(1, 9)]  # eight Android devices
 
 
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    with NotifySocket() as sock:
-        yield sock
-
-
-@pytest.fixture
-def webhook_socket() -> Iterator[socket.socket]:
-    with listening_socket() as sock:
-        yield sock
 
 
 def _post(sock: socket.socket, doc: Any, path: str = HOOK) -> tuple[int, str]:

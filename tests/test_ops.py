@@ -11,7 +11,6 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,6 @@ from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TO
 
 HOOK = "/parley/webhook"
 
-
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    with NotifySocket() as sock:
-        yield sock
 
 
 def _get(url: str, doc: Any = None) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,6 @@ from relay.testing.sandbox import (
 HOOK = "/parley/webhook"
 
 
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    with NotifySocket() as sock:
-        yield sock
-
-
-@pytest.fixture
-def webhook_socket() -> Iterator[socket.socket]:
-    """The listening socket the harness holds, as systemd holds a .socket unit's."""
-    with listening_socket() as sock:
-        yield sock
 
 
 def _url(sock: socket.socket, path: str = HOOK) -> str:

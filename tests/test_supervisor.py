@@ -10,30 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
-from relay.testing.process import NotifySocket, RelayProcess, free_port, listening_socket
+from relay.testing.process import NotifySocket, RelayProcess, free_port
 from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, IOS_TOKEN, Sandbox, sample
 from tests.test_service import _fcm_ids, _reload_command, _request, _start, _url, _wait
 
 NEW_SECRET = "rotated-shared-secret-77c1"
 
 
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    with NotifySocket() as sock:
-        yield sock
-
-
-@pytest.fixture
-def webhook_socket() -> Iterator[socket.socket]:
-    """The listening socket the harness holds, as systemd holds a .socket unit's."""
-    with listening_socket() as sock:
-        yield sock
 
 
 def _main_status(notify: NotifySocket, relay: RelayProcess, text: str, start: int = 0,
