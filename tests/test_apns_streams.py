@@ -64,5 +64,26 @@ async def test_apns_stream_given_up_while_waiting_for_its_answer_frees_its_slot(
     assert sandbox.apns.connections_opened == 1
 
 
+async def test_apns_authorization_and_per_push_headers_stay_out_of_the_hpack_table(sandbox: Sandbox) -> None:
+    """h2 no longer normalizes the relay's request headers (a tenth of a push's CPU); the provider token is still
+    sent never-indexed, as h2 made it, and so are the values unique to each push (path, apns-id), twice over
+    one connection; the headers arrive lowercase and exactly as built."""
+    provider = Bounded(ApnsProvider(_ios(sandbox)), concurrency=10, timeout=5)
+    tokens = ["ab" * 32, "cd" * 32]
+    try:
+        results = [await provider.send(_push(token)) for token in tokens]
+    finally:
+        await provider.close()
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.SENT]
+    requests = sandbox.apns.requests
+    assert {r.connection_id for r in requests} == {1}
+    for request, token in zip(requests, tokens, strict=True):
+        assert {"authorization", ":path", "apns-id"} <= request.never_indexed
+        assert "apns-topic" not in request.never_indexed  # repeats on every push: indexed
+        assert request.headers[":path"] == f"/3/device/{token}"
+        assert request.headers["authorization"].startswith("bearer ")
+        assert all(name == name.lower() for name in request.headers)
+
+
 def _push(token: str) -> ApnsPush:
     return ApnsPush("ios", token, str(uuid.uuid4()), "alert", 10, None, None, {"aps": {"alert": "hi"}})

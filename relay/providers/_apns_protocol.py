@@ -58,9 +58,12 @@ class RelayProtocol(APNsBaseClientProtocol):
         self._pending: dict[int, asyncio.Future[NotificationResult]] = {}  # by stream id
         self._window_waiters: list[asyncio.Future[None]] = []
         self._flush_pending = False
-        # The request headers are built here from validated values; h2 re-checking each one on every push
-        # was ~10 % of the dispatcher's CPU in the drain profile (bench/README.md).
+        # The request headers are built here from validated values, lowercase and trimmed; h2 re-checking and
+        # re-normalizing each one on every push was ~10 % and then ~8 % of the dispatcher's CPU in the drain
+        # profiles (bench/README.md). What normalizing did that matters is done below: authorization is never
+        # indexed, as h2 would have made it.
         self.conn.config.validate_outbound_headers = False
+        self.conn.config.normalize_outbound_headers = False
         self.conn.encoder = _PlainEncoder()  # before any header block, so both tables start empty alike
 
     async def send_notification(self, request: NotificationRequest) -> NotificationResult:
@@ -87,7 +90,7 @@ class RelayProtocol(APNsBaseClientProtocol):
         if request.push_type is not None:
             headers.append(("apns-push-type", request.push_type.value))
         if self.auth_provider is not None:
-            headers.append(("authorization", self.auth_provider.get_header()))
+            headers.append(NeverIndexedHeaderTuple("authorization", self.auth_provider.get_header()))
         message: Any = request.message  # the pre-encoded body (bytes) from translate, or a dict
         body = message if isinstance(message, bytes) else json.dumps(message, ensure_ascii=False).encode()
         future: asyncio.Future[NotificationResult] = self.loop.create_future()

@@ -74,6 +74,7 @@ class ApnsRequest:
     status: int
     reason: str | None
     received_at: float
+    never_indexed: frozenset[str] = frozenset()  # header names sent as HPACK never-indexed literals
 
 
 @dataclass
@@ -91,6 +92,7 @@ class _Answer:
 @dataclass
 class _Stream:
     headers: dict[str, str]
+    never_indexed: frozenset[str] = frozenset()
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -355,7 +357,7 @@ class FakeApns:
         self._log.append(ApnsRequest(
             device_token=token, headers=dict(headers), payload=payload or {}, raw=raw,
             connection_id=connection_id, status=answer.status if answer else 0,
-            reason=answer.reason if answer else None, received_at=time.time(),
+            reason=answer.reason if answer else None, received_at=time.time(), never_indexed=stream.never_indexed,
         ))
         return answer, delay
 
@@ -530,7 +532,8 @@ class _ApnsConnection(asyncio.Protocol):
     def _handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived) and event.stream_id is not None:
             headers = {str(k): str(v) for k, v in event.headers or []}
-            self._streams[event.stream_id] = _Stream(headers)
+            never = frozenset(str(h[0]) for h in event.headers or [] if not getattr(h, "indexable", True))
+            self._streams[event.stream_id] = _Stream(headers, never)
         elif isinstance(event, h2.events.DataReceived) and event.stream_id is not None:
             stream = self._streams.get(event.stream_id)
             if stream is not None and event.data is not None:
