@@ -16,9 +16,10 @@ import pytest
 from relay.config import StoreSettings
 from relay.outcome import EndState
 from relay.store import NewDelivery
+from relay.store import sqlite as sqlite_store
 from relay.store import sqlite_commit as commit
 from relay.store import sqlite_schema as schema
-from relay.store.sqlite import PRUNE_KEYS, PRUNE_ROWS, SqliteStore
+from relay.store.sqlite import PRUNE_ROWS, PRUNE_ROWS_MAX, PRUNE_ROWS_MIN, SqliteStore
 
 NOW = 1_000_000.0
 LEASE = 300.0
@@ -178,17 +179,20 @@ async def test_dedupe_keys_are_stored_as_16_byte_digests(tmp_path: Path, open_st
     assert query(tmp_path / "relay.db", "SELECT typeof(key), length(key) FROM dedupe") == [("blob", 16)]
 
 
-async def test_one_prune_slice_is_one_transaction_of_bounded_size(tmp_path: Path, open_store: OpenStore) -> None:
-    """Each prune call commits once and removes at most PRUNE_ROWS finished deliveries and PRUNE_KEYS
-    expired dedupe keys, however much is due; calls until ``more`` is False remove it all."""
-    store = await open_store()
-    path = tmp_path / "relay.db"
-    rows, keys = PRUNE_ROWS * 3 + 7, PRUNE_KEYS * 3 + 11
+async def _finished_and_expired(store: SqliteStore, rows: int, keys: int) -> None:
     for start in range(0, max(rows, keys), 500):
         items = [new(f"t{n}", n, "ios") for n in range(start, min(max(rows, keys), start + 500))]
         assert all(await store.enqueue(items, NOW, 600))
     while jobs := await store.claim(500, NOW, LEASE):
         await asyncio.gather(*(store.finish(job, EndState.SENT, "", NOW) for job in jobs))
+
+
+async def test_one_prune_slice_is_one_transaction_of_bounded_size(tmp_path: Path, open_store: OpenStore) -> None:
+    """Each prune call commits once and removes at most its slice's rows (and twice as many expired dedupe
+    keys), however much is due; calls until ``more`` is False remove it all."""
+    store = await open_store()
+    path = tmp_path / "relay.db"
+    await _finished_and_expired(store, PRUNE_ROWS * 3 + 7, PRUNE_ROWS * 6 + 11)
     later = NOW + StoreSettings().keep_finished + 1
     def counts() -> tuple[int, int]:
         (rows,), (keys,) = query(path, "SELECT COUNT(*) FROM deliveries"), query(path, "SELECT COUNT(*) FROM dedupe")
@@ -196,16 +200,41 @@ async def test_one_prune_slice_is_one_transaction_of_bounded_size(tmp_path: Path
 
     slices = 0
     while True:
-        before, commits = counts(), store.commits
+        before, commits, limit = counts(), store.commits, store._prune_rows
         pruned = await store.prune(later)
         after = counts()
         assert store.commits == commits + 1
-        assert 0 <= before[0] - after[0] <= PRUNE_ROWS and 0 <= before[1] - after[1] <= PRUNE_KEYS
+        assert 0 <= before[0] - after[0] <= limit and 0 <= before[1] - after[1] <= 2 * limit
         assert pruned.removed == (before[0] - after[0]) + (before[1] - after[1])
         slices += 1
         if not pruned.more:
             break
-    assert after == (0, 0) and slices >= 4
+    assert after == (0, 0) and slices >= 2
+
+
+async def test_prune_slices_are_sized_by_the_time_they_hold_the_write_lock(
+        tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full slice that took longer than PRUNE_SLICE_BUDGET shrinks the next one (in an hour's retention a row
+    costs ten times what it costs in a small file), down to PRUNE_ROWS_MIN; a quick one grows it, up to
+    PRUNE_ROWS_MAX; a slice that emptied what was due says nothing about the size and changes nothing."""
+    store = await open_store()
+    await _finished_and_expired(store, 1200, 1200)
+    later = NOW + StoreSettings().keep_finished + 1
+
+    def rows() -> int:
+        return int(query(tmp_path / "relay.db", "SELECT COUNT(*) FROM deliveries")[0][0])  # type: ignore[call-overload]
+
+    assert store._prune_rows == PRUNE_ROWS
+    monkeypatch.setattr(sqlite_store, "PRUNE_SLICE_BUDGET", 1e-9)  # every slice is over budget
+    assert (await store.prune(later)).more and rows() == 1200 - PRUNE_ROWS
+    assert store._prune_rows == PRUNE_ROWS_MIN
+    assert (await store.prune(later)).more and rows() == 1200 - PRUNE_ROWS - PRUNE_ROWS_MIN
+    monkeypatch.setattr(sqlite_store, "PRUNE_SLICE_BUDGET", 1e9)  # every slice is far under budget
+    assert (await store.prune(later)).more
+    assert store._prune_rows == PRUNE_ROWS_MAX
+    while (await store.prune(later)).more:  # what is left (less than a slice): the size stays
+        pass
+    assert rows() == 0 and store._prune_rows == PRUNE_ROWS_MAX
 
 
 async def test_a_delivery_processs_commits_are_synced_within_a_second(open_store: OpenStore) -> None:

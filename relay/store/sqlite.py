@@ -34,8 +34,12 @@ _LETTER = "SELECT id, token, kind, " + _DATA + ", reason, received_at, finished_
 _RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
                    "finished_at, request_id, message_id")
 # One prune slice, one transaction: a few milliseconds of the write lock (and of the webhooks' commits behind it).
-PRUNE_ROWS = 200  # finished deliveries (a row and its index entries: ~10 µs each)
-PRUNE_KEYS = 400  # expired dedupe keys (~3 µs each)
+# A row's cost grows with the file (its index entries are spread over more pages: ~10 µs each in a small file,
+# ~100 µs in an hour's retention at 300/s), so the slice is sized by time: each slice scales the next one to
+# PRUNE_SLICE_BUDGET, between PRUNE_ROWS_MIN and PRUNE_ROWS_MAX rows (and twice as many dedupe keys).
+PRUNE_ROWS = 200  # finished deliveries in the first slice
+PRUNE_ROWS_MIN, PRUNE_ROWS_MAX = 10, 2000
+PRUNE_SLICE_BUDGET = 0.004  # seconds
 VACUUM_PAGES = 64  # free pages given back to the file (256 KiB)
 VACUUM_MAX_BYTES = 256 * 2**20  # an older file is rebuilt at start-up only up to this size (a few seconds)
 
@@ -65,6 +69,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
         super().__init__(settings.path, settings.commit_interval, acknowledges=acknowledges)
         self._read_only = read_only  # an operator command that only reads: never creates nor migrates the file
         self._keep_finished = settings.keep_finished
+        self._prune_rows = PRUNE_ROWS  # resized by each full prune slice (see PRUNE_SLICE_BUDGET)
         self._owner = schema.new_owner()  # recorded with each claim: recover() tells a dead owner from a live one
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -256,23 +261,28 @@ class SqliteStore(GroupCommit, SqliteDevices):
         cutoff = now - self._keep_finished
 
         def op(conn: sqlite3.Connection) -> Pruned:
+            began = time.perf_counter()
+            limit = self._prune_rows
             rows = conn.execute(
                 "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries "
                 f"WHERE state IN {schema.DONE_STATES} AND finished_at < ? LIMIT ?)",
-                (cutoff, PRUNE_ROWS),
+                (cutoff, limit),
             ).rowcount
             keys = conn.execute(
                 "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE expires_at < ? LIMIT ?)",
-                (now, PRUNE_KEYS),
+                (now, 2 * limit),
             ).rowcount
-            streams = events.prune_streams(conn, now, PRUNE_KEYS)
+            streams = events.prune_streams(conn, now, 2 * limit)
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             left = free
             if free:  # a no-op on a file made before incremental auto-vacuum (see recover)
                 conn.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
                 left = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            return Pruned(rows + keys + streams, more=rows == PRUNE_ROWS or PRUNE_KEYS in (keys, streams)
-                          or 0 < left < free)
+            more = rows == limit or 2 * limit in (keys, streams)
+            if more:  # only a full slice says what a slice of this size costs now
+                took = max(time.perf_counter() - began, 1e-6)
+                self._prune_rows = max(PRUNE_ROWS_MIN, min(PRUNE_ROWS_MAX, int(limit * PRUNE_SLICE_BUDGET / took)))
+            return Pruned(rows + keys + streams, more=more or 0 < left < free)
 
         return await self._run(op)
 
