@@ -296,8 +296,17 @@ class FakeFcm:
         self.port = self._runner.addresses[0][1]
 
     async def _teardown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._runner is None:
+            return
+        server = self._runner.server
+        transports = [handler.transport for handler in (server.connections if server else []) if handler.transport]
+        await self._runner.cleanup()
+        # The runner closes each connection, and over TLS a close is a shutdown handshake that waits (up to 30 s)
+        # for the client's close_notify, which a client that aborted (aiohttp does) never sends: this loop ends
+        # now, and such a socket would outlive the fake, open, until the garbage collector finds it. Cut them.
+        for transport in transports:
+            transport.abort()
+        await asyncio.sleep(0)  # the aborted transports' connection_lost callbacks run before the loop ends
 
     async def _token(self, request: web.Request) -> web.Response:
         with self._lock:
