@@ -204,11 +204,11 @@ class Suite:
         finally:
             relay.stop()
         ratio = figures["500/s"] / figures["saturated"] if figures.get("saturated") else 0.0
-        # The machine's own floor for that ratio: the same Python work per message, at 500/s and back to back,
-        # nothing stored or batched (bench/wakeup_floor.py). What the relay shows above it, saturation batches.
+        # One wake-up's floor for that ratio on this machine: the same Python work per message, at 500/s and back
+        # to back, nothing stored or batched (bench/wakeup_floor.py).
         work_us = figures.get("saturated", 0.3) * 1000 / 2  # per process: the tree's work is in two of them
         floor = harness.run_json("wakeup_floor.py", {"work_us": round(work_us), "rates": [500]})
-        self.rows.append(Row(f"same Python work ({work_us:.0f} µs hot) at 500/s ÷ back to back: this machine's floor",
+        self.rows.append(Row(f"same Python work ({work_us:.0f} µs hot), one wake-up each, 500/s ÷ back to back",
                              f"{floor['rates']['500']:.0f} / {floor['saturated']:.0f} µs CPU per message",
                              ratio=f"{floor['ratio_500']:.2f}"))
         self.figures["cpu_floor_ratio_500"] = floor["ratio_500"]

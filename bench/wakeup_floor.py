@@ -9,8 +9,9 @@ hot); the parent sends the messages at each rate (open loop), then as fast as it
 (``getrusage``) ÷ messages is the cost of one message at that rate. Nothing is stored, nothing batches: what
 the rate changes is only how long the process slept before each message (cold caches, the wake-up itself).
 
-The relay's "CPU per notification, 500/s ÷ saturated" (``bench/run.py``) can be no lower than this ratio for
-work that does not batch; what it shows above it is what saturation batches (commits, claims, TLS writes).
+This is the floor for one wake-up per message: the relay's "CPU per notification, 500/s ÷ saturated"
+(``bench/run.py``) wakes several processes and threads per notification, and at saturation batches commits,
+claims and TLS writes; what it shows above this ratio comes from those two.
 The last stdout line is JSON: ``{"rates": {"500": µs, ...}, "saturated": µs, "ratio_500": x}``.
 """
 
