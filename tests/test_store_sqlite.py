@@ -214,8 +214,8 @@ async def test_one_prune_slice_is_one_transaction_of_bounded_size(tmp_path: Path
 
 async def test_prune_slices_are_sized_by_the_time_they_hold_the_write_lock(
         tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A full slice that took longer than PRUNE_SLICE_BUDGET shrinks the next one (in an hour's retention a row
-    costs ten times what it costs in a small file), down to PRUNE_ROWS_MIN; a quick one grows it, up to
+    """A full slice that took longer than PRUNE_SLICE_BUDGET shrinks the next one (a row costs more in a big file
+    than in a small one), down to PRUNE_ROWS_MIN; a quick one grows it, up to
     PRUNE_ROWS_MAX; a slice that emptied what was due says nothing about the size and changes nothing."""
     store = await open_store()
     await _finished_and_expired(store, 1200, 1200)

@@ -34,9 +34,9 @@ _LETTER = "SELECT id, token, kind, " + _DATA + ", reason, received_at, finished_
 _RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
                    "finished_at, request_id, message_id")
 # One prune slice, one transaction: a few milliseconds of the write lock (and of the webhooks' commits behind it).
-# A row's cost grows with the file (its index entries are spread over more pages: ~10 µs each in a small file,
-# ~100 µs in an hour's retention at 300/s), so the slice is sized by time: each slice scales the next one to
-# PRUNE_SLICE_BUDGET, between PRUNE_ROWS_MIN and PRUNE_ROWS_MAX rows (and twice as many dedupe keys).
+# A row's cost grows with the file (its index entries are spread over more pages: ~10 µs each in a small file),
+# so the slice is sized by time: each full slice scales the next one to PRUNE_SLICE_BUDGET, between
+# PRUNE_ROWS_MIN and PRUNE_ROWS_MAX rows (and twice as many dedupe keys).
 PRUNE_ROWS = 200  # finished deliveries in the first slice
 PRUNE_ROWS_MIN, PRUNE_ROWS_MAX = 10, 2000
 PRUNE_SLICE_BUDGET = 0.004  # seconds
