@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.observability import LOGGER_NAME, LineBudget, event, formatter, name_process, setup_logging
+from relay.observability import LOGGER_NAME, LineBudget, event, formatter, name_process, setup_logging, trace_budget
 from relay.testing.sandbox import AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
 
@@ -198,20 +198,26 @@ def test_line_budget_passes_a_burst_then_counts_and_summarizes(caplog: pytest.Lo
 
 
 async def test_at_volume_routine_lines_are_sampled_and_every_failure_is_written(
-        make_relay: MakeRelay, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+        make_relay: MakeRelay, sandbox: Sandbox, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """At the default budget, 300 webhooks in a burst write at most ~50 "webhook accepted" lines (journald's
     default limit would otherwise drop lines at ~170 notifications/s), while every dead-lettered end, which
     calls for action, is written."""
     r = await make_relay(routing=[{"match": "apns-hex", "app": "ios"}])
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    # The budget is the process's: lines of earlier tests may have spent part of it, so it starts full here.
+    monkeypatch.setattr(trace_budget, "tokens", trace_budget.per_second)
+    monkeypatch.setattr(trace_budget, "stamp", time.monotonic())
     started = time.monotonic()
     for i in range(300):
         doc = sample("message", to=[IOS_TOKEN])
         doc["data"]["object"]["id"] = 10_000 + i
         assert (await r.post(doc))[0] == 200
     elapsed = time.monotonic() - started
-    accepted = [rec for rec in caplog.records if rec.getMessage() == "webhook accepted"]
-    assert 50 <= len(accepted) <= 50 + 50 * elapsed + 1 < 300, (len(accepted), elapsed)
+    # "webhook accepted" shares the budget with the routine lines of the pushes sent meanwhile.
+    routine = [rec for rec in caplog.records if rec.getMessage() == "webhook accepted" or (
+        rec.getMessage() == "delivery ended" and getattr(rec, "fields", {}).get("state") == "sent")]
+    assert 50 <= len(routine) <= 50 + 50 * elapsed + 1 < 300, (len(routine), elapsed)
     await r.settle()
     sandbox.apns.fail_all(400, "BadCollapseId")  # permanent: each delivery ends dead-lettered
     tokens = [f"{i:064x}" for i in range(80)]
