@@ -77,8 +77,8 @@ def _serve(sock: socket.socket, rounds: int, out: socket.socket) -> None:
     uvloop.run(main())
 
 
-def _one(rate: float, count: int, rounds: int) -> float:
-    """µs of CPU per message in a fresh child, messages sent at ``rate``/s (0: back to back)."""
+def _spawn(rounds: int) -> tuple[socket.socket, socket.socket, int]:
+    """A child serving messages: (the socket to send them on, the socket its report comes back on, its pid)."""
     ours, theirs = socket.socketpair()
     report_r, report_w = socket.socketpair()
     pid = os.fork()
@@ -89,6 +89,19 @@ def _one(rate: float, count: int, rounds: int) -> float:
         os._exit(0)
     theirs.close()
     report_w.close()
+    return ours, report_r, pid
+
+
+def _finish(ours: socket.socket, report_r: socket.socket, pid: int) -> dict[str, Any]:
+    ours.send(b"q")
+    report = dict(json.loads(report_r.recv(4096)))
+    os.waitpid(pid, 0)
+    return report
+
+
+def _one(rate: float, count: int, rounds: int) -> float:
+    """µs of CPU per message in a fresh child, messages sent at ``rate``/s (0: back to back)."""
+    ours, report_r, pid = _spawn(rounds)
     time.sleep(0.2)  # the child's loop is up; its start-up is not counted below (subtracted)
     started = time.monotonic()
     for n in range(count):
@@ -97,29 +110,10 @@ def _one(rate: float, count: int, rounds: int) -> float:
             if delay > 0:
                 time.sleep(delay)
         ours.send(b"x")
-    ours.send(b"q")
-    report = json.loads(report_r.recv(4096))
-    os.waitpid(pid, 0)
-    idle = _idle_cpu(rounds)
-    return (report["cpu"] - idle) * 1e6 / report["count"]
-
-
-def _idle_cpu(rounds: int) -> float:
-    """The CPU a child spends on start-up and exit alone (no messages): subtracted from each run."""
-    ours, theirs = socket.socketpair()
-    report_r, report_w = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        ours.close()
-        report_r.close()
-        _serve(theirs, rounds, report_w)
-        os._exit(0)
-    theirs.close()
-    report_w.close()
-    ours.send(b"q")
-    report = json.loads(report_r.recv(4096))
-    os.waitpid(pid, 0)
-    return float(report["cpu"])
+    report = _finish(ours, report_r, pid)
+    # A child's start-up and exit alone (no messages) is subtracted.
+    idle = _finish(*_spawn(rounds))["cpu"]
+    return float(report["cpu"] - idle) * 1e6 / report["count"]
 
 
 def measure(work_us: float = 300.0, rates: tuple[float, ...] = (200.0, 500.0), seconds: float = 4.0) -> dict[str, Any]:
