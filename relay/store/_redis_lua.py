@@ -121,6 +121,18 @@ local function linger(seq, token, rid, mid, keep)
     if k and redis.call('TTL', k) < keep then index(k, seq, {TRACE_CAP}, keep) end
   end
 end
+-- An ended delivery leaves its token's queue (the next one, if it was the head, is scheduled) and lingers.
+local function leave(seq, token, rid, mid, now, keep)
+  local q = P .. ':q:' .. token
+  if redis.call('LINDEX', q, 0) == seq then
+    redis.call('LPOP', q)
+    local nxt = redis.call('LINDEX', q, 0)
+    if nxt then schedule(nxt, now) end
+  else
+    redis.call('LREM', q, 1, seq)
+  end
+  linger(seq, token, rid, mid, keep)
+end
 -- End a queued (pending) delivery unsent, as `done`: out of its stream or schedule and its token's queue
 -- (whose next delivery becomes the head). Returns {{seq, token, app, rid, received_at, attempts}}, or nil.
 local function retire(seq, done, why, now, keep)
@@ -135,15 +147,7 @@ local function retire(seq, done, why, now, keep)
   redis.call('HDEL', h, 'wait', 'data')
   redis.call('EXPIRE', h, math.max(1, math.ceil(keep)))
   redis.call('HINCRBY', P .. ':counters', done, 1)
-  local q = P .. ':q:' .. f[4]
-  if redis.call('LINDEX', q, 0) == seq then
-    redis.call('LPOP', q)
-    local nxt = redis.call('LINDEX', q, 0)
-    if nxt then schedule(nxt, now) end
-  else
-    redis.call('LREM', q, 1, seq)
-  end
-  linger(seq, f[4], f[5], f[6], keep)
+  leave(seq, f[4], f[5], f[6], now, keep)
   return {{seq, f[4], f[3] or '', f[5] or '', f[7], f[8]}}
 end
 local SUPERSEDED = 'superseded'
@@ -313,15 +317,7 @@ redis.call('ZREM', P .. ':inflight', seq)
 redis.call('HSET', h, 'state', done, 'reason', ARGV[6], 'finished_at', ARGV[7], 'entry', '',
   'attempts', tonumber(f[7]) + 1)
 redis.call('HINCRBY', P .. ':counters', done, 1)
-local q = P .. ':q:' .. f[4]
-if redis.call('LINDEX', q, 0) == seq then
-  redis.call('LPOP', q)
-  local nxt = redis.call('LINDEX', q, 0)
-  if nxt then schedule(nxt, now) end
-else
-  redis.call('LREM', q, 1, seq)
-end
-linger(seq, f[4], f[5], f[6], keep)
+leave(seq, f[4], f[5], f[6], now, keep)
 if done == 'dead_letter' then
   redis.call('ZADD', P .. ':dead', tonumber(seq), seq)
   redis.call('HDEL', h, 'wait')
