@@ -9,13 +9,18 @@ ROOT), prints ``{"ready": true, ...}`` and then answers commands:
 * ``{"cmd": "mark"}`` -> the number of requests each fake has recorded so far (a position to count from);
 * ``{"cmd": "since", "apns": N, "fcm": M, "ids": bool}`` -> per platform, the successful requests after
   that position: count, first/last arrival time, and with ``ids`` every ``[object id, arrival time]``;
+* ``{"cmd": "pauses"}`` -> the garbage collections of this process that took 10 ms or more, as ``[wall-clock
+  start, seconds, generation]``: every thread of the fakes stops meanwhile, so a push arriving then is
+  recorded late (a gap the relay did not make);
 * ``{"cmd": "quit"}``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,22 @@ def _since(box: Sandbox, apns_from: int, fcm_from: int, ids: bool) -> dict[str, 
     return out
 
 
+PAUSE_MIN = 0.010
+_pauses: list[list[float]] = []
+_collecting: list[float] = []
+
+
+def _time_collections(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _collecting[:] = [time.time(), time.perf_counter()]
+    elif _collecting:
+        took = time.perf_counter() - _collecting[1]
+        if took >= PAUSE_MIN:
+            _pauses.append([_collecting[0], took, info["generation"]])
+
+
 def main() -> None:
+    gc.callbacks.append(_time_collections)
     box = Sandbox.start(Path(sys.argv[1]))
     print(json.dumps({"ready": True, "apns": box.apns.url, "fcm": box.fcm.url, "ca_file": box.apns.ca_file,
                       "key_id": box.apns_key.key_id, "team_id": box.apns_key.team_id}), flush=True)
@@ -61,6 +81,8 @@ def main() -> None:
             elif name == "since":
                 answer = _since(box, int(command.get("apns", 0)), int(command.get("fcm", 0)),
                                 bool(command.get("ids")))
+            elif name == "pauses":
+                answer = _pauses
             elif name == "quit":
                 break
             else:

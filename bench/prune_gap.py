@@ -126,6 +126,7 @@ def main() -> int:
                 load = harness.load(relay.url, ios + android, mode="open", rate=args.rate, connections=16,
                                     record_sends=True, duration=args.seconds, warmup=0)
                 arrived = _arrivals(fakes, mark, len(load["sends"]))
+                pauses = [(start, took) for start, took, _ in fakes.ask("pauses")]
             finally:
                 relay.stop()
                 # What the relay said about its prunes (a slow slice, or a large or long prune, is logged).
@@ -135,7 +136,7 @@ def main() -> int:
         finally:
             fakes.close()
         rows_left, keys_left = left_over(path, filled_at)
-    return report(args, load, arrived, (rows, keys), (rows_left, keys_left))
+    return report(args, load, arrived, (rows, keys), (rows_left, keys_left), pauses)
 
 
 def _arrivals(fakes: Fakes, mark: dict[str, int], expected: int) -> dict[int, float]:
@@ -149,11 +150,14 @@ def _arrivals(fakes: Fakes, mark: dict[str, int], expected: int) -> dict[int, fl
 
 
 def report(args: argparse.Namespace, load: dict[str, Any], arrived: dict[int, float],
-           filled: tuple[int, int], left: tuple[int, int]) -> int:
+           filled: tuple[int, int], left: tuple[int, int], pauses: list[tuple[float, float]]) -> int:
     sent = {int(i): t for i, t in load["sends"]}
     times = sorted(arrived.values())
     gaps = sorted(((b - a, a - times[0]) for a, b in itertools.pairwise(times)), reverse=True)
     over = [g for g in gaps if g[0] > GAP_LIMIT]
+    # A gap that holds a garbage collection of the fakes (every thread of theirs stopped) was not the relay's.
+    fakes_stopped = [g for g in over if any(times[0] + g[1] <= start + took and start <= times[0] + g[1] + g[0]
+                                            for start, took in pauses)]
     latencies = [(arrived[i] - t, t) for i, t in sent.items() if i in arrived]
     ordered = sorted(x for x, _ in latencies)
     start = min(sent.values())
@@ -170,7 +174,9 @@ def report(args: argparse.Namespace, load: dict[str, Any], arrived: dict[int, fl
           f"(steady state at this rate: about {expected:,.0f} each over the run)")
     print("largest gaps between consecutive pushes: "
           + ", ".join(f"{g * 1000:.1f} ms at {at:.0f} s" for g, at in gaps[:5]))
-    print(f"gaps above {GAP_LIMIT * 1000:.0f} ms: {len(over)}")
+    print(f"gaps above {GAP_LIMIT * 1000:.0f} ms: {len(over)}, {len(fakes_stopped)} of them while the fakes' "
+          f"garbage collector ran (their collections of 10 ms or more: {len(pauses)}, longest "
+          f"{max((took for _, took in pauses), default=0) * 1000:.0f} ms)")
     print(f"webhook -> provider: p50 {pct(ordered, 50) * 1000:.1f} ms, p99 {pct(ordered, 99) * 1000:.1f} ms, "
           f"max {ordered[-1] * 1000 if ordered else 0:.1f} ms; worst 10-s window p99 {worst[0] * 1000:.1f} ms "
           f"(at {worst[1] * 10} s)")

@@ -48,11 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--processes", choices=("1", "auto"), default=None,
                        help="1: one process does everything; auto (or the config's processes:): webhook and "
                             "delivery processes under one supervisor")
-    for hidden in ("--role", "--role-state", "--role-wake", "--role-fds"):  # set by the supervisor for a child
-        serve.add_argument(hidden, default=None, help=argparse.SUPPRESS)
-    serve.add_argument("--role-deliveries", type=int, default=1, help=argparse.SUPPRESS)
-    serve.add_argument("--role-parent", type=int, default=0, help=argparse.SUPPRESS)
-    serve.add_argument("--role-generation", type=int, default=1, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     reload = sub.add_parser("reload", help="reload a running relay and wait: exit 0 if taken, 1 if rejected")
     reload.add_argument("--pid", type=int, required=True, help="the relay's main pid (systemd: $MAINPID)")

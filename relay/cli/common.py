@@ -3,12 +3,12 @@ store for one piece of work, running a coroutine, printing a time."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relay.config import Config, load_config
+from relay.runtime.loop import run
 from relay.store import Store, create_store
 
 DEFAULT_CONFIG = "/etc/parley-relay/relay.yaml"
@@ -36,12 +36,7 @@ async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]], *
         await store.close()
 
 def _run(coro: Awaitable[Any]) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+    return run(coro)  # type: ignore[arg-type]
 
 
 def _utc(timestamp: float) -> str:

@@ -21,18 +21,7 @@ from relay.store import Store
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """One process (``--processes 1`` or ``processes: 1``), a role child, or the supervisor of both roles."""
-    if args.role is not None:  # a child of the supervisor: it runs the configuration the supervisor validated
-        from relay.runtime import snapshot
-        from relay.runtime.role_args import parse_role
-        from relay.runtime.roles import run_role
-
-        role = parse_role(args.role, args.role_state, args.role_wake, args.role_deliveries, args.role_parent,
-                          args.role_fds, args.role_generation)
-        config = snapshot.load(role.state, role.generation, Path(args.config))
-        setup_logging(config.logging.format, config.logging.level)
-        _run(run_role(config, role))
-        return 0
+    """One process (``--processes 1`` or ``processes: 1``), or the supervisor that forks the role processes."""
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
     if args.processes == "1" or (args.processes is None and config.processes.single):
@@ -43,8 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.runtime.role_args import plan_counts
     from relay.runtime.supervisor import supervise
 
-    # The supervisor only waits on children and sockets: the plain asyncio loop serves it (and its
-    # subprocess support is the reference one).
+    # The supervisor only waits on children and sockets: the plain asyncio loop serves it.
     return int(asyncio.run(supervise(config, plan_counts(config.processes, config.store.backend))))
 
 

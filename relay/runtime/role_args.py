@@ -1,8 +1,4 @@
-"""How many role processes the supervisor starts, and what it tells each on its command line (``serve --role ...``).
-
-Kept apart from :mod:`relay.runtime.roles` (which runs a role and so imports the whole relay) so that the
-supervisor, which only starts children, does not load what only they use.
-"""
+"""How many role processes the supervisor starts, and what it hands each (:func:`relay.runtime.roles.serve_role`)."""
 
 from __future__ import annotations
 
@@ -22,7 +18,7 @@ RELEASE_SIGNAL = signal.SIGUSR2
 
 @dataclass(frozen=True)
 class RoleArgs:
-    """What the supervisor tells a child on its command line."""
+    """What the supervisor hands a child it forks."""
 
     role: Role
     index: int
@@ -32,23 +28,6 @@ class RoleArgs:
     parent: int  # the supervisor's pid
     fds: tuple[tuple[str, int], ...] = ()  # (FileDescriptorName, descriptor) of the passed listening sockets
     generation: int = 1  # the validated configuration to run (relay.runtime.snapshot)
-
-    def argv(self) -> list[str]:
-        """The ``serve`` options that carry these values (see :func:`parse_role`)."""
-        fds = ",".join(f"{name}={fd}" for name, fd in self.fds)
-        return ["--role", f"{self.role}.{self.index}", "--role-state", str(self.state), "--role-wake", self.wake,
-                "--role-deliveries", str(self.deliveries), "--role-parent", str(self.parent),
-                "--role-generation", str(self.generation), *(["--role-fds", fds] if fds else [])]
-
-
-def parse_role(role: str, state: str, wake: str, deliveries: int, parent: int, fds: str | None,
-               generation: int = 1) -> RoleArgs:
-    """The inverse of :meth:`RoleArgs.argv`."""
-    name, _, index = role.partition(".")
-    if name not in ROLES or not index.isdigit():
-        raise ValueError(f"--role must be ingest.N or delivery.N, not {role!r}")
-    pairs = tuple((n, int(fd)) for n, _, fd in (item.partition("=") for item in (fds or "").split(",") if item))
-    return RoleArgs(ROLES[ROLES.index(name)], int(index), Path(state), wake, deliveries, parent, pairs, generation)
 
 
 @dataclass(frozen=True)

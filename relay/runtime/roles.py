@@ -1,4 +1,4 @@
-"""One role of a multi-process relay, in a child the supervisor started (``serve --role ...``).
+"""One role of a multi-process relay, in a child the supervisor forked (:func:`serve_role`).
 
 * ``ingest``: the webhook listener (and the API, health and metrics endpoints) on the listening sockets the
   supervisor passed down; after each accepted webhook it wakes the delivery processes (:mod:`waker`).
@@ -18,16 +18,20 @@ import ctypes.util
 import os
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
 from relay.config import Config
 from relay.delivery.health import AppHealth
-from relay.observability import name_process
+from relay.errors import ConfigError, RelayError
+from relay.observability import name_process, setup_logging
 from relay.running import RELAY_KEY, Relay
 from relay.runtime import snapshot
+from relay.runtime.loop import run
 from relay.runtime.relay import release_waiting
 from relay.runtime.role_args import RELEASE_SIGNAL, ROLES, RoleArgs
 from relay.runtime.service import Plan, serve
@@ -38,6 +42,24 @@ from relay.runtime.waker import WakeReceiver, WakeSender
 PUBLISH_EVERY = 0.25  # seconds between looks at this process's alarms and commit count
 SUCCESS_RESOLUTION = 1.0  # seconds: a published last success is at most this much older than the real one
 _PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def serve_role(source: Path, args: RoleArgs) -> int:
+    """A role process from start to exit: the configuration the supervisor validated (``args.generation`` of
+    ``source``) and its log settings, then :func:`run_role`; the exit status (1, said on stderr as by
+    ``parley-relay``, when the configuration or a part of the relay cannot be loaded)."""
+    try:
+        config = snapshot.load(args.state, args.generation, source)
+        setup_logging(config.logging.format, config.logging.level)
+        run(run_role(config, args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    except RelayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def run_role(config: Config, args: RoleArgs) -> None:

@@ -1,8 +1,8 @@
 """The main process of a multi-process relay: starts the role processes, and speaks for them to systemd.
 
-``serve`` (unless ``processes: 1``) binds the listening sockets (or takes systemd's), then starts, as
-children of the same Python, N webhook processes (``ingest``, sharing those sockets) and M delivery
-processes, and supervises them:
+``serve`` (unless ``processes: 1``) binds the listening sockets (or takes systemd's), imports what every role
+runs, then forks (:mod:`relay.runtime.forking`: they share those pages) N webhook processes (``ingest``, sharing
+those sockets) and M delivery processes, and supervises them:
 
 * ``READY=1`` goes to systemd once every child said ``READY=1`` to the supervisor's own notify socket;
 * children run the configuration the supervisor validated, never the file as it is on disk when they
@@ -26,12 +26,11 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from subprocess import DEVNULL
+from functools import partial
 from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
@@ -41,10 +40,12 @@ from relay.config import Config
 from relay.errors import ConfigError
 from relay.observability import MULTIPROC_ENV, event
 from relay.runtime import snapshot
+from relay.runtime.forking import RoleProcess, fork_role
 from relay.runtime.listening import METRICS_FD_NAME
 from relay.runtime.listening import listening as listening_sockets
 from relay.runtime.notify import NotifyHub
 from relay.runtime.role_args import RELEASE_SIGNAL, Counts, Role, RoleArgs
+from relay.runtime.roles import serve_role  # imported before any fork: every child shares what it loads
 from relay.runtime.shared import RUNTIME_ENV, ProcessDown, SharedState, state_dir
 from relay.runtime.systemd import ListenSocket, Notifier, describe
 from relay.store import prepare_store
@@ -60,7 +61,7 @@ STATUS_EVERY = 10.0
 class _Child:
     role: Role
     index: int
-    proc: asyncio.subprocess.Process | None = None
+    proc: RoleProcess | None = None
     started: float = 0.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     last_ping: float = 0.0
@@ -94,7 +95,8 @@ async def supervise(config: Config, counts: Counts) -> int:
         notifier.close()
         raise
     try:
-        problem = await asyncio.to_thread(prepare_store, config.store)
+        # In the loop's own thread: the children are forked from this process, which must have no other thread.
+        problem = prepare_store(config.store)
         if problem is not None:
             notifier.status(f"failed to start: {problem}")
             event(logging.ERROR, "relay failed to start", problem=problem)
@@ -228,20 +230,17 @@ class _Supervisor:
             except TimeoutError:
                 delay = min(delay * 2, RESTART_MAX)
 
-    async def _spawn_child(self, child: _Child) -> asyncio.subprocess.Process:
+    async def _spawn_child(self, child: _Child) -> RoleProcess:
         # The operations listener (/metrics, /status) goes to ingest.0 alone: one process answers it, with
         # every process's metrics merged (prometheus_client's multiprocess files).
         fds = tuple((s.name, s.sock.fileno()) for s in self.sockets
                     if child.role == "ingest" and (s.name != METRICS_FD_NAME or child.index == 0))
         args = RoleArgs(child.role, child.index, self.shared.root, self.wake, self.counts.delivery, os.getpid(), fds,
                         child.generation)
-        command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config.source),
-                   *args.argv()]
         child.ready.clear()
         child.started = time.monotonic()
         child.status = ""
-        proc = await asyncio.create_subprocess_exec(*command, env=self.env, stdin=DEVNULL,
-                                                    pass_fds=[fd for _, fd in fds])
+        proc = fork_role(partial(serve_role, self.config.source, args), self.env, [fd for _, fd in fds], child.name)
         child.proc = proc
         self.by_pid[proc.pid] = child
         return proc

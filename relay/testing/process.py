@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.runtime.forking import TITLE_PREFIX
+
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
@@ -250,7 +252,8 @@ class RelayProcess:
 
 
 def role_processes(pid: int) -> dict[str, int]:
-    """Children of ``pid`` started with ``--role NAME``, as ``{NAME: child pid}`` (read from ``/proc``)."""
+    """Children of ``pid`` titled ``parley-relay: NAME`` (forked role processes), as ``{NAME: child pid}``
+    (read from ``/proc``)."""
     found: dict[str, int] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -262,8 +265,9 @@ def role_processes(pid: int) -> dict[str, int]:
                 argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"--role" in argv:
-                found[argv[argv.index(b"--role") + 1].decode()] = child
+            name = argv[0].decode(errors="replace")
+            if name.startswith(TITLE_PREFIX):
+                found[name.removeprefix(TITLE_PREFIX).strip()] = child
     return found
 
 
