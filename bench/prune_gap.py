@@ -14,8 +14,9 @@
    ``--seconds``.
 3. Every push's arrival at the fakes: the largest gap between two consecutive arrivals (the load alone
    leaves ~1/rate between them), how many gaps exceed 100 ms, webhook -> provider p50/p99/max over the run
-   and the worst p99 of any 10-second window; and, read from the file afterwards, how many of the prefilled
-   rows and keys the prunes removed.
+   and the worst p99 of any 10-second window; the relay's CPU per notification (all its processes, from the
+   load's start until the last push arrived: an everyday rate on a store as full as the retention keeps it);
+   and, read from the file afterwards, how many of the prefilled rows and keys the prunes removed.
 
 Target (issue 18): no gap between consecutive pushes above 100 ms across the prunes.
 """
@@ -123,9 +124,11 @@ def main() -> int:
                           webhook={"dedupe_window": args.dedupe_window}).wait_ready()
             mark = fakes.mark()
             try:
+                cpu_before = relay.cpu()[0]
                 load = harness.load(relay.url, ios + android, mode="open", rate=args.rate, connections=16,
                                     record_sends=True, duration=args.seconds, warmup=0)
                 arrived = _arrivals(fakes, mark, len(load["sends"]))
+                cpu = relay.cpu()[0] - cpu_before
                 pauses = [(start, took) for start, took, _ in fakes.ask("pauses")]
             finally:
                 relay.stop()
@@ -136,7 +139,7 @@ def main() -> int:
         finally:
             fakes.close()
         rows_left, keys_left = left_over(path, filled_at)
-    return report(args, load, arrived, (rows, keys), (rows_left, keys_left), pauses)
+    return report(args, load, arrived, (rows, keys), (rows_left, keys_left), pauses, cpu)
 
 
 def _arrivals(fakes: Fakes, mark: dict[str, int], expected: int) -> dict[int, float]:
@@ -150,7 +153,7 @@ def _arrivals(fakes: Fakes, mark: dict[str, int], expected: int) -> dict[int, fl
 
 
 def report(args: argparse.Namespace, load: dict[str, Any], arrived: dict[int, float],
-           filled: tuple[int, int], left: tuple[int, int], pauses: list[tuple[float, float]]) -> int:
+           filled: tuple[int, int], left: tuple[int, int], pauses: list[tuple[float, float]], cpu: float) -> int:
     sent = {int(i): t for i, t in load["sends"]}
     times = sorted(arrived.values())
     gaps = sorted(((b - a, a - times[0]) for a, b in itertools.pairwise(times)), reverse=True)
@@ -169,7 +172,8 @@ def report(args: argparse.Namespace, load: dict[str, Any], arrived: dict[int, fl
     expected = args.rate * args.seconds
     print(f"load: {load['ok']:,} webhooks acknowledged at {args.rate:g}/s for {args.seconds:g} s "
           f"({len(arrived):,} pushes arrived, {len(sent) - len(latencies)} missing); "
-          f"ack p99 {load['p99'] * 1000:.1f} ms")
+          f"ack p99 {load['p99'] * 1000:.1f} ms; relay CPU (every process) {cpu * 1000 / max(1, load['ok']):.2f} ms "
+          "per notification")
     print(f"prunes removed {pruned_rows:,} prefilled finished rows and {pruned_keys:,} dedupe keys "
           f"(steady state at this rate: about {expected:,.0f} each over the run)")
     print("largest gaps between consecutive pushes: "

@@ -17,10 +17,13 @@ from typing import Any
 
 OPEN = "('pending', 'inflight')"
 
-# The oldest open delivery of ``token`` becomes its head (a no-op when it already is).
+# The oldest open delivery of ``token`` becomes its head (a no-op when it already is). The index is named: left
+# to itself the planner takes ``deliveries_token``, which also holds the token's finished rows, so every
+# delivery's end walked its token's retained history (an hour of it by default) row by row.
 _PROMOTE = f"""
     UPDATE deliveries SET head = 1 WHERE id = (
-        SELECT id FROM deliveries WHERE token = {{of}} AND state IN {OPEN} ORDER BY id LIMIT 1
+        SELECT id FROM deliveries INDEXED BY deliveries_open WHERE token = {{of}} AND state IN {OPEN}
+        ORDER BY id LIMIT 1
     ) AND head IS NOT 1;
 """
 HEAD_SCHEMA = (
@@ -32,7 +35,8 @@ HEAD_SCHEMA = (
     CREATE TRIGGER IF NOT EXISTS deliveries_head_insert AFTER INSERT ON deliveries
     WHEN NEW.state IN {OPEN} BEGIN
         UPDATE deliveries SET head = 1 WHERE id = NEW.id AND NOT EXISTS (
-            SELECT 1 FROM deliveries WHERE token = NEW.token AND state IN {OPEN} AND id < NEW.id);
+            SELECT 1 FROM deliveries INDEXED BY deliveries_open
+            WHERE token = NEW.token AND state IN {OPEN} AND id < NEW.id);
     END
     """,
     # A delivery ends (or leaves the queue otherwise): it is no head any more, and its token's next one is.
@@ -60,14 +64,20 @@ HEAD_SCHEMA = (
 )
 
 
+_TRIGGERS = ("deliveries_head_insert", "deliveries_head_end", "deliveries_head_reopen", "deliveries_head_delete")
+
+
 def migrate_heads(conn: sqlite3.Connection) -> None:
-    """Add the head column, its index and triggers to an earlier file, and mark its current heads."""
+    """Add the head column, its index and triggers to an earlier file, and mark its current heads; the triggers
+    are made again (version 7's found a token's next head through the wrong index)."""
     if "head" not in {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}:
         conn.execute("ALTER TABLE deliveries ADD COLUMN head INTEGER")
         conn.execute(
             f"UPDATE deliveries SET head = 1 WHERE id IN (SELECT MIN(id) FROM deliveries WHERE state IN {OPEN} "
             "GROUP BY token)"
         )
+    for trigger in _TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     for statement in HEAD_SCHEMA:
         conn.execute(statement)
 

@@ -26,7 +26,8 @@ from relay.store._sqlite_heads import migrate_heads
 # 3: devices.environment and apns_environments (relay.store._sqlite_devices); 4: app_open; 5: device_changes
 # 6: event streams and deliveries.stream (relay.store._sqlite_events); `superseded` is a done state
 # 7: token heads kept indexed (relay.store._sqlite_heads); dedupe keys stored as 16-byte digests
-SCHEMA_VERSION = 7
+# 8: the head triggers find a token's next head in deliveries_open (not by walking its finished rows)
+SCHEMA_VERSION = 8
 OPEN_RETRY = 30.0  # seconds a start keeps retrying what SQLite refuses at once (a lock it will not wait for)
 
 _DEDUPE = "CREATE TABLE IF NOT EXISTS dedupe (key BLOB PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID"
