@@ -192,6 +192,32 @@ async def test_finish_records_the_end_state_once(store: Store) -> None:
     assert await store.claim(10, NOW + 2, LEASE) == []
 
 
+async def test_the_summary_for_status_lines_and_metrics_agrees_with_the_counted_stats(store: Store) -> None:
+    """``summary`` (status lines and metrics, which run every few seconds) does not count the open deliveries
+    (SQLite reads every open row for that): it gives the same figures as ``stats`` through duplicates, claims,
+    retries, every end state, lease takeovers and dead letters queued again."""
+
+    async def agree() -> None:
+        counted, summary = await store.stats(), await store.summary()
+        assert summary == counted and counted.balanced
+
+    await enqueue(store, *(f"t{n}" for n in range(len(EndState))), "t0", "x")
+    assert await store.enqueue([item("x", key="dup")], NOW, 600) == [True]
+    assert await store.enqueue([item("x", key="dup")], NOW, 600) == [False]
+    await agree()
+    jobs = await store.claim(20, NOW, LEASE)
+    await agree()
+    await store.retry(jobs[-1], NOW + 5, WaitReason.RETRY, "503")
+    for job, end in zip(jobs, EndState, strict=False):
+        await store.finish(job, end, "", NOW + 1)
+    await agree()
+    assert len(await store.claim(20, NOW + 1, LEASE)) == 1  # t0's second (x's first waits for its retry)
+    assert len(await store.claim(20, NOW + 2 * LEASE, LEASE)) == 2  # t0's second taken over, and x's first
+    await agree()
+    assert await store.retry_dead_letters(None, NOW + 2 * LEASE) == 1
+    await agree()
+
+
 async def test_next_due_reports_the_earliest_pending_delivery(store: Store) -> None:
     """None with nothing pending; otherwise the earliest due time, including scheduled retries."""
     assert await store.next_due() is None

@@ -151,6 +151,20 @@ async def test_a_deliverys_end_costs_the_same_however_many_finished_deliveries_i
     assert max(stores[5_000]) < 2 * max(stores[10]), stores
 
 
+async def test_status_lines_and_metrics_read_no_more_with_a_parked_backlog(open_store: OpenStore) -> None:
+    """Every process writes a status line every 10 s and answers each metrics scrape from ``summary``: with
+    1,000 and 20,000 deliveries parked it runs about as many SQLite instructions (counting the open rows, as
+    it did, read every one of them: about a second with a million parked, and it held up the commits that
+    webhooks wait for)."""
+    costs: dict[int, int] = {}
+    for parked in (1_000, 20_000):
+        store = await open_store(name=f"parked-{parked}.db")
+        await park(store, parked)
+        assert (await store.summary()).pending == parked
+        costs[parked] = await steps_of(store, store.summary)
+    assert costs[20_000] < 2 * costs[1_000], costs  # a count of the open rows would be ~20 times more
+
+
 async def test_a_version_7_file_gets_head_triggers_that_name_their_index(tmp_path: Path,
                                                                          open_store: OpenStore) -> None:
     """Version 7's head triggers left the planner free to find a token's next head through the token index

@@ -47,7 +47,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format."""
     relay = request.app[RELAY_KEY]
     try:
-        stats = await relay.store.stats()
+        stats = await relay.store.summary()
         relay.metrics.queue_depth.set(stats.pending + stats.inflight)
         oldest = await relay.store.oldest_waiting(list(relay.config.apps))
         now = time.time()

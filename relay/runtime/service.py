@@ -296,7 +296,7 @@ async def _drain(relay: Relay, notifier: Notifier, listeners: _Listeners) -> Non
 async def _status(relay: Relay) -> str:
     """The ``STATUS=`` text: queue depth, counts by end state, then each app's delivery state."""
     try:
-        stats = await relay.store.stats()
+        stats = await relay.store.summary()
         apps = await relay.app_health()
     except (StoreError, OSError) as exc:
         return f"store unavailable: {exc}"

@@ -278,4 +278,10 @@ class Store(Protocol):
         Cheap enough for every status request: an index seek per app (SQLite), the app's heads (Redis)."""
 
     async def stats(self) -> Stats:
-        """Counts by state."""
+        """Counts by state: the open deliveries counted where they are kept, so ``balanced`` proves the end-state
+        counters (an audit: on SQLite it reads every open row)."""
+
+    async def summary(self) -> Stats:
+        """The figures of :meth:`stats` in time that does not grow with the queue, for what runs periodically
+        (status lines, metrics): the open deliveries are what the counters say was accepted and has not ended,
+        less the ones in flight (counted: at most the claims' leases)."""
