@@ -19,6 +19,7 @@ from relay.store import NewDelivery
 from relay.store import sqlite as sqlite_store
 from relay.store import sqlite_commit as commit
 from relay.store import sqlite_schema as schema
+from relay.store.base import Job
 from relay.store.sqlite import PRUNE_ROWS, PRUNE_ROWS_MAX, PRUNE_ROWS_MIN, SqliteStore
 
 NOW = 1_000_000.0
@@ -58,8 +59,8 @@ async def park(store: SqliteStore, count: int, app: str = "android") -> None:
         assert all(await store.enqueue(items, NOW, 0))
 
 
-async def claim_steps(store: SqliteStore, app_limits: dict[str, int]) -> tuple[int, list[str]]:
-    """SQLite VM instructions one claim runs (the whole claim transaction's statements), and what it took."""
+async def steps_of(store: SqliteStore, work: Callable[[], Awaitable[object]]) -> int:
+    """SQLite VM instructions the store's connection runs while ``work`` is awaited."""
     steps = 0
 
     def count() -> int:
@@ -69,9 +70,20 @@ async def claim_steps(store: SqliteStore, app_limits: dict[str, int]) -> tuple[i
 
     await store._run_alone(lambda conn: conn.set_progress_handler(count, 1))
     try:
-        jobs = await store.claim(10, NOW, LEASE, app_limits=app_limits)
+        await work()
     finally:
         await store._run_alone(lambda conn: conn.set_progress_handler(None, 1))
+    return steps
+
+
+async def claim_steps(store: SqliteStore, app_limits: dict[str, int]) -> tuple[int, list[str]]:
+    """SQLite VM instructions one claim runs (the whole claim transaction's statements), and what it took."""
+    jobs: list[Job] = []
+
+    async def claim() -> None:
+        jobs.extend(await store.claim(10, NOW, LEASE, app_limits=app_limits))
+
+    steps = await steps_of(store, claim)
     for job in jobs:
         await store.finish(job, EndState.SENT, "", NOW)
     return steps, [job.token for job in jobs]
@@ -94,23 +106,6 @@ async def test_a_claims_cost_does_not_grow_with_another_apps_parked_backlog(open
             assert len(tokens) == 10 and sum(t.startswith("android") for t in tokens) == round_ % 2
     small, large = max(costs[1_000]), max(costs[100_000])
     assert large < 2 * small, costs  # generous: a scan of the backlog would be ~100 times more
-
-
-async def steps_of(store: SqliteStore, work: Callable[[], Awaitable[object]]) -> int:
-    """SQLite VM instructions the store's connection runs while ``work`` is awaited."""
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    await store._run_alone(lambda conn: conn.set_progress_handler(count, 1))
-    try:
-        await work()
-    finally:
-        await store._run_alone(lambda conn: conn.set_progress_handler(None, 1))
-    return steps
 
 
 # ``count`` finished (sent) deliveries of one token, as an hour of retention keeps them (the default).
