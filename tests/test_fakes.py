@@ -105,7 +105,8 @@ def _alert(token: str, notification_id: str | None = None) -> NotificationReques
 async def test_fake_apns_echoes_apns_id_and_reports_unregistered(
     fake_apns: FakeApns, make_apns: ApnsFactory
 ) -> None:
-    """A push succeeds with its apns-id echoed; a token scripted dead answers 410 Unregistered."""
+    """A push succeeds with its apns-id echoed; a token scripted dead answers 410 Unregistered; the record
+    reads from a position on."""
     apns = make_apns()
     apns_id = str(uuid.uuid4())
     fake_apns.respond(DEAD, status=410, reason="Unregistered")
@@ -120,6 +121,7 @@ async def test_fake_apns_echoes_apns_id_and_reports_unregistered(
     assert first.headers["apns-id"] == apns_id and first.payload == {"aps": {"alert": "hi"}}
     assert first.headers["apns-topic"] == TOPIC and first.status == 200
     assert (second.status, second.reason) == (410, "Unregistered")
+    assert fake_apns.requests_since(1) == [second] and fake_apns.requests_since(2) == []
     assert len(fake_apns.jwts_seen) == 1 and fake_apns.connections_opened == 1
 
 
@@ -466,7 +468,8 @@ def _fcm_message(token: str) -> messaging.Message:
 async def test_fake_fcm_records_the_message_and_reports_unregistered(
     fake_fcm: FakeFcm, fcm_app: firebase_admin.App
 ) -> None:
-    """A send is recorded with its bearer token; a token scripted dead raises UnregisteredError."""
+    """A send is recorded with its bearer token (readable from a position on); a token scripted dead raises
+    UnregisteredError."""
     fake_fcm.respond("dead", error_code="UNREGISTERED")
     messages = [_fcm_message("alive"), _fcm_message("dead")]
 
@@ -481,6 +484,7 @@ async def test_fake_fcm_records_the_message_and_reports_unregistered(
     assert sent["alive"].headers["authorization"].startswith("Bearer ya29.")
     assert (sent["dead"].status, sent["dead"].error_code) == (404, "UNREGISTERED")
     assert fake_fcm.token_requests == 1
+    assert fake_fcm.requests_since(1) == fake_fcm.requests[1:] and len(fake_fcm.requests_since(1)) == 1
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,11 @@ class RequestLog(Generic[T]):
         with self._cond:
             return list(self._items)
 
+    def since(self, start: int) -> list[T]:
+        """A copy of what was recorded from position ``start`` on (a poller reads only what is new)."""
+        with self._cond:
+            return self._items[start:]
+
     def clear(self) -> None:
         """Forget everything recorded."""
         with self._cond:

@@ -266,6 +266,10 @@ class FakeApns:
         """Every request received since start or `clear()`, oldest first."""
         return self._log.snapshot()
 
+    def requests_since(self, start: int) -> list[ApnsRequest]:
+        """The records from position ``start`` of `requests` on, without copying the ones before."""
+        return self._log.since(start)
+
     @property
     def jwts_seen(self) -> set[str]:
         """Every distinct provider token presented."""

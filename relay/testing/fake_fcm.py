@@ -246,6 +246,10 @@ class FakeFcm:
         """Every `messages:send` call since start or `clear()`, oldest first."""
         return self._log.snapshot()
 
+    def requests_since(self, start: int) -> list[FcmRequest]:
+        """The records from position ``start`` of `requests` on, without copying the ones before."""
+        return self._log.since(start)
+
     @property
     def token_requests(self) -> int:
         """Calls of the token endpoint since start or `clear()`, failed ones included."""
