@@ -113,8 +113,8 @@ def main() -> None:
             if name == "config":
                 answer: Any = box.config_dict()
             elif name == "mark":
-                # Rows run one after another: forget the previous rows' records, so that the fakes' lists (and
-                # every snapshot of them taken while a row polls) stay the size of one row.
+                # Rows run one after another: forget the previous rows' records (and count anew), so that the
+                # fakes' lists stay the size of one row.
                 box.apns.clear()
                 box.fcm.clear()
                 for tally in _tallies.values():
