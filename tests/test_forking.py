@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -106,6 +107,50 @@ async def test_a_forked_child_starts_with_only_its_environment_descriptors_and_f
     assert seen["stdin"] == os.devnull
     assert seen["usr1"] and seen["wakeup"] == -1 and seen["loop"]
     assert seen["title"] == TITLE_PREFIX + "probe.0"
+
+
+async def test_a_forked_childs_metrics_are_written_under_its_own_pid_without_asking_the_kernel_each_time(
+        tmp_path: Path) -> None:
+    """prometheus_client names each process's metric files by pid and checks the pid on every change; the
+    child's value class answers from the pid remembered at fork (no system call per metric change), and a
+    process forked from the child again writes under its own pid, not its parent's."""
+    given, ours = socket.socketpair()
+
+    def run() -> int:
+        from prometheus_client import CollectorRegistry, Counter
+
+        counter = Counter("probe", "probe", registry=CollectorRegistry())
+        calls = 0
+
+        def profile(frame: object, what: str, arg: object) -> None:
+            nonlocal calls
+            if what == "c_call" and arg is os.getpid:
+                calls += 1
+
+        sys.setprofile(profile)
+        try:
+            for _ in range(100):
+                counter.inc()
+        finally:
+            sys.setprofile(None)
+        grandchild = os.fork()
+        if grandchild == 0:
+            counter.inc()
+            os._exit(0)
+        os.waitpid(grandchild, 0)
+        given.sendall(json.dumps({"pid": os.getpid(), "grandchild": grandchild, "getpid_calls": calls}).encode())
+        return 0
+
+    try:
+        child = fork_role(run, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}, [given.fileno()], "probe.0")
+        assert await asyncio.wait_for(child.wait(), 30) == 0
+        seen = json.loads(ours.recv(65536))
+    finally:
+        given.close()
+        ours.close()
+    assert seen["getpid_calls"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{seen['pid']}.db", f"counter_{seen['grandchild']}.db"])
 
 
 async def test_a_signal_sent_to_a_forked_child_reaches_the_child_not_the_parents_loop() -> None:

@@ -5,6 +5,7 @@ bounded size, and a time bound on the durability of a delivery process's commits
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -340,3 +341,114 @@ async def test_a_delivery_processs_commits_are_synced_within_a_second(open_store
     elapsed = time.monotonic() - started
     assert 1 <= store.syncs <= elapsed / commit.SYNC_WITHIN + 1
     assert store._sync_timer is None  # nothing left to sync: no timer runs
+
+
+async def _loop_gap_while(work: Awaitable[object], hold: Callable[[], None], release_after: float) -> float:
+    """The longest the event loop went without a turn while ``work`` ran, with a lock held by ``hold`` until
+    ``release_after`` seconds in (``hold`` returns the function that releases it)."""
+    ticks = [time.monotonic()]
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            ticks.append(time.monotonic())
+
+    release = hold()
+    ticker = asyncio.ensure_future(tick())
+    pending = asyncio.ensure_future(work)
+    await asyncio.sleep(release_after)
+    assert not pending.done(), "the op did not wait for the lock"
+    release()
+    await asyncio.wait_for(pending, timeout=10)
+    stop.set()
+    await ticker
+    return max(b - a for a, b in itertools.pairwise(ticks))
+
+
+async def test_a_delivery_stores_claims_and_ends_run_on_the_loop_thread_when_the_store_is_idle(
+        open_store: OpenStore) -> None:
+    """At everyday rates each claim, outcome and device-epoch read found the store idle and paid two thread
+    wake-ups for a transaction of microseconds: a delivery process's store runs them inline instead (the
+    same transactions); an acknowledging store (fsync per commit) never does."""
+    acknowledging = await open_store()
+    store = await open_store(acknowledges=False)
+    assert all(await acknowledging.enqueue([new("ios-1", 1, "ios"), new("ios-1", 2, "ios")], NOW, 600))
+    before = store.inline_ops
+    (job,) = await store.claim(10, NOW, LEASE)
+    assert await store.next_due() == NOW  # the token's second delivery, pending behind its head
+    await store.device_epoch()
+    await store.finish(job, EndState.SENT, "sent", NOW)
+    assert store.inline_ops - before == 4
+    (second,) = await store.claim(10, NOW, LEASE)  # the head moved to the token's next delivery
+    assert second.data == b'{"n":2}'
+    assert (await store.stats()).ended.get(EndState.SENT) == 1
+    assert acknowledging.inline_ops == 0
+    await acknowledging.claim(10, NOW, LEASE)
+    assert acknowledging.inline_ops == 0
+
+
+async def test_an_inline_claim_never_waits_on_the_loop_thread_for_the_relays_writer_lock(
+        tmp_path: Path, open_store: OpenStore) -> None:
+    """Another process's group commit holds the writers' flock: the claim waits for it on the store thread,
+    and the event loop keeps turning (in-flight sends are answered meanwhile)."""
+    import fcntl
+    import os
+
+    store = await open_store(acknowledges=False)
+    acknowledging = await open_store()
+    assert all(await acknowledging.enqueue([new("ios-1", 1, "ios")], NOW, 600))
+    fd = os.open(schema.writer_lock_path(tmp_path / "relay.db"), os.O_RDWR | os.O_CREAT)
+
+    def hold() -> Callable[[], None]:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return lambda: fcntl.flock(fd, fcntl.LOCK_UN)
+
+    try:
+        before = store.inline_ops
+        gap = await _loop_gap_while(store.claim(10, NOW, LEASE), hold, release_after=0.5)
+    finally:
+        os.close(fd)
+    assert gap < 0.25, f"the event loop stood still {gap:.3f} s"
+    assert store.inline_ops == before  # it went to the store thread
+    assert (await store.stats()).inflight == 1
+
+
+async def test_an_inline_claim_does_not_wait_out_an_operator_commands_write_lock_on_the_loop_thread(
+        tmp_path: Path, open_store: OpenStore) -> None:
+    """A writer outside the relay's flock (an operator's sqlite3 shell in a write transaction) is waited for
+    with SQLite's busy timeout on the store thread, never on the event loop's."""
+    store = await open_store(acknowledges=False)
+    acknowledging = await open_store()
+    assert all(await acknowledging.enqueue([new("ios-1", 1, "ios")], NOW, 600))
+    operator = sqlite3.connect(tmp_path / "relay.db", isolation_level=None)
+
+    def hold() -> Callable[[], None]:
+        operator.execute("BEGIN IMMEDIATE")
+        return lambda: operator.execute("COMMIT")
+
+    try:
+        gap = await _loop_gap_while(store.claim(10, NOW, LEASE), hold, release_after=0.5)
+    finally:
+        operator.close()
+    assert gap < 0.25, f"the event loop stood still {gap:.3f} s"
+    assert (await store.stats()).inflight == 1
+
+
+async def test_a_busy_event_loop_leaves_quick_ops_to_the_store_thread(open_store: OpenStore) -> None:
+    """Inline ops are for a loop with time to spare: once the loop's thread used most of a core (a drain, a
+    saturating load), claims go to the store thread, where SQLite runs beside the loop and ops share
+    transactions; an idle window later they run inline again."""
+    store = await open_store(acknowledges=False)
+    acknowledging = await open_store()
+    assert all(await acknowledging.enqueue([new(f"ios-{n}", n, "ios") for n in range(3)], NOW, 600))
+    await store.next_due()  # the loop's window starts
+    spun = time.thread_time()
+    while time.thread_time() - spun < 2 * commit.INLINE_WINDOW:
+        pass  # the loop's thread busy: a saturating load
+    before = store.inline_ops
+    assert len(await store.claim(1, NOW, LEASE)) == 1
+    assert store.inline_ops == before, "a claim ran inline on a busy loop"
+    await asyncio.sleep(2 * commit.INLINE_WINDOW)
+    assert len(await store.claim(1, NOW, LEASE)) == 1
+    assert store.inline_ops == before + 1

@@ -30,7 +30,26 @@ from collections.abc import Callable, Collection, Mapping
 from prometheus_client import values
 from setproctitle import setproctitle
 
+from relay.observability import MULTIPROC_ENV
+
 TITLE_PREFIX = "parley-relay: "
+
+
+_pid = os.getpid()
+
+
+def _remember_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_remember_pid)
+
+
+def _own_pid() -> int:
+    """This process's id, as of its last fork: prometheus_client asks for it on every metric change, and
+    ``os.getpid`` is a system call each time (about a tenth of the delivery loop's samples in a drain)."""
+    return _pid
 
 
 def title(name: str) -> str:
@@ -132,5 +151,8 @@ def _reset(env: Mapping[str, str], keep_fds: Collection[int], name: str, handled
     setproctitle(title(name))
     os.environ.clear()
     os.environ.update(env)
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    if MULTIPROC_ENV in env:
+        values.ValueClass = values.MultiProcessValue(process_identifier=_own_pid)  # type: ignore[no-untyped-call]
+    else:
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     logging.getLogger().handlers.clear()

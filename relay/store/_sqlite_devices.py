@@ -106,10 +106,10 @@ def read_changes(conn: sqlite3.Connection, since: int | None) -> DeviceChanges:
 class SqliteDevices:
     """Device operations of the SQLite store (a mixin: the store provides ``_run``)."""
 
-    async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> T:
+    async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True, quick: bool = False) -> T:
         raise NotImplementedError  # provided by SqliteStore: a write in the group commit
 
-    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, op: Callable[[sqlite3.Connection], T], *, quick: bool = False) -> T:
         raise NotImplementedError  # provided by SqliteStore: a read that takes no write lock
 
     async def put_device(self, device: Device, now: float, scope: Scope | None = None) -> DevicePut:
@@ -185,7 +185,7 @@ class SqliteDevices:
         return dict(rows)
 
     async def device_epoch(self) -> int:
-        return await self._read(_epoch)
+        return await self._read(_epoch, quick=True)
 
     async def device_changes(self, since: int | None) -> DeviceChanges:
         return await self._read(lambda c: read_changes(c, since))

@@ -202,7 +202,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
                                app_limits=app_limits)
             return sorted((_job(r) for r in rows), key=lambda j: int(j.id))
 
-        return await self._run(op, isolated=False)
+        return await self._run(op, isolated=False, quick=True)
 
     async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -220,7 +220,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
                 if end is not EndState.DEAD_LETTER:
                     conn.execute("DELETE FROM payloads WHERE id = ?", (int(job.id),))
 
-        await self._run(op, isolated=False)
+        await self._run(op, isolated=False, quick=True)
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
                     count_attempt: bool = True, now: float | None = None) -> EndState | None:
@@ -241,7 +241,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
                 return EndState.SUPERSEDED
             return None
 
-        return await self._run(op, isolated=False)
+        return await self._run(op, isolated=False, quick=True)
 
     async def wake(self, now: float, *, reasons: Collection[WaitReason] | None = None,
                    tokens: Collection[str] | None = None, apps: Collection[str] | None = None) -> int:
@@ -291,7 +291,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
             row = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()
             return None if row is None else row[0]
 
-        return await self._read(op)
+        return await self._read(op, quick=True)
 
     async def oldest_waiting(self, apps: Collection[str]) -> dict[str, float]:
         def op(conn: sqlite3.Connection) -> dict[str, float]:

@@ -11,6 +11,16 @@ side file first. SQLite's own busy handler polls a taken lock with sleeps growin
 writers would hand the lock over late and unfairly; the kernel wakes the next waiter as soon as it is free.
 The busy timeout stays for writers that do not take the side lock (an operator command).
 
+A store that acknowledges nothing (a delivery process) runs a quick op (a claim, an outcome, the device epoch
+read: a few rows by key) on the event loop's own thread when nothing is queued or on the store thread and the
+write lock is free at once. At everyday rates every such op found the store idle and paid two thread wake-ups
+for a transaction of a few dozen microseconds, which cost more CPU than the transaction (``bench/README.md``).
+The loop never waits for a lock: a taken ``flock``, or SQLite's lock held by an operator command, sends the op
+to the store thread, where it waits as before. Nor does it take work the store thread does better: once the
+loop's thread used more than ``INLINE_BUSY_LIMIT`` of a core over the last ``INLINE_WINDOW`` (a drain, a
+saturating load), ops go to the store thread, whose SQLite work then runs beside the loop on another core and
+many ops share a transaction. An acknowledging store never runs inline: its commit is an fsync.
+
 A store that acknowledges nothing (a delivery process: ``synchronous=NORMAL``) does not fsync its commits; it
 syncs the WAL file once, ``SYNC_WITHIN`` seconds after the first commit that is not yet synced (so at most once
 a second, and only while there is something to sync). In WAL mode a commit is durable once the WAL's frames
@@ -25,9 +35,12 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +52,8 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
 SYNC_WITHIN = 1.0  # seconds: the longest a non-acknowledging store's commit stays unsynced
+INLINE_WINDOW = 0.1  # seconds over which the loop thread's CPU share is measured
+INLINE_BUSY_LIMIT = 0.5  # the share of a core above which quick ops go to the store thread for the next window
 _BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?"
 
 
@@ -61,6 +76,48 @@ class GroupCommit:
         self.unsynced = 0  # commits not fsynced yet (a store that does not acknowledge webhooks)
         self.syncs = 0  # fsyncs of the WAL made for them
         self._sync_timer: asyncio.TimerHandle | None = None
+        self._inline = not acknowledges  # quick ops may run on the loop's thread (see module doc)
+        self._on_thread = 0  # calls given to the store thread and not finished (guarded by _thread_lock)
+        self._thread_lock = threading.Lock()
+        self.inline_ops = 0  # for tests and benchmarks: ops run on the loop's thread so far
+        self._window: tuple[float, float] | None = None  # (monotonic, thread CPU) where the window began
+        self._loop_has_time = True
+
+    def _to_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on the store thread, counted so that an inline op never shares the connection with it."""
+        with self._thread_lock:
+            self._on_thread += 1
+
+        def call() -> T:
+            try:
+                return fn(*args)
+            finally:
+                self._thread_done()
+
+        submitted = self._executor.submit(call)
+        submitted.add_done_callback(lambda f: self._thread_done() if f.cancelled() else None)  # never ran
+        return asyncio.wrap_future(submitted)
+
+    def _thread_done(self) -> None:
+        with self._thread_lock:
+            self._on_thread -= 1
+
+    def _idle(self) -> bool:
+        """Whether a quick op may run inline: nothing queued, nothing on the store thread, and the loop's
+        thread has time to spare (called on that thread)."""
+        return (self._inline and self._conn is not None and not self._queue and not self._draining
+                and self._on_thread == 0 and self._spare_time())
+
+    def _spare_time(self) -> bool:
+        """Whether the loop's thread used at most ``INLINE_BUSY_LIMIT`` of a core in the last window."""
+        now = time.monotonic()
+        if self._window is None:
+            self._window = (now, time.thread_time())
+        elif now - self._window[0] >= INLINE_WINDOW:
+            used = time.thread_time()
+            self._loop_has_time = (used - self._window[1]) / (now - self._window[0]) <= INLINE_BUSY_LIMIT
+            self._window = (now, used)
+        return self._loop_has_time
 
     def _connect(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +131,7 @@ class GroupCommit:
 
     async def _open_connection(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+            await self._to_thread(self._connect)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open SQLite store {self._path}: {exc}") from exc
         self._opened = True
@@ -88,9 +145,9 @@ class GroupCommit:
             self._sync_timer.cancel()
             self._sync_timer = None
         if self.unsynced:  # closing does not sync a WAL that another connection keeps open
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._sync)
+            await self._to_thread(self._sync)
         conn, self._conn = self._conn, None
-        await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        await self._to_thread(conn.close)
         self._executor.shutdown(wait=True)
         if self._writer_lock is not None:
             os.close(self._writer_lock)
@@ -108,13 +165,21 @@ class GroupCommit:
             with schema.writer_locked(self._writer_lock):  # e.g. a VACUUM: after the other processes' commits
                 return work(self._conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._to_thread(call)
 
-    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, op: Callable[[sqlite3.Connection], T], *, quick: bool = False) -> T:
         """Run a read-only ``op`` in a transaction of its own that takes no write lock: an operator command
-        reading the file never holds up the writes (and the webhooks' commits) of a live relay."""
+        reading the file never holds up the writes (and the webhooks' commits) of a live relay. A ``quick``
+        one (a few rows by key) may run inline (see the module doc)."""
         if self._conn is None:
             raise StoreUnavailable("store is closed")
+        if quick and self._idle():
+            try:
+                done = self._try_read_inline(self._conn, op)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+            if done is not None:
+                return done[0]
         if self._queue:
             # Writes are waiting for the next transaction (the dispatcher's claim): read in it, after them, for
             # the cost of a savepoint instead of a thread hop of its own. It takes no lock they do not take.
@@ -124,16 +189,36 @@ class GroupCommit:
             conn = self._conn
             if conn is None:
                 raise StoreUnavailable("store is closed")
-            conn.execute("BEGIN")  # deferred: a WAL snapshot, no lock against writers
-            try:
-                return op(conn)
-            finally:
-                conn.execute("COMMIT")
+            return self._read_now(conn, op)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            return await self._to_thread(call)
         except (sqlite3.Error, OSError, RuntimeError) as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    def _try_read_inline(self, conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> tuple[T] | None:
+        """``op`` read on this (the loop's) thread, or None when SQLite would make it wait (a reader waits only
+        while another connection recovers the WAL after a crash)."""
+        try:
+            with _no_wait(conn):
+                conn.execute("BEGIN")
+        except sqlite3.OperationalError as exc:
+            if schema.is_busy(exc):
+                return None
+            raise
+        self.inline_ops += 1
+        try:
+            return (op(conn),)
+        finally:
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _read_now(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN")  # deferred: a WAL snapshot, no lock against writers
+        try:
+            return op(conn)
+        finally:
+            conn.execute("COMMIT")
 
     def _count(self, name: str, by: int = 1) -> None:
         """Change an end-state counter; applied once per transaction, only if the op succeeds."""
@@ -156,6 +241,10 @@ class GroupCommit:
     def _execute_locked(self, conn: sqlite3.Connection, batch: list[tuple[Op, bool]],
                         results: list[tuple[bool, Any]], counts: Counter[str]) -> list[tuple[bool, Any]]:
         conn.execute("BEGIN IMMEDIATE")
+        return self._in_transaction(conn, batch, results, counts)
+
+    def _in_transaction(self, conn: sqlite3.Connection, batch: list[tuple[Op, bool]],
+                        results: list[tuple[bool, Any]], counts: Counter[str]) -> list[tuple[bool, Any]]:
         try:
             for op, isolated in batch:
                 self._op_counts = Counter()
@@ -215,14 +304,50 @@ class GroupCommit:
         self._sync_timer = None
         if self._conn is None or not self.unsynced:
             return
-        done = loop.run_in_executor(self._executor, self._sync)
+        done = self._to_thread(self._sync)
         # Commits made meanwhile (or a sync that failed) get the next one, a SYNC_WITHIN later.
         done.add_done_callback(lambda _: self._schedule_sync(loop))
 
-    async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> T:
-        """Queue ``op`` for the next transaction; ``isolated`` ops run in a savepoint of their own."""
+    def _try_inline(self, op: Op, isolated: bool) -> tuple[bool, Any] | None:
+        """``op`` in a transaction of its own on this (the loop's) thread, or None when the write lock is taken:
+        neither the relay's ``flock`` nor SQLite's lock (an operator command) is waited for here."""
+        conn = self._conn
+        assert conn is not None  # _idle() said so
+        if self._writer_lock is not None:
+            try:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+        try:
+            try:
+                with _no_wait(conn):
+                    conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if schema.is_busy(exc):
+                    return None
+                raise
+            self.inline_ops += 1
+            return self._in_transaction(conn, [(op, isolated)], [], Counter())[0]
+        finally:
+            if self._writer_lock is not None:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    async def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True, quick: bool = False) -> T:
+        """Queue ``op`` for the next transaction; ``isolated`` ops run in a savepoint of their own, ``quick``
+        ones (a few rows by key) may run inline when the store is idle (see the module doc)."""
         if self._conn is None and self._opened:
             raise StoreUnavailable("store is closed")
+        if quick and self._idle():
+            try:
+                done = self._try_inline(op, isolated)
+            except (sqlite3.Error, OSError, RuntimeError) as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+            if done is not None:
+                self._schedule_sync(asyncio.get_running_loop())
+                ok, value = done
+                if ok:
+                    return value  # type: ignore[no-any-return]
+                raise value if isinstance(value, StoreError) else StoreError(str(value))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append((op, isolated, future))
@@ -242,9 +367,7 @@ class GroupCommit:
                     await asyncio.sleep(self._commit_interval)
                 batch, self._queue = self._queue, []
                 try:
-                    results = await loop.run_in_executor(
-                        self._executor, self._execute, [(op, isolated) for op, isolated, _ in batch]
-                    )
+                    results = await self._to_thread(self._execute, [(op, isolated) for op, isolated, _ in batch])
                 except (sqlite3.Error, OSError, StoreError, RuntimeError) as exc:
                     error = exc if isinstance(exc, StoreError) else StoreUnavailable(f"sqlite: {exc}")
                     for _, _, future in batch:
@@ -261,3 +384,13 @@ class GroupCommit:
                         future.set_exception(value if isinstance(value, StoreError) else StoreError(str(value)))
         finally:
             self._draining = False
+
+
+@contextmanager
+def _no_wait(conn: sqlite3.Connection) -> Iterator[None]:
+    """SQLite answers BUSY at once inside, instead of waiting out the busy timeout (on the loop's thread)."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={schema.BUSY_TIMEOUT_MS}")

@@ -28,6 +28,7 @@ from relay.store._sqlite_heads import migrate_heads
 # 7: token heads kept indexed (relay.store._sqlite_heads); dedupe keys stored as 16-byte digests
 # 8: the head triggers find a token's next head in deliveries_open (not by walking its finished rows)
 SCHEMA_VERSION = 8
+BUSY_TIMEOUT_MS = 5000  # how long a writer outside the relay's flock (an operator command) is waited for
 OPEN_RETRY = 30.0  # seconds a start keeps retrying what SQLite refuses at once (a lock it will not wait for)
 
 _DEDUPE = "CREATE TABLE IF NOT EXISTS dedupe (key BLOB PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID"
@@ -149,7 +150,7 @@ def connect(path: os.PathLike[str], *, acknowledges: bool = True, writer_lock: i
                 with writer_locked(fd):
                     return _open(path, acknowledges)
             except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() + delay > deadline:
+                if not is_busy(exc) or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -158,7 +159,7 @@ def connect(path: os.PathLike[str], *, acknowledges: bool = True, writer_lock: i
             os.close(fd)
 
 
-def _busy(exc: sqlite3.OperationalError) -> bool:
+def is_busy(exc: sqlite3.OperationalError) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED, in any of their extended forms."""
     code = getattr(exc, "sqlite_errorcode", None)
     return (code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)) if isinstance(code, int) else (
@@ -169,7 +170,7 @@ def _open(path: os.PathLike[str], acknowledges: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         # Several processes (roles, operator commands) share the file: wait for the write lock, do not fail.
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # Only takes effect on a file without tables: new files can give space back (see ``prune``).
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
@@ -193,7 +194,7 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
                            check_same_thread=False)
     try:
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except BaseException:
         conn.close()
