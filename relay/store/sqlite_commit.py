@@ -38,9 +38,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -199,13 +198,8 @@ class GroupCommit:
     def _try_read_inline(self, conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> tuple[T] | None:
         """``op`` read on this (the loop's) thread, or None when SQLite would make it wait (a reader waits only
         while another connection recovers the WAL after a crash)."""
-        try:
-            with _no_wait(conn):
-                conn.execute("BEGIN")
-        except sqlite3.OperationalError as exc:
-            if schema.is_busy(exc):
-                return None
-            raise
+        if not _begin_at_once(conn, "BEGIN"):
+            return None
         self.inline_ops += 1
         try:
             return (op(conn),)
@@ -319,13 +313,8 @@ class GroupCommit:
             except BlockingIOError:
                 return None
         try:
-            try:
-                with _no_wait(conn):
-                    conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if schema.is_busy(exc):
-                    return None
-                raise
+            if not _begin_at_once(conn, "BEGIN IMMEDIATE"):
+                return None
             self.inline_ops += 1
             return self._in_transaction(conn, [(op, isolated)], [], Counter())[0]
         finally:
@@ -386,11 +375,16 @@ class GroupCommit:
             self._draining = False
 
 
-@contextmanager
-def _no_wait(conn: sqlite3.Connection) -> Iterator[None]:
-    """SQLite answers BUSY at once inside, instead of waiting out the busy timeout (on the loop's thread)."""
+def _begin_at_once(conn: sqlite3.Connection, begin: str) -> bool:
+    """Run ``begin`` (a BEGIN statement) unless SQLite would wait for a lock first: False then, at once,
+    instead of after the busy timeout (this runs on the event loop's thread)."""
     conn.execute("PRAGMA busy_timeout=0")
     try:
-        yield
+        conn.execute(begin)
+    except sqlite3.OperationalError as exc:
+        if schema.is_busy(exc):
+            return False
+        raise
     finally:
         conn.execute(f"PRAGMA busy_timeout={schema.BUSY_TIMEOUT_MS}")
+    return True
