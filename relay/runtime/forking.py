@@ -47,8 +47,8 @@ os.register_at_fork(after_in_child=_remember_pid)
 
 
 def _own_pid() -> int:
-    """This process's id, as of its last fork: prometheus_client asks for it on every metric change, and
-    ``os.getpid`` is a system call each time (about a tenth of the delivery loop's samples in a drain)."""
+    """This process's id, as of its last fork: prometheus_client asks for it on every metric change (to notice
+    a fork), and ``os.getpid`` is a system call each time while the answer only changes at a fork."""
     return _pid
 
 
