@@ -11,17 +11,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.config import StoreSettings
+from relay.config import StoreSettings, load_config
 from relay.outcome import EndState
+from relay.running import RELAY_KEY
+from relay.runtime.relay import create_app
 from relay.store import NewDelivery
 from relay.store import sqlite as sqlite_store
 from relay.store import sqlite_commit as commit
 from relay.store import sqlite_schema as schema
 from relay.store.base import Job
 from relay.store.sqlite import PRUNE_ROWS, PRUNE_ROWS_MAX, PRUNE_ROWS_MIN, SqliteStore
+from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
 NOW = 1_000_000.0
 LEASE = 300.0
@@ -452,3 +456,26 @@ async def test_a_busy_event_loop_leaves_quick_ops_to_the_store_thread(open_store
     await asyncio.sleep(2 * commit.INLINE_WINDOW)
     assert len(await store.claim(1, NOW, LEASE)) == 1
     assert store.inline_ops == before + 1
+
+
+async def test_the_delivery_role_runs_its_store_ops_inline_and_the_webhook_role_never_does(
+        sandbox: Sandbox, aiohttp_client: Any) -> None:
+    """Wired as the default process model wires its roles (``relay/runtime/roles.py``): the webhook process
+    (listens, delivers nothing) commits each webhook with an fsync on its store thread; the delivery process
+    (delivers, listens to nobody) claims and records the push inline, at the defaults an operator gets."""
+    config = load_config(sandbox.write())
+    webhooks = create_app(config, run_dispatcher=False, accepts_webhooks=True)
+    delivery = create_app(config, run_dispatcher=True, accepts_webhooks=False)
+    client = await aiohttp_client(webhooks)
+    await aiohttp_client(delivery)
+    answer = await client.post("/parley/webhook", json=sample("message", to=[IOS_TOKEN]),
+                               headers={AUTH_HEADER: AUTH_VALUE})
+    assert answer.status == 200
+    store = delivery[RELAY_KEY].store
+    assert isinstance(store, SqliteStore)
+    async with asyncio.timeout(10):  # the delivery role polls the store within IDLE_POLL (no wake-up here)
+        while (await store.stats()).ended.get(EndState.SENT) != 1:
+            await asyncio.sleep(0.05)
+    assert store.inline_ops >= 3  # at least its claim, the device-epoch read and the outcome
+    webhook_store = webhooks[RELAY_KEY].store
+    assert isinstance(webhook_store, SqliteStore) and webhook_store.inline_ops == 0
