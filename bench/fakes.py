@@ -13,6 +13,8 @@ ROOT), prints ``{"ready": true, ...}`` and then answers commands:
   start, seconds, generation]``: every thread of the fakes stops meanwhile, so a push arriving then is
   recorded late (a gap the relay did not make; what the fakes recorded is frozen out of collections every
   second, so that few remain);
+* ``{"cmd": "delay", "platform": "apns"|"fcm", "seconds": S}`` -> that fake answers every request S seconds
+  late from now on (a provider further away);
 * ``{"cmd": "quit"}``.
 """
 
@@ -125,6 +127,10 @@ def main() -> None:
                                 bool(command.get("ids")))
             elif name == "pauses":
                 answer = _pauses
+            elif name == "delay":  # every answer of this platform's fake comes this many seconds late
+                fake = box.apns if command.get("platform") == "apns" else box.fcm
+                fake.set_delay(float(command.get("seconds", 0.0)))
+                answer = {"platform": command.get("platform"), "delay": float(command.get("seconds", 0.0))}
             elif name == "quit":
                 break
             else:

@@ -357,6 +357,17 @@ async def test_a_backlog_of_one_app_does_not_hide_another_apps_head(store: Store
     assert [j.token for j in jobs] == ["a000", "a001", "a002", "b2"]
 
 
+async def test_a_claim_shares_its_limit_across_apps_when_an_older_backlog_has_free_slots(store: Store) -> None:
+    """App A's 400 heads, due a minute before app B's one, and slots to spare for both (caps above the claim's
+    limit): a claim of 5 takes B's head beside A's four earliest, not five of A's. Earliest-due-first across
+    apps made B's push wait for A's whole backlog once an app's slots outnumbered a claim (SPEC §6)."""
+    items = [item(f"a{n:03}", app="A") for n in range(400)]
+    assert await store.enqueue(items, NOW - 60, 600) == [True] * 400
+    await enqueue(store, "b", app="B")
+    jobs = await store.claim(5, NOW, LEASE, app_limits={"A": 1000, "B": 1000})
+    assert sorted(j.token for j in jobs) == ["a000", "a001", "a002", "a003", "b"]
+
+
 async def test_app_limits_keep_each_tokens_head_first(store: Store) -> None:
     """A token whose head belongs to a skipped app is not claimed at all: its newer delivery of
     another app stays behind its head (per-device order)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import FcmApp, Listen
 from relay.errors import ConfigError
 from relay.observability import journald_reads
 from relay.runtime.systemd import Notifier, inherited_sockets
@@ -206,6 +207,15 @@ def test_service_unit_declares_notify_watchdog_reload_directories_and_credential
     assert unit["MemoryDenyWriteExecute"] == ["yes"] and unit["CapabilityBoundingSet"] == [""]
     sock = _unit_settings(SOCKET_UNIT)
     assert sock["ListenStream"] and "PartOf" not in sock  # a service restart must keep the socket
+
+
+def test_service_unit_allows_the_descriptors_of_raised_fcm_slots_and_a_full_accept_queue() -> None:
+    """Each FCM slot is a connection: a delivery process with four FCM apps raised to 1,000 slots each
+    (docs/delivery.md: sizing), or a webhook process with its whole accept queue, fits under the unit's
+    LimitNOFILE; systemd's default soft limit (1,024) holds neither."""
+    limit = int(_unit_settings(UNIT)["LimitNOFILE"][0])
+    assert Listen().backlog == 4096 and FcmApp.__pydantic_fields__["concurrency"].default <= 1000
+    assert limit >= 4 * 1000 + Listen().backlog + 1024  # + the store, logs, pipes and the rest
 
 
 def _systemd_analyze() -> str:

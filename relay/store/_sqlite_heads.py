@@ -107,24 +107,27 @@ _TAKE = """
 
 def claim_heads(conn: sqlite3.Connection, columns: str, *, limit: int, now: float, lease_until: float, owner: str,
                 app_limits: Mapping[str, int] | None) -> list[Sequence[Any]]:
-    """Take up to ``limit`` due heads, earliest due first, at most ``app_limits[app]`` of a named app (none at
-    0; an app not named, or no hint, has no cap of its own), in the caller's write transaction; rows of
-    ``columns``.
+    """Take up to ``limit`` due heads, a fair share of each app's, at most ``app_limits[app]`` of a named app
+    (none at 0; an app not named, or no hint, has no cap of its own), in the caller's write transaction; rows
+    of ``columns``.
 
     Each app's due heads are read from the front of its slice of ``deliveries_heads``, at most as many as it
-    may take, so one app's parked backlog costs another app's claim nothing.
+    may take, so one app's parked backlog costs another app's claim nothing. When they are more than
+    ``limit``, every app gets its earliest due head before any app gets its second (then its third...), as the
+    Redis store's claim passes do: an app whose backlog is older than another app's new push would otherwise
+    fill whole claims while it has free slots, and that push would wait for the backlog.
     """
     caps = app_limits or {}
-    due: list[tuple[float, int]] = []
+    ranked: list[tuple[int, float, int]] = []
     for app in [None, *(row[0] for row in conn.execute(_APPS))]:
         take = limit if app is None or app not in caps else min(limit, caps[app])
         if take <= 0:
             continue
         params = {"now": now, "take": take, "app": app}
         rows = conn.execute(_DUE_WITHOUT_APP if app is None else _DUE_OF_APP, params).fetchall()
-        due += [(row[1], row[0]) for row in rows]
-    if not due:
+        ranked += [(rank, row[1], row[0]) for rank, row in enumerate(rows)]  # rows come earliest due first
+    if not ranked:
         return []
-    ids = [row_id for _, row_id in sorted(due)[:limit]]
+    ids = [row_id for _, _, row_id in sorted(ranked)[:limit]]
     params = {"owner": owner, "lease": lease_until, "ids": "[" + ",".join(map(str, ids)) + "]"}
     return conn.execute(_TAKE.format(columns=columns), params).fetchall()
