@@ -24,6 +24,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """One process (``--processes 1`` or ``processes: 1``), or the supervisor that forks the role processes."""
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
+    from relay.runtime.limits import raise_open_files
+
+    raise_open_files(config)  # before any socket; forked role processes inherit it
     if args.processes == "1" or (args.processes is None and config.processes.single):
         from relay.runtime.service import serve
 
