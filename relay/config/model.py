@@ -107,7 +107,8 @@ class StoreSettings:
 
 @dataclass(frozen=True, config=MODEL)
 class DeliverySettings:
-    concurrency: Int = Field(default=256, ge=1, description="sends in flight at once, all apps together (a restart)")
+    concurrency: Int = Field(default=256, ge=1, description="caps each app's `concurrency` (its sends in flight; "
+                                                    "a sixteenth is the unrouted share)")
     batch_size: Int = Field(default=256, ge=1, description="deliveries claimed from the store at once")
     max_age: Seconds = Field(default=24 * 3600.0, ge=1, description="seconds a message is retried before it ends "
                                                             "as *expired*")
