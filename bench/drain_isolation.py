@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +41,10 @@ def android_beside_a_drain(fakes: Fakes, relay: Relay, android: list[str], rate:
     load = harness.load(relay.url, android, mode="open", rate=rate, connections=8, record_sends=True,
                         duration=seconds, warmup=0.0)
     apns = fakes.since(mark)["apns"]
-    sent = {int(i): t for i, t in load["sends"]}
-    deadline = time.monotonic() + 60
-    while True:
-        got = fakes.since(mark, ids=True)
-        arrived = {int(i): t for i, t in got["fcm"]["ids"]}
-        if all(i in arrived for i in sent) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    to_fcm = [arrived[i] - t for i, t in sent.items() if i in arrived]
+    to_fcm = fakes.latencies(mark, load["sends"], ["fcm"], timeout=60)
     return {"ack_p50_ms": load["p50"] * 1000, "ack_p99_ms": load["p99"] * 1000,
             "fcm_p50_ms": pct(to_fcm, 50) * 1000, "fcm_p99_ms": pct(to_fcm, 99) * 1000,
-            "drain_per_s": apns["count"] / seconds, "missing": len(sent) - len(to_fcm)}
+            "drain_per_s": apns["count"] / seconds, "missing": len(load["sends"]) - len(to_fcm)}
 
 
 def main() -> None:

@@ -78,6 +78,20 @@ class Fakes:
                 return dict(got)
             time.sleep(0.2)
 
+    def latencies(self, mark: Mapping[str, int], sends: Sequence[Sequence[float]], platforms: Sequence[str],
+                  timeout: float) -> list[float]:
+        """Seconds from each webhook's send (the load generator's ``[object id, send time]`` pairs) to its push's
+        arrival at a fake of ``platforms``, once every one arrived after ``mark`` (or ``timeout``): the missing
+        ones are left out."""
+        sent = {int(i): t for i, t in sends}
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.since(mark, ids=True)
+            arrived = {int(i): t for p in platforms for i, t in got[p]["ids"]}
+            if all(i in arrived for i in sent) or time.monotonic() > deadline:
+                return [arrived[i] - t for i, t in sent.items() if i in arrived]
+            time.sleep(0.2)
+
     def close(self) -> None:
         try:
             self.ask("quit")

@@ -77,18 +77,10 @@ def ios_at_100(fakes: Fakes, relay: Relay, ios: list[str], seconds: float) -> di
     mark = fakes.mark()
     load = harness.load(relay.url, ios, mode="open", rate=100, connections=8, record_sends=True,
                         duration=seconds, warmup=1.0)
-    sent = {int(i): t for i, t in load["sends"]}
-    deadline = time.monotonic() + 60
-    while True:
-        got = fakes.since(mark, ids=True)
-        arrived = {int(i): t for i, t in got["apns"]["ids"]}
-        if all(i in arrived for i in sent) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    to_apns = [arrived[i] - t for i, t in sent.items() if i in arrived]
+    to_apns = fakes.latencies(mark, load["sends"], ["apns"], timeout=60)
     return {"ack_p50_ms": load["p50"] * 1000, "ack_p99_ms": load["p99"] * 1000,
             "apns_p50_ms": pct(to_apns, 50) * 1000, "apns_p99_ms": pct(to_apns, 99) * 1000,
-            "webhooks": load["ok"], "missing": len(sent) - len(to_apns)}
+            "webhooks": load["ok"], "missing": len(load["sends"]) - len(to_apns)}
 
 
 def pct(values: list[float], p: float) -> float:
