@@ -62,6 +62,33 @@ async def test_apns_3000_error_answers_on_one_connection_all_complete(sandbox: S
     assert sandbox.apns.connections_opened == 1  # one connection carried all ~270 KB of error bodies
 
 
+async def test_apns_sends_waiting_for_a_stream_reconnect_when_the_busy_connection_is_lost(sandbox: Sandbox) -> None:
+    """The only connection (max_connections 1; the server allows 2 streams) has both streams hung and three more
+    sends wait for one. The connection drops: the two hung sends are retries, and the three waiting ones open a
+    new connection and are sent. aioapns' own acquire kept polling a pool with no connection left, so they
+    waited for their send timeout (and a test sending 3,000 on one connection hung now and then)."""
+    ios, _ = _apps(sandbox, apps={"ios": {"max_connections": 1}})
+    sandbox.apns.max_concurrent_streams = 2  # read when a connection opens: its SETTINGS frame
+    provider = ApnsProvider(ios)
+    sandbox.apns.hang(True)
+    try:
+        hung = [asyncio.ensure_future(provider.send(_apns_push(f"{i:064x}"))) for i in range(2)]
+        await sandbox.apns.wait_for(2)  # both streams taken, the server's settings known
+        waiting = [asyncio.ensure_future(provider.send(_apns_push(f"{i:064x}"))) for i in range(2, 5)]
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in hung + waiting)
+        sandbox.apns.hang(False)
+        sandbox.apns.drop_connections()
+        async with asyncio.timeout(10):
+            lost = await asyncio.gather(*hung)
+            sent = await asyncio.gather(*waiting)
+    finally:
+        await provider.close()
+    assert [r.outcome for r in lost] == [Outcome.RETRY] * 2 and all("lost" in r.reason for r in lost)
+    assert [r.outcome for r in sent] == [Outcome.SENT] * 3
+    assert sandbox.apns.connections_opened == 2
+
+
 async def test_apns_one_provider_jwt_is_shared_by_all_connections(sandbox: Sandbox) -> None:
     """Several HTTP/2 connections of one key present the same JWT (Apple throttles refreshes)."""
     ios, _ = _apps(sandbox, apps={"ios": {"max_connections": 3}})

@@ -14,6 +14,9 @@ aioapns defects worked around here (each covered by a test):
   loop, and ``proxy_host`` is broken: our pools open their own connections (:meth:`_Connecting.open`), directly
   or through an HTTP CONNECT tunnel (:mod:`relay.providers.proxy`). The host comes from the protocol class's
   ``APNS_SERVER``/``APNS_PORT``, which is how ``endpoint`` (and ``sandbox_endpoint``) redirect it;
+* once every connection is busy at ``max_connections``, its pool's ``acquire`` polls the connections it has
+  and never opens another, also after they are all lost: :meth:`_Connecting.acquire` opens one whenever the
+  pool has room (its waiting sends polled an empty pool until their timeout);
 * a failed connect surfaces as a bare ``ConnectionError()`` after an ERROR log line without app or host: our
   pools raise :class:`ApnsUnreachable` with the cause and host (:mod:`relay.providers.network_errors`), which
   becomes the push's reason (aioapns' own lines are demoted to DEBUG by :func:`relay.observability.setup_logging`).
@@ -166,6 +169,35 @@ class _Connecting:
     protocol_class: type[APNsTLSClientProtocol]
     ssl_context: ssl.SSLContext | None
     proxy: Proxy | None = None
+
+    connections: list[APNsBaseClientProtocol]
+    max_connections: int
+    _lock: asyncio.Lock
+
+    async def acquire(self) -> APNsBaseClientProtocol:
+        """A connection with a free stream, opening one whenever the pool has room, also after a wait.
+
+        aioapns' own ``acquire``, once every connection was busy at ``max_connections``, polled the connections
+        it had every 10 ms and never opened another: after they were lost, its waiting sends polled an empty
+        pool until their send timeout. A failure to connect is raised as aioapns raises it (see the class doc).
+        """
+        while True:
+            for connection in self.connections:
+                if not connection.is_busy:
+                    return connection
+            if len(self.connections) < self.max_connections:
+                async with self._lock:
+                    for connection in self.connections:
+                        if not connection.is_busy:
+                            return connection
+                    if len(self.connections) < self.max_connections:
+                        try:
+                            opened: APNsBaseClientProtocol = await self.create_connection()  # type: ignore[attr-defined]
+                        except Exception as exc:  # what failed stays its __context__, as in aioapns
+                            raise ApnsConnectionError() from exc
+                        self.connections.append(opened)
+                        return opened
+            await asyncio.sleep(0.01)  # every stream of every connection is taken: one is given back soon
 
     async def open(self, factory: Any) -> APNsBaseClientProtocol:
         server, port = self.protocol_class.APNS_SERVER, self.protocol_class.APNS_PORT
