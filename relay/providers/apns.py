@@ -162,8 +162,8 @@ class ApnsUnreachable(Exception):
 class _Connecting:
     """How our pools connect: directly, or through an HTTP CONNECT proxy; a failure names its cause and host.
 
-    aioapns' ``acquire`` catches what this raises and raises its own bare ``ConnectionError`` from within that
-    ``except`` block, so the :class:`ApnsUnreachable` is its ``__context__`` (read in ``ApnsProvider._send_to``).
+    ``acquire`` raises aioapns' bare ``ConnectionError`` from what :meth:`open` raised, as aioapns' own did, so
+    the :class:`ApnsUnreachable` is its ``__context__`` (read in ``ApnsProvider._send_to``).
     """
 
     protocol_class: type[APNsTLSClientProtocol]
