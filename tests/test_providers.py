@@ -19,6 +19,8 @@ from firebase_admin import messaging
 from relay.config import ApnsApp, FcmApp, load_config
 from relay.outcome import Outcome
 from relay.providers import Bounded, create_provider
+from relay.providers import apns as apns_module
+from relay.providers._apns_protocol import StreamSlots
 from relay.providers.apns import APNS_REASONS, ApnsProvider, classify_apns
 from relay.providers.fcm import ENCODER, FcmProvider, build_message, encode_request
 from relay.providers.fcm_errors import FCM_ERROR_CODES, HTTP_STATUS, RPC_STATUS, classify_fcm, classify_transport
@@ -60,6 +62,71 @@ async def test_apns_3000_error_answers_on_one_connection_all_complete(sandbox: S
     assert {(r.outcome, r.reason) for r in results} == {(Outcome.TOKEN_DEAD, "410 Unregistered")}
     assert {r.reason for r in results} == {"410 Unregistered"}
     assert sandbox.apns.connections_opened == 1  # one connection carried all ~270 KB of error bodies
+
+
+async def test_apns_opens_no_more_streams_than_the_server_allows_before_its_settings_arrive(sandbox: Sandbox) -> None:
+    """A new connection opens no stream before the server's SETTINGS frame (here 0.3 s after the TLS handshake,
+    as on a slow network), so five sends to a server allowing two streams (and enforcing it from the start, as
+    Apple may) open two and wait. Before, the client opened all five at once, assuming aioapns' 1,000, and the
+    server ended the connection with PROTOCOL_ERROR: every send was a retry."""
+    ios, _ = _apps(sandbox, apps={"ios": {"max_connections": 1}})
+    sandbox.apns.max_concurrent_streams = 2
+    sandbox.apns.settings_delay = 0.3
+    sandbox.apns.hang(True)  # the two streams stay open
+    provider = ApnsProvider(ios)
+    sends = [asyncio.ensure_future(provider.send(_apns_push(f"{i:064x}"))) for i in range(5)]
+    try:
+        await sandbox.apns.wait_for(2)
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in sends), [task.result().reason for task in sends if task.done()]
+        assert len(sandbox.apns.requests) == 2 and sandbox.apns.connections_opened == 1
+    finally:
+        for task in sends:
+            task.cancel()
+        await asyncio.gather(*sends, return_exceptions=True)
+        await provider.close()
+
+
+async def test_apns_server_that_sends_no_settings_is_unreachable_and_its_connection_closed(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose SETTINGS do not come (held 2 s; the wait is shortened from its 10 s here) is reported as
+    such in the push's reason, and the half-open connection is closed, not kept in the pool."""
+    monkeypatch.setattr(apns_module, "SETTINGS_TIMEOUT", 0.2)
+    ios, _ = _apps(sandbox)
+    sandbox.apns.settings_delay = 2
+    provider = ApnsProvider(ios)
+    try:
+        result = await provider.send(_apns_push("a" * 64))
+        assert result.outcome is Outcome.RETRY and "sent no HTTP/2 SETTINGS within 0.2 s" in result.reason
+        assert provider.connections == 0
+    finally:
+        await provider.close()
+
+
+async def test_apns_stream_slots_hold_new_streams_while_a_lowered_limit_is_exceeded() -> None:
+    """The server lowers its stream limit from 4 to 1 with 3 streams open: no new stream until 1 is left open
+    and then one ends (asyncio's semaphore under aioapns let new streams through while its count was negative);
+    raised again, every waiting send gets its stream."""
+    slots = StreamSlots(4)
+    opened = [await slots.acquire() for _ in range(3)]
+    assert opened == [1, 3, 5]
+    slots.bound = 1
+    assert slots.is_busy
+    waiting = [asyncio.ensure_future(slots.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    slots.release()
+    slots.release()
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)  # one stream is still open: the limit is reached
+    slots.release()
+    await asyncio.sleep(0)
+    assert [task.done() for task in waiting] == [True, False]
+    slots.bound = 10
+    await asyncio.sleep(0)
+    assert [task.result() for task in waiting] == [7, 9]
+    slots.destroy(ConnectionError("gone"))
+    with pytest.raises(ConnectionError):
+        await slots.acquire()
 
 
 async def test_apns_sends_waiting_for_a_stream_reconnect_when_the_busy_connection_is_lost(sandbox: Sandbox) -> None:

@@ -9,6 +9,7 @@ provider's pools; nothing here knows about apps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from aioapns.common import NotificationRequest, NotificationResult
 from aioapns.connection import APNsBaseClientProtocol
 from aioapns.exceptions import ConnectionClosed
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -27,7 +29,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import H2Error
+from h2.exceptions import H2Error, NoAvailableStreamIDError
 from hpack import Encoder, NeverIndexedHeaderTuple
 
 from relay.providers.retry_after import parse_retry_after
@@ -49,6 +51,81 @@ class _PlainEncoder(Encoder):
         return super().encode(headers, huffman=False)
 
 
+class StreamSlots:
+    """The streams a connection may open: the server's ``MAX_CONCURRENT_STREAMS`` less those open, FIFO.
+
+    Replaces aioapns' ``ChannelPool``, an ``asyncio.Semaphore`` whose count went negative when the server lowered
+    its limit below the streams open (Apple lowers it to 1 after a refused push): asyncio then let every new
+    stream through, past the limit, and a limit raised again was clamped to the lowered one.
+    """
+
+    def __init__(self, bound: int) -> None:
+        self._bound = bound
+        self._open = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._stream_id = -1
+        self._error: BaseException | None = None
+
+    @property
+    def bound(self) -> int:
+        return self._bound
+
+    @bound.setter
+    def bound(self, value: int) -> None:  # the server's SETTINGS (aioapns' on_remote_settings_changed)
+        self._bound = value
+        self._wake()
+
+    @property
+    def is_busy(self) -> bool:
+        return self._open >= self._bound
+
+    async def acquire(self) -> int:
+        """The id of a new stream, once one may be opened (raises what :meth:`destroy` was given)."""
+        while self._error is None and (self._open >= self._bound or self._waiters):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake()  # woken, then cancelled: the slot it was woken for goes to the next one
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if self._open < self._bound:
+                break
+        if self._error is not None:
+            raise self._error
+        self._stream_id += 2
+        if self._stream_id > H2Connection.HIGHEST_ALLOWED_STREAM_ID:
+            raise NoAvailableStreamIDError()
+        self._open += 1
+        return self._stream_id
+
+    def release(self) -> None:
+        """A stream ended (answered, failed or reset)."""
+        self._open = max(0, self._open - 1)
+        self._wake()
+
+    def destroy(self, exc: BaseException) -> None:
+        """The connection is gone: waiting and later acquires raise ``exc``."""
+        self._error = exc
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    def _wake(self) -> None:
+        free = self._bound - self._open
+        for waiter in self._waiters:
+            if free <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+
 class RelayProtocol(APNsBaseClientProtocol):
     """aioapns' protocol with stream-level response handling and flow control in both directions."""
 
@@ -58,6 +135,9 @@ class RelayProtocol(APNsBaseClientProtocol):
         self._pending: dict[int, asyncio.Future[NotificationResult]] = {}  # by stream id
         self._window_waiters: list[asyncio.Future[None]] = []
         self._flush_pending = False
+        self.free_channels = StreamSlots(self.free_channels.bound)  # type: ignore[assignment]
+        # Set once the server's first SETTINGS frame is read: its stream limit is known (see ``settings_known``).
+        self._settings_known: asyncio.Future[None] = self.loop.create_future()
         # The request headers are built here from validated values, lowercase and trimmed; h2 re-checking and
         # re-normalizing each one on every push was ~10 % and then ~8 % of the dispatcher's CPU in the drain
         # profiles (bench/README.md). What normalizing did that matters is done below: authorization is never
@@ -65,6 +145,12 @@ class RelayProtocol(APNsBaseClientProtocol):
         self.conn.config.validate_outbound_headers = False
         self.conn.config.normalize_outbound_headers = False
         self.conn.encoder = _PlainEncoder()  # before any header block, so both tables start empty alike
+
+    async def settings_known(self) -> None:
+        """Wait for the server's first SETTINGS frame: a stream opened before it may exceed a limit the server
+        already enforces (Apple's, or one lowered after a refused push); raises ``ConnectionClosed`` if the
+        connection is lost first."""
+        await asyncio.shield(self._settings_known)
 
     async def send_notification(self, request: NotificationRequest) -> NotificationResult:
         """aioapns' request, but waiting for the server's flow-control window instead of raising.
@@ -170,6 +256,8 @@ class RelayProtocol(APNsBaseClientProtocol):
             elif isinstance(event, RemoteSettingsChanged):
                 self.on_remote_settings_changed(event.changed_settings)  # type: ignore[arg-type]
                 self._window_changed()
+                if not self._settings_known.done():
+                    self._settings_known.set_result(None)
             elif isinstance(event, ConnectionTerminated):
                 self.on_connection_terminated(event)
         if self.transport is not None and not self.transport.is_closing():
@@ -208,6 +296,9 @@ class RelayProtocol(APNsBaseClientProtocol):
         for stream_id in list(self._pending):
             self._fail(stream_id, ConnectionClosed(str(exc)))
         self._window_changed(ConnectionClosed(str(exc)))
+        if not self._settings_known.done():
+            self._settings_known.set_exception(ConnectionClosed(str(exc)))
+            self._settings_known.exception()  # read here: nobody may be waiting for it any more
         super().connection_lost(exc)  # aioapns' own request table is unused (empty): it fails nothing twice
 
     def close(self) -> None:

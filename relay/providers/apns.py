@@ -17,6 +17,11 @@ aioapns defects worked around here (each covered by a test):
 * once every connection is busy at ``max_connections``, its pool's ``acquire`` polls the connections it has
   and never opens another, also after they are all lost: :meth:`_Connecting.acquire` opens one whenever the
   pool has room (its waiting sends polled an empty pool until their timeout);
+* it opens streams on a new connection before the server's SETTINGS frame says how many it allows, and its
+  stream count (an ``asyncio.Semaphore``) let every stream through once a server lowered its limit below the
+  streams open (Apple lowers it to 1 after a refused push): our pools use a connection once its SETTINGS are
+  read (:meth:`_Connecting.open`), and the protocol counts streams with its own
+  :class:`~relay.providers._apns_protocol.StreamSlots`;
 * a failed connect surfaces as a bare ``ConnectionError()`` after an ERROR log line without app or host: our
   pools raise :class:`ApnsUnreachable` with the cause and host (:mod:`relay.providers.network_errors`), which
   becomes the push's reason (aioapns' own lines are demoted to DEBUG by :func:`relay.observability.setup_logging`).
@@ -92,6 +97,8 @@ APNS_STATUS: Mapping[int, Outcome] = {200: Outcome.SENT, 403: Outcome.CONFIG_ERR
 # tokens of the sandbox host are valid only there): the one answer that may try the sandbox instead.
 SANDBOX_FALLBACK_ON = (400, "400 BadDeviceToken")
 
+# A new connection is used once the server's SETTINGS arrive (they follow the TLS handshake at once).
+SETTINGS_TIMEOUT = 10.0
 JWT_LIFETIME = 50 * 60  # Apple rejects tokens older than 1 h and throttles refreshes under 20 min
 
 
@@ -204,10 +211,24 @@ class _Connecting:
         context = self.ssl_context or ssl.create_default_context()
         try:
             if self.proxy is not None:
-                return await open_tunnel(self.proxy, server, port, factory, context)
-            _, protocol = await asyncio.get_running_loop().create_connection(factory, server, port, ssl=context)
+                protocol = await open_tunnel(self.proxy, server, port, factory, context)
+            else:
+                _, protocol = await asyncio.get_running_loop().create_connection(factory, server, port, ssl=context)
         except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors too
             raise ApnsUnreachable(describe_failure(exc, server, port)) from exc
+        # No stream before the server's SETTINGS: its stream limit may already be lower than what we would open.
+        try:
+            async with asyncio.timeout(SETTINGS_TIMEOUT):
+                await protocol.settings_known()
+        except BaseException as exc:
+            protocol.on_connection_lost = None  # never in the pool: nothing to discard
+            if protocol.transport is not None:
+                protocol.transport.abort()  # no TLS goodbye to wait for from a server that has said nothing
+            if isinstance(exc, TimeoutError):
+                raise ApnsUnreachable(f"{server}:{port} sent no HTTP/2 SETTINGS within {SETTINGS_TIMEOUT:g} s") from exc
+            if isinstance(exc, ConnectionClosed):
+                raise ApnsUnreachable(f"{server}:{port} closed the connection before its HTTP/2 SETTINGS") from exc
+            raise
         return protocol  # type: ignore[no-any-return]
 
 

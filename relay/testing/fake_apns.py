@@ -120,6 +120,9 @@ class FakeApns:
         self.ca = ca or make_ca()
         self._client_ca = client_ca
         self.max_concurrent_streams = max_concurrent_streams
+        # Seconds a new connection's first frames (the server's SETTINGS) are held back, as a slow network would:
+        # a client that opens streams before it knows the server's limit then exceeds it.
+        self.settings_delay = 0.0
         self.max_payload = max_payload
         self.token_max_age = token_max_age
         self._lock = threading.Lock()
@@ -499,6 +502,7 @@ class _ApnsConnection(asyncio.Protocol):
         self._held: dict[str, tuple[int, str, _Answer]] = {}  # token -> a late answer's stream (answer_late)
         self._id = 0
         self._cert_auth = False
+        self._holding = False  # writes held back (settings_delay)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # create_server hands a Transport
@@ -513,6 +517,13 @@ class _ApnsConnection(asyncio.Protocol):
             },
         )
         self._conn.initiate_connection()
+        if self._fake.settings_delay > 0:
+            self._holding = True
+            asyncio.get_running_loop().call_later(self._fake.settings_delay, self._release)
+        self._flush()
+
+    def _release(self) -> None:
+        self._holding = False
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -633,6 +644,8 @@ class _ApnsConnection(asyncio.Protocol):
             task.cancel()
 
     def _flush(self) -> None:
+        if self._holding:
+            return  # h2 keeps what it has to send until _release
         data = self._conn.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
