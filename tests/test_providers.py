@@ -106,7 +106,7 @@ async def test_apns_server_that_sends_no_settings_is_unreachable_and_its_connect
 async def test_apns_stream_slots_hold_new_streams_while_a_lowered_limit_is_exceeded() -> None:
     """The server lowers its stream limit from 4 to 1 with 3 streams open: no new stream until 1 is left open
     and then one ends (asyncio's semaphore under aioapns let new streams through while its count was negative);
-    raised again, every waiting send gets its stream."""
+    raised again, every waiting send gets its stream, also one that queued while the one ahead was being woken."""
     slots = StreamSlots(4)
     opened = [await slots.acquire() for _ in range(3)]
     assert opened == [1, 3, 5]
@@ -124,6 +124,15 @@ async def test_apns_stream_slots_hold_new_streams_while_a_lowered_limit_is_excee
     slots.bound = 10
     await asyncio.sleep(0)
     assert [task.result() for task in waiting] == [7, 9]
+    # A send that queues while the one ahead of it is being woken is not left behind when there is room.
+    slots.bound = 2  # both taken
+    ahead = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)  # waiting
+    behind = asyncio.ensure_future(slots.acquire())  # its first step runs before the woken one resumes
+    slots.bound = 10
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert (ahead.result(), behind.result()) == (11, 13)
     slots.destroy(ConnectionError("gone"))
     with pytest.raises(ConnectionError):
         await slots.acquire()

@@ -101,6 +101,8 @@ class StreamSlots:
         if self._stream_id > H2Connection.HIGHEST_ALLOWED_STREAM_ID:
             raise NoAvailableStreamIDError()
         self._open += 1
+        if self._waiters and self._open < self._bound:
+            self._wake()  # a send queued behind this one while it was being woken may have room too
         return self._stream_id
 
     def release(self) -> None:
