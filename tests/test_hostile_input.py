@@ -188,14 +188,16 @@ def test_each_limit_and_strictness_rule_refuses_with_a_clear_message(body: bytes
 
 
 def _parley_id(raw: str) -> int | None:
+    """The object id of a delivered notification; None for a hostile body's (any JSON: a list, a dict...)."""
     obj = json.loads(raw).get("object", {})
-    return obj.get("id") if isinstance(obj, dict) else None
+    found = obj.get("id") if isinstance(obj, dict) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) else None
 
 
 def _delivered_ids(sandbox: Sandbox) -> set[int]:
     ids = {_parley_id(r.payload["parley"]) for r in sandbox.apns.requests if r.status == 200}
     ids |= {_parley_id(r.message.get("data", {}).get("parley", "{}")) for r in sandbox.fcm.requests if r.status == 200}
-    return {i for i in ids if isinstance(i, int)}
+    return {i for i in ids if i is not None}
 
 
 async def _store_before_attack(r: RelayUnderTest, sandbox: Sandbox) -> set[int]:
