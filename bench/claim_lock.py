@@ -7,12 +7,12 @@ A delivery process claims on its store thread while its event loop's thread runs
 module releases the interpreter lock around every SQLite step (each row a ``RETURNING`` or ``SELECT`` hands
 back is one), and taking it back waits up to the switch interval (5 ms by default) when the other thread is
 busy: inside the claim's transaction, so the webhooks' commits wait behind it. This prefills 20,000 deliveries
-over 2,000 tokens through the relay's store, then times claims made with the relay's own ``claim_heads``
-(``relay.store._sqlite_heads``), the write lock held from ``BEGIN IMMEDIATE`` to ``COMMIT``, against the same
-claim done in one SQLite step per statement (each read as one JSON aggregate row; the claimed rows read
-after ``COMMIT``): an experiment for a future store, not the relay's code. The second thread is idle or runs
-pure Python without a pause (the worst case: the relay's loop thread also waits in ``epoll`` and system
-calls, which hand the interpreter lock over at once).
+over 2,000 tokens through the relay's store, then times claims made with the relay's own code
+(``claim_heads`` and ``claimed_jobs``: every statement one SQLite step, a JSON aggregate), the write lock held
+from ``BEGIN IMMEDIATE`` to ``COMMIT``, against the claim as it was before (every row fetched on its own step:
+the apps, each app's due heads, and the taken rows from ``UPDATE ... RETURNING``), kept here for comparison.
+The second thread is idle or runs pure Python without a pause (the worst case: the relay's loop thread also
+waits in ``epoll`` and system calls, which hand the interpreter lock over at once).
 The last stdout line is JSON: ``{"<switch>, <thread>, <claim>": [{"claims": .., "held_p50_ms": ..,
 "held_max_ms": .., "whole_p50_ms": ..}, ...one per round]}``.
 """
@@ -33,31 +33,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import prefill, scratch
 
-from relay.store._sqlite_heads import _APPS, claim_heads
-from relay.store.sqlite import _JOB_COLUMNS, _job
+from relay.store._sqlite_claims import DATA, claimed_rows, jobs_of
+from relay.store._sqlite_heads import claim_heads
 
-_DUE = """SELECT json_group_array(json_array(id, next_at)) FROM (
-    SELECT id, next_at FROM deliveries INDEXED BY deliveries_heads
-    WHERE head = 1 AND state = 'pending' AND app {match} AND next_at <= :now ORDER BY next_at, id LIMIT :take)"""
-_TAKE = """UPDATE deliveries SET state = 'inflight', owner = :owner, lease_until = :lease, wait_reason = NULL
-    WHERE id IN (SELECT value FROM json_each(:ids)) AND head = 1 AND state = 'pending'"""
-_TAKEN = """SELECT json_group_array(id) FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids))
-    AND state = 'inflight' AND owner = :owner AND lease_until = :lease"""
-_ROWS = f"SELECT {_JOB_COLUMNS} FROM deliveries WHERE id IN (SELECT value FROM json_each(?))"
+# The claim before: the same choice, each row its own step.
+_APPS_ROWS = """
+    WITH RECURSIVE apps(app) AS (
+        SELECT (SELECT MIN(app) FROM deliveries WHERE head = 1 AND state = 'pending')
+        UNION ALL
+        SELECT (SELECT MIN(app) FROM deliveries WHERE head = 1 AND state = 'pending' AND app > apps.app)
+        FROM apps WHERE apps.app IS NOT NULL
+    )
+    SELECT app FROM apps WHERE app IS NOT NULL"""
+_DUE_ROWS = """SELECT id, next_at FROM deliveries INDEXED BY deliveries_heads
+    WHERE head = 1 AND state = 'pending' AND app {match} AND next_at <= :now ORDER BY next_at, id LIMIT :take"""
+_TAKE_RETURNING = f"""UPDATE deliveries SET state = 'inflight', owner = :owner, lease_until = :lease, wait_reason = NULL
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND head = 1 AND state = 'pending'
+    RETURNING id, delivery_id, token, kind, {DATA}, received_at, expires_at, attempts, app, request_id, message_id"""
 
 
-def _claim_one_step_each(conn: sqlite3.Connection, limit: int, now: float, lease: float) -> str:
-    """``claim_heads``'s choice (each app's earliest due heads, fair by rank), one SQLite step per statement;
-    the claimed ids as a JSON array."""
+def _claim_row_by_row(conn: sqlite3.Connection, limit: int, now: float, lease: float) -> list[Any]:
+    """``claim_heads``'s choice (each app's earliest due heads, fair by rank), each row fetched on its own step."""
     ranked: list[tuple[int, float, int]] = []
-    for app in [None, *(row[0] for row in conn.execute(_APPS))]:
-        query = _DUE.format(match="IS NULL" if app is None else "= :app")
-        due = json.loads(conn.execute(query, {"now": now, "take": limit, "app": app}).fetchone()[0])
-        ranked += [(rank, next_at, row_id) for rank, (row_id, next_at) in enumerate(due)]
+    for app in [None, *(row[0] for row in conn.execute(_APPS_ROWS))]:
+        query = _DUE_ROWS.format(match="IS NULL" if app is None else "= :app")
+        rows = conn.execute(query, {"now": now, "take": limit, "app": app}).fetchall()
+        ranked += [(rank, next_at, row_id) for rank, (row_id, next_at) in enumerate(rows)]
     ids = "[" + ",".join(str(row_id) for _, _, row_id in sorted(ranked)[:limit]) + "]"
-    params = {"owner": "bench", "lease": lease, "ids": ids}
-    conn.execute(_TAKE, params)
-    return str(conn.execute(_TAKEN, params).fetchone()[0])
+    return conn.execute(_TAKE_RETURNING, {"owner": "bench", "lease": lease, "ids": ids}).fetchall()
 
 
 def _claims(db: Path, limit: int, one_step: bool) -> tuple[list[float], list[float]]:
@@ -71,14 +74,13 @@ def _claims(db: Path, limit: int, one_step: bool) -> tuple[list[float], list[flo
             start = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             if one_step:
-                ids = _claim_one_step_each(conn, limit, now, now + 60)
+                ids = claim_heads(conn, limit=limit, now=now, lease_until=now + 60, owner="bench", app_limits=None)
+                rows = claimed_rows(conn, ids) if ids else "[]"
                 conn.execute("COMMIT")
                 released = time.perf_counter()
-                jobs = [_job(row) for row in conn.execute(_ROWS, (ids,)).fetchall()]
+                jobs = jobs_of(rows)
             else:
-                rows = claim_heads(conn, _JOB_COLUMNS, limit=limit, now=now, lease_until=now + 60, owner="bench",
-                                   app_limits=None)
-                jobs = [_job(row) for row in rows]
+                jobs = _claim_row_by_row(conn, limit, now, now + 60)
                 conn.execute("COMMIT")
                 released = time.perf_counter()
             if not jobs:
@@ -132,7 +134,7 @@ def main() -> None:
                 for _ in range(spec["rounds"]):  # alternating, so a slower minute hits both alike
                     for one_step in (False, True):
                         key = (f"switch {switch_ms} ms, {'busy' if busy else 'idle'} thread, "
-                               f"{'one step per statement' if one_step else 'claim_heads'}")
+                               f"{'relay (one step per statement)' if one_step else 'before (row by row)'}")
                         got = measure(source, work, spec["limit"], busy, one_step)
                         figures.setdefault(key, []).append(got)
                         print(f"{key}: {got['claims']} claims of {spec['limit']}, lock held p50 "

@@ -151,6 +151,89 @@ async def test_a_deliverys_end_costs_the_same_however_many_finished_deliveries_i
     assert max(stores[5_000]) < 2 * max(stores[10]), stores
 
 
+class RowCounter:
+    """Stands in for a store's connection and records the rows each statement hands back: every row is a SQLite
+    step, around which Python's sqlite3 gives up the interpreter lock (see relay.store._sqlite_claims)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.statements: list[tuple[str, int]] = []  # (statement, rows handed back)
+
+    def execute(self, sql: str, *args: Any) -> _Fetched:
+        cursor = self.conn.execute(sql, *args)
+        rows = cursor.fetchall()
+        self.statements.append((" ".join(sql.split())[:60], len(rows)))
+        return _Fetched(cursor, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+class _Fetched:
+    def __init__(self, cursor: sqlite3.Cursor, rows: list[Any]) -> None:
+        self.rowcount, self.lastrowid, self._rows = cursor.rowcount, cursor.lastrowid, iter(rows)
+
+    def fetchone(self) -> Any:
+        return next(self._rows, None)
+
+    def fetchall(self) -> list[Any]:
+        return list(self._rows)
+
+    def __iter__(self) -> Any:
+        return self._rows
+
+
+async def test_a_claim_and_a_batch_of_ends_hand_back_one_row_per_statement_whatever_their_size(
+        open_store: OpenStore) -> None:
+    """A claim of 100 deliveries, then their 100 outcomes (ending together): no statement hands back more than one
+    row, and the outcomes take a fixed handful of statements. Each row or statement made the store thread wait
+    for the interpreter lock while it held the write lock, up to 5 ms when the event loop was busy: a claim
+    fetched its rows one by one (100 steps) and each outcome was two statements of its own. The ends are
+    recorded as they were one by one: sent payloads dropped, a dead letter's kept, counters right."""
+    store = await open_store()
+    assert all(await store.enqueue([new(f"t{n:03}", n, "ios") for n in range(100)], NOW, 0))
+    assert store._conn is not None
+    counter = RowCounter(store._conn)
+    store._conn = counter  # type: ignore[assignment]
+    jobs = await store.claim(100, NOW, LEASE)
+    assert len(jobs) == 100 and [job.data for job in jobs[:2]] == [b'{"n":0}', b'{"n":1}']
+    assert jobs[0].received_at == NOW and jobs[0].expires_at == NOW + 86400
+    claim, counter.statements = counter.statements, []
+    ends = [store.finish(job, EndState.DEAD_LETTER if n == 7 else EndState.SENT, "done", NOW + 1)
+            for n, job in enumerate(jobs)]
+    await asyncio.gather(*ends)
+    ended, counter.statements = counter.statements, []
+    assert max(rows for _, rows in claim + ended) == 1, claim + ended
+    assert len(ended) <= 6, ended  # BEGIN, which of them are still this owner's, their ends, payloads, COMMIT
+    store._conn = counter.conn
+    stats = await store.stats()
+    assert (stats.ended[EndState.SENT], stats.ended[EndState.DEAD_LETTER], stats.pending, stats.inflight) == (
+        99, 1, 0, 0)
+    assert [letter.data for letter in await store.dead_letters()] == [b'{"n":7}']
+    assert query(store._path, "SELECT COUNT(*) FROM payloads") == [(1,)]
+
+
+async def test_outcomes_recorded_together_change_only_this_owners_claims_once_each(open_store: OpenStore) -> None:
+    """Outcomes that share a transaction: one for a delivery another process took over (its lease ran out)
+    changes nothing, a second outcome of the same delivery changes nothing, the others end as one by one."""
+    store = await open_store()
+    assert all(await store.enqueue([new(f"t{n}", n, "ios") for n in range(3)], NOW, 0))
+    taken, mine, other = await store.claim(10, NOW, LEASE)
+    await store._run(lambda conn: conn.execute("UPDATE deliveries SET owner = 'elsewhere' WHERE id = ?",
+                                               (int(taken.id),)))
+    commits = store.commits
+    await asyncio.gather(store.finish(taken, EndState.SENT, "late", NOW + 1),
+                         store.finish(mine, EndState.SENT, "first", NOW + 1),
+                         store.finish(mine, EndState.DEAD_LETTER, "second", NOW + 1),
+                         store.finish(other, EndState.DEAD_LETTER, "bad", NOW + 1))
+    assert store.commits == commits + 1  # one transaction, one call for the four
+    rows = query(store._path, "SELECT state, owner, reason, attempts FROM deliveries ORDER BY id")
+    assert rows == [("inflight", "elsewhere", None, 0), ("sent", None, "first", 1), ("dead_letter", None, "bad", 1)]
+    stats = await store.stats()
+    assert (stats.ended[EndState.SENT], stats.ended[EndState.DEAD_LETTER]) == (1, 1)
+    assert query(store._path, "SELECT id FROM payloads ORDER BY id") == [(int(taken.id),), (int(other.id),)]
+
+
 async def test_status_lines_and_metrics_read_no_more_with_a_parked_backlog(open_store: OpenStore) -> None:
     """Every process writes a status line every 10 s and answers each metrics scrape from ``summary``: with
     1,000 and 20,000 deliveries parked it runs about as many SQLite instructions (counting the open rows, as

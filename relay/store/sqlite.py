@@ -21,16 +21,13 @@ from relay.observability import event
 from relay.outcome import EndState, WaitReason
 from relay.store import _sqlite_events as events
 from relay.store import sqlite_schema as schema
+from relay.store._sqlite_claims import DATA, claimed_rows, end_claims, jobs_of
 from relay.store._sqlite_devices import SqliteDevices
 from relay.store._sqlite_heads import claim_heads
 from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Pruned, Stats, Superseded
 from relay.store.sqlite_commit import GroupCommit
 
-# A payload is in ``payloads`` (or, for a row of version 1, still in ``deliveries.data``).
-_DATA = "COALESCE((SELECT p.data FROM payloads AS p WHERE p.id = deliveries.id), deliveries.data)"
-_JOB_COLUMNS = ("id, delivery_id, token, kind, " + _DATA + ", received_at, expires_at, attempts, app, request_id, "
-                "message_id")
-_LETTER = "SELECT id, token, kind, " + _DATA + ", reason, received_at, finished_at FROM deliveries"
+_LETTER = "SELECT id, token, kind, " + DATA + ", reason, received_at, finished_at FROM deliveries"
 _RECORD_COLUMNS = ("id, delivery_id, token, kind, app, state, attempts, reason, wait_reason, received_at, next_at, "
                    "finished_at, request_id, message_id")
 # One prune slice, one transaction: a few milliseconds of the write lock (and of the webhooks' commits behind it).
@@ -42,10 +39,6 @@ PRUNE_ROWS_MIN, PRUNE_ROWS_MAX = 10, 2000
 PRUNE_SLICE_BUDGET = 0.004  # seconds
 VACUUM_PAGES = 64  # free pages given back to the file (256 KiB)
 VACUUM_MAX_BYTES = 256 * 2**20  # an older file is rebuilt at start-up only up to this size (a few seconds)
-
-
-def _job(row: Sequence[Any]) -> Job:
-    return Job(str(row[0]), row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7], row[8], row[9], row[10])
 
 
 def _record(row: Sequence[Any]) -> DeliveryRecord:
@@ -190,7 +183,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
-        def op(conn: sqlite3.Connection) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> str:
             # A claim whose lease ran out belongs to an owner that hung or vanished (maybe on another host).
             expired = conn.execute(
                 "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL "
@@ -198,29 +191,20 @@ class SqliteStore(GroupCommit, SqliteDevices):
                 (now,),
             ).rowcount
             self._count("redelivered", expired)
-            rows = claim_heads(conn, _JOB_COLUMNS, limit=limit, now=now, lease_until=now + lease, owner=self._owner,
-                               app_limits=app_limits)
-            return sorted((_job(r) for r in rows), key=lambda j: int(j.id))
+            ids = claim_heads(conn, limit=limit, now=now, lease_until=now + lease, owner=self._owner,
+                              app_limits=app_limits)
+            return claimed_rows(conn, ids) if ids else "[]"
 
-        return await self._run(op, isolated=False, quick=True)
+        return jobs_of(await self._run(op, isolated=False, quick=True))  # read outside the write lock
 
     async def finish(self, job: Job, end: EndState, reason: str, now: float) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            # Only the claim's owner records it (a late answer after a takeover changes nothing). Delivered
-            # payloads are dropped; dead letters keep theirs for inspection and retry.
-            changed = conn.execute(
-                "UPDATE deliveries SET state = :end, reason = :reason, finished_at = :now, lease_until = NULL, "
-                "owner = NULL, wait_reason = NULL, attempts = attempts + 1, "
-                "data = CASE WHEN :end = 'dead_letter' THEN data ELSE x'' END "
-                "WHERE id = :id AND state = 'inflight' AND owner = :owner",
-                {"end": end.value, "reason": reason[:500], "now": now, "id": int(job.id), "owner": self._owner},
-            ).rowcount
-            if changed:
-                self._count(end.value)
-                if end is not EndState.DEAD_LETTER:
-                    conn.execute("DELETE FROM payloads WHERE id = ?", (int(job.id),))
+        # Outcomes that end in the same transaction are recorded together, in a few statements (_end).
+        await self._run_merged("finish", (int(job.id), end.value, reason[:500], now), self._end)
 
-        await self._run(op, isolated=False, quick=True)
+    def _end(self, conn: sqlite3.Connection, ends: list[tuple[int, str, str, float]]) -> list[None]:
+        for state, count in end_claims(conn, ends, self._owner).items():
+            self._count(state, count)
+        return [None] * len(ends)
 
     async def retry(self, job: Job, at: float, reason: WaitReason, detail: str = "", *, app: str | None = None,
                     count_attempt: bool = True, now: float | None = None) -> EndState | None:
@@ -352,7 +336,7 @@ class SqliteStore(GroupCommit, SqliteDevices):
                 ).fetchone()
                 if new is None:
                     continue
-                conn.execute(f"INSERT INTO payloads (id, data) SELECT ?, {_DATA} FROM deliveries WHERE id = ?",
+                conn.execute(f"INSERT INTO payloads (id, data) SELECT ?, {DATA} FROM deliveries WHERE id = ?",
                              (new[0], old))
                 conn.execute("DELETE FROM payloads WHERE id = ?", (old,))
                 conn.execute("DELETE FROM deliveries WHERE id = ?", (old,))

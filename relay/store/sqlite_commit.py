@@ -21,6 +21,11 @@ loop's thread used more than ``INLINE_BUSY_LIMIT`` of a core over the last ``INL
 saturating load), ops go to the store thread, whose SQLite work then runs beside the loop on another core and
 many ops share a transaction. An acknowledging store never runs inline: its commit is an fsync.
 
+Ops of one kind that queue for the same transaction may be merged into one call (``_run_merged``: the outcomes
+of many sends, recorded in a few statements). Each statement costs the store thread a wait for the interpreter
+lock, taken back from the loop's thread, while it holds the write lock. A merged item runs where its call was
+queued, maybe before ops queued after that: only ops whose order among the others does not matter are merged.
+
 A store that acknowledges nothing (a delivery process: ``synchronous=NORMAL``) does not fsync its commits; it
 syncs the WAL file once, ``SYNC_WITHIN`` seconds after the first commit that is not yet synced (so at most once
 a second, and only while there is something to sync). In WAL mode a commit is durable once the WAL's frames
@@ -48,6 +53,7 @@ from relay.observability import event
 from relay.store import sqlite_schema as schema
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 Op = Callable[[sqlite3.Connection], Any]
 
 SYNC_WITHIN = 1.0  # seconds: the longest a non-acknowledging store's commit stays unsynced
@@ -66,6 +72,7 @@ class GroupCommit:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._conn: sqlite3.Connection | None = None
         self._queue: list[tuple[Op, bool, asyncio.Future[Any]]] = []
+        self._merging: dict[str, tuple[list[Any], asyncio.Future[Any]]] = {}  # key -> items of a queued op
         self._op_counts: Counter[str] = Counter()  # counter changes of the op running on the store thread
         self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
@@ -198,7 +205,7 @@ class GroupCommit:
     def _try_read_inline(self, conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> tuple[T] | None:
         """``op`` read on this (the loop's) thread, or None when SQLite would make it wait (a reader waits only
         while another connection recovers the WAL after a crash)."""
-        if not _begin_at_once(conn, "BEGIN"):
+        if not schema.begin_at_once(conn, "BEGIN"):
             return None
         self.inline_ops += 1
         try:
@@ -313,7 +320,7 @@ class GroupCommit:
             except BlockingIOError:
                 return None
         try:
-            if not _begin_at_once(conn, "BEGIN IMMEDIATE"):
+            if not schema.begin_at_once(conn, "BEGIN IMMEDIATE"):
                 return None
             self.inline_ops += 1
             return self._in_transaction(conn, [(op, isolated)], [], Counter())[0]
@@ -327,23 +334,54 @@ class GroupCommit:
         if self._conn is None and self._opened:
             raise StoreUnavailable("store is closed")
         if quick and self._idle():
-            try:
-                done = self._try_inline(op, isolated)
-            except (sqlite3.Error, OSError, RuntimeError) as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
+            done = self._run_inline(op, isolated)
             if done is not None:
-                self._schedule_sync(asyncio.get_running_loop())
-                ok, value = done
-                if ok:
-                    return value  # type: ignore[no-any-return]
-                raise value if isinstance(value, StoreError) else StoreError(str(value))
+                return done[0]
+        return await self._enqueue(op, isolated)
+
+    async def _run_merged(self, key: str, item: Item, op: Callable[[sqlite3.Connection, list[Item]], list[T]]) -> T:
+        """Queue ``item`` for one call of ``op`` (quick, not isolated) with all items queued under ``key`` for
+        the same transaction; ``op`` returns one result per item. See the module doc."""
+        if self._conn is None and self._opened:
+            raise StoreUnavailable("store is closed")
+        if self._idle():
+            done = self._run_inline(lambda conn: op(conn, [item])[0], False)
+            if done is not None:
+                return done[0]
+        queued = self._merging.get(key)
+        if queued is None:
+            items = [item]
+            future = self._enqueue(lambda conn: op(conn, items), False)
+            self._merging[key] = (items, future)
+        else:
+            items, future = queued
+            items.append(item)
+        index = len(items) - 1
+        results: list[T] = await asyncio.shield(future)  # one caller cancelled must not fail the others
+        return results[index]
+
+    def _run_inline(self, op: Callable[[sqlite3.Connection], T], isolated: bool) -> tuple[T] | None:
+        """``op``'s result if it ran on this thread (:meth:`_try_inline`); None: it must be queued."""
+        try:
+            done = self._try_inline(op, isolated)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        if done is None:
+            return None
+        self._schedule_sync(asyncio.get_running_loop())
+        ok, value = done
+        if ok:
+            return (value,)
+        raise value if isinstance(value, StoreError) else StoreError(str(value))
+
+    def _enqueue(self, op: Callable[[sqlite3.Connection], T], isolated: bool) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append((op, isolated, future))
         if not self._draining:
             self._draining = True
             self._drain_task = loop.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -355,6 +393,7 @@ class GroupCommit:
                 if self._commit_interval:
                     await asyncio.sleep(self._commit_interval)
                 batch, self._queue = self._queue, []
+                self._merging.clear()  # what is merged from now on goes to the next transaction
                 try:
                     results = await self._to_thread(self._execute, [(op, isolated) for op, isolated, _ in batch])
                 except (sqlite3.Error, OSError, StoreError, RuntimeError) as exc:
@@ -374,17 +413,3 @@ class GroupCommit:
         finally:
             self._draining = False
 
-
-def _begin_at_once(conn: sqlite3.Connection, begin: str) -> bool:
-    """Run ``begin`` (a BEGIN statement) unless SQLite would wait for a lock first: False then, at once,
-    instead of after the busy timeout (this runs on the event loop's thread)."""
-    conn.execute("PRAGMA busy_timeout=0")
-    try:
-        conn.execute(begin)
-    except sqlite3.OperationalError as exc:
-        if schema.is_busy(exc):
-            return False
-        raise
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={schema.BUSY_TIMEOUT_MS}")
-    return True

@@ -333,3 +333,18 @@ def owner_gone(owner: str | None) -> bool:
     if (int(pid), start) == _me():
         return owner not in LIVE
     return _start_of(int(pid)) != start
+
+
+def begin_at_once(conn: sqlite3.Connection, begin: str) -> bool:
+    """Run ``begin`` (a BEGIN statement) unless SQLite would wait for a lock first: False then, at once,
+    instead of after the busy timeout (this runs on the event loop's thread)."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute(begin)
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            return False
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return True
