@@ -5,12 +5,16 @@ so one app's hung sends or backlog can fill only its own. Deliveries not (yet) r
 app hint: unroutable, stored before hints existed, or an app since removed) share a small pool of their own;
 they hold it only while being routed, then move to their app's slots or wait in the store. A claim asks the
 store for each app's free slots (``app_limits``), and for none of an app whose circuit is open, so parked
-deliveries stay in the store instead of being claimed and put back in a loop.
+deliveries stay in the store instead of being claimed and put back in a loop. An app whose backlog has the
+delivery process to itself (no other app sending) may claim as many again as its slots, to wait claimed and
+start the moment one of its sends is answered (:class:`FreeSlots`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from relay.config import App, DeliverySettings
@@ -19,6 +23,9 @@ from relay.store.base import Job
 
 UNROUTED = ""  # the pool of deliveries without a configured app (app names are never empty)
 UNROUTED_SHARE = 16  # the unrouted pool gets delivery.concurrency / 16 slots (at least 1)
+# An app claims ahead only while every other app has been idle this long (seconds): claims ahead give a backlog
+# the delivery process's spare time, which another app's pushes are served from (docs/performance.md).
+AHEAD_QUIET = 1.0
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Admission:
                  on_change: Callable[[str, int], None] | None = None) -> None:
         self.running: dict[str, int] = {}
         self.hungry: dict[str, bool] = {}  # the last claim filled this pool's allowance: more may be due
+        self.waiting: dict[str, deque[Job]] = {}  # claimed ahead: each starts when a slot of its app frees
+        self._active_until: dict[str, float] = {}  # monotonic time until which a pool counts as sending
         self._on_change = on_change
         self.configure(apps, settings)
 
@@ -69,34 +78,72 @@ class Admission:
     def free(self, pool: str) -> int:
         return max(0, self.limits.get(pool, 0) - self.running.get(pool, 0))
 
+    def ahead(self, pool: str) -> int:
+        """How many more of ``pool``'s deliveries may wait claimed ahead of a free slot (up to its slots): none
+        while another app has a send running or started one within ``AHEAD_QUIET`` seconds."""
+        if pool == UNROUTED or self.others_active(pool):
+            return 0
+        return max(0, self.limits.get(pool, 0) - len(self.waiting.get(pool, ())))
+
+    def others_active(self, pool: str) -> bool:
+        """Whether an app other than ``pool`` has a send running or started one within ``AHEAD_QUIET``."""
+        now = time.monotonic()
+        return any(other not in (pool, UNROUTED) and (self.running.get(other, 0) > 0 or until > now)
+                   for other, until in self._active_until.items())
+
     def claim_min(self, pool: str) -> int:
         """Freed slots worth a claim of their own: batches, not one claim per finished send."""
         return max(1, min(self.batch, self.limits.get(pool, 1)) // 8)
 
-    def plan(self, breakers: Mapping[str, Breaker], now: float) -> ClaimPlan:
-        """Each app's free slots (one probe or none while its circuit is open), and the unrouted share."""
-        app_limits: dict[str, int] = {}
-        for pool in self.limits:
-            if pool == UNROUTED:
-                continue
-            breaker = breakers.get(pool)
-            free = self.free(pool)
-            app_limits[pool] = breaker.claimable(now, free) if breaker is not None else free
+    def plan(self, breakers: Mapping[str, Breaker], now: float, *, ahead: bool = False) -> ClaimPlan:
+        """Each app's free slots (one probe or none while its circuit is open); with ``ahead``, for an app
+        whose backlog has the delivery process to itself, read when the store runs the claim and with room to
+        claim ahead (:class:`FreeSlots`); the unrouted share; ``limit`` is what they could all be by then."""
+        app_limits = FreeSlots(self, breakers, now, ahead)
         unrouted = self.free(UNROUTED)
-        return ClaimPlan(min(self.batch, sum(app_limits.values()) + unrouted), app_limits, unrouted)
+        return ClaimPlan(min(self.batch, app_limits.ceiling() + unrouted), app_limits, unrouted)
 
-    def claimed(self, jobs: list[Job], plan: ClaimPlan) -> list[Slot]:
-        """Count claimed jobs in their pools; note which pools took all they were allowed."""
-        slots = [Slot(self.pool_of(job.app)) for job in jobs]
+    def claimed(self, jobs: list[Job], plan: ClaimPlan) -> list[tuple[Job, Slot]]:
+        """Count claimed jobs in their pools: those with a free slot (and every unrouted one: a soft bound) are
+        returned with it, to start now; the others wait claimed ahead (:meth:`next_waiting`). Notes which
+        pools took all they were allowed."""
+        starts: list[tuple[Job, Slot]] = []
         taken: dict[str, int] = {}
-        for slot in slots:
-            self._add(slot.pool, 1)
-            taken[slot.pool] = taken.get(slot.pool, 0) + 1
+        for job in jobs:
+            pool = self.pool_of(job.app)
+            taken[pool] = taken.get(pool, 0) + 1
+            if pool == UNROUTED or self.free(pool) > 0:
+                self._add(pool, 1)
+                starts.append((job, Slot(pool)))
+            else:
+                self.waiting.setdefault(pool, deque()).append(job)
         full = len(jobs) >= plan.limit
         for pool in self.limits:
             allowed = plan.unrouted if pool == UNROUTED else plan.app_limits.get(pool, 0)
             self.hungry[pool] = full or (allowed > 0 and taken.get(pool, 0) >= allowed)
-        return slots
+        # Each app's first before any app's second (then third...): another app's new push is not started
+        # behind a backlog's refill of a whole claim.
+        seen: dict[str, int] = {}
+        ranked: list[tuple[int, int, Job, Slot]] = []
+        for n, (job, slot) in enumerate(starts):
+            seen[slot.pool] = seen.get(slot.pool, -1) + 1
+            ranked.append((seen[slot.pool], n, job, slot))
+        ranked.sort(key=lambda r: (r[0], r[1]))
+        return [(job, slot) for _, _, job, slot in ranked]
+
+    def next_waiting(self) -> tuple[Job, Slot] | None:
+        """A delivery claimed ahead whose app has a free slot now, with that slot; None when there is none."""
+        for pool, queue in self.waiting.items():
+            if queue and self.free(pool) > 0:
+                self._add(pool, 1)
+                return queue.popleft(), Slot(pool)
+        return None
+
+    def take_waiting(self) -> list[Job]:
+        """Every delivery claimed ahead and not started (a stop puts them back in the store)."""
+        jobs = [job for queue in self.waiting.values() for job in queue]
+        self.waiting.clear()
+        return jobs
 
     def move(self, slot: Slot, pool: str) -> bool:
         """Move a running delivery to ``pool`` if it has a free slot (routing found another app)."""
@@ -123,13 +170,62 @@ class Admission:
         return self.worth_claiming(slot.pool)
 
     def worth_claiming(self, pool: str) -> bool:
-        """Whether ``pool`` should claim now: it has no backlog, or a batch of its slots is free."""
-        return not self.hungry.get(pool, False) or self.free(pool) >= self.claim_min(pool)
+        """Whether ``pool`` should claim now: it has no backlog, or a batch of its slots is free (counting the
+        room to claim ahead)."""
+        return not self.hungry.get(pool, False) or self.free(pool) + self.ahead(pool) >= self.claim_min(pool)
 
     def total(self) -> int:
         return sum(self.running.values())
 
     def _add(self, pool: str, n: int) -> None:
         value = self.running[pool] = self.running.get(pool, 0) + n
+        if n > 0:
+            self._active_until[pool] = time.monotonic() + AHEAD_QUIET
         if self._on_change is not None:
             self._on_change(pool, value)
+
+
+class FreeSlots(Mapping[str, int]):
+    """Each app's claimable slots (:meth:`Breaker.claimable`): for an app whose backlog has the delivery process
+    to itself (``ahead``, and no other app sending: :meth:`Admission.ahead`), its free slots and its room to
+    wait claimed ahead, read when the store reads them; for the others, its free slots when the claim is made.
+
+    A store runs a queued claim once the write lock is free, under a stream of webhooks after their commits:
+    15-40 ms, about as long as an APNs answer takes. Counted when the claim was queued, the slots of the sends
+    answered meanwhile stayed idle until the next claim (48 of 100 taken per claim, p50). Read when the claim
+    runs, they are refilled by it. Each value is read once and kept, so the claim's bookkeeping
+    (:meth:`Admission.claimed`) sees what the store was allowed; a slot taken between that read and the claim's
+    return (routing moved a running delivery to this app) leaves the app one over its slots until a send ends,
+    as a lowered limit does.
+    """
+
+    def __init__(self, admission: Admission, breakers: Mapping[str, Breaker], now: float, ahead: bool) -> None:
+        self._admission, self._breakers, self._now = admission, breakers, now
+        self._pools = [pool for pool in admission.limits if pool != UNROUTED]
+        self._read: dict[str, int] = {}
+        self._live = {pool for pool in self._pools if ahead and not admission.others_active(pool)}
+        for pool in self._pools:
+            if pool not in self._live:
+                self._read[pool] = self._claimable(pool, admission.free(pool))
+
+    def __getitem__(self, pool: str) -> int:
+        if pool not in self._read:
+            if pool not in self._pools:
+                raise KeyError(pool)
+            self._read[pool] = self._claimable(pool, self._admission.free(pool) + self._admission.ahead(pool))
+        return self._read[pool]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pools)
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def ceiling(self) -> int:
+        """What the apps could claim by the time the claim runs (each live app: all its slots and as many again)."""
+        return sum(self._claimable(pool, 2 * self._admission.limits[pool]) if pool in self._live else self[pool]
+                   for pool in self._pools)
+
+    def _claimable(self, pool: str, free: int) -> int:
+        breaker = self._breakers.get(pool)
+        return breaker.claimable(self._now, free) if breaker is not None else free

@@ -113,7 +113,7 @@ class Dispatcher:
         read are queued together, behind the outcomes that sends ending in this loop turn queued: one store
         transaction records a delivery, claims its token's next one and reads the next wake-up time."""
         now = self.clock.now()
-        plan = self.admission.plan(self.breakers, now)
+        plan = self.admission.plan(self.breakers, now, ahead=True)
         if plan.limit == 0:
             return False, await self._next_due()
         try:
@@ -124,7 +124,7 @@ class Dispatcher:
             return False, exc
         if claimed:
             await self._refresh()
-        for n, (job, slot) in enumerate(zip(claimed, self.admission.claimed(claimed, plan), strict=True), 1):
+        for n, (job, slot) in enumerate(self.admission.claimed(claimed, plan), 1):
             self._start(job, slot)
             if n % START_SLICE == 0:
                 await asyncio.sleep(0)  # let waiting webhooks in between: acks come before sends
@@ -149,6 +149,14 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _slot_freed(self, slot: Slot | None = None) -> None:
+        """Give ``slot`` back (None: routing moved a delivery out of its pool): a delivery claimed ahead starts in
+        the free slot at once, with no store round trip between two sends of an app with a backlog."""
+        if slot is not None and self.admission.release(slot):
+            self._wake.set()  # a batch of room is free: claim again
+        while not self._stopping and (waiting := self.admission.next_waiting()) is not None:
+            self._start(*waiting)
+
     async def run_until_idle(self, max_rounds: int = 10_000) -> None:
         """Test helper: deliver everything due now (following the fake clock), then return."""
         for _ in range(max_rounds):
@@ -159,7 +167,7 @@ class Dispatcher:
                 return
             if jobs:
                 await self._refresh()
-            for job, slot in zip(jobs, self.admission.claimed(jobs, plan), strict=True):
+            for job, slot in self.admission.claimed(jobs, plan):
                 self._start(job, slot)
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
@@ -169,6 +177,7 @@ class Dispatcher:
         self._stopping = True
         self._wake.set()
         await self.upkeep.stop()
+        await self.upkeep.put_back(self.admission.take_waiting(), max(0.1, timeout / 4))  # claimed ahead
         if not self._tasks:
             return
         grace = min(CANCEL_GRACE, timeout / 4)
@@ -193,8 +202,8 @@ class Dispatcher:
         finally:
             # A slot given back after the send already woke the loop, whose claim was queued behind this
             # delivery's outcome (it sees the token's next delivery): another claim now would find nothing.
-            if not slot.released and self.admission.release(slot):
-                self._wake.set()
+            if not slot.released:
+                self._slot_freed(slot)
 
     async def _failed(self, job: Job, slot: Slot, exc: Exception) -> None:
         """An unexpected exception (a translate or provider bug): a logged wait with backoff, counted attempt."""
@@ -264,8 +273,7 @@ class Dispatcher:
         finally:
             self.metrics.inflight.dec()
             self.metrics.child(self.metrics.provider_latency, route.app.platform).observe(time.perf_counter() - started)
-            if self.admission.release(slot):  # the send is over: the app's slot serves its next delivery
-                self._wake.set()
+            self._slot_freed(slot)  # the send is over: the app's slot serves its next delivery
         # Each store write in record() is shielded on its own; a cancellation (stop() past its timeout) between
         # two of them leaves the job claimed, to be delivered again after the restart: at least once.
         await self.record(job, route, result, expires_at,
@@ -289,6 +297,7 @@ class Dispatcher:
             await self.wait(job, now, WaitReason.RETRY, "waiting for a free slot of its app", route, count=False,
                             expires_at=expires_at)
             return False
+        self._slot_freed()  # if it moved, its former pool has a free slot now
         return True
 
     async def _unroutable(self, job: Job, now: float) -> None:

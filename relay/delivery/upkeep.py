@@ -7,6 +7,7 @@ Apart from the dispatcher loop because none of it decides anything about a deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,7 +15,8 @@ from typing import TypeVar
 from relay.delivery.policy import Clock
 from relay.errors import StoreError, StoreUnavailable
 from relay.observability import event
-from relay.store.base import Store
+from relay.outcome import WaitReason
+from relay.store.base import Job, Store
 
 T = TypeVar("T")
 
@@ -55,6 +57,16 @@ class Upkeep:
         self.store, self.clock = store, clock
         self._next_prune = 0.0
         self._pruning: asyncio.Task[None] | None = None
+
+    async def put_back(self, jobs: list[Job], timeout: float) -> None:
+        """Claimed deliveries this process will not start (a stop): due again now, no attempt counted. Those not
+        written within ``timeout`` stay claimed until the store's close gives them back (or their lease ends)."""
+        if not jobs:
+            return
+        put_back = [self.store.retry(job, self.clock.now(), WaitReason.RETRY, "claimed, not started before the stop",
+                                     app=job.app, count_attempt=False) for job in jobs]
+        with contextlib.suppress(StoreError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*put_back), timeout)
 
     async def recover(self, stopping: Callable[[], bool]) -> None:
         """Make what a dead process left in flight due again (never what a live one has)."""
