@@ -418,6 +418,20 @@ async def test_an_app_claims_ahead_only_while_every_other_app_is_idle(harness: H
     assert admission.plan({}, 0.0, ahead=True).app_limits["ios"] == 64  # its send ended, but only just
 
 
+async def test_deliveries_claimed_ahead_for_an_app_a_reload_removed_start_unrouted(harness: Harness) -> None:
+    """Waiting for a slot of an app the reload removed would be waiting for ever: they start in the unrouted
+    share instead, and routing decides what becomes of them (as for any delivery of a removed app)."""
+    settings = dataclasses.replace(harness.config.delivery, concurrency=1, batch_size=256)
+    admission = Admission(harness.config.apps, settings)
+    ios = [Job(str(i), str(i), f"t{i}", "message", b"{}", 0.0, 1e9, 0, app="ios") for i in range(2)]
+    assert len(admission.claimed(ios, admission.plan({}, 0.0, ahead=True))) == 1
+    assert admission.next_waiting() is None  # its one slot is taken
+    admission.configure({"android": harness.config.apps["android"]}, settings)
+    waiting = admission.next_waiting()
+    assert waiting is not None and waiting[0].id == "1" and waiting[1].pool == UNROUTED
+    assert admission.next_waiting() is None and admission.running[UNROUTED] == 1
+
+
 @dataclass
 class Gated(Scripted):
     """A provider whose every send waits until the test opens its gate."""

@@ -132,11 +132,13 @@ class Admission:
         return [(job, slot) for _, _, job, slot in ranked]
 
     def next_waiting(self) -> tuple[Job, Slot] | None:
-        """A delivery claimed ahead whose app has a free slot now, with that slot; None when there is none."""
+        """A delivery claimed ahead whose app has a free slot now, with that slot; None when there is none. One
+        of an app a reload removed starts in the unrouted share (a soft bound), to be routed as it is now."""
         for pool, queue in self.waiting.items():
-            if queue and self.free(pool) > 0:
-                self._add(pool, 1)
-                return queue.popleft(), Slot(pool)
+            if queue and (pool not in self.limits or self.free(pool) > 0):
+                into = pool if pool in self.limits else UNROUTED
+                self._add(into, 1)
+                return queue.popleft(), Slot(into)
         return None
 
     def take_waiting(self) -> list[Job]:

@@ -79,6 +79,7 @@ class Dispatcher:
         self.settings = settings
         self.policy = RetryPolicy(settings.backoff_initial, settings.backoff_max, rng=self.policy.rng)
         self.admission.configure(self.registry.apps, settings)
+        self._slot_freed()  # raised limits (or a removed app) let deliveries claimed ahead start
 
     def wake(self) -> None:
         """Something became due (a webhook, a registry change, a reload): claim now instead of at the next poll."""
@@ -150,8 +151,7 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     def _slot_freed(self, slot: Slot | None = None) -> None:
-        """Give ``slot`` back (None: routing moved a delivery out of its pool): a delivery claimed ahead starts in
-        the free slot at once, with no store round trip between two sends of an app with a backlog."""
+        """Give ``slot`` back (None: one freed otherwise); deliveries claimed ahead start in free slots at once."""
         if slot is not None and self.admission.release(slot):
             self._wake.set()  # a batch of room is free: claim again
         while not self._stopping and (waiting := self.admission.next_waiting()) is not None:
