@@ -34,17 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import prefill, scratch
 
 from relay.store._sqlite_claims import DATA, claimed_rows, jobs_of
-from relay.store._sqlite_heads import claim_heads
+from relay.store._sqlite_heads import _APPS, claim_heads
 
 # The claim before: the same choice, each row its own step.
-_APPS_ROWS = """
-    WITH RECURSIVE apps(app) AS (
-        SELECT (SELECT MIN(app) FROM deliveries WHERE head = 1 AND state = 'pending')
-        UNION ALL
-        SELECT (SELECT MIN(app) FROM deliveries WHERE head = 1 AND state = 'pending' AND app > apps.app)
-        FROM apps WHERE apps.app IS NOT NULL
-    )
-    SELECT app FROM apps WHERE app IS NOT NULL"""
+_APPS_ROWS = _APPS.replace("SELECT json_group_array(app) FROM apps", "SELECT app FROM apps")
 _DUE_ROWS = """SELECT id, next_at FROM deliveries INDEXED BY deliveries_heads
     WHERE head = 1 AND state = 'pending' AND app {match} AND next_at <= :now ORDER BY next_at, id LIMIT :take"""
 _TAKE_RETURNING = f"""UPDATE deliveries SET state = 'inflight', owner = :owner, lease_until = :lease, wait_reason = NULL
