@@ -88,8 +88,10 @@ class Admission:
     def others_active(self, pool: str) -> bool:
         """Whether an app other than ``pool`` has a send running or started one within ``AHEAD_QUIET``."""
         now = time.monotonic()
+        # A copy taken in one step: the store's thread reads this (FreeSlots) while the loop may add an app.
+        active = tuple(self._active_until.items())
         return any(other not in (pool, UNROUTED) and (self.running.get(other, 0) > 0 or until > now)
-                   for other, until in self._active_until.items())
+                   for other, until in active)
 
     def claim_min(self, pool: str) -> int:
         """Freed slots worth a claim of their own: batches, not one claim per finished send."""
