@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from relay.config import StoreSettings, load_config
+from relay.errors import StoreError
 from relay.outcome import EndState
 from relay.running import RELAY_KEY
 from relay.runtime.relay import create_app
@@ -23,7 +24,7 @@ from relay.store import NewDelivery
 from relay.store import sqlite as sqlite_store
 from relay.store import sqlite_commit as commit
 from relay.store import sqlite_schema as schema
-from relay.store.base import Job
+from relay.store.base import EventStream, Job
 from relay.store.sqlite import PRUNE_ROWS, PRUNE_ROWS_MAX, PRUNE_ROWS_MIN, SqliteStore
 from relay.testing.sandbox import AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 
@@ -211,6 +212,71 @@ async def test_a_claim_and_a_batch_of_ends_hand_back_one_row_per_statement_whate
         99, 1, 0, 0)
     assert [letter.data for letter in await store.dead_letters()] == [b'{"n":7}']
     assert query(store._path, "SELECT COUNT(*) FROM payloads") == [(1,)]
+
+
+async def test_messages_of_webhooks_stored_together_take_a_fixed_handful_of_statements(open_store: OpenStore) -> None:
+    """50 webhooks queued for one transaction (2 deliveries each) are stored in a few statements, not five each
+    (a savepoint, a dedupe key, two inserts, a release): every statement made the webhook process's store thread
+    wait for the interpreter lock while holding the write lock the delivery processes' claims queue for. Each
+    webhook still gets its own answer, ids follow arrival, payloads match their rows, counters are right."""
+    store = await open_store()
+    assert store._conn is not None
+    counter = RowCounter(store._conn)
+    store._conn = counter  # type: ignore[assignment]
+    commits = store.commits
+    answers = await asyncio.gather(*(store.enqueue([new(f"a{n}", 2 * n, "ios"), new(f"b{n}", 2 * n + 1, "ios")],
+                                                   NOW, 600) for n in range(50)))
+    store._conn = counter.conn
+    assert [list(answer) for answer in answers] == [[True, True]] * 50
+    assert store.commits == commits + 1
+    assert len(counter.statements) <= 12, counter.statements  # BEGIN .. COMMIT, whatever the webhooks' number
+    rows = query(store._path, "SELECT d.token, p.data FROM deliveries d JOIN payloads p ON p.id = d.id ORDER BY d.id")
+    assert rows == [(f"{side}{n}", b'{"n":%d}' % (2 * n + i)) for n in range(50) for i, side in enumerate("ab")]
+    assert query(store._path, "SELECT COUNT(*) FROM dedupe") == [(100,)]
+    assert (await store.stats()).pending == 100
+
+
+async def test_a_resend_is_told_apart_within_one_merged_transaction_and_across_them(open_store: OpenStore) -> None:
+    """Dedupe keys judged together: a key twice among the webhooks of one transaction keeps the first only; a key
+    stored within the window is a resend; one whose window has passed is accepted again."""
+    store = await open_store()
+    calls = [[new("t1", 1, "ios", key="k1")], [new("t2", 2, "ios", key="k1"), new("t3", 3, "ios", key="k2")],
+             [new("t4", 4, "ios", key="k2")]]
+    first = await asyncio.gather(*(store.enqueue(items, NOW, 600) for items in calls))
+    assert [list(answer) for answer in first] == [[True], [False, True], [False]]
+    later = await asyncio.gather(store.enqueue([new("t5", 5, "ios", key="k1")], NOW + 599, 600),
+                                 store.enqueue([new("t6", 6, "ios", key="k2")], NOW + 601, 600))
+    assert [list(answer) for answer in later] == [[False], [True]]
+    assert query(store._path, "SELECT token FROM deliveries ORDER BY id") == [("t1",), ("t3",), ("t6",)]
+    stats = await store.stats()
+    assert (stats.accepted, stats.duplicates) == (3, 3)
+
+
+async def test_a_message_an_event_and_a_message_queued_together_keep_their_order(open_store: OpenStore) -> None:
+    """Messages are stored together, events one by one (they coalesce by stream): a message queued after an
+    event for the same device is not merged into an earlier message's statement, so ids keep arrival order."""
+    store = await open_store()
+    event = NewDelivery(IOS_TOKEN, "event", b'{"e":1}', "e:1", NOW + 60, app="ios",
+                        stream=EventStream(f"{IOS_TOKEN}|agent-1|typing", "fp", 0))
+    await asyncio.gather(store.enqueue([new(IOS_TOKEN, 1, "ios")], NOW, 600), store.enqueue([event], NOW, 600),
+                         store.enqueue([new(IOS_TOKEN, 2, "ios")], NOW, 600))
+    rows = query(store._path, "SELECT p.data FROM deliveries d JOIN payloads p ON p.id = d.id ORDER BY d.id")
+    assert rows == [(b'{"n":1}',), (b'{"e":1}',), (b'{"n":2}',)]
+
+
+async def test_one_bad_webhook_among_those_stored_together_fails_alone(open_store: OpenStore) -> None:
+    """A call the merged statements cannot store (here a token SQLite refuses) fails its own webhook with a
+    store error; the webhooks queued with it are stored, each once, as if alone."""
+    store = await open_store()
+    bad = NewDelivery(None, "message", b"{}", "bad", NOW + 60)  # type: ignore[arg-type]
+    answers = await asyncio.gather(store.enqueue([new("t1", 1, "ios")], NOW, 600), store.enqueue([bad], NOW, 600),
+                                   store.enqueue([new("t2", 2, "ios")], NOW, 600), return_exceptions=True)
+    assert [list(answers[0]), list(answers[2])] == [[True], [True]]  # type: ignore[arg-type]
+    assert isinstance(answers[1], StoreError), answers[1]
+    assert query(store._path, "SELECT token FROM deliveries ORDER BY id") == [("t1",), ("t2",)]
+    assert query(store._path, "SELECT COUNT(*) FROM dedupe") == [(2,)]  # the bad call's key went with it
+    stats = await store.stats()
+    assert (stats.accepted, stats.pending) == (2, 2)
 
 
 async def test_outcomes_recorded_together_change_only_this_owners_claims_once_each(open_store: OpenStore) -> None:

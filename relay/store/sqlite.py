@@ -23,6 +23,7 @@ from relay.store import _sqlite_events as events
 from relay.store import sqlite_schema as schema
 from relay.store._sqlite_claims import DATA, claimed_rows, end_claims, jobs_of
 from relay.store._sqlite_devices import SqliteDevices
+from relay.store._sqlite_enqueue import EnqueueCall, insert_messages
 from relay.store._sqlite_heads import claim_heads
 from relay.store.base import DeadLetter, DeliveryRecord, Enqueued, Job, NewDelivery, Pruned, Stats, Superseded
 from relay.store.sqlite_commit import GroupCommit
@@ -143,6 +144,10 @@ class SqliteStore(GroupCommit, SqliteDevices):
     # -- the queue -----------------------------------------------------------------------------
 
     async def enqueue(self, items: Sequence[NewDelivery], now: float, dedupe_window: float) -> Enqueued:
+        if all(item.stream is None for item in items):  # messages: stored with the calls queued next to it
+            call = EnqueueCall(items, now, dedupe_window)
+            return await self._run_merged("enqueue", call, self._enqueue_merged, adjacent=True)
+
         def op(conn: sqlite3.Connection) -> Enqueued:
             accepted: list[bool] = []
             superseded: list[Superseded] = []
@@ -169,6 +174,37 @@ class SqliteStore(GroupCommit, SqliteDevices):
             return Enqueued(accepted, superseded)
 
         return await self._run(op)
+
+    def _enqueue_merged(self, conn: sqlite3.Connection, calls: list[EnqueueCall]) -> list[Enqueued | StoreError]:
+        """Messages of ``calls`` in a few statements (:mod:`._sqlite_enqueue`); should that fail, each call in a
+        savepoint of its own, so that one bad call fails only its own webhook."""
+        conn.execute("SAVEPOINT merged")
+        try:
+            flags = insert_messages(conn, calls)
+        except Exception:  # noqa: BLE001 - told apart below, call by call
+            conn.execute("ROLLBACK TO merged")
+            conn.execute("RELEASE merged")
+            return [self._enqueue_alone(conn, call) for call in calls]
+        conn.execute("RELEASE merged")
+        self._count_accepted(flags)
+        return [Enqueued(accepted) for accepted in flags]
+
+    def _enqueue_alone(self, conn: sqlite3.Connection, call: EnqueueCall) -> Enqueued | StoreError:
+        conn.execute("SAVEPOINT alone")
+        try:
+            flags = insert_messages(conn, [call])
+        except Exception as exc:  # noqa: BLE001 - reported to this call's webhook only
+            conn.execute("ROLLBACK TO alone")
+            conn.execute("RELEASE alone")
+            return exc if isinstance(exc, StoreError) else StoreError(f"sqlite: {exc}")
+        conn.execute("RELEASE alone")
+        self._count_accepted(flags)
+        return Enqueued(flags[0])
+
+    def _count_accepted(self, flags: list[list[bool]]) -> None:
+        accepted = sum(sum(call) for call in flags)
+        self._count("accepted", accepted)
+        self._count("duplicates", sum(map(len, flags)) - accepted)
 
     @staticmethod
     def _first_seen(conn: sqlite3.Connection, item: NewDelivery, now: float, dedupe_window: float) -> bool:

@@ -21,10 +21,10 @@ loop's thread used more than ``INLINE_BUSY_LIMIT`` of a core over the last ``INL
 saturating load), ops go to the store thread, whose SQLite work then runs beside the loop on another core and
 many ops share a transaction. An acknowledging store never runs inline: its commit is an fsync.
 
-Ops of one kind that queue for the same transaction may be merged into one call (``_run_merged``: the outcomes
-of many sends, recorded in a few statements). Each statement costs the store thread a wait for the interpreter
-lock, taken back from the loop's thread, while it holds the write lock. A merged item runs where its call was
-queued, maybe before ops queued after that: only ops whose order among the others does not matter are merged.
+Ops of one kind queued for one transaction may be merged into one call (``_run_merged``: many sends' outcomes,
+many webhooks' messages): each statement costs the store thread a wait for the interpreter lock, taken back from
+the loop's thread, while it holds the write lock. A merged item runs where its call was queued, maybe before ops
+queued after it, unless ``adjacent``: it joins only a call queued last (a message stays before a later event).
 
 A store that acknowledges nothing (a delivery process: ``synchronous=NORMAL``) does not fsync its commits; it
 syncs the WAL file once, ``SYNC_WITHIN`` seconds after the first commit that is not yet synced (so at most once
@@ -43,7 +43,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -339,26 +339,31 @@ class GroupCommit:
                 return done[0]
         return await self._enqueue(op, isolated)
 
-    async def _run_merged(self, key: str, item: Item, op: Callable[[sqlite3.Connection, list[Item]], list[T]]) -> T:
-        """Queue ``item`` for one call of ``op`` (quick, not isolated) with all items queued under ``key`` for
-        the same transaction; ``op`` returns one result per item. See the module doc."""
+    async def _run_merged(self, key: str, item: Item,
+                          op: Callable[[sqlite3.Connection, list[Item]], Sequence[T | StoreError]], *,
+                          adjacent: bool = False) -> T:
+        """Queue ``item`` for one call of ``op`` (quick, not isolated; see the module doc) with the items queued
+        under ``key`` for the same transaction; ``op`` returns one result per item (a StoreError is raised)."""
         if self._conn is None and self._opened:
             raise StoreUnavailable("store is closed")
-        if self._idle():
-            done = self._run_inline(lambda conn: op(conn, [item])[0], False)
-            if done is not None:
-                return done[0]
-        queued = self._merging.get(key)
-        if queued is None:
-            items = [item]
-            future = self._enqueue(lambda conn: op(conn, items), False)
-            self._merging[key] = (items, future)
+        done = self._run_inline(lambda conn: op(conn, [item]), False) if self._idle() else None
+        if done is not None:
+            results, index = done[0], 0
         else:
-            items, future = queued
-            items.append(item)
-        index = len(items) - 1
-        results: list[T] = await asyncio.shield(future)  # one caller cancelled must not fail the others
-        return results[index]
+            queued = self._merging.get(key)
+            if queued is None or (adjacent and self._queue[-1][2] is not queued[1]):
+                items = [item]
+                future = self._enqueue(lambda conn: op(conn, items), False)
+                self._merging[key] = (items, future)
+            else:
+                items, future = queued
+                items.append(item)
+            index = len(items) - 1
+            results = await asyncio.shield(future)  # shielded: one caller cancelled must not fail the others
+        result = results[index]
+        if isinstance(result, StoreError):
+            raise result
+        return result
 
     def _run_inline(self, op: Callable[[sqlite3.Connection], T], isolated: bool) -> tuple[T] | None:
         """``op``'s result if it ran on this thread (:meth:`_try_inline`); None: it must be queued."""
