@@ -283,6 +283,7 @@ async def test_trace_lines_follow_one_request_id_from_webhook_to_delivery_end(
                                        headers={"X-Parley-Relay-Key": "demo-shared-secret-3f9a"})
         assert response.status == 200
         rid = response.headers["X-Request-Id"]
+        assert len(rid) == 16 and int(rid, 16) >= 0  # made here: Parley sent none
         await sandbox.apns.wait_for(2)
         await r.settle()
     lines = [(rec.getMessage(), dict(getattr(rec, "fields", {}))) for rec in caplog.records]

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from relay.config import load_config
 from relay.errors import InvalidWebhook
 from relay.http.app import runner_options
-from relay.inbound.parse import MAX_DEPTH, MAX_STRING, Webhook, parse_webhook
+from relay.inbound.parse import MAX_DEPTH, MAX_STRING, Webhook, decode_json, parse_webhook
 from relay.runtime.relay import create_app
 from relay.testing.sandbox import (
     ANDROID_TOKEN,
@@ -182,6 +182,17 @@ def test_each_limit_and_strictness_rule_refuses_with_a_clear_message(body: bytes
     with pytest.raises(InvalidWebhook) as info:
         parse_webhook(body, max_tokens=100)
     assert needle in info.value.message
+
+
+def test_nesting_is_bounded_by_depth_not_by_how_many_brackets_a_body_holds() -> None:
+    """Bodies with at most ``MAX_DEPTH`` openers skip the depth scan (none can nest deeper); the others are
+    scanned: many shallow arrays, and brackets inside strings, pass; one level too deep among them does not."""
+    assert decode_json(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH) is not None
+    assert len(decode_json(b"[" + b"[1]," * 500 + b"[]]")) == 501
+    assert decode_json(b'{"m": "' + b"[{" * 100 + b'"}') == {"m": "[{" * 100}
+    deep = b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)
+    with pytest.raises(InvalidWebhook, match="nested deeper"):
+        decode_json(b"[" + b"[]," * 50 + deep + b"]")
 
 
 # -- the live endpoint ------------------------------------------------------------------------------------

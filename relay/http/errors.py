@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import uuid
+import random
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -31,7 +31,9 @@ def error_response(status: int, message: str, field_name: str | None = None, **e
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ids, JSON errors for everything, and never a stack trace to the client."""
-    request[REQUEST_ID_KEY] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    # A tracing id, not a secret: Python's generator (reseeded in every forked process) instead of uuid4's
+    # system call and object per webhook.
+    request[REQUEST_ID_KEY] = request.headers.get("X-Request-Id", "")[:64] or f"{random.getrandbits(64):016x}"
     try:
         with bound_request(request[REQUEST_ID_KEY]):
             response = await handler(request)

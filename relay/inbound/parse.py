@@ -113,7 +113,11 @@ def decode_json(body: bytes) -> Any:
 
 
 def _check_depth(text: str) -> None:
-    # Cheap pre-scan so that hostile nesting never reaches the recursive decoder.
+    # Cheap pre-scan so that hostile nesting never reaches the recursive decoder. A body with no more openers
+    # than the bound cannot nest deeper (every webhook Parley sends): the per-character loop below, 7 % of a
+    # webhook process's CPU when run on every body, is left to the others.
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return
     depth = 0
     in_string = escaped = False
     for ch in text:
