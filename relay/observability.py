@@ -107,6 +107,9 @@ class Metrics:
         self.slots_in_use = Gauge("parley_relay_delivery_slots_in_use",
                                   "Deliveries in flight per app (admission pool; 'unrouted' for no app yet)", ["app"],
                                   registry=r)
+        self.claimed_ahead = Gauge("parley_relay_delivery_claimed_ahead",
+                                   "Deliveries claimed and waiting for a free slot of their app (claimed ahead while "
+                                   "the app has the delivery process to itself)", ["app"], registry=r)
         self.oldest_waiting = Gauge("parley_relay_app_oldest_waiting_seconds",
                                     "Age of the app's oldest delivery still waiting to leave (0: none), read from "
                                     "the store at each scrape", ["app"], registry=r, multiprocess_mode="livemostrecent")

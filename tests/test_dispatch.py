@@ -463,6 +463,11 @@ async def _claimed_ahead(harness: Harness) -> tuple[Dispatcher, Gated, asyncio.T
     return dispatcher, provider, task
 
 
+def _claimed_ahead_gauge(dispatcher: Dispatcher) -> float | None:
+    """What ``parley_relay_delivery_claimed_ahead{app="ios"}`` shows an operator."""
+    return dispatcher.metrics.registry.get_sample_value("parley_relay_delivery_claimed_ahead", {"app": "ios"})
+
+
 async def test_an_answer_starts_a_delivery_claimed_ahead_while_the_store_is_busy(harness: Harness) -> None:
     """An app with a backlog claims as many deliveries again as its slots, to wait claimed: the slot an answer
     frees starts the next at once, with the store's write lock held elsewhere (as the webhooks' commits hold it
@@ -477,7 +482,7 @@ async def test_an_answer_starts_a_delivery_claimed_ahead_while_the_store_is_busy
         async with asyncio.timeout(10):
             while len(provider.gates) < 3:
                 await asyncio.sleep(0.01)
-        assert len(dispatcher.admission.waiting["ios"]) == 1
+        assert len(dispatcher.admission.waiting["ios"]) == 1 and _claimed_ahead_gauge(dispatcher) == 1
         blocker.execute("COMMIT")
         async with asyncio.timeout(10):
             while len(provider.gates) < 6 or not all(gate.is_set() for gate in provider.gates):
@@ -497,10 +502,13 @@ async def test_an_answer_starts_a_delivery_claimed_ahead_while_the_store_is_busy
 
 async def test_a_stop_puts_deliveries_claimed_ahead_back_due_with_no_attempt_counted(harness: Harness) -> None:
     """What waits claimed ahead of a slot at a stop is given back to the store at once, due now, its attempts
-    unchanged: the next process (or instance) sends it without waiting out a lease."""
+    unchanged: the next process (or instance) sends it without waiting out a lease. The operator's gauge of
+    deliveries claimed ahead shows them until then, and none after."""
     dispatcher, _, task = await _claimed_ahead(harness)
+    assert _claimed_ahead_gauge(dispatcher) == 2
     await dispatcher.stop(0.4)  # the two sends hang: cancelled after the timeout, put back too
     await task
+    assert _claimed_ahead_gauge(dispatcher) == 0
     stats = await harness.store.stats()
     assert (stats.pending, stats.inflight) == (6, 0)
     records = await harness.store.deliveries(limit=10)

@@ -57,7 +57,7 @@ class Admission:
     """Slots per app and for unrouted deliveries; counts what is running, never blocks."""
 
     def __init__(self, apps: Mapping[str, App], settings: DeliverySettings,
-                 on_change: Callable[[str, int], None] | None = None) -> None:
+                 on_change: Callable[[str, int, int], None] | None = None) -> None:
         self.running: dict[str, int] = {}
         self.hungry: dict[str, bool] = {}  # the last claim filled this pool's allowance: more may be due
         self.waiting: dict[str, deque[Job]] = {}  # claimed ahead: each starts when a slot of its app frees
@@ -119,6 +119,7 @@ class Admission:
                 starts.append((job, Slot(pool)))
             else:
                 self.waiting.setdefault(pool, deque()).append(job)
+                self._changed(pool)
         full = len(jobs) >= plan.limit
         for pool in self.limits:
             allowed = plan.unrouted if pool == UNROUTED else plan.app_limits.get(pool, 0)
@@ -139,14 +140,19 @@ class Admission:
         for pool, queue in self.waiting.items():
             if queue and (pool not in self.limits or self.free(pool) > 0):
                 into = pool if pool in self.limits else UNROUTED
+                job = queue.popleft()
+                self._changed(pool)
                 self._add(into, 1)
-                return queue.popleft(), Slot(into)
+                return job, Slot(into)
         return None
 
     def take_waiting(self) -> list[Job]:
         """Every delivery claimed ahead and not started (a stop puts them back in the store)."""
         jobs = [job for queue in self.waiting.values() for job in queue]
-        self.waiting.clear()
+        for queue in self.waiting.values():
+            queue.clear()
+        for pool in self.waiting:
+            self._changed(pool)
         return jobs
 
     def move(self, slot: Slot, pool: str) -> bool:
@@ -182,11 +188,15 @@ class Admission:
         return sum(self.running.values())
 
     def _add(self, pool: str, n: int) -> None:
-        value = self.running[pool] = self.running.get(pool, 0) + n
+        self.running[pool] = self.running.get(pool, 0) + n
         if n > 0:
             self._active_until[pool] = time.monotonic() + AHEAD_QUIET
+        self._changed(pool)
+
+    def _changed(self, pool: str) -> None:
+        """Tell ``on_change`` the pool's deliveries running and waiting claimed ahead (its metrics)."""
         if self._on_change is not None:
-            self._on_change(pool, value)
+            self._on_change(pool, self.running.get(pool, 0), len(self.waiting.get(pool, ())))
 
 
 class FreeSlots(Mapping[str, int]):

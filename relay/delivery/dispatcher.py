@@ -61,8 +61,7 @@ class Dispatcher:
     ) -> None:
         self.store, self.registry, self._providers = store, registry, providers
         self.sync = sync or OverlaySync(store, registry)  # the registry's run-time part follows the store
-        self.settings, self.metrics = settings, metrics
-        self.clock = clock or SystemClock()
+        self.settings, self.metrics, self.clock = settings, metrics, clock or SystemClock()
         self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
         self.admission = Admission(registry.apps, settings, self._slots_changed)
         self._wake = Wakeup()
@@ -231,8 +230,9 @@ class Dispatcher:
         except (TimeoutError, StoreError, asyncio.CancelledError):
             pass
 
-    def _slots_changed(self, pool: str, value: int) -> None:
-        self.metrics.child(self.metrics.slots_in_use, pool or "unrouted").set(value)
+    def _slots_changed(self, pool: str, running: int, waiting: int) -> None:
+        self.metrics.child(self.metrics.slots_in_use, pool or "unrouted").set(running)
+        self.metrics.child(self.metrics.claimed_ahead, pool or "unrouted").set(waiting)
 
     # -- one delivery --------------------------------------------------------------------------------
 
