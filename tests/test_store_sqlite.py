@@ -163,7 +163,7 @@ class RowCounter:
     def execute(self, sql: str, *args: Any) -> _Fetched:
         cursor = self.conn.execute(sql, *args)
         rows = cursor.fetchall()
-        self.statements.append((" ".join(sql.split())[:60], len(rows)))
+        self.statements.append((" ".join(sql.split()), len(rows)))
         return _Fetched(cursor, rows)
 
     def __getattr__(self, name: str) -> Any:
@@ -234,6 +234,24 @@ async def test_messages_of_webhooks_stored_together_take_a_fixed_handful_of_stat
     assert rows == [(f"{side}{n}", b'{"n":%d}' % (2 * n + i)) for n in range(50) for i, side in enumerate("ab")]
     assert query(store._path, "SELECT COUNT(*) FROM dedupe") == [(100,)]
     assert (await store.stats()).pending == 100
+
+
+async def test_merged_messages_reuse_the_same_statements_whatever_the_number_of_webhooks(
+        open_store: OpenStore) -> None:
+    """Transactions of 1, 7 and 50 webhooks run the same statement texts: a text per row count was prepared
+    anew for each size (about 100 µs for 30 rows, one more release of the interpreter lock under the write
+    lock) and pushed the other statements out of sqlite3's cache of 128."""
+    store = await open_store()
+    assert store._conn is not None
+    conn, texts = store._conn, {}
+    for size in (1, 7, 50):
+        counter = RowCounter(conn)
+        store._conn = counter  # type: ignore[assignment]
+        await asyncio.gather(*(store.enqueue([new(f"s{size}-{n}", n, "ios")], NOW, 600) for n in range(size)))
+        store._conn = conn
+        texts[size] = {text for text, _ in counter.statements}
+    assert len(texts[1]) == 8 and texts[1] == texts[7] == texts[50], texts
+    assert (await store.stats()).pending == 58
 
 
 async def test_a_resend_is_told_apart_within_one_merged_transaction_and_across_them(open_store: OpenStore) -> None:
