@@ -57,7 +57,7 @@ class Admission:
     """Slots per app and for unrouted deliveries; counts what is running, never blocks."""
 
     def __init__(self, apps: Mapping[str, App], settings: DeliverySettings,
-                 on_change: Callable[[str, int, int], None] | None = None) -> None:
+                 on_change: Callable[[str, str, int], None] | None = None) -> None:
         self.running: dict[str, int] = {}
         self.hungry: dict[str, bool] = {}  # the last claim filled this pool's allowance: more may be due
         self.waiting: dict[str, deque[Job]] = {}  # claimed ahead: each starts when a slot of its app frees
@@ -119,7 +119,7 @@ class Admission:
                 starts.append((job, Slot(pool)))
             else:
                 self.waiting.setdefault(pool, deque()).append(job)
-                self._changed(pool)
+                self._changed("waiting", pool)
         full = len(jobs) >= plan.limit
         for pool in self.limits:
             allowed = plan.unrouted if pool == UNROUTED else plan.app_limits.get(pool, 0)
@@ -141,7 +141,7 @@ class Admission:
             if queue and (pool not in self.limits or self.free(pool) > 0):
                 into = pool if pool in self.limits else UNROUTED
                 job = queue.popleft()
-                self._changed(pool)
+                self._changed("waiting", pool)
                 self._add(into, 1)
                 return job, Slot(into)
         return None
@@ -149,10 +149,9 @@ class Admission:
     def take_waiting(self) -> list[Job]:
         """Every delivery claimed ahead and not started (a stop puts them back in the store)."""
         jobs = [job for queue in self.waiting.values() for job in queue]
-        for queue in self.waiting.values():
+        for pool, queue in self.waiting.items():
             queue.clear()
-        for pool in self.waiting:
-            self._changed(pool)
+            self._changed("waiting", pool)
         return jobs
 
     def move(self, slot: Slot, pool: str) -> bool:
@@ -191,12 +190,13 @@ class Admission:
         self.running[pool] = self.running.get(pool, 0) + n
         if n > 0:
             self._active_until[pool] = time.monotonic() + AHEAD_QUIET
-        self._changed(pool)
+        self._changed("running", pool)
 
-    def _changed(self, pool: str) -> None:
-        """Tell ``on_change`` the pool's deliveries running and waiting claimed ahead (its metrics)."""
+    def _changed(self, what: str, pool: str) -> None:
+        """Tell ``on_change`` how many of the pool's deliveries are ``running`` or ``waiting`` (its metrics)."""
         if self._on_change is not None:
-            self._on_change(pool, self.running.get(pool, 0), len(self.waiting.get(pool, ())))
+            count = self.running.get(pool, 0) if what == "running" else len(self.waiting.get(pool, ()))
+            self._on_change(what, pool, count)
 
 
 class FreeSlots(Mapping[str, int]):

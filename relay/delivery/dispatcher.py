@@ -230,9 +230,9 @@ class Dispatcher:
         except (TimeoutError, StoreError, asyncio.CancelledError):
             pass
 
-    def _slots_changed(self, pool: str, running: int, waiting: int) -> None:
-        self.metrics.child(self.metrics.slots_in_use, pool or "unrouted").set(running)
-        self.metrics.child(self.metrics.claimed_ahead, pool or "unrouted").set(waiting)
+    def _slots_changed(self, what: str, pool: str, count: int) -> None:
+        gauge = self.metrics.slots_in_use if what == "running" else self.metrics.claimed_ahead
+        self.metrics.child(gauge, pool or "unrouted").set(count)
 
     # -- one delivery --------------------------------------------------------------------------------
 

@@ -148,14 +148,14 @@ class SqliteStore(GroupCommit, SqliteDevices):
             call = EnqueueCall(items, now, dedupe_window)
             return await self._run_merged("enqueue", call, self._enqueue_merged, adjacent=True)
 
-        def op(conn: sqlite3.Connection) -> Enqueued:
+        def op(conn: sqlite3.Connection) -> Enqueued:  # events, one by one (a message among them as above)
             accepted: list[bool] = []
             superseded: list[Superseded] = []
             for item in items:
-                if item.stream is not None and events.is_resend(conn, item.stream, now):
-                    accepted.append(False)
+                if item.stream is None:
+                    accepted += insert_messages(conn, [EnqueueCall([item], now, dedupe_window)])[0]
                     continue
-                if item.stream is None and dedupe_window > 0 and not self._first_seen(conn, item, now, dedupe_window):
+                if events.is_resend(conn, item.stream, now):
                     accepted.append(False)
                     continue
                 row_id = conn.execute(
@@ -165,11 +165,9 @@ class SqliteStore(GroupCommit, SqliteDevices):
                      item.request_id, item.message_id),
                 ).lastrowid
                 conn.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (row_id, item.data))
-                if item.stream is not None:
-                    superseded += events.follow(conn, item.stream, int(row_id or 0), now, item.expires_at)
+                superseded += events.follow(conn, item.stream, int(row_id or 0), now, item.expires_at)
                 accepted.append(True)
-            self._count("accepted", sum(accepted))
-            self._count("duplicates", len(accepted) - sum(accepted))
+            self._count_accepted([accepted])
             self._count(EndState.SUPERSEDED.value, len(superseded))
             return Enqueued(accepted, superseded)
 
@@ -205,17 +203,6 @@ class SqliteStore(GroupCommit, SqliteDevices):
         accepted = sum(sum(call) for call in flags)
         self._count("accepted", accepted)
         self._count("duplicates", sum(map(len, flags)) - accepted)
-
-    @staticmethod
-    def _first_seen(conn: sqlite3.Connection, item: NewDelivery, now: float, dedupe_window: float) -> bool:
-        """Record ``item``'s dedupe key; False when it was seen within the window (a message's resend)."""
-        row = conn.execute(
-            "INSERT INTO dedupe (key, expires_at) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at WHERE expires_at < ? "
-            "RETURNING key",
-            (schema.dedupe_digest(item.dedupe_key), now + dedupe_window, now),
-        ).fetchone()
-        return row is not None
 
     async def claim(self, limit: int, now: float, lease: float, *,
                     app_limits: Mapping[str, int] | None = None) -> list[Job]:
