@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
 import pytest
 
-from relay.testing.sandbox import ANDROID_TOKEN, IOS_TOKEN, Sandbox, sample
+from relay.testing.sandbox import ANDROID_TOKEN, AUTH_HEADER, AUTH_VALUE, IOS_TOKEN, Sandbox, sample
 from tests.conftest import MakeRelay
 
 APNS_HEX = "ab" * 32
@@ -296,3 +297,25 @@ async def test_trace_lines_follow_one_request_id_from_webhook_to_delivery_end(
     assert waits["token"] == short_token(IOS_TOKEN) and "ServiceUnavailable" in waits["reason"]
     assert (ended["state"], ended["attempt"], ended["status"]) == ("sent", 2, 200)
     assert ended["latency"] >= waits["latency"] >= 0
+
+
+async def test_a_request_id_with_bytes_above_ascii_keeps_its_printable_part_and_the_push_goes_out(
+        make_relay: MakeRelay, sandbox: Sandbox) -> None:
+    """HTTP lets a header carry bytes above 0x7f, which aiohttp hands over as lone surrogates. Such an
+    X-Request-Id was answered 503 (the store could not keep it as text, and Parley's retries carry the same
+    header: three of them and it removes the token). The relay keeps its printable ASCII part, answers 200,
+    sends the push and records it under that id."""
+    r = await make_relay()
+    body = json.dumps(sample("message", to=[IOS_TOKEN])).encode()
+    head = (f"POST {r.relay.config.webhook.path} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+            f"{AUTH_HEADER}: {AUTH_VALUE}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n").encode()
+    reader, writer = await asyncio.open_connection(r.client.host, r.client.port)
+    writer.write(head + b"X-Request-Id: ab\xff\xfe\xc3cd\r\n\r\n" + body)
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b"\r\nX-Request-Id: abcd\r\n" in answer, answer
+    await sandbox.apns.wait_for(1)
+    await r.settle()
+    records = await r.relay.store.deliveries(request_id="abcd")
+    assert [record.state for record in records] == ["sent"]
+

@@ -5,6 +5,7 @@ bounded size, and a time bound on the durability of a delivery process's commits
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import sqlite3
 import time
@@ -295,6 +296,20 @@ async def test_one_bad_webhook_among_those_stored_together_fails_alone(open_stor
     assert query(store._path, "SELECT COUNT(*) FROM dedupe") == [(2,)]  # the bad call's key went with it
     stats = await store.stats()
     assert (stats.accepted, stats.pending) == (2, 2)
+
+
+async def test_a_webhook_with_text_sqlite_cannot_keep_fails_alone_and_never_blocks_the_claims(
+        open_store: OpenStore) -> None:
+    """A string that is not valid Unicode (a lone surrogate, as aiohttp hands over a header's bytes above 0x7f)
+    fails its own webhook: sent as a JSON escape, SQLite stored bytes that no reader could decode, and every
+    claim that reached the row failed ("store unavailable, dispatcher paused", for good)."""
+    store = await open_store()
+    bad = dataclasses.replace(new("t2", 2, "ios"), request_id="ab\udcff")
+    answers = await asyncio.gather(store.enqueue([new("t1", 1, "ios")], NOW, 600), store.enqueue([bad], NOW, 600),
+                                   store.enqueue([new("t3", 3, "ios")], NOW, 600), return_exceptions=True)
+    assert isinstance(answers[1], StoreError) and [list(answers[0]), list(answers[2])] == [[True], [True]]
+    jobs = await store.claim(10, NOW, LEASE)
+    assert sorted(job.token for job in jobs) == ["t1", "t3"]
 
 
 async def test_outcomes_recorded_together_change_only_this_owners_claims_once_each(open_store: OpenStore) -> None:

@@ -28,12 +28,22 @@ def error_response(status: int, message: str, field_name: str | None = None, **e
     return web.json_response(error_body(message, field_name), status=status, headers=extra or None)
 
 
+def request_id(given: str) -> str:
+    """The caller's ``X-Request-Id`` as printable ASCII, at most 64 characters, or a new id when none is left.
+
+    HTTP lets a header carry bytes above 0x7f; aiohttp hands them over as lone surrogates, which no store can
+    keep as text (the webhook was answered 503, and Parley's retries carry the same header). A new id is a
+    tracing id, not a secret: Python's generator (reseeded in every forked process), not uuid4's system call.
+    """
+    if not (given.isascii() and given.isprintable()):
+        given = "".join(c for c in given if " " <= c < "\x7f")
+    return given[:64] or f"{random.getrandbits(64):016x}"
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ids, JSON errors for everything, and never a stack trace to the client."""
-    # A tracing id, not a secret: Python's generator (reseeded in every forked process) instead of uuid4's
-    # system call and object per webhook.
-    request[REQUEST_ID_KEY] = request.headers.get("X-Request-Id", "")[:64] or f"{random.getrandbits(64):016x}"
+    request[REQUEST_ID_KEY] = request_id(request.headers.get("X-Request-Id", ""))
     try:
         with bound_request(request[REQUEST_ID_KEY]):
             response = await handler(request)

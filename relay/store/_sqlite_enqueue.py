@@ -86,7 +86,9 @@ def insert_messages(conn: sqlite3.Connection, calls: Sequence[EnqueueCall]) -> l
     if renewed:
         conn.execute(_RENEW, {"keys": b"".join(renewed), "each": json.dumps(list(renewed.values()))})
     if rows:
-        last = conn.execute(_DELIVERIES, {"rows": json.dumps(rows)}).lastrowid
+        # Raw text, not \u escapes: a string sqlite3 cannot bind as UTF-8 (a lone surrogate) fails this statement,
+        # and the call alone; escaped, SQLite would store bytes no reader can decode, and every claim would fail.
+        last = conn.execute(_DELIVERIES, {"rows": json.dumps(rows, ensure_ascii=False)}).lastrowid
         spans, start = [], 1
         for blob in payloads:
             spans.append((start, len(blob)))
