@@ -167,6 +167,11 @@ class RowCounter:
         self.statements.append((" ".join(sql.split()), len(rows)))
         return _Fetched(cursor, rows)
 
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        rows = list(rows)
+        self.statements += [(" ".join(sql.split()), 0)] * len(rows)  # a step per row
+        return self.conn.executemany(sql, rows)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.conn, name)
 
@@ -206,7 +211,7 @@ async def test_a_claim_and_a_batch_of_ends_hand_back_one_row_per_statement_whate
     await asyncio.gather(*ends)
     ended, counter.statements = counter.statements, []
     assert max(rows for _, rows in claim + ended) == 1, claim + ended
-    assert len(ended) <= 6, ended  # BEGIN, which of them are still this owner's, their ends, payloads, COMMIT
+    assert len(ended) <= 6, ended  # BEGIN, which are still this owner's, their ends, payloads, counters, COMMIT
     store._conn = counter.conn
     stats = await store.stats()
     assert (stats.ended[EndState.SENT], stats.ended[EndState.DEAD_LETTER], stats.pending, stats.inflight) == (
@@ -251,7 +256,7 @@ async def test_merged_messages_reuse_the_same_statements_whatever_the_number_of_
         await asyncio.gather(*(store.enqueue([new(f"s{size}-{n}", n, "ios")], NOW, 600) for n in range(size)))
         store._conn = conn
         texts[size] = {text for text, _ in counter.statements}
-    assert len(texts[1]) == 8 and texts[1] == texts[7] == texts[50], texts
+    assert len(texts[1]) == 9 and texts[1] == texts[7] == texts[50], texts  # BEGIN .. 3 inserts .. counters, COMMIT
     assert (await store.stats()).pending == 58
 
 

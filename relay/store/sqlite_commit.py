@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -59,7 +60,9 @@ Op = Callable[[sqlite3.Connection], Any]
 SYNC_WITHIN = 1.0  # seconds: the longest a non-acknowledging store's commit stays unsynced
 INLINE_WINDOW = 0.1  # seconds over which the loop thread's CPU share is measured
 INLINE_BUSY_LIMIT = 0.5  # the share of a core above which quick ops go to the store thread for the next window
-_BUMP = "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?"
+# Every counter a transaction changed, in one statement (one SQLite step): ``?`` is a JSON object name -> change.
+_BUMP = ("INSERT INTO counters (name, value) SELECT key, value FROM json_each(?) WHERE true "
+         "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
 
 
 class GroupCommit:
@@ -234,15 +237,11 @@ class GroupCommit:
         if self._writer_lock is not None:
             fcntl.flock(self._writer_lock, fcntl.LOCK_EX)  # released after COMMIT/ROLLBACK, below
         try:
-            return self._execute_locked(conn, batch, results, counts)
+            conn.execute("BEGIN IMMEDIATE")
+            return self._in_transaction(conn, batch, results, counts)
         finally:
             if self._writer_lock is not None:
                 fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
-
-    def _execute_locked(self, conn: sqlite3.Connection, batch: list[tuple[Op, bool]],
-                        results: list[tuple[bool, Any]], counts: Counter[str]) -> list[tuple[bool, Any]]:
-        conn.execute("BEGIN IMMEDIATE")
-        return self._in_transaction(conn, batch, results, counts)
 
     def _in_transaction(self, conn: sqlite3.Connection, batch: list[tuple[Op, bool]],
                         results: list[tuple[bool, Any]], counts: Counter[str]) -> list[tuple[bool, Any]]:
@@ -265,7 +264,7 @@ class GroupCommit:
                     conn.execute("RELEASE op")
                     results.append((False, exc))
             if counts:
-                conn.executemany(_BUMP, [(name, by, by) for name, by in counts.items() if by])
+                conn.execute(_BUMP, (json.dumps({name: by for name, by in counts.items() if by}),))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
