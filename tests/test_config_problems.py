@@ -77,6 +77,14 @@ def test_a_misspelt_key_gets_a_did_you_mean(sandbox: Sandbox, section: str, writ
     assert re.search(rf"{section}\.{written}: unknown key \(did you mean {meant}\?\) \(line \d+\)$", problem)
 
 
+@pytest.mark.parametrize(("section", "key"), [("delivery", "max_age"), ("webhook", "dedupe_window")])
+def test_an_infinite_time_is_refused_at_load(sandbox: Sandbox, section: str, key: str) -> None:
+    """YAML's `.inf` ("forever") passed the parser: a `max_age` of it failed every push (its time to live is a
+    whole number of seconds) and a `dedupe_window` of it every webhook (the store's JSON has no infinity)."""
+    path = _raw(sandbox.write(**{section: {key: 12345}}), "12345", ".inf")
+    assert any(f"{section}.{key}: Input should be a finite number" in p for p in _problems(path)), _problems(path)
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({"delivery": {"backoff_initial": 10, "backoff_max": 5}},
      "delivery.backoff_initial: must not exceed backoff_max (5), not 10"),

@@ -42,7 +42,9 @@ def _flag(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_no_flag)]
-Seconds = Annotated[float, BeforeValidator(_no_flag), Field(ge=0)]
+# Finite: YAML's `.inf` ("forever") reached int() in a provider's time to live and JSON in the store, and failed
+# every push or webhook instead of the configuration.
+Seconds = Annotated[float, BeforeValidator(_no_flag), Field(ge=0, allow_inf_nan=False)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
