@@ -263,8 +263,8 @@ class GroupCommit:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((False, exc))
-            if counts:
-                conn.execute(_BUMP, (json.dumps({name: by for name, by in counts.items() if by}),))
+            if changed := {name: by for name, by in counts.items() if by}:
+                conn.execute(_BUMP, (json.dumps(changed),))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
