@@ -176,28 +176,25 @@ class SqliteStore(GroupCommit, SqliteDevices):
     def _enqueue_merged(self, conn: sqlite3.Connection, calls: list[EnqueueCall]) -> list[Enqueued | StoreError]:
         """Messages of ``calls`` in a few statements (:mod:`._sqlite_enqueue`); should that fail, each call in a
         savepoint of its own, so that one bad call fails only its own webhook."""
-        conn.execute("SAVEPOINT merged")
+        merged = self._stored(conn, calls)
+        if not isinstance(merged, Exception):
+            return [Enqueued(accepted) for accepted in merged]
+        alone = [self._stored(conn, [call]) for call in calls]
+        return [Enqueued(got[0]) if not isinstance(got, Exception)
+                else got if isinstance(got, StoreError) else StoreError(f"sqlite: {got}") for got in alone]
+
+    def _stored(self, conn: sqlite3.Connection, calls: list[EnqueueCall]) -> list[list[bool]] | Exception:
+        """``calls`` stored in a savepoint, counted; or the exception that rolled them back."""
+        conn.execute("SAVEPOINT enqueue")
         try:
             flags = insert_messages(conn, calls)
-        except Exception:  # noqa: BLE001 - told apart below, call by call
-            conn.execute("ROLLBACK TO merged")
-            conn.execute("RELEASE merged")
-            return [self._enqueue_alone(conn, call) for call in calls]
-        conn.execute("RELEASE merged")
+        except Exception as exc:  # noqa: BLE001 - the caller tells the calls apart
+            conn.execute("ROLLBACK TO enqueue")
+            conn.execute("RELEASE enqueue")
+            return exc
+        conn.execute("RELEASE enqueue")
         self._count_accepted(flags)
-        return [Enqueued(accepted) for accepted in flags]
-
-    def _enqueue_alone(self, conn: sqlite3.Connection, call: EnqueueCall) -> Enqueued | StoreError:
-        conn.execute("SAVEPOINT alone")
-        try:
-            flags = insert_messages(conn, [call])
-        except Exception as exc:  # noqa: BLE001 - reported to this call's webhook only
-            conn.execute("ROLLBACK TO alone")
-            conn.execute("RELEASE alone")
-            return exc if isinstance(exc, StoreError) else StoreError(f"sqlite: {exc}")
-        conn.execute("RELEASE alone")
-        self._count_accepted(flags)
-        return Enqueued(flags[0])
+        return flags
 
     def _count_accepted(self, flags: list[list[bool]]) -> None:
         accepted = sum(sum(call) for call in flags)
