@@ -12,7 +12,8 @@ relay). The harness reads the rate off the fake's arrival times, exactly as it d
 ``cpu`` is this process's CPU time (user + system) over the sends: the client's cost per push is cpu / sent.
 
 SPEC: ``platform`` (``apns`` | ``fcm`` | ``fcm_aiohttp``), ``count``, ``tokens``; for APNs ``host``, ``port``,
-``ca_file``, ``key_file``, ``key_id``, ``team_id``, ``topic``, ``concurrency``; for FCM
+``ca_file``, ``key_file``, ``key_id``, ``team_id``, ``topic``, ``concurrency``, ``rate`` (optional: pushes started
+at this steady rate, open loop, instead of all at once); for FCM
 ``service_account_file``, ``url`` (the fake's base URL), ``batch``, ``parallel`` (batches in flight); for
 ``fcm_aiohttp`` ``service_account_file``, ``url``, ``connections``, ``concurrency`` (requests in flight).
 """
@@ -66,11 +67,26 @@ async def apns(spec: dict[str, Any]) -> dict[str, Any]:
                 failed += 1
 
     started, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(one(n) for n in range(int(spec["count"]))))
+    if spec.get("rate"):
+        await _paced(one, int(spec["count"]), float(spec["rate"]))
+    else:
+        await asyncio.gather(*(one(n) for n in range(int(spec["count"]))))
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     pool.close()
     await asyncio.sleep(0.05)
     return {"sent": sent, "failed": failed, "elapsed": elapsed, "cpu": cpu}
+
+
+async def _paced(one: Any, count: int, rate: float) -> None:
+    """Start ``one(n)`` for ``n`` in ``range(count)`` at ``rate`` per second (open loop), then wait for all."""
+    loop = asyncio.get_running_loop()
+    begun, tasks = loop.time(), []
+    for n in range(count):
+        delay = begun + n / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(n)))
+    await asyncio.gather(*tasks)
 
 
 async def fcm(spec: dict[str, Any]) -> dict[str, Any]:

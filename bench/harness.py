@@ -201,13 +201,13 @@ class Relay:
 
 
 @contextmanager
-def bare_server() -> Iterator[str]:
-    """``bench/bare_server.py`` on a free port; yields its webhook URL."""
+def bare_server() -> Iterator[tuple[str, int]]:
+    """``bench/bare_server.py`` on a free port; yields its webhook URL and its pid."""
     port = free_port()
     proc = subprocess.Popen([PYTHON, str(BENCH / "bare_server.py"), str(port)])
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", proc, 30)
-        yield f"http://127.0.0.1:{port}/parley/webhook"
+        yield f"http://127.0.0.1:{port}/parley/webhook", proc.pid
     finally:
         proc.kill()
         proc.wait()
