@@ -21,7 +21,7 @@ import pytest
 from relay.config import App, Config, DeliverySettings, load_config
 from relay.delivery import admission as admission_module
 from relay.delivery.admission import UNROUTED, Admission, Slot
-from relay.delivery.dispatcher import Dispatcher
+from relay.delivery.dispatcher import LEASE, Dispatcher
 from relay.delivery.policy import Breaker, ProbePolicy, RetryPolicy
 from relay.delivery.upkeep import PRUNE_EVERY
 from relay.inbound.accept import new_deliveries
@@ -515,6 +515,38 @@ async def test_a_stop_puts_deliveries_claimed_ahead_back_due_with_no_attempt_cou
     assert all(record.attempts == 0 and record.next_at is not None and record.next_at <= harness.clock.now()
                for record in records)
     assert sum(record.reason == "claimed, not started before the stop" for record in records) == 2
+
+
+async def test_a_delivery_claimed_ahead_is_given_back_after_half_its_lease_so_it_is_never_sent_twice(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A delivery claimed ahead waits for a slot of its app while its claim's lease (300 s) runs. Had it waited
+    past the lease (slots held by a slow provider, or cut by a reload), the next claim, this process's own
+    included, would take it again, and both copies would be sent. Waited half its lease, it goes back to the
+    store instead, due now with no attempt counted, and is claimed again with a lease of its own: every push
+    leaves once."""
+    dispatcher, provider, task = await _claimed_ahead(harness)  # two sending, two claimed ahead, two pending
+    try:
+        harness.clock.t += LEASE / 2 + 10
+        with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+            provider.gates[0].set()  # a slot frees while the two claimed ahead are stale
+            async with asyncio.timeout(10):
+                while len(provider.gates) < 3:
+                    await asyncio.sleep(0.01)
+        harness.clock.t += LEASE / 2 - 5  # the first claims' leases are over: a claim takes what they still hold
+        provider.gates[1].set()
+        async with asyncio.timeout(10):
+            while (await harness.store.stats()).ended[EndState.SENT] < 6:
+                for gate in provider.gates:
+                    gate.set()
+                await asyncio.sleep(0.01)
+    finally:
+        await dispatcher.stop(1.0)
+        await task
+    sent = [token_of(push) for push in provider.sent]
+    assert len(sent) == 6 and len(set(sent)) == 6  # 8 when the two were started late and claimed again
+    given_back = _records(caplog, "deliveries claimed ahead waited half their lease for a slot, given back to the "
+                                  "store")
+    assert [record["count"] for record in given_back] == [2]
 
 
 async def test_device_registered_by_another_instance_is_found_in_the_store(harness: Harness) -> None:

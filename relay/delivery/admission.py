@@ -7,11 +7,14 @@ they hold it only while being routed, then move to their app's slots or wait in 
 store for each app's free slots (``app_limits``), and for none of an app whose circuit is open, so parked
 deliveries stay in the store instead of being claimed and put back in a loop. An app whose backlog has the
 delivery process to itself (no other app sending) may claim as many again as its slots, to wait claimed and
-start the moment one of its sends is answered (:class:`FreeSlots`).
+start the moment one of its sends is answered (:class:`FreeSlots`). One that waits half its claim's lease goes
+back to the store instead (:meth:`Admission.take_stale`): once the lease ran out another claim could take it
+too, and both copies would be sent.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -57,10 +60,13 @@ class Admission:
     """Slots per app and for unrouted deliveries; counts what is running, never blocks."""
 
     def __init__(self, apps: Mapping[str, App], settings: DeliverySettings,
-                 on_change: Callable[[str, str, int], None] | None = None) -> None:
+                 on_change: Callable[[str, str, int], None] | None = None,
+                 clock: Callable[[], float] = time.time, stale_after: float = math.inf) -> None:
         self.running: dict[str, int] = {}
         self.hungry: dict[str, bool] = {}  # the last claim filled this pool's allowance: more may be due
-        self.waiting: dict[str, deque[Job]] = {}  # claimed ahead: each starts when a slot of its app frees
+        # Claimed ahead, with when (``clock``, the claims' own): each starts when a slot of its app frees.
+        self.waiting: dict[str, deque[tuple[Job, float]]] = {}
+        self._clock, self._stale_after = clock, stale_after
         self._active_until: dict[str, float] = {}  # monotonic time until which a pool counts as sending
         self._on_change = on_change
         self.configure(apps, settings)
@@ -111,6 +117,7 @@ class Admission:
         pools took all they were allowed."""
         starts: list[tuple[Job, Slot]] = []
         taken: dict[str, int] = {}
+        now = self._clock()
         for job in jobs:
             pool = self.pool_of(job.app)
             taken[pool] = taken.get(pool, 0) + 1
@@ -118,7 +125,7 @@ class Admission:
                 self._add(pool, 1)
                 starts.append((job, Slot(pool)))
             else:
-                self.waiting.setdefault(pool, deque()).append(job)
+                self.waiting.setdefault(pool, deque()).append((job, now))
                 self._changed("waiting", pool)
         full = len(jobs) >= plan.limit
         for pool in self.limits:
@@ -137,10 +144,12 @@ class Admission:
     def next_waiting(self) -> tuple[Job, Slot] | None:
         """A delivery claimed ahead whose app has a free slot now, with that slot; None when there is none. One
         of an app a reload removed starts in the unrouted share (a soft bound), to be routed as it is now."""
+        fresh_since = self._clock() - self._stale_after
         for pool, queue in self.waiting.items():
-            if queue and (pool not in self.limits or self.free(pool) > 0):
+            # A stale one at the head is left for take_stale (the next claim round): never started late.
+            if queue and (pool not in self.limits or self.free(pool) > 0) and queue[0][1] > fresh_since:
                 into = pool if pool in self.limits else UNROUTED
-                job = queue.popleft()
+                job, _ = queue.popleft()
                 self._changed("waiting", pool)
                 self._add(into, 1)
                 return job, Slot(into)
@@ -148,11 +157,22 @@ class Admission:
 
     def take_waiting(self) -> list[Job]:
         """Every delivery claimed ahead and not started (a stop puts them back in the store)."""
-        jobs = [job for queue in self.waiting.values() for job in queue]
+        jobs = [job for queue in self.waiting.values() for job, _ in queue]
         for pool, queue in self.waiting.items():
             queue.clear()
             self._changed("waiting", pool)
         return jobs
+
+    def take_stale(self) -> list[Job]:
+        """Deliveries claimed ahead ``stale_after`` seconds ago or more and not started, taken out of the wait
+        (to be given back to the store: see the module doc)."""
+        before, stale = self._clock() - self._stale_after, []
+        for pool, queue in self.waiting.items():
+            if queue and queue[0][1] <= before:
+                while queue and queue[0][1] <= before:  # claimed in order: the oldest are first
+                    stale.append(queue.popleft()[0])
+                self._changed("waiting", pool)
+        return stale
 
     def move(self, slot: Slot, pool: str) -> bool:
         """Move a running delivery to ``pool`` if it has a free slot (routing found another app)."""

@@ -63,7 +63,7 @@ class Dispatcher:
         self.sync = sync or OverlaySync(store, registry)  # the registry's run-time part follows the store
         self.settings, self.metrics, self.clock = settings, metrics, clock or SystemClock()
         self.policy = policy or RetryPolicy(settings.backoff_initial, settings.backoff_max)
-        self.admission = Admission(registry.apps, settings, self._slots_changed)
+        self.admission = Admission(registry.apps, settings, self._slots_changed, self.clock.now, LEASE / 2)
         self._wake = Wakeup()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -113,6 +113,8 @@ class Dispatcher:
         read are queued together, behind the outcomes that sends ending in this loop turn queued: one store
         transaction records a delivery, claims its token's next one and reads the next wake-up time."""
         now = self.clock.now()
+        if stale := self.admission.take_stale():  # waited half their lease (see relay.delivery.admission)
+            self.upkeep.give_back(stale)
         plan = self.admission.plan(self.breakers, now, ahead=True)
         if plan.limit == 0:
             return False, await self._next_due()
@@ -245,7 +247,7 @@ class Dispatcher:
         except (InvalidWebhook, ValueError) as exc:
             await self.record_end(job, EndState.DEAD_LETTER, f"unreadable stored notification: {exc}", None)
             return
-        route = await self._route(job)
+        route = self.registry.lookup(job.token)
         expires_at = job.expires_at
         if route is not None and isinstance(notification, Event):  # now its app is known (or may have changed)
             expires_at = min(expires_at, job.received_at + event_ttl(route.app, self.registry.apps))
@@ -278,9 +280,6 @@ class Dispatcher:
         # two of them leaves the job claimed, to be delivered again after the restart: at least once.
         await self.record(job, route, result, expires_at,
                           replaced=self._providers().get(route.app.name) is not provider)
-
-    async def _route(self, job: Job) -> Route | None:
-        return self.registry.lookup(job.token)
 
     async def _admit(self, job: Job, slot: Slot, route: Route, now: float, expires_at: float) -> bool:
         """The app's circuit and slots: False when the delivery was put back to wait instead."""

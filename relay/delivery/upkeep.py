@@ -23,6 +23,8 @@ T = TypeVar("T")
 PRUNE_EVERY = 60.0  # seconds between the prunes of a delivering process
 SLICE_PAUSE = 0.002  # seconds between two prune slices
 SLOW_SLICE = 0.05  # a slice holding the write lock longer than this is worth a warning
+GIVE_BACK_WITHIN = 30.0  # seconds for writing back deliveries claimed ahead too long ago (then: their lease)
+STOP_GIVE_BACK = 1.0  # seconds a stop waits for such a write still running
 SLOW_PRUNE, LARGE_PRUNE = 10.0, 100_000  # a prune this long (seconds) or large (records) is logged at INFO
 
 
@@ -57,16 +59,29 @@ class Upkeep:
         self.store, self.clock = store, clock
         self._next_prune = 0.0
         self._pruning: asyncio.Task[None] | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
 
-    async def put_back(self, jobs: list[Job], timeout: float) -> None:
+    async def put_back(self, jobs: list[Job], timeout: float, detail: str = "claimed, not started before the stop",
+                       ) -> None:
         """Claimed deliveries this process will not start (a stop): due again now, no attempt counted. Those not
         written within ``timeout`` stay claimed until the store's close gives them back (or their lease ends)."""
         if not jobs:
             return
-        put_back = [self.store.retry(job, self.clock.now(), WaitReason.RETRY, "claimed, not started before the stop",
-                                     app=job.app, count_attempt=False) for job in jobs]
+        put_back = [self.store.retry(job, self.clock.now(), WaitReason.RETRY, detail, app=job.app, count_attempt=False)
+                    for job in jobs]
         with contextlib.suppress(StoreError, TimeoutError):
             await asyncio.wait_for(asyncio.gather(*put_back), timeout)
+
+    def give_back(self, jobs: list[Job]) -> None:
+        """Deliveries claimed ahead that waited too long for a slot (:meth:`Admission.take_stale`): back to the
+        store, due now, no attempt counted; returns at once. One not written before its lease ends is claimed
+        again like any other, and this process no longer holds it."""
+        event(logging.WARNING, "deliveries claimed ahead waited half their lease for a slot, given back to the store",
+              count=len(jobs), apps=sorted({job.app or "" for job in jobs}))
+        task = asyncio.get_running_loop().create_task(
+            self.put_back(jobs, GIVE_BACK_WITHIN, "claimed ahead, waited half its lease for a slot"))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def recover(self, stopping: Callable[[], bool]) -> None:
         """Make what a dead process left in flight due again (never what a live one has)."""
@@ -92,10 +107,12 @@ class Upkeep:
         return self._pruning is not None and not self._pruning.done()
 
     async def stop(self) -> None:
-        """Stop a prune between two slices (what is left waits for the next run)."""
+        """Stop a prune between two slices (what is left waits for the next run); let give-backs finish."""
         if self._pruning is not None:
             self._pruning.cancel()
             await asyncio.gather(self._pruning, return_exceptions=True)
+        if self._giving_back:  # a give-back not written by then is claimed again after its lease
+            await asyncio.wait(set(self._giving_back), timeout=STOP_GIVE_BACK)
 
     async def _prune(self) -> None:
         """Drop finished deliveries past their retention and expired dedupe keys, slice by slice."""
