@@ -85,6 +85,14 @@ def test_an_infinite_time_is_refused_at_load(sandbox: Sandbox, section: str, key
     assert any(f"{section}.{key}: Input should be a finite number" in p for p in _problems(path)), _problems(path)
 
 
+def test_a_send_timeout_that_could_outlast_the_claims_lease_is_refused(sandbox: Sandbox) -> None:
+    """A send (and its one resend after a 401) must end within its claim's 300 s lease, half of which it may
+    have spent claimed ahead: past the lease another claim takes the delivery again and sends it twice."""
+    assert load_config(sandbox.write(delivery={"send_timeout": 60})).delivery.send_timeout == 60
+    [problem] = _problems(sandbox.write(delivery={"send_timeout": 61}))
+    assert re.search(r"delivery\.send_timeout: must be at most 60(\.0)?, not 61 \(line \d+\)$", problem)
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({"delivery": {"backoff_initial": 10, "backoff_max": 5}},
      "delivery.backoff_initial: must not exceed backoff_max (5), not 10"),

@@ -117,7 +117,10 @@ class DeliverySettings:
     backoff_initial: Seconds = Field(default=1.0, ge=0.001, description="first retry delay (exponential, full jitter, "
                                                                 "never sooner than `Retry-After`)")
     backoff_max: Seconds = Field(default=300.0, ge=0.001, description="longest retry delay")
-    send_timeout: Seconds = Field(default=15.0, ge=0.01, description="seconds one provider request may take")
+    # At most 60: a send (with its one resend after a 401) must end well within the claim's lease (300 s, half of
+    # it spent waiting claimed ahead at most), or another claim could take the delivery again and send it twice.
+    send_timeout: Seconds = Field(default=15.0, ge=0.01, le=60.0, description="seconds one provider request may take "
+                                                                               "(at most 60)")
     config_error_retry: Seconds = Field(default=60.0, ge=0.01, description="seconds between probes of an app whose "
                                                                    "credentials were refused")
 
