@@ -25,6 +25,8 @@ SLICE_PAUSE = 0.002  # seconds between two prune slices
 SLOW_SLICE = 0.05  # a slice holding the write lock longer than this is worth a warning
 GIVE_BACK_WITHIN = 30.0  # seconds for writing back deliveries claimed ahead too long ago (then: their lease)
 STOP_GIVE_BACK = 1.0  # seconds a stop waits for such a write still running
+NOT_STARTED = "claimed, not started before the stop"  # the reasons `parley-relay deliveries` shows for them
+WAITED_TOO_LONG = "claimed ahead, waited half its lease for a slot"
 SLOW_PRUNE, LARGE_PRUNE = 10.0, 100_000  # a prune this long (seconds) or large (records) is logged at INFO
 
 
@@ -61,10 +63,10 @@ class Upkeep:
         self._pruning: asyncio.Task[None] | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
 
-    async def put_back(self, jobs: list[Job], timeout: float, detail: str = "claimed, not started before the stop",
-                       ) -> None:
-        """Claimed deliveries this process will not start (a stop): due again now, no attempt counted. Those not
-        written within ``timeout`` stay claimed until the store's close gives them back (or their lease ends)."""
+    async def put_back(self, jobs: list[Job], timeout: float, detail: str = NOT_STARTED) -> None:
+        """Claimed deliveries this process will not start (a stop): due again now, no attempt counted, ``detail``
+        their reason. Those not written within ``timeout`` stay claimed until the store's close gives them back
+        (or their lease ends)."""
         if not jobs:
             return
         put_back = [self.store.retry(job, self.clock.now(), WaitReason.RETRY, detail, app=job.app, count_attempt=False)
@@ -78,8 +80,7 @@ class Upkeep:
         again like any other, and this process no longer holds it."""
         event(logging.WARNING, "deliveries claimed ahead waited half their lease for a slot, given back to the store",
               count=len(jobs), apps=sorted({job.app or "" for job in jobs}))
-        task = asyncio.get_running_loop().create_task(
-            self.put_back(jobs, GIVE_BACK_WITHIN, "claimed ahead, waited half its lease for a slot"))
+        task = asyncio.get_running_loop().create_task(self.put_back(jobs, GIVE_BACK_WITHIN, WAITED_TOO_LONG))
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
 
