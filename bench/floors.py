@@ -25,6 +25,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -54,11 +55,12 @@ def apns(spec: Mapping[str, Any], seconds: float, rates: Sequence[float] = RATES
     return out
 
 
-def durable(seconds: float, rates: Sequence[float] = RATES, batch: int = 64) -> dict[float, float]:
-    """µs of CPU per row: one row a transaction at each rate, ``batch`` rows a transaction back to back (0)."""
+def durable(seconds: float, where: Path, rates: Sequence[float] = RATES, batch: int = 64) -> dict[float, float]:
+    """µs of CPU per row: one row a transaction at each rate, ``batch`` rows a transaction back to back (0), in a
+    file under ``where`` (the relays' store directory: the same file system)."""
     out: dict[float, float] = {}
     row = os.urandom(512).hex()
-    with tempfile.TemporaryDirectory(prefix="floor-", dir=os.environ.get("TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="floor-", dir=where) as tmp:
         conn = sqlite3.connect(os.path.join(tmp, "floor.db"), isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")

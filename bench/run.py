@@ -243,7 +243,7 @@ class Suite:
         aiohttp handler, the aioapns client, and one durable SQLite row."""
         parts = {"bare aiohttp handler, CPU per request": floors.http(self.ios, self.seconds),
                  "bare aioapns client, CPU per push": floors.apns(self._apns_spec(), self.seconds),
-                 "one SQLite row, fsync'd alone / 64 to a commit, CPU per row": floors.durable(self.seconds)}
+                 "one SQLite row, fsync'd alone / 64 to a commit, CPU per row": floors.durable(self.seconds, self.root)}
         for label, got in parts.items():
             self.rows.append(Row(f"{label}: 500/s ÷ saturated", f"{got[500.0]:.0f} / {got[0.0]:.0f} µs",
                                  ratio=f"{got[500.0] / got[0.0]:.2f}"))
